@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  `make run` (train + serve on a local Ray cluster)  and  `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STORAGE ?= $(CURDIR)/storage
+TRAIN_ARGS ?= --workers 3 --epochs 2 --batch-size 100
+
+.PHONY: run test setup up down train serve clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade --quiet pip
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+up: setup
+	$(PY) -m ray_cluster up
+
+down:
+	$(PY) -m ray_cluster down
+
+train: up
+	$(PY) -m training.data --storage $(STORAGE)
+	$(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+		python training/train.py --storage $(STORAGE) $(TRAIN_ARGS)
+
+run: train
+
+test: setup
+	$(PY) -m pytest
+
+clean: down
+	rm -rf $(VENV) $(STORAGE)

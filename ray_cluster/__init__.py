@@ -1,0 +1,1 @@
+"""Cluster clients: the embedded local Ray head (`local`) and KubeRay on Kubernetes (`kuberay`)."""

@@ -1,0 +1,38 @@
+"""python -m ray_cluster up | down | status   (and `kuberay ...` for Kubernetes)."""
+import argparse
+import json
+import sys
+
+from ray_cluster import local
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ray_cluster", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("up", help="start a local Ray head on 127.0.0.1 (idempotent)")
+    start.add_argument("--num-cpus", type=int, help="logical CPUs to offer (default: all cores)")
+    commands.add_parser("down", help="stop the local Ray head started by `up`")
+    commands.add_parser("status", help="print addresses and resources of the local cluster")
+    try:
+        from ray_cluster import kuberay_cli
+        kuberay_cli.add_subparser(commands)
+    except ImportError:
+        pass
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            local.up(num_cpus=args.num_cpus)
+        elif args.command == "down":
+            local.down()
+        elif args.command == "status":
+            print(json.dumps(local.status(), indent=2))
+        else:
+            return args.run(args)
+    except local.ClusterError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The embedded default: a local Ray head on 127.0.0.1, started and stopped by its process id.
+
+`ray start --block` runs in its own process group; every Ray process it spawns stays in that
+group, so `down` stops exactly this cluster (not other Ray clusters on the machine, as
+`ray stop` would).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+GCS_PORT = 6379
+DASHBOARD_PORT = 8265
+CLIENT_PORT = 10001
+SERVE_PORT = 8000
+DASHBOARD_URL = f"http://{HOST}:{DASHBOARD_PORT}"
+STATE_DIR = Path(os.environ.get("MNIST_RAY_STATE", Path(tempfile.gettempdir()) / "mnist-ray"))
+PID_FILE = STATE_DIR / "head.pid"
+LOG_FILE = STATE_DIR / "head.log"
+
+
+# Ray resolves "127.0.0.1" to the machine's network address unless it believes it runs a
+# single-node cluster; this keeps the GCS, raylet, object store and Serve on loopback.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def is_up(timeout: float = 2.0) -> bool:
+    """True when the dashboard (and so the job server) answers on 127.0.0.1:8265."""
+    try:
+        with urllib.request.urlopen(f"{DASHBOARD_URL}/api/version", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _head_pid() -> int | None:
+    try:
+        pid = int(PID_FILE.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+
+
+def up(num_cpus: int | None = None, timeout: float = 120.0) -> bool:
+    """Start the head unless one already answers; return True if this call started it."""
+    if is_up():
+        print(f"Ray is already up: {DASHBOARD_URL}")
+        return False
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent  # so `python` in job entrypoints is this venv's
+    command = [str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+               f"--node-ip-address={HOST}", f"--port={GCS_PORT}",
+               f"--dashboard-host={HOST}", f"--dashboard-port={DASHBOARD_PORT}",
+               f"--ray-client-server-port={CLIENT_PORT}", f"--num-cpus={num_cpus or os.cpu_count()}"]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0", **LOOPBACK_ENV}
+    with open(LOG_FILE, "wb") as log:
+        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    PID_FILE.write_text(str(head.pid))
+    deadline = time.monotonic() + timeout
+    while not is_up():
+        if head.poll() is not None or time.monotonic() > deadline:
+            down()
+            tail = LOG_FILE.read_text(errors="replace")[-2000:]
+            raise ClusterError(f"the Ray head did not come up (log {LOG_FILE}):\n{tail}")
+        time.sleep(0.5)
+    print(f"Ray is up: dashboard and job server {DASHBOARD_URL}, GCS {HOST}:{GCS_PORT} (pid {head.pid})")
+    return True
+
+
+def down(timeout: float = 30.0) -> bool:
+    """Stop the head this package started (by its process group); return False if none ran."""
+    pid = _head_pid()
+    if pid is None:
+        PID_FILE.unlink(missing_ok=True)
+        if is_up():
+            print("A Ray head answers on 127.0.0.1 but was not started by `python -m ray_cluster up`; "
+                  "leaving it alone.")
+        else:
+            print("Ray is not running.")
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    if _group_alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+    PID_FILE.unlink(missing_ok=True)
+    print(f"Ray stopped (pid {pid}).")
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def status() -> dict:
+    """Addresses and resources of the running cluster (raises ClusterError if none)."""
+    if not is_up():
+        raise ClusterError("Ray is not running; start it with `python -m ray_cluster up`.")
+    with urllib.request.urlopen(f"{DASHBOARD_URL}/nodes?view=summary", timeout=5) as response:
+        nodes = json.load(response)["data"]["summary"]
+    alive = [n for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"]
+    resources: dict[str, float] = {}
+    for node in alive:
+        for name, amount in node["raylet"].get("resourcesTotal", {}).items():
+            if not name.startswith("node:"):
+                resources[name] = resources.get(name, 0) + amount
+    return {"dashboard": DASHBOARD_URL, "job_server": DASHBOARD_URL, "gcs": f"{HOST}:{GCS_PORT}",
+            "serve": f"http://{HOST}:{SERVE_PORT}", "nodes": len(alive), "resources": resources,
+            "started_by_us": _head_pid() is not None}

@@ -1,0 +1,1 @@
+"""Training: MNIST data and shards, the CNN, federated averaging, and the Ray Train entrypoint."""

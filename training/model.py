@@ -1,0 +1,72 @@
+"""The digit classifier, shared by training and serving.
+
+In the spirit of PyTorch's examples/mnist, but with BatchNorm and pooling after each
+convolution: about 2.5x fewer multiply-adds than the seed's Conv32-Conv64-Dense network,
+and more accurate after two epochs.
+"""
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+# Mean and std of MNIST training pixels in [0, 1]; serving normalises the same way.
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.fc1 = nn.Linear(64 * 7 * 7, 128)
+        self.dropout = nn.Dropout(0.25)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)  # 32 x 14 x 14
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)  # 64 x 7 x 7
+        x = self.dropout(F.relu(self.fc1(torch.flatten(x, 1))))
+        return self.fc2(x)  # logits
+
+
+class SeedNet(nn.Module):
+    """The seed project's network (Conv32-Conv64-MaxPool-Dropout-Dense10), for baselines only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3)
+        self.conv2 = nn.Conv2d(32, 64, 3)
+        self.dropout = nn.Dropout(0.25)
+        self.fc = nn.Linear(64 * 12 * 12, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        x = self.dropout(F.max_pool2d(x, 2))
+        return self.fc(torch.flatten(x, 1))
+
+
+def to_input(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 images [N, 28, 28] (white digit on black) -> normalised float [N, 1, 28, 28]."""
+    x = images_uint8.to(torch.float32).div_(255.0)
+    return ((x - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+
+
+def initial_weights(seed: int) -> dict:
+    """The one set of starting weights that every worker begins from."""
+    torch.manual_seed(seed)
+    return Net().state_dict()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000):
+    """Accuracy and mean cross-entropy of `model` on uint8 images."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(labels), batch_size):
+        logits = model(to_input(images[start:start + batch_size]))
+        target = labels[start:start + batch_size]
+        loss += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
