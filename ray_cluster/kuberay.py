@@ -1,0 +1,333 @@
+"""A KubeRay client on the official `kubernetes` package.
+
+KubeRay's own Python client is not published on PyPI; this is the equivalent: CustomObjectsApi,
+group ray.io, version v1, plurals rayclusters / rayjobs / rayservices. Each of
+`KubeRay(...).rayclusters`, `.rayjobs` and `.rayservices` has create, get, list, patch, delete
+and wait_ready (which reads the status the operator writes, with a timeout). API failures become
+the errors below, each saying what to do.
+
+It also creates and deletes the few plain objects that go with them (namespace, storage,
+NetworkPolicies) for the CLI.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+GROUP = "ray.io"
+VERSION = "v1"
+OPERATOR_VERSION = "1.7.0"
+INSTALL_HINT = (
+    f"install the KubeRay operator v{OPERATOR_VERSION} with Helm (its CRDs are too large for "
+    "client-side `kubectl apply`): `helm repo add kuberay https://ray-project.github.io/kuberay-helm/ "
+    f"&& helm install kuberay-operator kuberay/kuberay-operator --version {OPERATOR_VERSION} "
+    "--namespace kuberay-system --create-namespace`, or enable GKE's Ray operator add-on; see docs/GKE.md")
+
+
+class KubeRayError(RuntimeError):
+    """A failure the user can act on; the message says how."""
+
+
+class CRDsNotInstalled(KubeRayError):
+    pass
+
+
+class AlreadyExists(KubeRayError):
+    pass
+
+
+class NotFound(KubeRayError):
+    pass
+
+
+class Forbidden(KubeRayError):
+    pass
+
+
+class Unreachable(KubeRayError):
+    pass
+
+
+class Failed(KubeRayError):
+    """The object reached a state it will not recover from (a failed RayJob, for example)."""
+
+    def __init__(self, message: str, status: dict | None):
+        super().__init__(message)
+        self.status = status
+
+
+class WaitTimeout(KubeRayError):
+    def __init__(self, message: str, status: dict | None):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------- readiness from status
+
+@dataclass(frozen=True)
+class Progress:
+    ready: bool
+    failed: str | None   # why it will never become ready, if so
+    summary: str         # one line for humans: the status fields that matter
+
+
+def _conditions(status: dict) -> dict[str, dict]:
+    return {c.get("type"): c for c in status.get("conditions") or []}
+
+
+def _describe(conditions: dict[str, dict], types: tuple[str, ...]) -> list[str]:
+    parts = []
+    for kind in types:
+        if kind in conditions:
+            c = conditions[kind]
+            detail = ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
+            parts.append(f"{kind}={c.get('status')}" + (f" ({detail})" if detail else ""))
+    return parts
+
+
+def raycluster_progress(obj: dict) -> Progress:
+    """Ready when the head pod is ready and every pod has been ready once."""
+    status = obj.get("status") or {}
+    conditions = _conditions(status)
+    if "HeadPodReady" in conditions or "RayClusterProvisioned" in conditions:
+        ready = all(conditions.get(t, {}).get("status") == "True" for t in ("HeadPodReady", "RayClusterProvisioned"))
+    else:  # an operator that does not write conditions still writes state
+        ready = status.get("state") == "ready"
+    parts = [f"state={status.get('state', '-')}",
+             f"workers ready {status.get('readyWorkerReplicas', 0)}/{status.get('desiredWorkerReplicas', '?')}"]
+    parts += _describe(conditions, ("HeadPodReady", "RayClusterProvisioned", "ReplicaFailure"))
+    return Progress(ready, None, ", ".join(parts))
+
+
+def rayjob_progress(obj: dict) -> Progress:
+    """Ready when the job finished and succeeded; failed when it finished any other way."""
+    status = obj.get("status") or {}
+    deployment = status.get("jobDeploymentStatus") or "New"
+    job = status.get("jobStatus") or "-"
+    detail = ": ".join(x for x in (status.get("reason"), status.get("message")) if x)
+    summary = f"jobDeploymentStatus={deployment}, jobStatus={job}" + (f" ({detail})" if detail else "")
+    ready = deployment == "Complete" and job == "SUCCEEDED"
+    failed = None
+    if deployment == "Failed" or (deployment == "Complete" and job != "SUCCEEDED"):
+        failed = summary
+    return Progress(ready, failed, summary)
+
+
+def rayservice_progress(obj: dict) -> Progress:
+    """Ready when the Ready condition is True (Serve endpoints exist); failed when an
+    application failed to deploy or the cluster timed out initializing."""
+    status = obj.get("status") or {}
+    conditions = _conditions(status)
+    ready_condition = conditions.get("Ready", {})
+    parts = [f"serviceStatus={status.get('serviceStatus', '-')}", f"endpoints={status.get('numServeEndpoints', 0)}"]
+    parts += _describe(conditions, ("Ready", "UpgradeInProgress"))
+    failed = None
+    for side in ("activeServiceStatus", "pendingServiceStatus"):
+        for app, app_status in ((status.get(side) or {}).get("applicationStatuses") or {}).items():
+            parts.append(f"app {app}={app_status.get('status')}")
+            if app_status.get("status") == "DEPLOY_FAILED":
+                failed = f"Serve application {app!r} failed to deploy: {app_status.get('message', '')}"
+    if ready_condition.get("status") == "False" and ready_condition.get("reason") == "InitializingTimeout":
+        failed = f"the RayService did not initialize: {ready_condition.get('message', '')}"
+    return Progress(ready_condition.get("status") == "True", failed, ", ".join(parts))
+
+
+# ---------------------------------------------------------------- errors
+
+def _status_message(error: ApiException) -> tuple[str, dict]:
+    try:
+        body = json.loads(error.body or "")
+    except (TypeError, ValueError):
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    text = body.get("message") or (error.body or "").strip() or error.reason or ""
+    return text, body
+
+
+def translate(error: ApiException, what: str, plural: str | None = None) -> KubeRayError:
+    """An ApiException as the error that tells the user what happened and what to do.
+    `plural` is set for Ray objects: a 404 that names no object means the CRD is missing."""
+    message, body = _status_message(error)
+    if error.status == 404:
+        if plural and not (body.get("details") or {}).get("name"):
+            return CRDsNotInstalled(f"the cluster does not know {plural}.{GROUP}/{VERSION}: the KubeRay "
+                                    f"CRDs are not installed. {INSTALL_HINT}")
+        return NotFound(f"{what} not found ({message})")
+    if error.status == 409:
+        return AlreadyExists(f"{what} already exists; `python -m ray_cluster kuberay down` deletes it, "
+                             "or pick another name")
+    if error.status == 403:
+        return Forbidden(f"forbidden to act on {what}: {message}. Ask a cluster admin for RBAC on "
+                         f"{plural + '.' + GROUP if plural else 'this kind'} in that namespace "
+                         "(KubeRay's chart ships ray-*-editor ClusterRoles)")
+    if error.status == 401:
+        return Forbidden(f"the API server rejected the credentials ({message}); refresh them, e.g. "
+                         "`gcloud container clusters get-credentials CLUSTER --location LOCATION`")
+    if error.status == 422:
+        return KubeRayError(f"{what} was rejected as invalid: {message}")
+    return KubeRayError(f"{what}: HTTP {error.status} {error.reason}: {message}")
+
+
+def _unreachable(api_client: client.ApiClient, error: Exception) -> Unreachable:
+    host = api_client.configuration.host
+    return Unreachable(f"cannot reach the Kubernetes API at {host} ({type(error).__name__}); check "
+                       "`kubectl config current-context` and that the cluster is running")
+
+
+def _call(api_client: client.ApiClient, what: str, plural: str | None, request: Callable):
+    try:
+        return request()
+    except ApiException as error:
+        raise translate(error, what, plural) from None
+    except urllib3.exceptions.HTTPError as error:
+        raise _unreachable(api_client, error) from None
+
+
+# ---------------------------------------------------------------- Ray custom objects
+
+class Resource:
+    """One kind of KubeRay object in one namespace."""
+
+    def __init__(self, api: client.CustomObjectsApi, namespace: str, kind: str, plural: str,
+                 progress: Callable[[dict], Progress]):
+        self.api, self.namespace, self.kind, self.plural, self.progress = api, namespace, kind, plural, progress
+
+    def _what(self, name: str | None = None) -> str:
+        return f"{self.kind} {self.namespace}/{name}" if name else f"{self.plural} in namespace {self.namespace}"
+
+    def _call(self, name: str | None, request: Callable):
+        return _call(self.api.api_client, self._what(name), self.plural, request)
+
+    def create(self, body: dict) -> dict:
+        if body.get("kind") != self.kind:
+            raise KubeRayError(f"expected a {self.kind}, got {body.get('kind')}")
+        return self._call(body["metadata"]["name"], lambda: self.api.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, self.plural, body, field_validation="Strict",
+            _content_type="application/json"))
+
+    def get(self, name: str) -> dict:
+        return self._call(name, lambda: self.api.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, self.plural, name))
+
+    def list(self, label_selector: str | None = None) -> list[dict]:
+        found = self._call(None, lambda: self.api.list_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, self.plural, label_selector=label_selector))
+        return found.get("items", [])
+
+    def patch(self, name: str, patch: dict) -> dict:
+        """A JSON merge patch: maps merge, lists and strings are replaced."""
+        return self._call(name, lambda: self.api.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, self.plural, name, patch, field_validation="Strict",
+            _content_type="application/merge-patch+json"))
+
+    def delete(self, name: str) -> dict:
+        return self._call(name, lambda: self.api.delete_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, self.plural, name, propagation_policy="Foreground"))
+
+    def wait_ready(self, name: str, timeout: float = 600.0, poll: float = 2.0,
+                   on_change: Callable[[str], None] | None = None) -> dict:
+        """Poll until the status says ready; raise Failed or WaitTimeout (with the last status)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            obj = self.get(name)
+            progress = self.progress(obj)
+            if on_change and progress.summary != last:
+                on_change(progress.summary)
+            last = progress.summary
+            if progress.ready:
+                return obj
+            if progress.failed:
+                raise Failed(f"{self._what(name)} failed: {progress.failed}", obj.get("status"))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(f"{self._what(name)} was not ready after {timeout:g} s; last status: "
+                                  f"{progress.summary}", obj.get("status"))
+            time.sleep(min(poll, remaining))
+
+
+class KubeRay:
+    """RayCluster, RayJob and RayService objects in one namespace."""
+
+    def __init__(self, namespace: str, api_client: client.ApiClient | None = None):
+        self.namespace = namespace
+        self.api_client = api_client or client.ApiClient()
+        api = client.CustomObjectsApi(self.api_client)
+        self.rayclusters = Resource(api, namespace, "RayCluster", "rayclusters", raycluster_progress)
+        self.rayjobs = Resource(api, namespace, "RayJob", "rayjobs", rayjob_progress)
+        self.rayservices = Resource(api, namespace, "RayService", "rayservices", rayservice_progress)
+
+    @classmethod
+    def connect(cls, namespace: str, kubeconfig: str | None = None, context: str | None = None) -> "KubeRay":
+        """From a kubeconfig (default: $KUBECONFIG or ~/.kube/config), else in-cluster credentials."""
+        try:
+            return cls(namespace, config.new_client_from_config(config_file=kubeconfig, context=context))
+        except config.ConfigException as error:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                raise KubeRayError(f"no Kubernetes credentials ({error}); run `gcloud container clusters "
+                                   "get-credentials CLUSTER --location LOCATION` or pass --kubeconfig") from None
+            return cls(namespace, client.ApiClient())
+
+    def resource(self, kind: str) -> Resource:
+        for resource in (self.rayclusters, self.rayjobs, self.rayservices):
+            if resource.kind == kind:
+                return resource
+        raise KubeRayError(f"not a KubeRay kind: {kind}")
+
+    # ------------------------------------------------------------ plain objects for the CLI
+
+    def create_object(self, obj: dict) -> bool:
+        """Create a Ray object or one of the plain kinds the manifests hold; False if it existed."""
+        try:
+            if obj["kind"] in _PLAIN:
+                self._plain(obj, "create", body=obj)
+            else:
+                self.resource(obj["kind"]).create(obj)
+            return True
+        except AlreadyExists:
+            return False
+
+    def delete_object(self, obj: dict) -> bool:
+        """Delete it; False if it was not there."""
+        try:
+            if obj["kind"] in _PLAIN:
+                self._plain(obj, "delete")
+            else:
+                self.resource(obj["kind"]).delete(obj["metadata"]["name"])
+            return True
+        except NotFound:
+            return False
+
+    def _plain(self, obj: dict, verb: str, **kwargs):
+        api_class, suffix, namespaced = _PLAIN[obj["kind"]]
+        api = getattr(client, api_class)(self.api_client)
+        meta = obj["metadata"]
+        method = getattr(api, f"{verb}_namespaced_{suffix}" if namespaced else f"{verb}_{suffix}")
+        args = () if verb == "create" else (meta["name"],)   # create_x(ns, body), delete_x(name, ns)
+        args += (meta["namespace"],) if namespaced else ()
+        what = f"{obj['kind']} " + (f"{meta['namespace']}/" if namespaced else "") + meta["name"]
+        return _call(self.api_client, what, None, lambda: method(*args, **kwargs))
+
+    def read_service(self, namespace: str, name: str) -> client.V1Service:
+        return _call(self.api_client, f"Service {namespace}/{name}", None,
+                     lambda: client.CoreV1Api(self.api_client).read_namespaced_service(name, namespace))
+
+
+# kind -> (API class, method suffix, namespaced): create_namespaced_service, delete_persistent_volume, ...
+_PLAIN = {
+    "Namespace": ("CoreV1Api", "namespace", False),
+    "PersistentVolume": ("CoreV1Api", "persistent_volume", False),
+    "PersistentVolumeClaim": ("CoreV1Api", "persistent_volume_claim", True),
+    "Service": ("CoreV1Api", "service", True),
+    "Deployment": ("AppsV1Api", "deployment", True),
+    "NetworkPolicy": ("NetworkingV1Api", "network_policy", True),
+}

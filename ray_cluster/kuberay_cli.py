@@ -1,0 +1,268 @@
+"""`python -m ray_cluster kuberay up | status | train | serve | down | render`: MNIST on KubeRay.
+
+Every command renders the manifests from one set of options (ray_cluster/manifests.py; pass the
+same options to each command), refuses invalid options before contacting the cluster, applies
+what it rendered, waits for the operator to report it ready, and prints the next step.
+See docs/GKE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ray_cluster import kuberay, manifests
+
+DEFAULT_TIMEOUTS = {"up": 900, "train": 3600, "serve": 900}  # seconds; image pulls take minutes
+
+
+def add_subparser(commands) -> None:
+    parser = commands.add_parser("kuberay", help="run on Kubernetes with KubeRay (docs/GKE.md)",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = parser.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_options(common)
+    for name, action, summary in (
+            ("render", render, "print the manifests (YAML) without contacting a cluster"),
+            ("up", up, "create namespace, shared storage, NetworkPolicies and the RayCluster; wait"),
+            ("status", status, "show the RayCluster, RayJobs and RayService as the operator reports them"),
+            ("train", train, "run training as a RayJob on the RayCluster; wait for it to finish"),
+            ("serve", serve, "create or update the RayService; wait; print its external address"),
+            ("down", down, "delete the RayService, RayJob and RayCluster (--all: storage and data too)")):
+        sub = actions.add_parser(name, parents=[common], help=summary, description=summary)
+        sub.set_defaults(run=_guarded(action))
+        if name == "render":
+            sub.add_argument("--part", action="append", choices=manifests.PARTS,
+                             help="render only this part (repeatable; default: all)")
+        if name in ("train", "serve"):
+            sub.add_argument("--no-wait", action="store_true", help="return once the object is created")
+        if name == "down":
+            sub.add_argument("--all", action="store_true",
+                             help="also delete NetworkPolicies, shared storage (the trained models!) and namespaces")
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    d = manifests.Options()
+    add = parser.add_argument
+    add("--name", default=d.name, help=f"RayCluster name; the RayService is <name>-serve (default {d.name})")
+    add("--namespace", default=d.namespace, help=f"default {d.namespace}")
+    add("--image", default=os.environ.get("MNIST_IMAGE"),
+        help=f"project image pushed to a registry, tag {manifests.image_tag_prefix()}[-...] "
+             "(default $MNIST_IMAGE)")
+    add("--worker-pods", type=int, default=d.worker_pods, help=f"RayCluster worker pods (default {d.worker_pods})")
+    add("--worker-cpus", type=int, default=d.worker_cpus, help=f"CPUs per worker pod (default {d.worker_cpus})")
+    add("--worker-memory", default=d.worker_memory, help=f"memory per worker pod (default {d.worker_memory})")
+    add("--head-cpus", type=int, default=d.head_cpus, help=f"default {d.head_cpus}")
+    add("--head-memory", default=d.head_memory, help=f"default {d.head_memory}")
+    add("--serve-worker-pods", type=int, default=d.serve_worker_pods,
+        help=f"worker pods of the RayService's cluster (default {d.serve_worker_pods})")
+    add("--storage", default=d.storage, help="shared storage: nfs (NFS server on a GKE disk) or filestore")
+    add("--storage-size", help="default 10Gi for nfs, 1Ti (the minimum) for filestore")
+    add("--nfs-server", help="NFS server address for the volume (default: `up` reads the NFS Service's IP)")
+    add("--workers", type=int, default=d.workers, help=f"Ray Train workers (default {d.workers})")
+    add("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    add("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    add("--rounds", type=int, help="averaging rounds (default: train.py's)")
+    add("--run-id", help="training run id (default: train.py picks one)")
+    add("--job-name", help="RayJob name (default <name>-train)")
+    add("--operator-namespace", default=d.operator_namespace,
+        help=f"namespace of the KubeRay operator, allowed to reach the job API (default {d.operator_namespace})")
+    add("--serve-config", type=Path, default=d.serve_config, help="Serve config to run (default serving/serve_config.yaml)")
+    add("--kubeconfig", help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
+    add("--context", help="kubeconfig context (default: the current one)")
+    add("--timeout", type=float, help="seconds to wait for readiness (default: up 900, train 3600, serve 900)")
+
+
+def options_from_args(args: argparse.Namespace) -> manifests.Options:
+    names = {field.name for field in dataclasses.fields(manifests.Options)}
+    return manifests.Options(**{name: getattr(args, name) for name in names})
+
+
+def _guarded(action):
+    """Validate first (nothing is sent for invalid options), then turn known failures into one line."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            options = options_from_args(args)
+            manifests.check(options)
+            return action(args, options)
+        except manifests.InvalidOptions as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except kuberay.KubeRayError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    return run
+
+
+def _connect(args, o: manifests.Options) -> kuberay.KubeRay:
+    return kuberay.KubeRay.connect(o.namespace, kubeconfig=args.kubeconfig, context=args.context)
+
+
+def _require_registry(o: manifests.Options) -> None:
+    """Nodes pull from a registry: an image without one cannot start (found before any pod waits)."""
+    first = o.image_ref.split("/", 1)[0]
+    if "/" not in o.image_ref or not ("." in first or ":" in first or first == "localhost"):
+        raise manifests.InvalidOptions([
+            f"image {o.image_ref!r} names no registry, so GKE nodes cannot pull it: build and push it "
+            "(docs/GKE.md, step 3), then pass --image or set MNIST_IMAGE"])
+
+
+def _timeout(args, action: str) -> float:
+    return args.timeout if args.timeout is not None else DEFAULT_TIMEOUTS[action]
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _progress(kind: str, name: str):
+    return lambda summary: _say(f"  {kind} {name}: {summary}")
+
+
+def _apply(cluster: kuberay.KubeRay, objects: list[dict]) -> None:
+    for obj in objects:
+        meta = obj["metadata"]
+        where = f"{meta['namespace']}/" if "namespace" in meta else ""
+        created = cluster.create_object(obj)
+        _say(f"{obj['kind']} {where}{meta['name']}: {'created' if created else 'exists, unchanged'}")
+
+
+# ---------------------------------------------------------------- actions
+
+def render(args, o: manifests.Options) -> int:
+    sys.stdout.write(manifests.to_yaml(manifests.render(o, args.part or manifests.PARTS)))
+    return 0
+
+
+def up(args, o: manifests.Options) -> int:
+    _require_registry(o)
+    cluster = _connect(args, o)
+    _apply(cluster, manifests.render(o, ["namespace", "nfs"]))
+    if o.storage == "nfs" and not o.nfs_server:
+        # Nodes mount the volume and may not resolve cluster DNS: give the PV the Service's IP.
+        service = cluster.read_service(o.nfs_namespace, manifests.NFS_SERVICE)
+        o = dataclasses.replace(o, nfs_server=service.spec.cluster_ip)
+    _apply(cluster, manifests.render(o, ["volume", "network"]))
+    (body,) = manifests.render(o, ["cluster"])
+    try:
+        cluster.rayclusters.create(body)
+        _say(f"RayCluster {o.namespace}/{o.name}: created")
+    except kuberay.AlreadyExists:
+        cluster.rayclusters.patch(o.name, {"spec": body["spec"]})
+        _say(f"RayCluster {o.namespace}/{o.name}: exists, spec updated (worker counts apply; "
+             "`down` then `up` to change pods)")
+    _say(f"Waiting up to {_timeout(args, 'up'):g} s for the RayCluster (pulling the image takes minutes)...")
+    cluster.rayclusters.wait_ready(o.name, timeout=_timeout(args, "up"), on_change=_progress("RayCluster", o.name))
+    head = manifests.head_service_name(o.name)
+    _say(f"\nRayCluster {o.name} is ready. The dashboard and job API stay inside the cluster; in another terminal:\n"
+         f"  kubectl -n {o.namespace} port-forward svc/{head} 8265:8265\n"
+         "Then train through the port-forward:\n"
+         "  ray job submit --address http://localhost:8265 --working-dir . -- "
+         f"{shlex.join(manifests.train_command(o, 'training/train.py'))}\n"
+         "or as a RayJob (same options as this command):\n"
+         "  python -m ray_cluster kuberay train")
+    return 0
+
+
+def train(args, o: manifests.Options) -> int:
+    _require_registry(o)
+    cluster = _connect(args, o)
+    try:
+        live = cluster.rayclusters.get(o.name)
+    except kuberay.NotFound:
+        raise kuberay.NotFound(f"RayCluster {o.namespace}/{o.name} not found: run "
+                               "`python -m ray_cluster kuberay up` first") from None
+    slots = manifests.worker_slots(live)
+    if o.workers > slots:
+        raise manifests.InvalidOptions([f"--workers {o.workers} is more than RayCluster {o.name} holds "
+                                        f"({slots} worker CPUs)"])
+    (job,) = manifests.render(o, ["job"])
+    try:
+        cluster.rayjobs.create(job)
+    except kuberay.AlreadyExists:
+        raise kuberay.AlreadyExists(
+            f"RayJob {o.namespace}/{o.rayjob_name} already exists (finished jobs keep their record): pass "
+            f"--job-name, or delete it with `kubectl -n {o.namespace} delete rayjob {o.rayjob_name}`") from None
+    _say(f"RayJob {o.namespace}/{o.rayjob_name}: created\n  entrypoint: {job['spec']['entrypoint']}\n"
+         f"  logs: kubectl -n {o.namespace} logs -f job/{o.rayjob_name}")
+    if args.no_wait:
+        return 0
+    cluster.rayjobs.wait_ready(o.rayjob_name, timeout=_timeout(args, "train"),
+                               on_change=_progress("RayJob", o.rayjob_name))
+    _say(f"\nTraining succeeded; the model is published under {manifests.MOUNT_PATH}/models/mnist. "
+         "Serve it with `python -m ray_cluster kuberay serve`.")
+    return 0
+
+
+def serve(args, o: manifests.Options) -> int:
+    _require_registry(o)
+    (body,) = manifests.render(o, ["service"])
+    cluster = _connect(args, o)
+    name = o.service_name
+    try:
+        cluster.rayservices.create(body)
+        _say(f"RayService {o.namespace}/{name}: created")
+    except kuberay.AlreadyExists:
+        cluster.rayservices.patch(name, {"spec": body["spec"]})
+        _say(f"RayService {o.namespace}/{name}: exists, spec updated (KubeRay upgrades it without downtime)")
+    if args.no_wait:
+        return 0
+    timeout = _timeout(args, "serve")
+    deadline = time.monotonic() + timeout
+    cluster.rayservices.wait_ready(name, timeout=timeout, on_change=_progress("RayService", name))
+    address = _external_address(cluster, o, deadline)
+    _say(f"\nServing at http://{address}:{manifests.SERVE_PORT}/ (Gradio sketchpad at /ui/). "
+         "Only this port is exposed.")
+    return 0
+
+
+def _external_address(cluster: kuberay.KubeRay, o: manifests.Options, deadline: float, poll: float = 5.0) -> str:
+    """The LoadBalancer's IP (or hostname) once the cloud has assigned it."""
+    name = manifests.serve_service_name(o.service_name)
+    while True:
+        service = cluster.read_service(o.namespace, name)
+        ingress = (service.status.load_balancer.ingress if service.status and service.status.load_balancer
+                   else None) or []
+        for entry in ingress:
+            if entry.ip or entry.hostname:
+                return entry.ip or entry.hostname
+        if time.monotonic() >= deadline:
+            raise kuberay.WaitTimeout(f"Service {o.namespace}/{name} has no external address yet; "
+                                      f"`kubectl -n {o.namespace} get svc {name} -w` shows when it does", None)
+        time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
+
+
+def status(args, o: manifests.Options) -> int:
+    cluster = _connect(args, o)
+    for resource, name in ((cluster.rayclusters, o.name), (cluster.rayservices, o.service_name)):
+        try:
+            _say(f"{resource.kind} {o.namespace}/{name}: {resource.progress(resource.get(name)).summary}")
+        except kuberay.NotFound:
+            _say(f"{resource.kind} {o.namespace}/{name}: not created")
+    jobs = [job for job in cluster.rayjobs.list()
+            if (job.get("spec", {}).get("clusterSelector") or {}).get("ray.io/cluster") == o.name]
+    for job in jobs:
+        _say(f"RayJob {o.namespace}/{job['metadata']['name']}: {kuberay.rayjob_progress(job).summary}")
+    if not jobs:
+        _say(f"RayJobs on {o.name}: none")
+    return 0
+
+
+def down(args, o: manifests.Options) -> int:
+    cluster = _connect(args, o)
+    ray_objects = [("RayService", o.service_name), ("RayJob", o.rayjob_name), ("RayCluster", o.name)]
+    plain = manifests.render(o, ["namespace", "nfs", "volume", "network"]) if args.all else []
+    for kind, name in ray_objects:
+        deleted = cluster.delete_object({"kind": kind, "metadata": {"name": name, "namespace": o.namespace}})
+        _say(f"{kind} {o.namespace}/{name}: {'deleted' if deleted else 'not found'}")
+    for obj in reversed(plain):
+        meta = obj["metadata"]
+        where = f"{meta['namespace']}/" if "namespace" in meta else ""
+        _say(f"{obj['kind']} {where}{meta['name']}: {'deleted' if cluster.delete_object(obj) else 'not found'}")
+    if not args.all:
+        _say("Kept the shared storage (trained models), NetworkPolicies and namespaces; `down --all` deletes them.")
+    return 0
