@@ -15,9 +15,22 @@ import sys
 import time
 from pathlib import Path
 
-from ray_cluster import kuberay, manifests
+from ray_cluster import manifests
 
 DEFAULT_TIMEOUTS = {"up": 900, "train": 3600, "serve": 900}  # seconds; image pulls take minutes
+POLL = 2.0  # seconds between status reads
+
+
+class _Lazy:
+    """`kuberay`, imported on first use: local commands (`python -m ray_cluster up`) should not
+    pay half a second for the kubernetes package."""
+
+    def __getattr__(self, name):
+        from ray_cluster import kuberay as module
+        return getattr(module, name)
+
+
+kuberay = _Lazy()
 
 
 def add_subparser(commands) -> None:
@@ -156,7 +169,8 @@ def up(args, o: manifests.Options) -> int:
         _say(f"RayCluster {o.namespace}/{o.name}: exists, spec updated (worker counts apply; "
              "`down` then `up` to change pods)")
     _say(f"Waiting up to {_timeout(args, 'up'):g} s for the RayCluster (pulling the image takes minutes)...")
-    cluster.rayclusters.wait_ready(o.name, timeout=_timeout(args, "up"), on_change=_progress("RayCluster", o.name))
+    cluster.rayclusters.wait_ready(o.name, timeout=_timeout(args, "up"), poll=POLL,
+                                 on_change=_progress("RayCluster", o.name))
     head = manifests.head_service_name(o.name)
     _say(f"\nRayCluster {o.name} is ready. The dashboard and job API stay inside the cluster; in another terminal:\n"
          f"  kubectl -n {o.namespace} port-forward svc/{head} 8265:8265\n"
@@ -191,7 +205,7 @@ def train(args, o: manifests.Options) -> int:
          f"  logs: kubectl -n {o.namespace} logs -f job/{o.rayjob_name}")
     if args.no_wait:
         return 0
-    cluster.rayjobs.wait_ready(o.rayjob_name, timeout=_timeout(args, "train"),
+    cluster.rayjobs.wait_ready(o.rayjob_name, timeout=_timeout(args, "train"), poll=POLL,
                                on_change=_progress("RayJob", o.rayjob_name))
     _say(f"\nTraining succeeded; the model is published under {manifests.MOUNT_PATH}/models/mnist. "
          "Serve it with `python -m ray_cluster kuberay serve`.")
@@ -213,14 +227,14 @@ def serve(args, o: manifests.Options) -> int:
         return 0
     timeout = _timeout(args, "serve")
     deadline = time.monotonic() + timeout
-    cluster.rayservices.wait_ready(name, timeout=timeout, on_change=_progress("RayService", name))
+    cluster.rayservices.wait_ready(name, timeout=timeout, poll=POLL, on_change=_progress("RayService", name))
     address = _external_address(cluster, o, deadline)
     _say(f"\nServing at http://{address}:{manifests.SERVE_PORT}/ (Gradio sketchpad at /ui/). "
          "Only this port is exposed.")
     return 0
 
 
-def _external_address(cluster: kuberay.KubeRay, o: manifests.Options, deadline: float, poll: float = 5.0) -> str:
+def _external_address(cluster: kuberay.KubeRay, o: manifests.Options, deadline: float) -> str:
     """The LoadBalancer's IP (or hostname) once the cloud has assigned it."""
     name = manifests.serve_service_name(o.service_name)
     while True:
@@ -233,7 +247,7 @@ def _external_address(cluster: kuberay.KubeRay, o: manifests.Options, deadline: 
         if time.monotonic() >= deadline:
             raise kuberay.WaitTimeout(f"Service {o.namespace}/{name} has no external address yet; "
                                       f"`kubectl -n {o.namespace} get svc {name} -w` shows when it does", None)
-        time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
+        time.sleep(max(0.0, min(POLL, deadline - time.monotonic())))
 
 
 def status(args, o: manifests.Options) -> int:

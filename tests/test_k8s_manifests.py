@@ -1,0 +1,506 @@
+"""The KubeRay manifests, checked without a cluster (none can run here).
+
+Every rendered object, for several parameter sets, is validated against the upstream Kubernetes
+schemas of pinned versions (kubernetes-validate, strict: unknown fields are errors) and the Ray
+objects also against the KubeRay v1.7.0 CRD schemas in ../shared/kuberay/crds (made strict the
+same way). Then the consistency rules of the KubeRay issue and the lockdown rules of the
+reliability issue are checked on the rendered YAML.
+"""
+import copy
+import os
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from ray_cluster import manifests
+from ray_cluster.manifests import MOUNT_PATH, InvalidOptions, Options
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay" / "crds"
+# The oldest Kubernetes minor we target on GKE, and the newest kubernetes-validate knows.
+K8S_VERSIONS = ("1.33", "1.37")
+RAY_KINDS = ("RayCluster", "RayJob", "RayService")
+PUSHED = "us-central1-docker.pkg.dev/proj/mnist/mnist-ray"
+
+PARAMETER_SETS = {
+    "defaults": {},
+    "big": dict(worker_pods=8, worker_cpus=4, worker_memory="16Gi", head_cpus=4, head_memory="8Gi",
+                workers=32, epochs=5, batch_size=64, rounds=5, run_id="run-42", serve_worker_pods=2,
+                storage_size="100Gi", image=f"{PUSHED}:2.60.0-py311-abc123"),
+    "filestore": dict(storage="filestore", name="digits", namespace="ml-team", worker_pods=1,
+                      worker_cpus=1, workers=1, operator_namespace="default", storage_size="2Ti"),
+    "longest-names": dict(name="a" * 41, job_name="j" * 47),  # <name>-serve is 47 characters
+    "nfs-by-ip": dict(nfs_server="10.8.0.12", job_name="nightly", image=f"{PUSHED}:2.60.0-py311"),
+}
+
+SAMPLE_SERVE_CONFIG = """\
+# what a local Serve config looks like: loopback, a local working_dir, a local storage root
+proxy_location: EveryNode
+http_options:
+  host: 127.0.0.1
+  port: 8000
+  request_timeout_s: 30
+applications:
+  - name: mnist
+    route_prefix: /
+    import_path: serving.app:app
+    runtime_env:
+      working_dir: .
+      env_vars:
+        GRADIO_ANALYTICS_ENABLED: "False"
+    args:
+      storage: ./storage
+      num_replicas: 2
+"""
+
+
+def under_ci() -> bool:
+    """True when CI is set, or when some ancestor process is the .ci/run script."""
+    if os.environ.get("CI"):
+        return True
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            if b".ci/run" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def missing(reason: str):
+    """Fail in CI (it must have what the test needs), skip with the reason elsewhere."""
+    if under_ci():
+        pytest.fail(f"{reason} (CI must provide it)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def serve_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("serving") / "serve_config.yaml"
+    path.write_text(SAMPLE_SERVE_CONFIG)
+    return path
+
+
+@pytest.fixture(scope="session")
+def rendered(serve_config) -> dict[str, list[dict]]:
+    return {name: manifests.render(Options(serve_config=serve_config, **params))
+            for name, params in PARAMETER_SETS.items()}
+
+
+@pytest.fixture(params=sorted(PARAMETER_SETS))
+def objects(request, rendered) -> list[dict]:
+    return copy.deepcopy(rendered[request.param])
+
+
+def strict(schema):
+    """A CRD schema as the API server's strict field validation reads it: unknown fields fail."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict(value) for key, value in schema.items()}
+    if ("properties" in schema and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="session")
+def crd_validators() -> dict[str, jsonschema.Draft7Validator]:
+    if not CRD_DIR.is_dir():
+        missing(f"KubeRay v1.7.0 CRDs not found at {CRD_DIR}")
+    validators = {}
+    for path in sorted(CRD_DIR.glob("ray.io_*.yaml")):
+        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 3 MB of YAML
+        (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        validators[crd["spec"]["names"]["kind"]] = jsonschema.Draft7Validator(strict(v1["schema"]["openAPIV3Schema"]))
+    assert set(RAY_KINDS) <= set(validators), f"CRDs in {CRD_DIR}: {sorted(validators)}"
+    return validators
+
+
+# ---------------------------------------------------------------- walking the objects
+
+def ray_cluster_specs(obj: dict) -> list[dict]:
+    if obj["kind"] == "RayCluster":
+        return [obj["spec"]]
+    if obj["kind"] == "RayService":
+        return [obj["spec"]["rayClusterConfig"]]
+    if obj["kind"] == "RayJob" and "rayClusterSpec" in obj["spec"]:
+        return [obj["spec"]["rayClusterSpec"]]
+    return []
+
+
+def pod_templates(obj: dict) -> list[dict]:
+    templates = [spec["headGroupSpec"]["template"] for spec in ray_cluster_specs(obj)]
+    templates += [group["template"] for spec in ray_cluster_specs(obj) for group in spec.get("workerGroupSpecs", [])]
+    if obj["kind"] == "RayJob":
+        templates.append(obj["spec"]["submitterPodTemplate"])
+    if obj["kind"] == "Deployment":
+        templates.append(obj["spec"]["template"])
+    return templates
+
+
+def containers(template: dict) -> list[dict]:
+    return template["spec"].get("initContainers", []) + template["spec"]["containers"]
+
+
+def ray_pod_templates(objects) -> list[dict]:
+    return [t for obj in objects for spec in ray_cluster_specs(obj)
+            for t in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]]
+
+
+def one(objects, kind, name=None) -> dict:
+    found = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def k8s_validate(obj: dict, version: str) -> None:
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        raise AssertionError(f"{obj['kind']} {obj['metadata'].get('name')} is invalid for Kubernetes "
+                             f"{version} at {list(error.path)}: {error.message}") from None
+
+
+def embedded_k8s_objects(obj: dict) -> list[dict]:
+    """The Kubernetes types inside a Ray object, wrapped so kubernetes-validate knows them."""
+    wrapped = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}]
+    wrapped += [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": t}
+                for t in pod_templates(obj)]
+    if obj["kind"] == "RayService":
+        service = obj["spec"]["serveService"]
+        wrapped.append({"apiVersion": "v1", "kind": "Service", **service,
+                        "metadata": {"name": "s", **service.get("metadata", {})}})
+    return wrapped
+
+
+# ---------------------------------------------------------------- schemas
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_object_is_valid_kubernetes(objects, version):
+    for obj in objects:
+        for part in embedded_k8s_objects(obj) if obj["kind"] in RAY_KINDS else [obj]:
+            k8s_validate(part, version)
+
+
+def test_ray_objects_match_the_kuberay_v1_7_crds(objects, crd_validators):
+    ray_objects = [obj for obj in objects if obj["kind"] in RAY_KINDS]
+    assert sorted(obj["kind"] for obj in ray_objects) == sorted(RAY_KINDS)
+    for obj in ray_objects:
+        errors = sorted(crd_validators[obj["kind"]].iter_errors(obj), key=lambda e: list(e.path))
+        assert not errors, "\n".join(f"{obj['kind']} at {list(e.path)}: {e.message}" for e in errors)
+
+
+def test_the_validators_catch_typos(rendered, crd_validators):
+    """A misspelt field fails both checks, so a passing run means something."""
+    cluster = copy.deepcopy(one(rendered["defaults"], "RayCluster"))
+    cluster["spec"]["workerGroupSpecs"][0]["replica"] = 3
+    assert list(crd_validators["RayCluster"].iter_errors(cluster))
+    template = cluster["spec"]["headGroupSpec"]["template"]
+    template["spec"]["containers"][0]["containerPorts"] = []
+    with pytest.raises(AssertionError, match="containerPorts"):
+        k8s_validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
+                     K8S_VERSIONS[0])
+    policy = copy.deepcopy(one(rendered["defaults"], "NetworkPolicy", "mnist-ray-internal"))
+    policy["spec"]["ingres"] = policy["spec"].pop("ingress")
+    with pytest.raises(AssertionError, match="ingres"):
+        k8s_validate(policy, K8S_VERSIONS[0])
+
+
+# ---------------------------------------------------------------- consistency
+
+def test_ray_versions_agree_with_the_pin(rendered):
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (pin,) = [d.split("==")[1] for d in pyproject["project"]["dependencies"] if d.startswith("ray[")]
+    assert manifests.pinned_ray_version() == pin
+    assert pyproject["project"]["requires-python"] == "==3.11.*"
+    dockerfile = (ROOT / "k8s" / "Dockerfile").read_text()
+    assert f"\nFROM rayproject/ray:{pin}-py311\n" in dockerfile
+    assert f"ray.__version__ == '{pin}'" in dockerfile
+    assert f"\nWORKDIR {manifests.APP_DIR}\n" in dockerfile
+    for objects in rendered.values():
+        for obj in objects:
+            for spec in ray_cluster_specs(obj):
+                assert spec["rayVersion"] == pin
+            for template in pod_templates(obj):
+                for container in containers(template):
+                    if obj["kind"] != "Deployment":  # the NFS server has its own image
+                        assert manifests.image_tag(container["image"]).startswith(f"{pin}-py311")
+    # The plain YAML files hold the defaults: they must name the pinned Ray too.
+    for path in (ROOT / "k8s" / "base").glob("*.yaml"):
+        text = path.read_text()
+        assert "image: mnist-ray:" not in text or f"image: mnist-ray:{pin}-py311" in text, path
+        assert "rayVersion:" not in text or f'rayVersion: "{pin}"' in text, path
+
+
+def test_one_storage_root_everywhere(objects):
+    cluster = one(objects, "RayCluster")
+    namespace = cluster["metadata"]["namespace"]
+    (claim_name,) = [v["persistentVolumeClaim"]["claimName"] for v in
+                     cluster["spec"]["headGroupSpec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    claim = one([o for o in objects if o["metadata"].get("namespace") == namespace], "PersistentVolumeClaim", claim_name)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    ray_templates = ray_pod_templates(objects)
+    assert len(ray_templates) == 4  # training head + workers, serving head + workers
+    for template in ray_templates:
+        spec = template["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in containers(template):
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == MOUNT_PATH]
+            assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+        assert env[manifests.STORAGE_ENV] == MOUNT_PATH
+    entrypoint = shlex.split(one(objects, "RayJob")["spec"]["entrypoint"])
+    assert entrypoint[entrypoint.index("--storage") + 1] == MOUNT_PATH
+    serve_config = yaml.safe_load(one(objects, "RayService")["spec"]["serveConfigV2"])
+    for app in serve_config["applications"]:
+        assert app["runtime_env"]["env_vars"][manifests.STORAGE_ENV] == MOUNT_PATH
+    # training/storage.py reads the same variable (read as text: importing it would import torch).
+    assert f'STORAGE_ENV = "{manifests.STORAGE_ENV}"' in (ROOT / "training" / "storage.py").read_text()
+    volumes = [o for o in objects if o["kind"] == "PersistentVolume"]
+    for volume in volumes:  # the NFS flavour binds exactly this claim
+        assert volume["spec"]["claimRef"] == {"namespace": claim["metadata"]["namespace"], "name": claim["metadata"]["name"]}
+        assert claim["spec"]["volumeName"] == volume["metadata"]["name"]
+
+
+def test_the_rayjob_fits_its_cluster(objects):
+    job = one(objects, "RayJob")
+    cluster = one(objects, "RayCluster", job["spec"]["clusterSelector"]["ray.io/cluster"])
+    assert job["metadata"]["namespace"] == cluster["metadata"]["namespace"]
+    entrypoint = shlex.split(job["spec"]["entrypoint"])
+    assert entrypoint[:2] == ["python", f"{manifests.APP_DIR}/training/train.py"]
+    workers = int(entrypoint[entrypoint.index("--workers") + 1])
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    cpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert 1 <= workers <= group["replicas"] * cpus == manifests.worker_slots(cluster)
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"]
+    assert "runtimeEnvYAML" not in job["spec"]  # dependencies are in the image
+
+
+def test_the_head_lists_its_ports(objects):
+    for spec in [s for obj in objects for s in ray_cluster_specs(obj)]:
+        ports = {p["name"]: p["containerPort"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert ports == manifests.HEAD_PORTS == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
+
+
+def test_names_are_within_kuberay_limits(objects):
+    for obj in objects:
+        if obj["kind"] in manifests.NAME_LIMITS:
+            assert len(obj["metadata"]["name"]) <= manifests.NAME_LIMITS[obj["kind"]], obj["metadata"]["name"]
+
+
+def test_only_the_serve_port_leaves_the_cluster(objects):
+    services = [o for o in objects if o["kind"] == "Service"] + [o["spec"]["serveService"] for o in objects if o["kind"] == "RayService"]
+    exposed = [s for s in services if s["spec"].get("type") in ("LoadBalancer", "NodePort")]
+    assert len(exposed) == 1
+    assert exposed[0]["spec"]["ports"] == [{"name": "serve", "port": 8000}]
+    for spec in [s for obj in objects for s in ray_cluster_specs(obj)]:
+        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+        assert not spec["headGroupSpec"].get("enableIngress")
+    assert not [o for o in objects if o["kind"] in ("Ingress", "Gateway", "HTTPRoute")]
+    for obj in objects:
+        for template in pod_templates(obj):
+            assert not template["spec"].get("hostNetwork")
+            assert not [p for c in containers(template) for p in c.get("ports", []) if "hostPort" in p]
+
+
+def test_requests_equal_limits(objects):
+    for obj in objects:
+        for template in pod_templates(obj):
+            for container in containers(template):
+                resources = container["resources"]
+                assert resources["requests"] == resources["limits"], (obj["metadata"]["name"], container["name"])
+                assert set(resources["limits"]) == {"cpu", "memory"}
+
+
+def assert_restricted(template: dict, where: str) -> None:
+    """The Pod Security "restricted" rules: non-root, no escalation, all capabilities dropped."""
+    pod = template["spec"].get("securityContext", {})
+    assert pod.get("runAsNonRoot") is True and pod.get("runAsUser") == 1000, where
+    assert pod.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+    assert template["spec"].get("automountServiceAccountToken") is False, where
+    for container in containers(template):
+        context = container.get("securityContext", {})
+        assert context.get("allowPrivilegeEscalation") is False, (where, container["name"])
+        assert context.get("capabilities") == {"drop": ["ALL"]}, (where, container["name"])
+        assert not context.get("privileged") and context.get("runAsUser", 1000) != 0, (where, container["name"])
+    for volume in template["spec"].get("volumes", []):
+        assert "hostPath" not in volume, where
+
+
+def test_pods_are_locked_down(objects):
+    namespaces = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Namespace"}
+    app = one(objects, "RayCluster")["metadata"]["namespace"]
+    assert namespaces[app]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for obj in objects:
+        for template in pod_templates(obj):
+            if obj["kind"] == "Deployment":  # the NFS server: the one documented exception
+                assert obj["metadata"]["namespace"] == f"{app}-nfs" != app
+                labels = namespaces[obj["metadata"]["namespace"]]["metadata"]["labels"]
+                assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+                privileged = [c["name"] for c in containers(template) if c.get("securityContext", {}).get("privileged")]
+                assert privileged == ["nfs-server"]
+            else:
+                assert_restricted(template, f"{obj['kind']} {obj['metadata']['name']}")
+
+
+def test_filestore_needs_no_privileged_pod(rendered):
+    objects = rendered["filestore"]
+    assert not [o for o in objects if o["kind"] in ("Deployment", "PersistentVolume")]
+    assert one(objects, "PersistentVolumeClaim")["spec"]["storageClassName"] == "standard-rwx"
+    assert "privileged: true" not in manifests.to_yaml(objects)
+    guide = (ROOT / "docs" / "GKE.md").read_text()
+    assert "privileged" in guide and "Filestore" in guide  # the exception is documented
+
+
+def test_network_policies(objects):
+    internal = one(objects, "NetworkPolicy", next(o["metadata"]["name"] for o in objects if o["metadata"]["name"].endswith("-ray-internal")))
+    serve = one(objects, "NetworkPolicy", next(o["metadata"]["name"] for o in objects if o["metadata"]["name"].endswith("-serve-ingress")))
+    ray_labels = internal["spec"]["podSelector"]["matchLabels"]
+    for template in ray_pod_templates(objects):  # every Ray pod is isolated by the internal policy
+        assert ray_labels.items() <= template["metadata"]["labels"].items()
+    peers, operator = internal["spec"]["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": ray_labels}}]}
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
+    submitter = one(objects, "RayJob")["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    assert operator["from"][1]["podSelector"]["matchLabels"].items() <= submitter.items()
+    assert not ray_labels.items() <= submitter.items()  # the submitter is not a Ray peer
+    # Only the serving cluster's pods open 8000, from anywhere; the training cluster does not.
+    assert serve["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
+    selected = serve["spec"]["podSelector"]["matchLabels"]
+    serving = one(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    training = one(objects, "RayCluster")["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert selected.items() <= serving.items() and not selected.items() <= training.items()
+    for policy in (internal, serve):
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_no_debug_servers_share_links_or_floating_images(objects):
+    text = manifests.to_yaml(objects).lower()
+    for needle in ("debugpy", "--debug", "share=true", "share: true", "ray_debug", ":latest"):
+        assert needle not in text
+    for obj in objects:
+        for template in pod_templates(obj):
+            for container in containers(template):
+                assert manifests.image_tag(container["image"]), container["image"]
+                for env in container.get("env", []):
+                    assert "DEBUG" not in env["name"].upper()
+    for template in ray_pod_templates(objects):
+        env = {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"]}
+        assert env["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+# ---------------------------------------------------------------- renderer behaviour
+
+def test_rendering_is_deterministic(serve_config):
+    options = Options(serve_config=serve_config, **PARAMETER_SETS["big"])
+    first = manifests.to_yaml(manifests.render(options))
+    assert first == manifests.to_yaml(manifests.render(options))
+    script = ("import sys; from pathlib import Path; from ray_cluster import manifests as m; "
+              f"sys.stdout.write(m.to_yaml(m.render(m.Options(serve_config=Path({str(serve_config)!r}), "
+              f"**{PARAMETER_SETS['big']!r}))))")
+    other = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert other.stdout == first
+
+
+def test_the_yaml_files_are_the_defaults(rendered):
+    """Reading k8s/ tells the truth: a default render changes nothing but computed fields."""
+    defaults = rendered["defaults"]
+    for relative in ("base/namespace.yaml", "base/networkpolicy.yaml", "base/raycluster.yaml",
+                     "base/rayjob.yaml", "overlays/gke-nfs/storage.yaml"):
+        for doc in yaml.safe_load_all((ROOT / "k8s" / relative).read_text()):
+            assert doc in defaults, f"k8s/{relative}: {doc['kind']} {doc['metadata']['name']} differs from the default render"
+    filestore = yaml.safe_load((ROOT / "k8s" / "overlays" / "filestore" / "storage.yaml").read_text())
+    assert filestore == one(manifests.render(Options(storage="filestore"), ["volume"]), "PersistentVolumeClaim")
+
+
+def test_the_serve_config_runs_in_the_cluster(rendered, serve_config):
+    local = yaml.safe_load(serve_config.read_text())
+    cluster = yaml.safe_load(one(rendered["defaults"], "RayService")["spec"]["serveConfigV2"])
+    assert cluster["http_options"] == {"host": "0.0.0.0", "port": 8000, "request_timeout_s": 30}
+    assert [(a["name"], a["route_prefix"], a["import_path"]) for a in cluster["applications"]] == \
+           [(a["name"], a["route_prefix"], a["import_path"]) for a in local["applications"]]
+    (app,) = cluster["applications"]
+    assert "working_dir" not in app["runtime_env"]  # the image holds the code
+    assert app["runtime_env"]["env_vars"] == {"GRADIO_ANALYTICS_ENABLED": "False", "MNIST_STORAGE": MOUNT_PATH}
+    assert app["args"] == {"storage": MOUNT_PATH, "num_replicas": 2}
+    assert yaml.safe_load(serve_config.read_text()) == local  # the local file is left alone
+
+
+def test_serve_configs_that_cannot_run_in_the_cluster_are_refused(tmp_path):
+    installs = tmp_path / "pip.yaml"
+    installs.write_text("applications:\n  - name: a\n    import_path: x:y\n    runtime_env: {pip: [torch]}\n")
+    with pytest.raises(InvalidOptions, match="bake them into the image"):
+        manifests.serve_config_v2(installs)
+    with pytest.raises(InvalidOptions, match="not found"):
+        manifests.serve_config_v2(tmp_path / "absent.yaml")
+    (tmp_path / "empty.yaml").write_text("proxy_location: EveryNode\n")
+    with pytest.raises(InvalidOptions, match="applications"):
+        manifests.serve_config_v2(tmp_path / "empty.yaml")
+
+
+def test_the_projects_serve_config_renders():
+    if not manifests.SERVE_CONFIG.is_file():
+        missing(f"{manifests.SERVE_CONFIG} does not exist yet")
+    (service,) = manifests.render(Options(), ["service"])
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert config["http_options"]["host"] == "0.0.0.0"
+    for app in config["applications"]:
+        assert app["runtime_env"]["env_vars"][manifests.STORAGE_ENV] == MOUNT_PATH
+
+
+BAD_OPTIONS = {
+    "zero workers": (dict(workers=0), "--workers must be at least 1"),
+    "zero worker pods": (dict(worker_pods=0), "--worker-pods must be at least 1"),
+    "zero cpus": (dict(worker_cpus=0), "--worker-cpus must be at least 1"),
+    "more workers than the group holds": (dict(workers=7), "more than the worker group holds: 3 pods x 2 CPUs = 6"),
+    "RayCluster name over 53": (dict(name="a" * 54), "KubeRay allows at most 53"),
+    "RayService name over 47": (dict(name="a" * 42), "RayService name 'aaaa"),
+    "RayJob name over 47": (dict(job_name="j" * 48), "RayJob name 'jjj"),
+    "name not DNS": (dict(name="MNIST_1"), "lowercase letters"),
+    "image of another ray": (dict(image=f"{PUSHED}:2.59.0-py311"), "must be '2.60.0-py311'"),
+    "image of another python": (dict(image=f"{PUSHED}:2.60.0-py310"), "must be '2.60.0-py311'"),
+    "image without tag": (dict(image=PUSHED), "must be '2.60.0-py311'"),
+    "latest image": (dict(image=f"{PUSHED}:latest"), "must be '2.60.0-py311'"),
+    "filestore under 1Ti": (dict(storage="filestore", storage_size="100Gi"), "Filestore's minimum"),
+    "unknown storage": (dict(storage="hostpath"), "choose one of nfs, filestore"),
+    "bad memory": (dict(worker_memory="lots"), "not a Kubernetes quantity"),
+    "bad run id": (dict(run_id="../x"), "--run-id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_invalid_options_are_refused(case):
+    params, message = BAD_OPTIONS[case]
+    with pytest.raises(InvalidOptions) as refused:
+        manifests.render(Options(**params))
+    assert message in str(refused.value)
+
+
+def test_worker_slots_read_a_live_cluster():
+    group = {"replicas": 4, "template": {"spec": {"containers": [{"resources": {"limits": {"cpu": "2500m"}}}]}}}
+    assert manifests.worker_slots({"spec": {"workerGroupSpecs": [group, {**group, "replicas": 1}]}}) == 10
+
+
+def test_the_create_script(tmp_path):
+    script = ROOT / "k8s" / "create-gke-cluster.sh"
+    env = {**os.environ, "DRY_RUN": "1", "PROJECT": "proj"}
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True).stdout
+    assert "--enable-dataplane-v2" in out and "--addons GcePersistentDiskCsiDriver\n" in out
+    assert "node-pools create ray" in out and "--num-nodes 3" in out
+    out = subprocess.run(["bash", str(script)], env={**env, "STORAGE": "filestore", "RAY_OPERATOR": "addon"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "--addons GcePersistentDiskCsiDriver,GcpFilestoreCsiDriver,RayOperator" in out
+    bad = subprocess.run(["bash", str(script)], env={**env, "STORAGE": "s3"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "nfs or filestore" in bad.stderr
