@@ -210,7 +210,7 @@ class Resource:
             raise KubeRayError(f"expected a {self.kind}, got {body.get('kind')}")
         return self._call(body["metadata"]["name"], lambda: self.api.create_namespaced_custom_object(
             GROUP, VERSION, self.namespace, self.plural, body, field_validation="Strict",
-            _content_type="application/json"))
+            _headers={"Content-Type": "application/json"}))  # this method sets none by itself
 
     def get(self, name: str) -> dict:
         return self._call(name, lambda: self.api.get_namespaced_custom_object(

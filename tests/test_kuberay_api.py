@@ -1,0 +1,594 @@
+"""The KubeRay client (ray_cluster/kuberay.py) and the `kuberay` CLI, against a stand-in.
+
+There is no Kubernetes API server here, so `StandIn` plays one: an HTTP server on 127.0.0.1,
+threads in this test process, stopped at teardown. It keeps objects in memory and answers the
+custom-object paths of ray.io/v1 (and the few core paths the CLI uses) the way the API server
+does: Status bodies for 404/409/403, "404 page not found" for an API group nobody installed,
+JSON merge patch. It also plays the operator: each read of a Ray object can return the next
+status of a script, so the wait-until-ready logic sees realistic sequences. Every request is
+recorded, so the tests check paths, query strings, headers and bodies.
+"""
+import json
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import yaml
+from kubernetes import client
+
+from ray_cluster import kuberay, kuberay_cli, manifests
+from ray_cluster.__main__ import main
+from ray_cluster.kuberay import KubeRay
+
+NAMESPACE = "mnist"
+IMAGE = "us-central1-docker.pkg.dev/proj/mnist/mnist-ray:2.60.0-py311"
+RAY_PATH = re.compile(r"/apis/ray\.io/v1/namespaces/([^/]+)/(rayclusters|rayjobs|rayservices)(?:/([^/]+))?")
+CORE_PATHS = [
+    re.compile(r"/api/v1/(namespaces|persistentvolumes)(?:/([^/]+))?"),
+    re.compile(r"/api/v1/namespaces/[^/]+/(services|persistentvolumeclaims)(?:/([^/]+))?"),
+    re.compile(r"/apis/apps/v1/namespaces/[^/]+/(deployments)(?:/([^/]+))?"),
+    re.compile(r"/apis/networking\.k8s\.io/v1/namespaces/[^/]+/(networkpolicies)(?:/([^/]+))?"),
+]
+CLUSTER_IP = "10.12.0.7"
+EXTERNAL_IP = "203.0.113.7"
+
+
+def merge_patch(target, patch):
+    """RFC 7386, as the API server applies application/merge-patch+json."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+class StandIn:
+    """A stand-in Kubernetes API server (see the module docstring)."""
+
+    def __init__(self):
+        self.objects: dict[tuple[str, str], dict] = {}   # (collection path, name) -> object
+        self.requests: list[dict] = []
+        self.crds_installed = True
+        self.forbidden: set[str] = set()                  # plurals answered with 403
+        self.scripts: dict[tuple[str, str], list[dict]] = {}  # (plural, name) -> statuses to serve
+        self.reads: dict[tuple[str, str], int] = {}
+        self.lock = threading.Lock()
+        handler = type("Handler", (_Handler,), {"standin": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+    def client(self) -> KubeRay:
+        return KubeRay(NAMESPACE, client.ApiClient(client.Configuration(host=self.url)))
+
+    def script(self, plural: str, name: str, *statuses: dict) -> None:
+        """The operator's view: each read returns the next status; the last one stays."""
+        self.scripts[(plural, name)] = list(statuses)
+
+    def put(self, collection: str, obj: dict) -> None:
+        self.objects[(collection, obj["metadata"]["name"])] = obj
+
+    def get(self, collection: str, name: str) -> dict | None:
+        return self.objects.get((collection, name))
+
+    def sent(self, method: str, pattern: str = "") -> list[dict]:
+        return [r for r in self.requests if r["method"] == method and re.search(pattern, r["path"])]
+
+    # ------------------------------------------------------------ request handling
+
+    def handle(self, method: str, path: str, body) -> tuple[int, object]:
+        ray = RAY_PATH.fullmatch(path)
+        if ray:
+            namespace, plural, name = ray.groups()
+            if not self.crds_installed:
+                return 404, "404 page not found\n"
+            if plural in self.forbidden:
+                verb = {"GET": "get" if name else "list", "POST": "create", "PATCH": "patch", "DELETE": "delete"}[method]
+                return 403, status_body(403, "Forbidden", f'{plural}.ray.io is forbidden: User "dev" cannot {verb} '
+                                        f'resource "{plural}" in API group "ray.io" in the namespace "{namespace}"')
+            return self.crud(method, path.rsplit("/", 1)[0] if name else path, plural, name, body)
+        for core in CORE_PATHS:
+            match = core.fullmatch(path)
+            if match:
+                plural, name = match.groups()
+                return self.crud(method, path.rsplit("/", 1)[0] if name else path, plural, name, body)
+        return 404, "404 page not found\n"
+
+    def crud(self, method, collection, plural, name, body):
+        key = (collection, name or (body or {}).get("metadata", {}).get("name"))
+        kind = plural[:-1].capitalize()
+        if method == "POST":
+            if key in self.objects:
+                return 409, status_body(409, "AlreadyExists", f'{plural} "{key[1]}" already exists', key[1], plural)
+            obj = json.loads(json.dumps(body))
+            obj["metadata"].setdefault("uid", f"uid-{len(self.objects)}")
+            if plural == "services":
+                obj["spec"]["clusterIP"] = CLUSTER_IP
+            self.objects[key] = obj
+            return 201, obj
+        if method == "GET" and not name:
+            return 200, {"kind": f"{kind}List", "items": [o for (c, _), o in self.objects.items() if c == collection]}
+        if key not in self.objects:
+            return 404, status_body(404, "NotFound", f'{plural} "{name}" not found', name, plural)
+        if method == "GET":
+            return 200, self.with_status(plural, name, self.objects[key])
+        if method == "PATCH":
+            self.objects[key] = merge_patch(self.objects[key], body)
+            return 200, self.objects[key]
+        if method == "DELETE":  # built-in kinds answer with the object; custom objects with a Status
+            obj = self.objects.pop(key)
+            return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"} if RAY_PATH.fullmatch(
+                f"{collection}/{name}") else obj
+        return 405, status_body(405, "MethodNotAllowed", method)
+
+    def with_status(self, plural, name, obj):
+        self.reads[(plural, name)] = self.reads.get((plural, name), 0) + 1
+        statuses = self.scripts.get((plural, name))
+        if statuses:
+            obj["status"] = statuses.pop(0) if len(statuses) > 1 else statuses[0]
+        return obj
+
+
+def status_body(code, reason, message, name=None, plural=None):
+    body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code}
+    if name:
+        body["details"] = {"name": name, "group": "ray.io" if plural and plural.startswith("ray") else "",
+                           "kind": plural}
+    return body
+
+
+class _Handler(BaseHTTPRequestHandler):
+    standin: StandIn
+
+    def _serve(self):
+        parts = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        body = json.loads(raw) if raw else None
+        with self.standin.lock:
+            self.standin.requests.append({"method": self.command, "path": parts.path, "query": parse_qs(parts.query),
+                                          "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+            code, answer = self.standin.handle(self.command, parts.path, body)
+        data = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain" if isinstance(answer, str) else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _serve
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def api():
+    with StandIn() as standin:
+        yield standin
+
+
+def raycluster(name="mnist", pods=3, cpus="2") -> dict:
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"rayVersion": "2.60.0", "headGroupSpec": {"template": {}},
+                     "workerGroupSpecs": [{"groupName": "cpu", "replicas": pods, "minReplicas": pods, "maxReplicas": pods,
+                                           "template": {"spec": {"containers": [{"resources": {"limits": {"cpu": cpus}}}]}}}]}}
+
+
+def condition(kind, status, reason="Reason", message=""):
+    return {"type": kind, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}
+
+
+CLUSTER_READY = {"state": "ready", "readyWorkerReplicas": 3, "desiredWorkerReplicas": 3,
+                 "conditions": [condition("HeadPodReady", "True"), condition("RayClusterProvisioned", "True")]}
+JOB_SUCCEEDED = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+SERVICE_READY = {"serviceStatus": "Running", "numServeEndpoints": 2,
+                 "conditions": [condition("Ready", "True", "NonZeroServeEndpoints")],
+                 "activeServiceStatus": {"applicationStatuses": {"mnist": {"status": "RUNNING"}}}}
+
+
+# ---------------------------------------------------------------- the client: requests
+
+@pytest.mark.parametrize("plural", ["rayclusters", "rayjobs", "rayservices"])
+def test_create_get_list_patch_delete(api, plural):
+    resource = getattr(api.client(), plural)
+    body = {"apiVersion": "ray.io/v1", "kind": resource.kind,
+            "metadata": {"name": "x", "namespace": NAMESPACE, "labels": {"app": "mnist"}}, "spec": {"a": [1, 2]}}
+    collection = f"/apis/ray.io/v1/namespaces/{NAMESPACE}/{plural}"
+
+    assert resource.create(body)["metadata"]["name"] == "x"
+    (post,) = api.sent("POST")
+    assert post["path"] == collection and post["body"] == body
+    assert post["headers"]["content-type"] == "application/json"
+    assert post["query"] == {"fieldValidation": ["Strict"]}  # the API server refuses unknown fields
+
+    assert resource.get("x")["spec"] == {"a": [1, 2]}
+    assert api.sent("GET")[-1]["path"] == f"{collection}/x"
+
+    assert [o["metadata"]["name"] for o in resource.list(label_selector="app=mnist")] == ["x"]
+    assert api.sent("GET")[-1]["query"] == {"labelSelector": ["app=mnist"]}
+
+    patched = resource.patch("x", {"spec": {"a": [3]}, "metadata": {"labels": {"app": None}}})
+    assert patched["spec"] == {"a": [3]} and patched["metadata"]["labels"] == {}
+    (patch,) = api.sent("PATCH")
+    assert patch["path"] == f"{collection}/x"
+    assert patch["headers"]["content-type"] == "application/merge-patch+json"
+
+    resource.delete("x")
+    (delete,) = api.sent("DELETE")
+    assert delete["path"] == f"{collection}/x"
+    assert delete["query"].get("propagationPolicy") == ["Foreground"] or \
+        (delete["body"] or {}).get("propagationPolicy") == "Foreground"
+    assert api.get(collection, "x") is None
+
+
+def test_create_refuses_the_wrong_kind(api):
+    with pytest.raises(kuberay.KubeRayError, match="expected a RayJob"):
+        api.client().rayjobs.create(raycluster())
+    assert api.requests == []
+
+
+# ---------------------------------------------------------------- the client: waiting
+
+def test_raycluster_ready_needs_both_conditions(api):
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
+    api.script("rayclusters", "mnist",
+               {},
+               {"state": "", "conditions": [condition("HeadPodReady", "False", "HeadPodNotFound")]},
+               {"conditions": [condition("HeadPodReady", "True"), condition("RayClusterProvisioned", "False")]},
+               CLUSTER_READY)
+    seen = []
+    ready = api.client().rayclusters.wait_ready("mnist", timeout=10, poll=0.01, on_change=seen.append)
+    assert ready["status"] == CLUSTER_READY
+    assert api.reads[("rayclusters", "mnist")] == 4
+    assert "HeadPodReady=False (HeadPodNotFound)" in seen[1]
+    assert "RayClusterProvisioned=False" in seen[2] and "HeadPodReady=True" in seen[3]
+
+
+def test_raycluster_state_counts_when_the_operator_writes_no_conditions():
+    assert kuberay.raycluster_progress({"status": {"state": "ready"}}).ready
+    assert not kuberay.raycluster_progress({"status": {"state": "ready",
+                                                       "conditions": [condition("HeadPodReady", "False")]}}).ready
+    failure = kuberay.raycluster_progress({"status": {"conditions": [
+        condition("ReplicaFailure", "True", "FailedCreateWorkerPod", "pods are forbidden: violates PodSecurity")]}})
+    assert "ReplicaFailure=True (FailedCreateWorkerPod: pods are forbidden" in failure.summary
+
+
+def test_rayjob_waits_for_success(api):
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs", {"kind": "RayJob", "metadata": {"name": "t"}})
+    api.script("rayjobs", "t", {"jobDeploymentStatus": "Initializing"},
+               {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, JOB_SUCCEEDED)
+    assert api.client().rayjobs.wait_ready("t", timeout=10, poll=0.01)["status"] == JOB_SUCCEEDED
+
+
+@pytest.mark.parametrize("status, message", [
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED", "message": "Job entrypoint command failed with exit code 2"},
+     "jobStatus=FAILED (Job entrypoint command failed with exit code 2)"),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, "jobStatus=STOPPED"),
+    ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "past activeDeadlineSeconds"},
+     "jobDeploymentStatus=Failed, jobStatus=- (DeadlineExceeded: past activeDeadlineSeconds)"),
+])
+def test_rayjob_failures_stop_the_wait(api, status, message):
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs", {"kind": "RayJob", "metadata": {"name": "t"}})
+    api.script("rayjobs", "t", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, status)
+    with pytest.raises(kuberay.Failed) as failed:
+        api.client().rayjobs.wait_ready("t", timeout=10, poll=0.01)
+    assert message in str(failed.value) and failed.value.status == status
+
+
+def test_rayservice_ready_reads_the_ready_condition(api):
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices", {"kind": "RayService", "metadata": {"name": "s"}})
+    api.script("rayservices", "s", {"conditions": [condition("Ready", "False", "Initializing")]},
+               {"conditions": [condition("Ready", "False", "ZeroServeEndpoints")],
+                "activeServiceStatus": {"applicationStatuses": {"mnist": {"status": "DEPLOYING"}}}},
+               SERVICE_READY)
+    seen = []
+    api.client().rayservices.wait_ready("s", timeout=10, poll=0.01, on_change=seen.append)
+    assert "app mnist=DEPLOYING" in seen[1] and "Ready=True" in seen[-1] and "endpoints=2" in seen[-1]
+
+
+@pytest.mark.parametrize("status, message", [
+    ({"conditions": [condition("Ready", "False", "Initializing")],
+      "pendingServiceStatus": {"applicationStatuses": {"mnist": {"status": "DEPLOY_FAILED",
+                                                                 "message": "ModuleNotFoundError: serving"}}}},
+     "Serve application 'mnist' failed to deploy: ModuleNotFoundError: serving"),
+    ({"conditions": [condition("Ready", "False", "InitializingTimeout", "not ready in 10m")]},
+     "did not initialize: not ready in 10m"),
+])
+def test_rayservice_failures_stop_the_wait(api, status, message):
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices", {"kind": "RayService", "metadata": {"name": "s"}})
+    api.script("rayservices", "s", status)
+    with pytest.raises(kuberay.Failed, match=message):
+        api.client().rayservices.wait_ready("s", timeout=10, poll=0.01)
+
+
+def test_timeout_reports_the_last_status(api):
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs", {"kind": "RayJob", "metadata": {"name": "t"}})
+    stuck = {"jobDeploymentStatus": "Running", "jobStatus": "PENDING"}
+    api.script("rayjobs", "t", {"jobDeploymentStatus": "Initializing"}, stuck)
+    with pytest.raises(kuberay.WaitTimeout) as timeout:
+        api.client().rayjobs.wait_ready("t", timeout=0.3, poll=0.05)
+    assert "RayJob mnist/t was not ready after 0.3 s" in str(timeout.value)
+    assert "last status: jobDeploymentStatus=Running, jobStatus=PENDING" in str(timeout.value)
+    assert timeout.value.status == stuck
+    assert api.reads[("rayjobs", "t")] >= 3
+
+
+# ---------------------------------------------------------------- the client: errors
+
+@pytest.mark.parametrize("call", ["create", "get", "list", "patch", "delete"])
+def test_missing_crds_say_how_to_install_the_operator(api, call):
+    api.crds_installed = False
+    resource = api.client().rayclusters
+    args = {"create": (raycluster(),), "get": ("mnist",), "list": (), "patch": ("mnist", {}), "delete": ("mnist",)}[call]
+    with pytest.raises(kuberay.CRDsNotInstalled) as error:
+        getattr(resource, call)(*args)
+    message = str(error.value)
+    assert "rayclusters.ray.io/v1" in message and "KubeRay CRDs are not installed" in message
+    assert "helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0" in message
+    assert "Ray operator add-on" in message
+
+
+def test_already_exists(api):
+    clusters = api.client().rayclusters
+    clusters.create(raycluster())
+    with pytest.raises(kuberay.AlreadyExists, match="RayCluster mnist/mnist already exists; .*kuberay down"):
+        clusters.create(raycluster())
+
+
+@pytest.mark.parametrize("call", ["get", "patch", "delete"])
+def test_not_found(api, call):
+    args = {"get": ("gone",), "patch": ("gone", {"spec": {}}), "delete": ("gone",)}[call]
+    with pytest.raises(kuberay.NotFound, match=r'RayService mnist/gone not found \(rayservices "gone" not found\)'):
+        getattr(api.client().rayservices, call)(*args)
+
+
+def test_forbidden_quotes_the_server_and_says_what_to_ask_for(api):
+    api.forbidden.add("rayjobs")
+    with pytest.raises(kuberay.Forbidden) as error:
+        api.client().rayjobs.create({"kind": "RayJob", "metadata": {"name": "t"}})
+    assert 'User "dev" cannot create resource "rayjobs"' in str(error.value)
+    assert "RBAC on rayjobs.ray.io" in str(error.value)
+
+
+def test_an_unreachable_api_server(api):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    configuration = client.Configuration(host=f"http://127.0.0.1:{port}")
+    configuration.retries = 0
+    cluster = KubeRay(NAMESPACE, client.ApiClient(configuration))
+    with pytest.raises(kuberay.Unreachable, match=f"cannot reach the Kubernetes API at http://127.0.0.1:{port}"):
+        cluster.rayclusters.get("mnist")
+
+
+def test_other_errors_keep_the_servers_message():
+    error = client.exceptions.ApiException(status=422, reason="Unprocessable Entity")
+    error.body = json.dumps(status_body(422, "Invalid", 'RayCluster.ray.io "x" is invalid: spec.headGroupSpec: Required value'))
+    translated = kuberay.translate(error, "RayCluster mnist/x", "rayclusters")
+    assert str(translated) == 'RayCluster mnist/x was rejected as invalid: RayCluster.ray.io "x" is invalid: spec.headGroupSpec: Required value'
+
+
+# ---------------------------------------------------------------- the CLI
+
+@pytest.fixture
+def cli(api, tmp_path, monkeypatch):
+    """Run `python -m ray_cluster kuberay ...` in-process against the stand-in (via a kubeconfig)."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "standin",
+        "clusters": [{"name": "standin", "cluster": {"server": api.url}}],
+        "users": [{"name": "dev", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "dev"}}]}))
+    serve_config = tmp_path / "serve_config.yaml"
+    serve_config.write_text("applications:\n  - name: mnist\n    route_prefix: /\n    import_path: serving.app:app\n")
+    monkeypatch.setattr(kuberay_cli, "POLL", 0.01)
+
+    def run(action, *extra):
+        args = ["kuberay", action, "--kubeconfig", str(kubeconfig), "--image", IMAGE,
+                "--serve-config", str(serve_config), "--timeout", "5", *extra]
+        return main(args)
+    return run
+
+
+BAD_CLI_OPTIONS = [
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--worker-pods", "0"], "--worker-pods must be at least 1"),
+    (["--workers", "7"], "more than the worker group holds"),
+    (["--name", "n" * 54], "KubeRay allows at most 53"),
+    (["--job-name", "j" * 48], "KubeRay allows at most 47"),
+    (["--image", "us-docker.pkg.dev/p/r/mnist-ray:2.55.0-py311"], "to match the ray==2.60.0"),
+    (["--image", "mnist-ray:2.60.0-py311"], "names no registry"),
+]
+
+
+@pytest.mark.parametrize("action", ["up", "train", "serve"])
+@pytest.mark.parametrize("extra, message", BAD_CLI_OPTIONS)
+def test_cli_refuses_invalid_options_before_sending_anything(api, cli, capsys, action, extra, message):
+    assert cli(action, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert api.requests == []
+
+
+def test_cli_up_creates_everything_and_prints_the_next_steps(api, cli, capsys):
+    api.script("rayclusters", "mnist", {"state": ""}, CLUSTER_READY)
+    assert cli("up") == 0
+    out = capsys.readouterr().out
+    created = [(r["path"], r["body"]["metadata"]["name"]) for r in api.sent("POST")]
+    assert created == [
+        ("/api/v1/namespaces", "mnist"),
+        ("/api/v1/namespaces", "mnist-nfs"),
+        ("/api/v1/namespaces/mnist-nfs/persistentvolumeclaims", "nfs-disk"),
+        ("/apis/apps/v1/namespaces/mnist-nfs/deployments", "nfs-server"),
+        ("/api/v1/namespaces/mnist-nfs/services", "nfs-server"),
+        ("/api/v1/persistentvolumes", "mnist-mnist-shared"),
+        ("/api/v1/namespaces/mnist/persistentvolumeclaims", "mnist-shared"),
+        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-ray-internal"),
+        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-serve-ingress"),
+        ("/apis/ray.io/v1/namespaces/mnist/rayclusters", "mnist"),
+    ]
+    assert all(r["headers"]["authorization"] == "Bearer test-token" for r in api.requests)
+    volume = api.get("/api/v1/persistentvolumes", "mnist-mnist-shared")
+    assert volume["spec"]["nfs"]["server"] == CLUSTER_IP  # nodes mount by IP, not cluster DNS
+    cluster = api.get("/apis/ray.io/v1/namespaces/mnist/rayclusters", "mnist")
+    assert cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["image"] == IMAGE
+    assert "RayCluster mnist: state=ready" in out
+    assert "kubectl -n mnist port-forward svc/mnist-head-svc 8265:8265" in out
+    assert ("ray job submit --address http://localhost:8265 --working-dir . -- python training/train.py "
+            "--workers 3 --epochs 2 --batch-size 100 --storage /mnt/shared") in out
+
+
+def test_cli_up_again_leaves_storage_and_updates_the_cluster(api, cli, capsys):
+    api.script("rayclusters", "mnist", CLUSTER_READY)
+    assert cli("up") == 0
+    assert cli("up", "--worker-pods", "4", "--nfs-server", "10.1.2.3") == 0
+    out = capsys.readouterr().out
+    assert "PersistentVolumeClaim mnist-nfs/nfs-disk: exists, unchanged" in out
+    assert "RayCluster mnist/mnist: exists, spec updated" in out
+    (patch,) = api.sent("PATCH")
+    assert patch["body"]["spec"]["workerGroupSpecs"][0]["replicas"] == 4
+
+
+def test_cli_up_with_filestore_creates_no_nfs_server(api, cli):
+    api.script("rayclusters", "mnist", CLUSTER_READY)
+    assert cli("up", "--storage", "filestore") == 0
+    kinds = [r["path"].split("/")[-1] for r in api.sent("POST")]
+    assert kinds == ["namespaces", "persistentvolumeclaims", "networkpolicies", "networkpolicies", "rayclusters"]
+
+
+def test_cli_up_timeout_shows_the_last_status(api, cli, capsys):
+    api.script("rayclusters", "mnist", {"state": "", "conditions": [
+        condition("HeadPodReady", "False", "HeadPodNotFound"), condition("RayClusterProvisioned", "False")]})
+    assert cli("up", "--timeout", "0.2") == 1
+    err = capsys.readouterr().err
+    assert "RayCluster mnist/mnist was not ready after 0.2 s; last status:" in err
+    assert "HeadPodReady=False (HeadPodNotFound)" in err
+
+
+def test_cli_train_submits_a_rayjob_and_waits(api, cli, capsys):
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
+    api.script("rayjobs", "mnist-train", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, JOB_SUCCEEDED)
+    assert cli("train", "--epochs", "3", "--run-id", "r1") == 0
+    (post,) = api.sent("POST")
+    assert post["path"] == "/apis/ray.io/v1/namespaces/mnist/rayjobs"
+    assert post["body"]["spec"]["clusterSelector"] == {"ray.io/cluster": "mnist"}
+    assert post["body"]["spec"]["entrypoint"] == ("python /home/ray/mnist/training/train.py --workers 3 --epochs 3 "
+                                                  "--batch-size 100 --storage /mnt/shared --run-id r1")
+    out = capsys.readouterr().out
+    assert "kubectl -n mnist logs -f job/mnist-train" in out and "Training succeeded" in out
+
+
+def test_cli_train_reports_a_failed_job(api, cli, capsys):
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
+    api.script("rayjobs", "mnist-train", {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED",
+                                          "message": "exit code 2"})
+    assert cli("train") == 1
+    assert "RayJob mnist/mnist-train failed: jobDeploymentStatus=Complete, jobStatus=FAILED (exit code 2)" in capsys.readouterr().err
+
+
+def test_cli_train_checks_the_live_cluster_first(api, cli, capsys):
+    assert cli("train") == 1
+    assert "RayCluster mnist/mnist not found: run `python -m ray_cluster kuberay up` first" in capsys.readouterr().err
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster(pods=1, cpus="2"))
+    assert cli("train", "--workers", "3") == 2  # the options allow 6, the live cluster holds 2
+    assert "--workers 3 is more than RayCluster mnist holds (2 worker CPUs)" in capsys.readouterr().err
+    assert not api.sent("POST")
+
+
+def test_cli_train_twice_names_the_way_out(api, cli, capsys):
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
+    api.script("rayjobs", "mnist-train", JOB_SUCCEEDED)
+    assert cli("train") == 0
+    assert cli("train") == 1
+    assert "already exists (finished jobs keep their record): pass --job-name" in capsys.readouterr().err
+
+
+def test_cli_serve_creates_then_updates_and_prints_the_address(api, cli, capsys):
+    api.script("rayservices", "mnist-serve", {"conditions": [condition("Ready", "False", "Initializing")]}, SERVICE_READY)
+    api.put("/api/v1/namespaces/mnist/services", {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "mnist-serve-serve-svc", "namespace": NAMESPACE},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "serve", "port": 8000}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": EXTERNAL_IP}]}}})
+    assert cli("serve") == 0
+    (post,) = api.sent("POST")
+    config = yaml.safe_load(post["body"]["spec"]["serveConfigV2"])
+    assert config["applications"][0]["runtime_env"]["env_vars"] == {"MNIST_STORAGE": "/mnt/shared"}
+    assert f"Serving at http://{EXTERNAL_IP}:8000/" in capsys.readouterr().out
+    assert cli("serve", "--serve-worker-pods", "2") == 0
+    (patch,) = api.sent("PATCH")
+    assert patch["body"]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2
+
+
+def test_cli_status_and_down(api, cli, capsys):
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs",
+            {"kind": "RayJob", "metadata": {"name": "mnist-train"}, "spec": {"clusterSelector": {"ray.io/cluster": "mnist"}}})
+    api.script("rayclusters", "mnist", CLUSTER_READY)
+    assert cli("status") == 0
+    out = capsys.readouterr().out
+    assert "RayCluster mnist/mnist: state=ready" in out and "RayService mnist/mnist-serve: not created" in out
+    assert "RayJob mnist/mnist-train: jobDeploymentStatus=New" in out
+    assert cli("down") == 0
+    out = capsys.readouterr().out
+    assert "RayService mnist/mnist-serve: not found" in out and "RayCluster mnist/mnist: deleted" in out
+    assert "Kept the shared storage" in out
+    assert [r["path"].rsplit("/", 2)[-2:] for r in api.sent("DELETE")] == [
+        ["rayservices", "mnist-serve"], ["rayjobs", "mnist-train"], ["rayclusters", "mnist"]]
+
+
+def test_cli_down_all_deletes_storage_last_to_first(api, cli, capsys):
+    api.script("rayclusters", "mnist", CLUSTER_READY)
+    assert cli("up") == 0
+    assert cli("down", "--all") == 0
+    deleted = [r["path"].rsplit("/", 1)[-1] for r in api.sent("DELETE")]
+    assert deleted == ["mnist-serve", "mnist-train", "mnist", "mnist-serve-ingress", "mnist-ray-internal",
+                       "mnist-shared", "mnist-mnist-shared", "nfs-server", "nfs-server", "nfs-disk", "mnist-nfs", "mnist"]
+    assert not [key for key in api.objects]
+
+
+def test_cli_without_the_operator_says_how_to_install_it(api, cli, capsys):
+    api.crds_installed = False
+    assert cli("status") == 1
+    assert "helm install kuberay-operator" in capsys.readouterr().err
+
+
+def test_cli_render_sends_nothing(api, cli, capsys):
+    assert cli("render", "--part", "cluster", "--part", "job") == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in docs] == ["RayCluster", "RayJob"]
+    assert api.requests == []
+
+
+def test_cli_without_credentials(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert main(["kuberay", "status", "--kubeconfig", str(tmp_path / "none")]) == 1
+    assert "no Kubernetes credentials" in capsys.readouterr().err
+
+
+def test_the_cli_is_wired_into_python_m_ray_cluster():
+    import argparse
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command")
+    kuberay_cli.add_subparser(commands)
+    args = parser.parse_args(["kuberay", "down", "--all"])
+    assert callable(args.run) and args.all and args.action == "down"
+    assert Path(manifests.__file__).parent == Path(kuberay_cli.__file__).parent
