@@ -398,6 +398,9 @@ def test_no_debug_servers_share_links_or_floating_images(objects):
     for template in ray_pod_templates(objects):
         env = {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"]}
         assert env["GRADIO_ANALYTICS_ENABLED"] == "False"
+    for source in (ROOT / "serving").glob("*.py"):  # what the RayService runs
+        code = source.read_text().replace(" ", "")
+        assert "share=True" not in code and "debug=True" not in code, source
 
 
 # ---------------------------------------------------------------- renderer behaviour
@@ -450,14 +453,21 @@ def test_serve_configs_that_cannot_run_in_the_cluster_are_refused(tmp_path):
         manifests.serve_config_v2(tmp_path / "empty.yaml")
 
 
+@pytest.mark.filterwarnings("ignore")  # pydantic deprecation warnings from inside ray.serve
 def test_the_projects_serve_config_renders():
     if not manifests.SERVE_CONFIG.is_file():
         missing(f"{manifests.SERVE_CONFIG} does not exist yet")
+    from ray.serve.schema import ServeDeploySchema  # what KubeRay's PUT to the Serve API must satisfy
+
+    local = yaml.safe_load(manifests.SERVE_CONFIG.read_text())
     (service,) = manifests.render(Options(), ["service"])
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    assert config["http_options"]["host"] == "0.0.0.0"
+    parsed = ServeDeploySchema.model_validate(config)
+    assert (parsed.http_options.host, parsed.http_options.port) == ("0.0.0.0", 8000)
+    assert [a.import_path for a in parsed.applications] == [a["import_path"] for a in local["applications"]]
     for app in config["applications"]:
         assert app["runtime_env"]["env_vars"][manifests.STORAGE_ENV] == MOUNT_PATH
+        assert not {"pip", "conda", "uv"} & set(app["runtime_env"])
 
 
 BAD_OPTIONS = {
