@@ -3,7 +3,7 @@
 # the image. Every setting is an environment variable; DRY_RUN=1 prints the commands instead.
 #
 #   PROJECT=my-project ./k8s/create-gke-cluster.sh
-#   PROJECT=my-project STORAGE=filestore RAY_OPERATOR=addon RAY_NODES=4 ./k8s/create-gke-cluster.sh
+#   PROJECT=my-project SHARED_STORAGE=filestore RAY_OPERATOR=addon RAY_NODES=4 ./k8s/create-gke-cluster.sh
 #
 # Node pools: "default" for system pods and the NFS server; "ray" for the Ray pods. The defaults
 # fit the default manifests: training head + 3 workers and serving head + 1 worker, 2 CPUs each.
@@ -19,7 +19,7 @@ SYSTEM_NODES="${SYSTEM_NODES:-1}"
 RAY_MACHINE="${RAY_MACHINE:-e2-standard-8}"
 RAY_NODES="${RAY_NODES:-3}"
 RAY_DISK_GB="${RAY_DISK_GB:-100}"        # the project image is several GB
-STORAGE="${STORAGE:-nfs}"                # nfs | filestore (enables the Filestore CSI driver)
+SHARED_STORAGE="${SHARED_STORAGE:-nfs}"  # nfs | filestore (enables the Filestore CSI driver)
 RAY_OPERATOR="${RAY_OPERATOR:-helm}"     # helm (KubeRay v1.7.0, docs/GKE.md) | addon (GKE-managed)
 REPOSITORY="${REPOSITORY:-mnist}"        # Artifact Registry repository for the image
 
@@ -28,10 +28,10 @@ run() {
 }
 
 addons="GcePersistentDiskCsiDriver"
-case "$STORAGE" in
+case "$SHARED_STORAGE" in
   nfs) ;;
   filestore) addons+=",GcpFilestoreCsiDriver" ;;
-  *) echo "STORAGE must be nfs or filestore, got $STORAGE" >&2; exit 2 ;;
+  *) echo "SHARED_STORAGE must be nfs or filestore, got $SHARED_STORAGE" >&2; exit 2 ;;
 esac
 case "$RAY_OPERATOR" in
   helm) ;;

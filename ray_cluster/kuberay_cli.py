@@ -73,7 +73,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     add("--head-memory", default=d.head_memory, help=f"default {d.head_memory}")
     add("--serve-worker-pods", type=int, default=d.serve_worker_pods,
         help=f"worker pods of the RayService's cluster (default {d.serve_worker_pods})")
-    add("--storage", default=d.storage, help="shared storage: nfs (NFS server on a GKE disk) or filestore")
+    add("--shared-storage", default=d.shared_storage, help="nfs (an NFS server on a GKE disk, default) or filestore")
     add("--storage-size", help="default 10Gi for nfs, 1Ti (the minimum) for filestore")
     add("--nfs-server", help="NFS server address for the volume (default: `up` reads the NFS Service's IP)")
     add("--workers", type=int, default=d.workers, help=f"Ray Train workers (default {d.workers})")
@@ -155,7 +155,7 @@ def up(args, o: manifests.Options) -> int:
     _require_registry(o)
     cluster = _connect(args, o)
     _apply(cluster, manifests.render(o, ["namespace", "nfs"]))
-    if o.storage == "nfs" and not o.nfs_server:
+    if o.shared_storage == "nfs" and not o.nfs_server:
         # Nodes mount the volume and may not resolve cluster DNS: give the PV the Service's IP.
         service = cluster.read_service(o.nfs_namespace, manifests.NFS_SERVICE)
         o = dataclasses.replace(o, nfs_server=service.spec.cluster_ip)

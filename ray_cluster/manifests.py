@@ -83,7 +83,7 @@ class Options:
     head_cpus: int = 2
     head_memory: str = "4Gi"
     serve_worker_pods: int = 1         # worker pods of the RayService's own Ray cluster
-    storage: str = "nfs"               # nfs | filestore
+    shared_storage: str = "nfs"        # nfs | filestore
     storage_size: str | None = None    # default 10Gi (nfs disk) or 1Ti (Filestore's minimum)
     nfs_server: str | None = None      # default the NFS Service's DNS name; the CLI uses its IP
     workers: int = 3                   # Ray Train workers of the RayJob (train.py --workers)
@@ -121,7 +121,7 @@ class Options:
 
     @property
     def size(self) -> str:
-        return self.storage_size or (FILESTORE_MIN if self.storage == "filestore" else "10Gi")
+        return self.storage_size or (FILESTORE_MIN if self.shared_storage == "filestore" else "10Gi")
 
 
 def head_service_name(cluster: str) -> str:
@@ -180,12 +180,12 @@ def problems(o: Options) -> list[str]:
         found.append(f"image {o.image_ref!r}: its tag must be {prefix!r} (or {prefix}-<anything>) to match "
                      f"the ray=={pinned_ray_version()} that pyproject.toml pins; image, rayVersion and "
                      "client must run the same Ray")
-    if o.storage not in STORAGE_KINDS:
-        found.append(f"--storage {o.storage!r}: choose one of {', '.join(STORAGE_KINDS)}")
+    if o.shared_storage not in STORAGE_KINDS:
+        found.append(f"--shared-storage {o.shared_storage!r}: choose one of {', '.join(STORAGE_KINDS)}")
     size = quantity_bytes(o.size)
     if not size:
         found.append(f"--storage-size {o.size!r} is not a Kubernetes quantity such as 10Gi")
-    elif o.storage == "filestore" and size < quantity_bytes(FILESTORE_MIN):
+    elif o.shared_storage == "filestore" and size < quantity_bytes(FILESTORE_MIN):
         found.append(f"--storage-size {o.size} is below Filestore's minimum of {FILESTORE_MIN}")
     if o.run_id is not None and not _RUN_ID.fullmatch(o.run_id):
         found.append(f"--run-id {o.run_id!r}: use 1-63 letters, digits, '-', '_' or '.' (not starting with '.')")
@@ -245,7 +245,7 @@ def _namespace(o: Options) -> list[dict]:
 
 
 def _nfs_server(o: Options) -> list[dict]:
-    if o.storage != "nfs":
+    if o.shared_storage != "nfs":
         return []
     docs = _load("overlays/gke-nfs/storage.yaml", NFS_KINDS)
     namespace, disk, deployment, service = docs[:4]
@@ -262,7 +262,7 @@ NFS_KINDS = ["Namespace", "PersistentVolumeClaim", "Deployment", "Service", "Per
 
 def _volume(o: Options) -> list[dict]:
     """The ReadWriteMany claim every Ray pod mounts at /mnt/shared (and its NFS volume)."""
-    if o.storage == "filestore":
+    if o.shared_storage == "filestore":
         (claim,) = _load("overlays/filestore/storage.yaml", ["PersistentVolumeClaim"])
         _place(claim, o.claim_name, o.namespace)
         claim["spec"]["resources"]["requests"]["storage"] = o.size

@@ -34,7 +34,7 @@ PARAMETER_SETS = {
     "big": dict(worker_pods=8, worker_cpus=4, worker_memory="16Gi", head_cpus=4, head_memory="8Gi",
                 workers=32, epochs=5, batch_size=64, rounds=5, run_id="run-42", serve_worker_pods=2,
                 storage_size="100Gi", image=f"{PUSHED}:2.60.0-py311-abc123"),
-    "filestore": dict(storage="filestore", name="digits", namespace="ml-team", worker_pods=1,
+    "filestore": dict(shared_storage="filestore", name="digits", namespace="ml-team", worker_pods=1,
                       worker_cpus=1, workers=1, operator_namespace="default", storage_size="2Ti"),
     "longest-names": dict(name="a" * 41, job_name="j" * 47),  # <name>-serve is 47 characters
     "nfs-by-ip": dict(nfs_server="10.8.0.12", job_name="nightly", image=f"{PUSHED}:2.60.0-py311"),
@@ -425,7 +425,7 @@ def test_the_yaml_files_are_the_defaults(rendered):
         for doc in yaml.safe_load_all((ROOT / "k8s" / relative).read_text()):
             assert doc in defaults, f"k8s/{relative}: {doc['kind']} {doc['metadata']['name']} differs from the default render"
     filestore = yaml.safe_load((ROOT / "k8s" / "overlays" / "filestore" / "storage.yaml").read_text())
-    assert filestore == one(manifests.render(Options(storage="filestore"), ["volume"]), "PersistentVolumeClaim")
+    assert filestore == one(manifests.render(Options(shared_storage="filestore"), ["volume"]), "PersistentVolumeClaim")
 
 
 def test_the_serve_config_runs_in_the_cluster(rendered, serve_config):
@@ -483,8 +483,8 @@ BAD_OPTIONS = {
     "image of another python": (dict(image=f"{PUSHED}:2.60.0-py310"), "must be '2.60.0-py311'"),
     "image without tag": (dict(image=PUSHED), "must be '2.60.0-py311'"),
     "latest image": (dict(image=f"{PUSHED}:latest"), "must be '2.60.0-py311'"),
-    "filestore under 1Ti": (dict(storage="filestore", storage_size="100Gi"), "Filestore's minimum"),
-    "unknown storage": (dict(storage="hostpath"), "choose one of nfs, filestore"),
+    "filestore under 1Ti": (dict(shared_storage="filestore", storage_size="100Gi"), "Filestore's minimum"),
+    "unknown storage": (dict(shared_storage="hostpath"), "choose one of nfs, filestore"),
     "bad memory": (dict(worker_memory="lots"), "not a Kubernetes quantity"),
     "bad run id": (dict(run_id="../x"), "--run-id"),
 }
@@ -509,8 +509,8 @@ def test_the_create_script(tmp_path):
     out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True).stdout
     assert "--enable-dataplane-v2" in out and "--addons GcePersistentDiskCsiDriver\n" in out
     assert "node-pools create ray" in out and "--num-nodes 3" in out
-    out = subprocess.run(["bash", str(script)], env={**env, "STORAGE": "filestore", "RAY_OPERATOR": "addon"},
+    out = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "filestore", "RAY_OPERATOR": "addon"},
                          capture_output=True, text=True, check=True).stdout
     assert "--addons GcePersistentDiskCsiDriver,GcpFilestoreCsiDriver,RayOperator" in out
-    bad = subprocess.run(["bash", str(script)], env={**env, "STORAGE": "s3"}, capture_output=True, text=True)
+    bad = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "s3"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "nfs or filestore" in bad.stderr

@@ -470,7 +470,7 @@ def test_cli_up_again_leaves_storage_and_updates_the_cluster(api, cli, capsys):
 
 def test_cli_up_with_filestore_creates_no_nfs_server(api, cli):
     api.script("rayclusters", "mnist", CLUSTER_READY)
-    assert cli("up", "--storage", "filestore") == 0
+    assert cli("up", "--shared-storage", "filestore") == 0
     kinds = [r["path"].split("/")[-1] for r in api.sent("POST")]
     assert kinds == ["namespaces", "persistentvolumeclaims", "networkpolicies", "networkpolicies", "rayclusters"]
 
