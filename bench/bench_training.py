@@ -1,0 +1,198 @@
+"""Training benchmark: this project's Ray job beside its baselines, in one run on one machine.
+
+    python -m bench.bench_training [--sweeps] [--storage DIR] [--data-source DIR]
+
+1. baseline   plain single-process PyTorch: the seed's network, Adam 1e-3, batch 100, 2 epochs
+2. seed       the seed's scheme: 3 workers from independent random weights, contiguous
+              unshuffled shards, one unweighted mean at the end
+3. ray job    training/train.py at the seed's defaults, submitted with `ray job submit` to the
+              local cluster and timed from submission until the model is published
+4. --sweeps   the Ray job over rounds (1, 2, 4, 8) and workers (1, 2, 3, 4) at 2 epochs
+
+Writes bench/results/training.{json,md} and PNG plots, and prints the ratio job/baseline.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ray_cluster import local
+from training.aggregation import FedAvg
+from training.data import fetch_mnist, load_mnist
+from training.model import SeedNet, evaluate, to_input
+from training.storage import models_dir, read_latest, resolve_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def train_plain(model, images, labels, epochs: int, batch_size: int, lr: float, shuffle: bool, seed: int,
+                desc: str, eval_set=None) -> list[float]:
+    """Single-process Adam training; returns test accuracy after each epoch (if eval_set)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    curve = []
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(labels), generator=generator) if shuffle else torch.arange(len(labels))
+        for index in tqdm(order.split(batch_size), desc=f"{desc} epoch {epoch + 1}", leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(to_input(images[index])), labels[index]).backward()
+            optimizer.step()
+        if eval_set is not None:
+            curve.append(evaluate(model, *eval_set)["accuracy"])
+    return curve
+
+
+def baseline(train, test) -> dict:
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    curve = train_plain(SeedNet(), *train, epochs=2, batch_size=100, lr=1e-3, shuffle=True, seed=0,
+                        desc="baseline", eval_set=None)
+    seconds = time.perf_counter() - started
+    return {"scheme": "baseline: seed network, 1 process", "seconds": seconds, **_accuracy_of(None, test, curve)}
+
+
+def _accuracy_of(model, test, curve):
+    return {"epoch_accuracy": curve}
+
+
+def seed_scheme(train, test, workers: int = 3) -> dict:
+    """The seed project: independent random inits, contiguous shards, one unweighted mean."""
+    images, labels = train
+    bounds = [len(labels) * i // workers for i in range(workers + 1)]
+    started = time.perf_counter()
+    states, worker_acc = [], []
+    for rank in range(workers):
+        torch.manual_seed(1000 + rank)  # every trainer its own random weights, as in the seed
+        model = SeedNet()
+        shard = slice(bounds[rank], bounds[rank + 1])
+        train_plain(model, images[shard], labels[shard], epochs=2, batch_size=100, lr=1e-3, shuffle=True,
+                    seed=rank, desc=f"seed worker {rank}")
+        worker_acc.append(evaluate(model, *test)["accuracy"])
+        states.append((model.state_dict(), 1))  # unweighted
+    averaged = SeedNet()
+    averaged.load_state_dict(FedAvg().aggregate(states))
+    return {"scheme": "seed: 3 independent workers, one mean", "seconds": time.perf_counter() - started,
+            "test_accuracy": evaluate(averaged, *test)["accuracy"], "worker_test_accuracy": worker_acc}
+
+
+def ray_job(storage: Path, *train_args: str) -> dict:
+    """Submit training/train.py to the local cluster; wall time from submission to publication."""
+    before = read_latest(storage)
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", local.DASHBOARD_URL,
+               "--working-dir", str(ROOT), "--", "python", "training/train.py", "--storage", str(storage), *train_args]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    version = read_latest(storage)
+    if version == before:
+        raise RuntimeError("the job did not publish a model")
+    metadata = json.loads((models_dir(storage) / version / "metadata.json").read_text())
+    return {"scheme": f"ray job {' '.join(train_args) or '(defaults)'}", "seconds": seconds,
+            "test_accuracy": metadata["test_accuracy"], "workers": metadata["workers"],
+            "rounds": metadata["rounds"], "epochs": metadata["epochs"],
+            "round_accuracy": [r["test_accuracy"] for r in metadata["round_metrics"]],
+            "job_internal_seconds": metadata["train_seconds"]}
+
+
+def sweeps(storage: Path) -> list[dict]:
+    runs = [ray_job(storage, "--rounds", str(r)) for r in (1, 2, 4, 8)]
+    runs += [ray_job(storage, "--workers", str(w)) for w in (1, 2, 4)]
+    return runs
+
+
+def write_report(results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "training.json").write_text(json.dumps(results, indent=2) + "\n")
+    base = results["baseline"]["seconds"]
+    lines = ["| scheme | test accuracy | wall time (s) | time / baseline |", "|---|---|---|---|"]
+    for run in [results["baseline"], results["seed"], results["job"], *results.get("sweeps", [])]:
+        accuracy = run.get("test_accuracy")
+        lines.append(f"| {run['scheme']} | {'' if accuracy is None else f'{100 * accuracy:.2f}%'} "
+                     f"| {run['seconds']:.1f} | {run['seconds'] / base:.2f}x |")
+    lines.append(f"\nMachine: {results['machine']}")
+    (RESULTS / "training.md").write_text("\n".join(lines) + "\n")
+    plot(results)
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    job = results["job"]
+    ax.plot(range(1, len(job["round_accuracy"]) + 1), [100 * a for a in job["round_accuracy"]], "o-",
+            label=f"this project (FedAvg, {job['rounds']} rounds)")
+    ax.axhline(100 * results["seed"]["test_accuracy"], color="tab:red", ls="--", label="seed's averaged model")
+    ax.axhline(100 * results["baseline"]["test_accuracy"], color="tab:gray", ls=":", label="1-process baseline")
+    ax.set(xlabel="round", ylabel="test accuracy (%)", title="MNIST test accuracy, 3 workers x 2 epochs")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "training_accuracy.png", dpi=120)
+    plt.close(fig)
+
+    runs = results.get("sweeps", [])
+    if runs:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        by_rounds = sorted((r["rounds"], r) for r in runs if r["workers"] == 3)
+        left.plot([k for k, _ in by_rounds], [100 * r["test_accuracy"] for _, r in by_rounds], "o-")
+        left.set(xlabel="FedAvg rounds (3 workers, 2 epochs)", ylabel="test accuracy (%)", xscale="log", xticks=[1, 2, 4, 8])
+        left.set_xticklabels(["1", "2", "4", "8"])
+        by_workers = sorted({r["workers"]: r for r in runs + [job] if r["rounds"] == 4}.items())
+        right.plot([k for k, _ in by_workers], [r["seconds"] for _, r in by_workers], "o-", label="wall time (s)")
+        right.axhline(results["baseline"]["seconds"], color="tab:gray", ls=":", label="baseline time")
+        right.set(xlabel="workers (2 epochs, 4 rounds)", ylabel="seconds")
+        twin = right.twinx()
+        twin.plot([k for k, _ in by_workers], [100 * r["test_accuracy"] for _, r in by_workers], "s--", color="tab:green")
+        twin.set_ylabel("test accuracy (%)", color="tab:green")
+        right.legend(loc="upper left")
+        fig.tight_layout()
+        fig.savefig(RESULTS / "training_sweeps.png", dpi=120)
+        plt.close(fig)
+
+
+def machine() -> str:
+    import platform
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--storage", help="storage root (default: bench/results/storage)")
+    parser.add_argument("--data-source", help="local folder with the MNIST files")
+    parser.add_argument("--sweeps", action="store_true", help="also sweep rounds and workers (slow)")
+    parser.add_argument("--job-args", default="", help="extra arguments for the Ray job (e.g. '--subset 3000')")
+    parser.add_argument("--baseline-subset", type=int, default=None, help="baseline on fewer images (smoke tests)")
+    args = parser.parse_args(argv)
+    storage = resolve_storage(args.storage or RESULTS / "storage")
+    fetch_mnist(storage, args.data_source)
+    train, test = load_mnist(storage, train=True), load_mnist(storage, train=False)
+    if args.baseline_subset:
+        train = (train[0][:args.baseline_subset], train[1][:args.baseline_subset])
+    torch.set_num_threads(os.cpu_count() or 1)
+    local.up()
+
+    results = {"machine": machine()}
+    results["baseline"] = baseline(train, test)
+    results["seed"] = seed_scheme(train, test)
+    results["job"] = ray_job(storage, *args.job_args.split())
+    if args.sweeps:
+        results["sweeps"] = sweeps(storage)
+    write_report(results)
+    print((RESULTS / "training.md").read_text())
+    print(f"job / baseline wall time: {results['job']['seconds'] / results['baseline']['seconds']:.2f}x; "
+          f"job accuracy {100 * results['job']['test_accuracy']:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

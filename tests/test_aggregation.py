@@ -1,0 +1,94 @@
+"""FedAvg is the exact sample-weighted mean, and the aggregator averages only this round's models."""
+import uuid
+
+import pytest
+import torch
+
+from training.aggregation import (AggregationError, FedAvg, aggregate_round, global_path, load_worker_results,
+                                  worker_path)
+from training.data import write_shards
+from training.model import Net
+
+
+def random_state(seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = Net()
+    for module in model.modules():  # give BatchNorm buffers distinct values too
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.num_batches_tracked.fill_(seed * 10)
+    return model.state_dict()
+
+
+def test_fedavg_is_the_sample_weighted_mean_of_every_tensor():
+    states, counts = [random_state(s) for s in (1, 2, 3)], [100, 300, 600]
+    averaged = FedAvg().aggregate(list(zip(states, counts)))
+    for key, value in averaged.items():
+        expected = sum(s[key].double() * c for s, c in zip(states, counts)) / sum(counts)
+        if value.is_floating_point():
+            assert torch.allclose(value.double(), expected, atol=1e-6), key
+        else:  # BatchNorm's num_batches_tracked: rounded weighted mean, same dtype
+            assert value.dtype == states[0][key].dtype and value.item() == round(expected.item()), key
+    assert "bn1.running_var" in averaged and "bn2.num_batches_tracked" in averaged
+
+
+def test_fedavg_of_identical_models_is_that_model():
+    state = random_state(7)
+    averaged = FedAvg().aggregate([(state, 5), (state, 9)])
+    assert all(torch.equal(averaged[k], state[k]) for k in state)
+
+
+def test_fedavg_refuses_mismatched_models():
+    bad = dict(random_state(1))
+    bad.pop("fc2.bias")
+    with pytest.raises(AggregationError, match="different parameters"):
+        FedAvg().aggregate([(random_state(1), 1), (bad, 1)])
+
+
+def save_worker(storage, run_id, round_index, rank, num_samples, **overrides):
+    record = {"run_id": run_id, "round": round_index, "rank": rank, "num_samples": num_samples,
+              "state_dict": random_state(rank), "train_loss": 0.5, "train_accuracy": 0.9, "seconds": 1.0}
+    path = worker_path(storage, run_id, round_index, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**record, **overrides}, path)
+
+
+@pytest.fixture
+def run(mnist_storage):
+    run_id = f"unit-agg-{uuid.uuid4().hex[:8]}"
+    manifest = write_shards(mnist_storage, run_id, num_shards=2, seed=0, subset=200)
+    return mnist_storage, run_id, manifest
+
+
+def test_aggregator_averages_evaluates_and_saves(run):
+    storage, run_id, manifest = run
+    for rank, shard in enumerate(manifest["shards"]):
+        save_worker(storage, run_id, 0, rank, shard["count"])
+    metrics = aggregate_round(str(storage), run_id, 0, manifest, threads=1)
+    saved = torch.load(global_path(storage, run_id, 0), weights_only=True)
+    expected = FedAvg().aggregate([(random_state(r), s["count"]) for r, s in enumerate(manifest["shards"])])
+    assert saved["run_id"] == run_id and saved["round"] == 0
+    assert all(torch.equal(saved["state_dict"][k], expected[k]) for k in expected)
+    assert 0 <= metrics["test_accuracy"] <= 1 and len(metrics["workers"]) == 2
+
+
+@pytest.mark.parametrize("problem", ["missing", "stale run", "stale round", "wrong count", "corrupt"])
+def test_aggregator_fails_loudly_on_the_wrong_models(run, problem):
+    storage, run_id, manifest = run
+    save_worker(storage, run_id, 1, 0, manifest["shards"][0]["count"])
+    count = manifest["shards"][1]["count"]
+    if problem == "stale run":
+        save_worker(storage, "an-earlier-run", 1, 1, count)  # a leftover file from another run
+        worker_path(storage, "an-earlier-run", 1, 1).rename(worker_path(storage, run_id, 1, 1))
+    elif problem == "stale round":
+        save_worker(storage, run_id, 1, 1, count, round=0)
+    elif problem == "wrong count":
+        save_worker(storage, run_id, 1, 1, count + 1)
+    elif problem == "corrupt":
+        worker_path(storage, run_id, 1, 1).write_bytes(b"not a torch file")
+    with pytest.raises(AggregationError):
+        load_worker_results(storage, run_id, 1, manifest)
+    with pytest.raises(AggregationError):
+        aggregate_round(str(storage), run_id, 1, manifest, threads=1)
+    assert not global_path(storage, run_id, 1).exists()

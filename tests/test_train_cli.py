@@ -1,0 +1,80 @@
+"""training/train.py refuses bad input with one clear message and a non-zero exit, before any work."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+import train  # noqa: E402  (the entrypoint is a script, as Ray runs it)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--workers", "0"], "--workers: must be >= 1"),
+    (["--workers", "x"], "invalid positive_int value"),
+    (["--epochs", "0"], "--epochs: must be >= 1"),
+    (["--rounds", "0"], "--rounds: must be >= 1"),
+    (["--batch-size", "-5"], "--batch-size: must be >= 1"),
+    (["--lr", "nan"], "--lr: must be a positive number"),
+    (["--subset", "100", "--workers", "101"], "--workers 101 is more than the 100 training images"),
+    (["--workers", "60001"], "more than the 60000 training images"),
+    (["--subset", "70000"], "larger than the 60000 training images"),
+    (["--subset", "600", "--workers", "3", "--epochs", "1", "--rounds", "3"], "--rounds 3 is more than the 2 training steps"),
+    (["--run-id", "../escape"], "--run-id: use 1-63 letters"),
+])
+def test_bad_flags_exit_2_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_are_the_seed_settings():
+    args = train.parse_args([])
+    assert (args.workers, args.epochs, args.batch_size) == (3, 2, 100)
+    assert args.rounds == 4  # two FedAvg rounds per epoch
+
+
+def test_default_rounds_shrink_to_fit_a_tiny_subset():
+    assert train.parse_args(["--subset", "300", "--workers", "3"]).rounds == 2  # 1 step per epoch
+
+
+def test_rounds_split_steps_evenly():
+    bounds = [train.round_bounds(401, 4, r) for r in range(4)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == 401
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
+
+
+@pytest.mark.parametrize("available, workers, expected", [(2.0, 3, (0.58, 1)), (8.0, 3, (1.0, 1)), (2.0, 1, (1.0, 1))])
+def test_worker_cpus_fit_beside_the_aggregator(available, workers, expected):
+    cpus, threads = train.size_workers(available, workers)
+    assert (cpus, threads) == expected
+    assert cpus * workers + train.AGGREGATOR_CPUS <= available
+
+
+def test_too_few_cpus_is_a_clear_error():
+    with pytest.raises(train.UserError, match="too few"):
+        train.size_workers(0.3, 4)
+
+
+def run_script(*argv, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), *argv], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_unwritable_storage_is_refused(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_script("--storage", str(blocker / "storage"))
+    assert result.returncode == 2
+    assert "is not writable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_ray_cluster_is_a_clear_error(tmp_path):
+    result = run_script("--storage", str(tmp_path), env={"RAY_ADDRESS": "127.0.0.1:9"})
+    assert result.returncode == 2
+    assert "no Ray cluster at 127.0.0.1:9" in result.stderr and "python -m ray_cluster up" in result.stderr

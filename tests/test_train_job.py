@@ -1,0 +1,80 @@
+"""Integration: `ray job submit` training/train.py to a real local Ray cluster on 127.0.0.1."""
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from ray_cluster import local
+from training.data import load_mnist
+from training.model import Net, evaluate
+from training.storage import models_dir, read_latest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def submit(storage: Path, *args: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", local.DASHBOARD_URL,
+               "--working-dir", str(ROOT), "--", "python", "training/train.py", "--storage", str(storage), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_head, mnist_storage):
+    run_id = f"it-{uuid.uuid4().hex[:6]}"
+    result = submit(mnist_storage, "--subset", "3000", "--workers", "3", "--epochs", "2", "--rounds", "2",
+                    "--run-id", run_id)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return mnist_storage, run_id, result.stdout
+
+
+def test_job_publishes_the_model_and_points_latest_at_it(trained):
+    storage, run_id, output = trained
+    assert read_latest(storage) == run_id
+    folder = models_dir(storage) / run_id
+    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "model.pt"]
+    assert f"model {folder}" in output.splitlines()[-1] or f"model {folder}" in output
+
+
+def test_metadata_describes_the_run(trained):
+    storage, run_id, _ = trained
+    meta = json.loads((models_dir(storage) / run_id / "metadata.json").read_text())
+    for key in ("version", "run_id", "workers", "epochs", "rounds", "batch_size", "test_accuracy", "round_metrics",
+                "train_seconds", "shards_manifest_sha256", "created_at"):
+        assert key in meta, key
+    assert (meta["workers"], meta["epochs"], meta["rounds"], meta["batch_size"]) == (3, 2, 2, 100)
+    assert len(meta["round_metrics"]) == 2
+    assert all(len(r["workers"]) == 3 for r in meta["round_metrics"])
+    assert meta["test_accuracy"] == meta["round_metrics"][-1]["test_accuracy"]
+
+
+def test_published_weights_score_what_the_metadata_says(trained):
+    storage, run_id, _ = trained
+    model = Net()
+    model.load_state_dict(torch.load(models_dir(storage) / run_id / "model.pt", weights_only=True))
+    measured = evaluate(model, *load_mnist(storage, train=False))["accuracy"]
+    meta = json.loads((models_dir(storage) / run_id / "metadata.json").read_text())
+    assert measured == pytest.approx(meta["test_accuracy"], abs=1e-9)
+    assert measured > 0.5  # far above chance after 2 epochs of 1000 images per worker
+
+
+def test_workers_trained_on_their_own_shards_from_the_same_start(trained):
+    storage, run_id, _ = trained
+    shards = json.loads((storage / "runs" / run_id / "shards" / "manifest.json").read_text())["shards"]
+    assert [s["count"] for s in shards] == [1000, 1000, 1000]
+    first = storage / "runs" / run_id / "rounds" / "round-000"
+    records = [torch.load(first / f"worker-{r:03d}.pt", weights_only=True) for r in range(3)]
+    assert [r["rank"] for r in records] == [0, 1, 2]
+    assert not torch.equal(records[0]["state_dict"]["fc2.weight"], records[1]["state_dict"]["fc2.weight"])
+
+
+def test_a_failed_run_publishes_nothing(trained):
+    storage, run_id, _ = trained
+    result = submit(storage, "--subset", "300", "--run-id", run_id)  # the run id is taken
+    assert result.returncode != 0
+    assert f"run {run_id} already exists" in result.stdout + result.stderr
+    assert read_latest(storage) == run_id

@@ -1,0 +1,95 @@
+"""Federated averaging: a small strategy class and the per-round aggregator job.
+
+FedAvg (McMahan et al., 2017): the new global model is the mean of the workers' models,
+each weighted by the number of examples it trained on.
+"""
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from training.data import load_mnist
+from training.model import Net, evaluate
+from training.storage import atomic_torch_save, atomic_write_json, run_dir
+
+
+class AggregationError(RuntimeError):
+    """A round's worker models are missing, stale, corrupt or inconsistent with the run."""
+
+
+class FedAvg:
+    """Average state dicts weighted by sample count (floating tensors and BatchNorm counters alike)."""
+
+    def aggregate(self, results: list[tuple[dict, int]]) -> dict:
+        if not results:
+            raise AggregationError("nothing to average")
+        total = sum(count for _, count in results)
+        if total <= 0:
+            raise AggregationError("workers report no training examples")
+        keys = results[0][0].keys()
+        for state, _ in results:
+            if state.keys() != keys:
+                raise AggregationError("workers' models have different parameters")
+        return {key: self._weighted_mean([(state[key], count) for state, count in results], total)
+                for key in keys}
+
+    @staticmethod
+    def _weighted_mean(tensors: list[tuple[torch.Tensor, int]], total: int) -> torch.Tensor:
+        # Sum in float64 so the mean is exact to the parameters' own precision.
+        mean = sum(t.to(torch.float64) * (count / total) for t, count in tensors)
+        like = tensors[0][0]
+        return mean.round().to(like.dtype) if not like.is_floating_point() else mean.to(like.dtype)
+
+
+def round_dir(storage: Path, run_id: str, round_index: int) -> Path:
+    return run_dir(storage, run_id) / "rounds" / f"round-{round_index:03d}"
+
+
+def worker_path(storage: Path, run_id: str, round_index: int, rank: int) -> Path:
+    return round_dir(storage, run_id, round_index) / f"worker-{rank:03d}.pt"
+
+
+def global_path(storage: Path, run_id: str, round_index: int) -> Path:
+    return round_dir(storage, run_id, round_index) / "global.pt"
+
+
+def load_worker_results(storage: Path, run_id: str, round_index: int, manifest: dict) -> list[dict]:
+    """The N worker models of exactly this run and round, checked against the shard manifest."""
+    results = []
+    for rank, shard in enumerate(manifest["shards"]):
+        path = worker_path(storage, run_id, round_index, rank)
+        try:
+            result = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            raise AggregationError(f"round {round_index}: worker {rank}'s model {path} is missing") from None
+        except Exception as error:
+            raise AggregationError(f"round {round_index}: worker {rank}'s model {path} is unreadable: {error}") from None
+        expected = {"run_id": run_id, "round": round_index, "rank": rank, "num_samples": shard["count"]}
+        actual = {key: result.get(key) for key in expected}
+        if actual != expected:
+            raise AggregationError(f"{path} is not this round's model: expected {expected}, found {actual}")
+        results.append(result)
+    return results
+
+
+def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict, threads: int = 0) -> dict:
+    """Average this round's worker models, evaluate on the 10,000 test images, save global.pt."""
+    started = time.perf_counter()
+    torch.set_num_threads(threads or min(4, os.cpu_count() or 1))
+    storage = Path(storage)
+    results = load_worker_results(storage, run_id, round_index, manifest)
+    averaged = FedAvg().aggregate([(r["state_dict"], r["num_samples"]) for r in results])
+    model = Net()
+    model.load_state_dict(averaged)
+    test = evaluate(model, *load_mnist(storage, train=False))
+    atomic_torch_save(global_path(storage, run_id, round_index),
+                      {"run_id": run_id, "round": round_index, "state_dict": averaged})
+    metrics = {"round": round_index, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+               "workers": [{"rank": r["rank"], "train_loss": r["train_loss"],
+                            "train_accuracy": r["train_accuracy"], "seconds": r["seconds"]}
+                           for r in results],
+               "aggregate_seconds": time.perf_counter() - started}
+    atomic_write_json(round_dir(storage, run_id, round_index) / "metrics.json", metrics)
+    print(f"[aggregator] round {round_index}: test accuracy {test['accuracy']:.4f}", flush=True)
+    return metrics

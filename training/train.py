@@ -1,0 +1,327 @@
+"""Train MNIST on N shards with Ray Train and federated averaging, then publish the model.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python training/train.py --workers 3 --epochs 2 --batch-size 100
+
+Rounds and epochs: each worker makes --epochs passes over its own shard in all. Those
+passes are cut into --rounds rounds of (nearly) equal numbers of steps; after every round
+the aggregator averages the workers' weights (FedAvg), evaluates the average on the test
+set, and every worker continues from it. --rounds 1 averages once, at the very end;
+--rounds 2*epochs averages every half epoch.
+"""
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, wherever Ray put it
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from training.aggregation import aggregate_round, global_path, round_dir, worker_path  # noqa: E402
+from training.data import MnistUnavailable, fetch_mnist, load_shard, write_shards  # noqa: E402
+from training.model import Net, initial_weights, to_input  # noqa: E402
+from training.storage import (atomic_torch_save, publish_model, resolve_storage, run_dir,  # noqa: E402
+                              sha256_file)
+
+TRAIN_IMAGES = 60_000
+
+
+# ---------------------------------------------------------------- command line
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def run_id_type(text: str) -> str:
+    if not text or len(text) > 63 or not all(c.isalnum() or c in "-_." for c in text) or text[0] == ".":
+        raise argparse.ArgumentTypeError("use 1-63 letters, digits, '-', '_' or '.' (not starting with '.')")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=positive_int, default=3, help="Ray Train workers = shards (default 3)")
+    parser.add_argument("--epochs", type=positive_int, default=2, help="passes of each worker over its shard (default 2)")
+    parser.add_argument("--rounds", type=positive_int, default=None,
+                        help="FedAvg rounds over the whole training (default 2 per epoch)")
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="examples per step per worker (default 100)")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="peak Adam learning rate of the one-cycle schedule (default 3e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, initial weights and shuffling (default 0)")
+    parser.add_argument("--storage", default=None,
+                        help="storage root shared by every Ray node (default $MNIST_STORAGE, else ./storage; /mnt/shared on Kubernetes)")
+    parser.add_argument("--run-id", type=run_id_type, default=None, help="name of this run (default: UTC time + random suffix)")
+    parser.add_argument("--subset", type=positive_int, default=None,
+                        help="train on this many random training images only (quick tests); default all 60,000")
+    parser.add_argument("--data-source", default=None, help="local folder with the MNIST files (default $MNIST_SOURCE_DIR)")
+    parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray Train may make (default 2)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    images = args.subset or TRAIN_IMAGES
+    if args.subset and args.subset > TRAIN_IMAGES:
+        parser.error(f"--subset {args.subset} is larger than the {TRAIN_IMAGES} training images")
+    if args.workers > images:
+        parser.error(f"--workers {args.workers} is more than the {images} training images")
+    steps = args.epochs * steps_per_epoch(images // args.workers, args.batch_size)
+    if args.rounds is None:
+        args.rounds = min(2 * args.epochs, steps)
+    elif args.rounds > steps:
+        parser.error(f"--rounds {args.rounds} is more than the {steps} training steps each worker makes "
+                     f"({args.epochs} epochs of {images // args.workers} images in batches of {args.batch_size})")
+    if args.max_failures < 0:
+        parser.error("--max-failures must be >= 0")
+    return args
+
+
+def steps_per_epoch(examples: int, batch_size: int) -> int:
+    return math.ceil(examples / batch_size)
+
+
+# ---------------------------------------------------------------- one Ray Train worker
+
+def train_func(config: dict) -> None:
+    """Ray Train worker: train on shard `rank`, hand each round's weights to the aggregator."""
+    import ray
+    import ray.train
+    from ray.train.collective import barrier, broadcast_from_rank_zero
+
+    torch.set_num_threads(config["threads"])
+    storage, run_id, manifest = Path(config["storage"]), config["run_id"], config["manifest"]
+    rank = ray.train.get_context().get_world_rank()
+    images, labels = load_shard(storage, run_id, rank, manifest)  # verifies its sha256
+
+    model = Net()
+    first_round = resume_round(model, storage, run_id, config)
+    total_steps = config["epochs"] * steps_per_epoch(len(labels), config["batch_size"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], total_steps=total_steps)
+    batches = shuffled_batches(len(labels), config["batch_size"], seed=config["seed"] * 1000 + rank)
+    for _ in range(round_bounds(total_steps, config["rounds"], first_round)[0]):  # replay position on resume
+        next(batches), schedule.step()
+    aggregator = ray.remote(aggregate_round).options(num_cpus=config["aggregator_cpus"])
+
+    for round_index in range(first_round, config["rounds"]):
+        start, end = round_bounds(total_steps, config["rounds"], round_index)
+        started = time.perf_counter()
+        model.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        for _ in range(end - start):
+            index = next(batches)
+            x, y = to_input(images[index]), labels[index]
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        atomic_torch_save(worker_path(storage, run_id, round_index, rank), {
+            "run_id": run_id, "round": round_index, "rank": rank, "num_samples": len(labels),
+            "state_dict": model.state_dict(), "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1), "seconds": time.perf_counter() - started})
+        barrier()
+        metrics = None
+        if rank == 0:
+            metrics = ray.get(aggregator.remote(str(storage), run_id, round_index, manifest))
+        metrics = broadcast_from_rank_zero(metrics)
+        averaged = torch.load(global_path(storage, run_id, round_index), weights_only=True)
+        model.load_state_dict(averaged["state_dict"])
+        report_round(metrics, rank, storage, run_id, round_index)
+
+
+def shuffled_batches(examples: int, batch_size: int, seed: int):
+    """Endless index batches, a fresh seeded permutation every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(examples, generator=generator).split(batch_size)
+
+
+def round_bounds(total_steps: int, rounds: int, round_index: int) -> tuple[int, int]:
+    """[first, last) step of a round: the steps split as evenly as possible."""
+    return total_steps * round_index // rounds, total_steps * (round_index + 1) // rounds
+
+
+def report_round(metrics: dict, rank: int, storage: Path, run_id: str, round_index: int) -> None:
+    """Show the round in the Ray dashboard; rank 0 attaches the averaged model as a checkpoint."""
+    import ray.train
+
+    flat = {"round": round_index, "test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
+            "train_loss": sum(w["train_loss"] for w in metrics["workers"]) / len(metrics["workers"])}
+    if rank != 0:
+        ray.train.report(flat)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "global.pt").write_bytes(global_path(storage, run_id, round_index).read_bytes())
+        Path(tmp, "round.txt").write_text(str(round_index))
+        ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def resume_round(model, storage: Path, run_id: str, config: dict) -> int:
+    """Start from the run's initial weights, or from Ray Train's last checkpoint after a restart."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        model.load_state_dict(torch.load(Path(config["init_path"]), weights_only=True))
+        return 0
+    with checkpoint.as_directory() as folder:
+        model.load_state_dict(torch.load(Path(folder) / "global.pt", weights_only=True)["state_dict"])
+        return int(Path(folder, "round.txt").read_text()) + 1
+
+
+# ---------------------------------------------------------------- the driver
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+class UserError(RuntimeError):
+    """A problem the user can fix; printed as one line, no traceback."""
+
+
+def run(args) -> int:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    storage = writable_storage(resolve_storage(args.storage))
+    run_id = args.run_id or new_run_id()
+    folder = run_dir(storage, run_id)
+    if folder.exists():
+        raise UserError(f"run {run_id} already exists at {folder}; pick another --run-id")
+    connect_ray(ray)
+    try:
+        fetch_mnist(storage, args.data_source)
+    except MnistUnavailable as error:
+        raise UserError(str(error)) from None
+
+    splitter = ray.remote(write_shards).options(num_cpus=0.5)
+    manifest = ray.get(splitter.remote(storage, run_id, args.workers, args.seed, args.subset))
+    atomic_torch_save(folder / "init.pt", initial_weights(args.seed))
+    worker_cpus, threads = size_workers(ray.available_resources().get("CPU", 0), args.workers)
+    print(f"run {run_id}: {args.workers} workers x {worker_cpus:.2f} CPU ({threads} torch thread each), "
+          f"{args.epochs} epochs in {args.rounds} rounds, shards {[s['count'] for s in manifest['shards']]}", flush=True)
+
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"storage": str(storage), "run_id": run_id, "manifest": manifest,
+                           "init_path": str(folder / "init.pt"), "epochs": args.epochs, "rounds": args.rounds,
+                           "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                           "threads": threads, "aggregator_cpus": AGGREGATOR_CPUS},
+        scaling_config=ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": worker_cpus}),
+        run_config=RunConfig(name=run_id, storage_path=str(folder / "ray"),
+                             failure_config=FailureConfig(max_failures=args.max_failures)),
+    )
+    trainer.fit()  # raises on failure: nothing is published
+
+    rounds = [round_metrics(storage, run_id, r) for r in range(args.rounds)]
+    final = torch.load(global_path(storage, run_id, args.rounds - 1), weights_only=True)["state_dict"]
+    train_seconds = time.perf_counter() - started
+    metadata = {"version": run_id, "run_id": run_id, "workers": args.workers, "epochs": args.epochs,
+                "rounds": args.rounds, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                "subset": args.subset, "test_accuracy": rounds[-1]["test_accuracy"], "round_metrics": rounds,
+                "train_seconds": round(train_seconds, 2),
+                "shards_manifest_sha256": sha256_file(folder / "shards" / "manifest.json"),
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    path = publish_model(storage, run_id, final, metadata)
+    print_table(rounds)
+    print(f"test accuracy {metadata['test_accuracy']:.4f}  model {path}  ({train_seconds:.1f} s)", flush=True)
+    return 0
+
+
+AGGREGATOR_CPUS = 0.25
+
+
+def size_workers(available_cpus: float, workers: int) -> tuple[float, int]:
+    """CPUs per worker that fit beside the aggregator, and torch threads to match."""
+    free = available_cpus - AGGREGATOR_CPUS
+    if free < 0.05 * workers:
+        raise UserError(f"the Ray cluster has {available_cpus:g} free CPUs, too few for {workers} workers; "
+                        "free some (stop other jobs) or add nodes")
+    per_worker = min(1.0, math.floor(100 * free / workers) / 100)
+    return per_worker, max(1, int(per_worker))
+
+
+def writable_storage(storage: Path) -> Path:
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=storage, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise UserError(f"storage root {storage} is not writable ({error.strerror}); pass a writable --storage") from None
+    return storage
+
+
+def connect_ray(ray) -> None:
+    """Join the cluster in $RAY_ADDRESS (set by `ray job submit`) or the local one; fail fast if none."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    requested = os.environ.get("RAY_ADDRESS", "auto")
+    try:
+        address = canonicalize_bootstrap_address(requested)
+    except Exception:  # Ray raises several types when nothing is found
+        address = None
+    if not address or not reachable(address):
+        raise UserError(f"no Ray cluster at {requested}. Start one with `python -m ray_cluster up`, then submit "
+                        "with `ray job submit --address http://127.0.0.1:8265 --working-dir . -- python training/train.py`")
+    ray.init(address=address)
+
+
+def reachable(address: str, timeout: float = 3.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+
+
+def round_metrics(storage: Path, run_id: str, round_index: int) -> dict:
+    return json.loads((round_dir(storage, run_id, round_index) / "metrics.json").read_text())
+
+
+def print_table(rounds: list[dict]) -> None:
+    print(f"{'round':>5}  {'test acc':>8}  {'test loss':>9}  {'worker train loss':<30}  {'seconds':>7}")
+    for r in rounds:
+        losses = " ".join(f"{w['train_loss']:.3f}" for w in r["workers"])
+        seconds = max(w["seconds"] for w in r["workers"]) + r["aggregate_seconds"]
+        print(f"{r['round']:>5}  {r['test_accuracy']:>8.4f}  {r['test_loss']:>9.4f}  {losses:<30}  {seconds:>7.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
