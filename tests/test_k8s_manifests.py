@@ -7,6 +7,7 @@ same way). Then the consistency rules of the KubeRay issue and the lockdown rule
 reliability issue are checked on the rendered YAML.
 """
 import copy
+import functools
 import os
 import shlex
 import subprocess
@@ -81,6 +82,15 @@ def missing(reason: str):
     if under_ci():
         pytest.fail(f"{reason} (CI must provide it)")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cached_kubernetes_schemas():
+    """kubernetes-validate reads its JSON schemas from disk on every call; they never change."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kubernetes_validate.utils, "schema_contents",
+                      functools.cache(kubernetes_validate.utils.schema_contents))
+        yield
 
 
 @pytest.fixture(scope="session")
