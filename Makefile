@@ -26,7 +26,11 @@ train: up
 	$(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
 		python training/train.py --storage $(STORAGE) $(TRAIN_ARGS)
 
-run: train
+serve: up
+	$(PY) -m serving deploy --storage $(STORAGE)
+
+# Set up, start the local Ray cluster, get MNIST, train with `ray job submit`, then serve the model.
+run: train serve
 
 test: setup
 	$(PY) -m pytest
