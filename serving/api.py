@@ -1,0 +1,284 @@
+"""The HTTP API as a FastAPI app over any `Backend` (Ray Serve's model deployment, or the plain
+in-process model of the uvicorn baseline): the same routes, validation and errors for both.
+
+Every malformed request is answered with a 4xx JSON body `{"error": "<what is wrong>"}` (plus
+`detail` for schema errors); 5xx only means the service itself is not ready (503, no model yet).
+"""
+import base64
+import binascii
+import math
+from typing import Protocol
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from serving.limits import LimitsMiddleware
+from serving.model_store import NoModel
+from serving.preprocess import BadImage, decode_image, from_pixels, preprocess
+from serving.schemas import (MAX_IMAGES, MODEL_NAME, Error, Health, InferenceRequest, InferenceResponse,
+                             Limits, ModelInfo, Prediction, PredictRequest, Predictions)
+
+INLINE_BYTES = 64 * 1024  # larger payloads are decoded in a worker thread, off the event loop
+ERRORS = {400: {"model": Error}, 413: {"model": Error}, 415: {"model": Error},
+          422: {"model": Error}, 503: {"model": Error}}
+
+
+class Backend(Protocol):
+    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, str]:
+        """MNIST-format images [N, 28, 28] (0..255) -> probabilities [N, 10], model version.
+        Raises NoModel when nothing is loaded."""
+
+    async def status(self) -> dict:
+        """ModelStore.status() of the model that answers."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# ---------------------------------------------------------------- inputs -> MNIST-format arrays
+
+def decode_base64(text: str, where: str) -> bytes:
+    if text.startswith("data:"):  # a canvas's toDataURL(): data:image/png;base64,....
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{where} is not valid base64") from None
+
+
+def image_to_mnist(text: str, where: str) -> np.ndarray:
+    data = decode_base64(text, where)
+    try:
+        return preprocess(decode_image(data))
+    except BadImage as error:
+        raise ApiError(422, f"{where}: {error}") from None
+
+
+def images_to_mnist(texts: list[str], names: list[str]) -> np.ndarray:
+    return np.stack([image_to_mnist(text, name) for text, name in zip(texts, names)])
+
+
+def numeric_array(data, where: str, status: int) -> np.ndarray:
+    """Nested JSON lists -> an array of numbers, or an error that says what is wrong."""
+    try:
+        array = np.array(data)
+    except (ValueError, TypeError, OverflowError):
+        raise ApiError(status, f"{where} must be nested lists of numbers with a regular shape") from None
+    if array.dtype.kind not in "iuf" or array.size == 0:
+        raise ApiError(status, f"{where} must contain numbers only")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ApiError(status, f"{where} must be finite (no NaN or Infinity)")
+    return array
+
+
+def pixels_to_mnist(pixels) -> np.ndarray:
+    array = numeric_array(pixels, "pixels", 422)
+    if array.shape != (28, 28):
+        raise ApiError(422, f"pixels must be a 28x28 array, not {'x'.join(map(str, array.shape))}")
+    full = 1.0 if array.dtype.kind == "f" else 255
+    if array.min() < 0 or array.max() > full:
+        kind = "float pixels must be in 0..1" if full == 1.0 else "integer pixels must be in 0..255"
+        raise ApiError(422, f"{kind} (got {array.min():g}..{array.max():g})")
+    return from_pixels(array, full)[None]
+
+
+def v2_tensor(request: InferenceRequest) -> np.ndarray:
+    """The one FP32 input of a v2 request, values 0..1, as MNIST-format [N, 28, 28] 0..255."""
+    tensor = request.inputs[0]
+    if tensor.datatype != "FP32":
+        raise ApiError(400, f"input '{tensor.name}': datatype must be FP32, not {tensor.datatype}")
+    shape = tensor.shape
+    if not (shape[1:] in ([1, 28, 28], [784]) and len(shape) in (2, 4)):
+        raise ApiError(400, f"input '{tensor.name}': shape must be [N, 1, 28, 28] or [N, 784], not {shape}")
+    if not 1 <= shape[0] <= MAX_IMAGES:
+        raise ApiError(400, f"input '{tensor.name}': N must be 1..{MAX_IMAGES}, not {shape[0]}")
+    data = numeric_array(tensor.data, f"input '{tensor.name}' data", 400)
+    if data.ndim > 1 and list(data.shape) != shape:
+        raise ApiError(400, f"input '{tensor.name}': nested data has shape {list(data.shape)}, not {shape}")
+    if data.size != math.prod(shape):
+        raise ApiError(400, f"input '{tensor.name}': {data.size} values for shape {shape} "
+                            f"({math.prod(shape)} expected)")
+    if data.min() < 0 or data.max() > 1:
+        raise ApiError(400, f"input '{tensor.name}': values must be in 0..1 (MNIST pixels / 255)")
+    return data.astype(np.float32).reshape(-1, 28, 28) * 255.0
+
+
+# ---------------------------------------------------------------- responses
+
+def prediction(probs: np.ndarray, version: str) -> dict:
+    return {"digit": int(probs.argmax()), "probabilities": probs.tolist(), "model_version": version}
+
+
+V2_OUTPUTS = ("probabilities", "digit")
+
+
+def v2_output_names(request: InferenceRequest) -> list[str]:
+    names = [o.name for o in request.outputs] if request.outputs else list(V2_OUTPUTS)
+    unknown = sorted(set(names) - set(V2_OUTPUTS))
+    if unknown:
+        raise ApiError(400, f"unknown outputs {unknown}; this model has {list(V2_OUTPUTS)}")
+    return names
+
+
+def v2_outputs(names: list[str], probs: np.ndarray) -> list[dict]:
+    available = {
+        "probabilities": {"name": "probabilities", "shape": list(probs.shape), "datatype": "FP32",
+                          "data": probs.ravel().tolist()},
+        "digit": {"name": "digit", "shape": [len(probs)], "datatype": "INT64",
+                  "data": probs.argmax(axis=1).tolist()},
+    }
+    return [available[name] for name in names]
+
+
+def v2_metadata(version: str | None) -> dict:
+    return {"name": MODEL_NAME, "versions": [version] if version else [], "platform": "pytorch",
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+                        {"name": "digit", "datatype": "INT64", "shape": [-1]}]}
+
+
+# ---------------------------------------------------------------- errors
+
+def describe(errors) -> tuple[str, list[dict]]:
+    """Pydantic errors -> one readable line and a short structured list (inputs are not echoed)."""
+    detail = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors[:10]]
+    parts = []
+    for e in detail[:3]:
+        loc = ".".join(p for p in e["loc"] if p != "body")
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(parts) + more, detail
+
+
+def is_json(content_type: str | None) -> bool:
+    kind = (content_type or "").split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def error_response(status: int, message: str, detail=None) -> JSONResponse:
+    body = {"error": message} if detail is None else {"error": message, "detail": detail}
+    return JSONResponse(body, status_code=status)
+
+
+def add_error_handlers(api: FastAPI) -> None:
+    @api.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return error_response(error.status, error.message)
+
+    @api.exception_handler(NoModel)
+    async def no_model(request: Request, error: NoModel):
+        return error_response(503, str(error))
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        errors = error.errors()
+        if request.method == "POST" and not is_json(request.headers.get("content-type")):
+            return error_response(415, "send the body as JSON with `Content-Type: application/json`")
+        if any(e["type"] == "json_invalid" for e in errors):
+            return error_response(400, "the body is not valid JSON")
+        message, detail = describe(errors)
+        status = 400 if request.url.path.startswith("/v2/") else 422
+        return error_response(status, message, detail)
+
+    @api.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        return error_response(error.status_code, str(error.detail), None)
+
+
+# ---------------------------------------------------------------- the app
+
+def create_api(backend: Backend, limits: Limits | None = None, title: str = "MNIST digits") -> FastAPI:
+    limits = limits or Limits()
+    api = FastAPI(title=title, version="1.0",
+                  description="Handwritten digit recognition (a CNN trained on MNIST with Ray Train). "
+                              "Native JSON API, the Open Inference Protocol v2, and a sketchpad at /ui/.")
+    add_error_handlers(api)
+    api.add_middleware(LimitsMiddleware, max_body_bytes=limits.max_body_bytes,
+                       timeout_s=limits.request_timeout_s)
+
+    @api.get("/", include_in_schema=False)
+    async def index(request: Request):
+        root = request.scope.get("root_path", "")
+        return {"ui": f"{root}/ui/", "docs": f"{root}/docs", "openapi": f"{root}/openapi.json",
+                "predict": f"{root}/predict", "v2": f"{root}/v2/models/{MODEL_NAME}"}
+
+    @api.post("/predict", response_model=Prediction | Predictions, responses=ERRORS,
+              summary="Recognise digits in images or an MNIST pixel array")
+    async def predict(body: PredictRequest):
+        if body.pixels is not None:
+            images = pixels_to_mnist(body.pixels)
+        else:
+            texts = [body.image] if body.image is not None else body.images
+            names = ["image"] if body.image is not None else [f"images[{i}]" for i in range(len(texts))]
+            if sum(map(len, texts)) > INLINE_BYTES:
+                images = await run_in_threadpool(images_to_mnist, texts, names)
+            else:
+                images = images_to_mnist(texts, names)
+        probs, version = await backend.infer(images)
+        if body.images is None:
+            return JSONResponse(prediction(probs[0], version))
+        return JSONResponse({"predictions": [prediction(p, version) for p in probs], "model_version": version})
+
+    @api.get("/healthz", response_model=Health, responses={503: {"model": Health}},
+             summary="Ready (200) only once a model is loaded")
+    async def healthz():
+        status = await backend.status()
+        body = {"status": "ready" if status["ready"] else "not ready",
+                "model_version": status["model_version"], "message": status["message"]}
+        return JSONResponse(body, status_code=200 if status["ready"] else 503)
+
+    @api.get("/model", response_model=ModelInfo, summary="The loaded model, its metadata, the last reload error")
+    async def model():
+        return await backend.status()
+
+    add_v2_routes(api, backend)
+    return api
+
+
+def add_v2_routes(api: FastAPI, backend: Backend) -> None:
+    """Open Inference Protocol v2 (KServe v2 REST). Readiness: 200 true, 400 false (as the spec says)."""
+
+    def known(name: str) -> None:
+        if name != MODEL_NAME:
+            raise ApiError(404, f"unknown model '{name}'; this server serves '{MODEL_NAME}'")
+
+    @api.get("/v2", tags=["v2"], summary="Server metadata")
+    async def server_metadata():
+        return {"name": "mnist-ray-serve", "version": "1.0", "extensions": []}
+
+    @api.get("/v2/health/live", tags=["v2"])
+    async def live():
+        return {"live": True}
+
+    @api.get("/v2/health/ready", tags=["v2"])
+    async def ready():
+        status = await backend.status()
+        return JSONResponse({"ready": status["ready"]}, status_code=200 if status["ready"] else 400)
+
+    @api.get("/v2/models/{model_name}", tags=["v2"], summary="Model metadata")
+    async def model_metadata(model_name: str):
+        known(model_name)
+        return v2_metadata((await backend.status())["model_version"])
+
+    @api.get("/v2/models/{model_name}/ready", tags=["v2"])
+    async def model_ready(model_name: str):
+        known(model_name)
+        status = await backend.status()
+        return JSONResponse({"name": MODEL_NAME, "ready": status["ready"]},
+                            status_code=200 if status["ready"] else 400)
+
+    @api.post("/v2/models/{model_name}/infer", tags=["v2"], response_model=InferenceResponse,
+              responses=ERRORS, summary="Inference on an FP32 tensor [N, 1, 28, 28] or [N, 784], values 0..1")
+    async def v2_infer(model_name: str, body: InferenceRequest):
+        known(model_name)
+        images, names = v2_tensor(body), v2_output_names(body)
+        probs, version = await backend.infer(images)
+        return JSONResponse({"model_name": MODEL_NAME, "model_version": version, "id": body.id,
+                             "outputs": v2_outputs(names, probs)})

@@ -1,0 +1,147 @@
+"""Deploy serving/serve_config.yaml on the local Ray cluster, the way `serve deploy` would, with the
+storage root made absolute and the code importable by the replicas; then wait and print the URLs.
+
+    python -m serving deploy [--storage DIR] [--name mnist] [--route-prefix /] [--model-replicas N]
+    python -m serving config [--storage DIR]    # the localised config, for `serve deploy FILE`
+    python -m serving status | delete [--name mnist]   (delete removes <name> and <name>-ui)
+
+Declarative, through the dashboard's REST API (127.0.0.1:8265), like KubeRay. Other applications
+deployed this way are kept; applications deployed with `serve.run` are never touched.
+"""
+import copy
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from ray_cluster.local import DASHBOARD_URL, HOST, SERVE_PORT
+from serving.model_store import storage_root
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = Path(__file__).resolve().parent / "serve_config.yaml"
+APPS_PATH = "/api/serve/applications/"
+
+
+class DeployError(RuntimeError):
+    pass
+
+
+def load_config(path: Path = SERVE_CONFIG) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def local_config(storage: str | None = None, name: str | None = None, route_prefix: str | None = None,
+                 model_replicas: int | None = None, path: Path = SERVE_CONFIG) -> dict:
+    """The config with an absolute storage root and this checkout on the replicas' PYTHONPATH.
+
+    `name` and `route_prefix` rename the API app; the page follows as <name>-ui at <prefix>/ui.
+    """
+    config = copy.deepcopy(load_config(path))
+    api, ui = app_pair(config)
+    for app in (api, ui):
+        env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env["PYTHONPATH"] = str(ROOT)  # the replicas import serving/ and training/ from this checkout
+    api["runtime_env"]["env_vars"]["MNIST_STORAGE"] = str(storage_root(storage))
+    if name:
+        api["name"], ui["name"] = name, f"{name}-ui"
+        ui.setdefault("args", {})["model_app"] = name
+    if route_prefix:
+        api["route_prefix"] = "/" + route_prefix.strip("/")
+        ui["route_prefix"] = api["route_prefix"].rstrip("/") + "/ui"
+    if model_replicas:
+        service = next(d for d in api["deployments"] if d["name"] == "MnistService")
+        service.pop("autoscaling_config", None)
+        service["num_replicas"] = model_replicas
+    return config
+
+
+def app_pair(config: dict) -> tuple[dict, dict]:
+    """(the API application, the page application) of a config."""
+    by_import = {app["import_path"]: app for app in config["applications"]}
+    return by_import["serving.app:build_app"], by_import["serving.app:build_ui"]
+
+
+def _request(method: str, path: str, body: dict | None = None, address: str = DASHBOARD_URL) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(address + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read().decode()
+    except urllib.error.HTTPError as error:
+        raise DeployError(f"{method} {path}: HTTP {error.code}: {error.read().decode()[:2000]}") from None
+    except OSError as error:
+        raise DeployError(f"cannot reach the Ray dashboard at {address} ({error}); "
+                          "start the cluster with `python -m ray_cluster up`") from None
+    return json.loads(text) if text else {}
+
+
+def serve_details(address: str = DASHBOARD_URL) -> dict:
+    return _request("GET", APPS_PATH, address=address)
+
+
+def declarative_apps(details: dict) -> list[dict]:
+    return [app["deployed_app_config"] for app in (details.get("applications") or {}).values()
+            if app.get("source") == "declarative" and app.get("deployed_app_config")]
+
+
+def put_apps(config: dict, apps: list[dict], address: str = DASHBOARD_URL) -> None:
+    _request("PUT", APPS_PATH, {**{k: v for k, v in config.items() if k != "applications"},
+                                "applications": apps}, address)
+
+
+def deploy(config: dict, address: str = DASHBOARD_URL, timeout: float = 300) -> None:
+    """Apply `config`'s applications beside the other declarative ones; wait until they run."""
+    details = serve_details(address)
+    names = [app["name"] for app in config["applications"]]
+    for name in names:
+        existing = details.get("applications", {}).get(name)
+        if existing and existing.get("source") == "imperative":
+            raise DeployError(f"application {name!r} was deployed with serve.run; delete it first "
+                              "or pick another --name")
+    others = [a for a in declarative_apps(details) if a["name"] not in names]
+    put_apps(config, others + config["applications"], address)
+    for name in names:
+        wait_running(name, address, timeout)
+
+
+def wait_running(name: str, address: str = DASHBOARD_URL, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = serve_details(address).get("applications", {}).get(name, {})
+        if status.get("status") == "RUNNING":
+            return status
+        if status.get("status") == "DEPLOY_FAILED":
+            raise DeployError(f"application {name!r} failed to deploy: {status.get('message')}")
+        if time.monotonic() > deadline:
+            raise DeployError(f"application {name!r} is not running after {timeout:.0f} s: "
+                              f"{status.get('status')} {status.get('message', '')}")
+        time.sleep(1.0)
+
+
+def delete(names: list[str], address: str = DASHBOARD_URL) -> list[str]:
+    """Remove these declarative applications (the others stay); return those that were deployed."""
+    apps = declarative_apps(serve_details(address))
+    found = [a["name"] for a in apps if a["name"] in names]
+    if found:
+        put_apps({}, [a for a in apps if a["name"] not in names], address)
+    return found
+
+
+def urls(route_prefix: str) -> dict:
+    base = f"http://{HOST}:{SERVE_PORT}{route_prefix.rstrip('/')}"
+    return {"sketchpad": f"{base}/ui/", "predict": f"{base}/predict", "health": f"{base}/healthz",
+            "model": f"{base}/model", "v2": f"{base}/v2/models/mnist", "docs": f"{base}/docs"}
+
+
+def health(url: str) -> dict:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:  # 503 before the first model: still JSON
+        return json.loads(error.read() or b"{}")
+    except OSError as error:
+        return {"status": "unreachable", "message": str(error)}

@@ -1,0 +1,78 @@
+"""ASGI middleware for the two service limits: request body size and per-request time.
+
+Pure ASGI (not BaseHTTPMiddleware) so it can count body bytes as they arrive and stop a body that
+is larger than its Content-Length claimed. Gradio's page (/ui) keeps long-lived event streams
+open, so it gets the body limit but not the timeout.
+"""
+import asyncio
+import json
+
+from starlette.exceptions import HTTPException
+
+
+class BodyTooLarge(HTTPException):
+    """An HTTPException, so FastAPI's body parsing passes it on as a 413 instead of a 400."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is over the limit of {limit} bytes")
+
+
+def json_response(status: int, error: str):
+    body = json.dumps({"error": error}).encode()
+    return [
+        {"type": "http.response.start", "status": status,
+         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]},
+        {"type": "http.response.body", "body": body},
+    ]
+
+
+class LimitsMiddleware:
+    def __init__(self, app, max_body_bytes: int, timeout_s: float, untimed_prefixes=("/ui",)):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.timeout_s = timeout_s
+        self.untimed_prefixes = untimed_prefixes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = BodyTooLarge(self.max_body_bytes).detail
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await self._send_all(send, json_response(413, too_large))
+
+        received = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        path = scope.get("path", "")
+        timed = not any(path == p or path.startswith(p + "/") for p in self.untimed_prefixes)
+        call = self.app(scope, counting_receive, tracking_send)
+        try:
+            await (asyncio.wait_for(call, self.timeout_s) if timed else call)
+        except BodyTooLarge:
+            if not started:
+                await self._send_all(send, json_response(413, too_large))
+        except asyncio.TimeoutError:
+            if not started:
+                await self._send_all(send, json_response(
+                    503, f"the request took longer than the {self.timeout_s:g} s limit; try again"))
+
+    @staticmethod
+    async def _send_all(send, messages):
+        for message in messages:
+            await send(message)

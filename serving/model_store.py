@@ -1,0 +1,157 @@
+"""The published model that serving runs: loaded from `<storage>/models/mnist/latest`, swapped
+whole when a newer version appears, and never replaced by a version that fails to load.
+
+Both the Ray Serve model deployment and the plain uvicorn baseline use this class.
+"""
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.model import Net, to_input
+from training.storage import STORAGE_ENV, models_dir, read_latest, resolve_storage
+
+log = logging.getLogger("ray.serve")
+REPO_STORAGE = Path(__file__).resolve().parents[1] / "storage"  # `make run`'s default root
+
+
+def storage_root(storage: str | None = None) -> Path:
+    """The `storage` arg, else $MNIST_STORAGE (set by the config's runtime_env), else <repo>/storage."""
+    return resolve_storage(storage or os.environ.get(STORAGE_ENV) or REPO_STORAGE)
+
+
+class NoModel(RuntimeError):
+    """Nothing is published yet (or nothing loadable): serving answers 503 until training publishes."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    version: str
+    net: Net
+    metadata: dict
+    loaded_at: float
+
+
+@dataclass
+class LoadError:
+    version: str
+    error: str
+    at: float
+    signature: tuple = field(repr=False, default=())
+
+
+def _signature(path: Path) -> tuple:
+    """Changes when the file does, so a fixed (re-published) file is tried again."""
+    try:
+        stat = path.stat()
+        return stat.st_mtime_ns, stat.st_size
+    except OSError:
+        return ()
+
+
+def load_version(storage: Path, version: str) -> Loaded:
+    """Load and check one published version; raise with a readable message if it is unusable."""
+    folder = models_dir(storage) / version
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist")
+    metadata = json.loads((folder / "metadata.json").read_text())
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata.json is not a JSON object")
+    # weights_only: a state_dict needs no pickled code, and a tampered file cannot run any.
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    net = Net()
+    net.load_state_dict(state, strict=True)
+    net.eval()
+    with torch.inference_mode():
+        probe = net(torch.zeros(1, 1, 28, 28))
+    if not torch.isfinite(probe).all():
+        raise ValueError("the weights produce non-finite outputs")
+    return Loaded(version, net, metadata, time.time())
+
+
+class ModelStore:
+    """Holds the current model; `refresh()` follows `latest` and keeps the old model on failure."""
+
+    def __init__(self, storage: Path):
+        self.storage = Path(storage)
+        self.current: Loaded | None = None
+        self.error: LoadError | None = None
+
+    def refresh(self) -> bool:
+        """Load the version `latest` names if it is new; True when the model changed."""
+        try:
+            version = read_latest(self.storage)
+        except OSError as error:
+            self.error = LoadError("?", f"cannot read {models_dir(self.storage) / 'latest'}: {error}", time.time())
+            return False
+        if version is None or (self.current and self.current.version == version):
+            if self.current and self.current.version == version:
+                self.error = None
+            return False
+        signature = _signature(models_dir(self.storage) / version / "model.pt")
+        if self.error and (self.error.version, self.error.signature) == (version, signature):
+            return False  # already failed on exactly these files; wait for a change
+        try:
+            loaded = load_version(self.storage, version)
+        except Exception as error:  # any failure keeps the old model serving; the reason goes to /model
+            self.error = LoadError(version, f"{type(error).__name__}: {error}", time.time(), signature)
+            return False
+        self.current, self.error = loaded, None
+        return True
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, str]:
+        """MNIST-format images [N, 28, 28] (0..255, uint8 or float) -> probabilities [N, 10], version."""
+        loaded = self.current  # one snapshot per batch: a swap mid-batch cannot mix two models
+        if loaded is None:
+            raise NoModel(self.no_model_message())
+        with torch.inference_mode():
+            batch = images if images.dtype == np.uint8 else images.astype(np.float32)  # a copy: to_input divides in place
+            logits = loaded.net(to_input(torch.from_numpy(batch)))
+            probs = torch.softmax(logits.double(), dim=1).float()  # float64 so each row sums to 1
+        return probs.numpy(), loaded.version
+
+    def no_model_message(self) -> str:
+        latest = models_dir(self.storage) / "latest"
+        if self.error:
+            return f"no model is loaded: version {self.error.version} failed to load ({self.error.error})"
+        return (f"no model is published yet ({latest} does not exist); train first, e.g. `make run`, "
+                "and this service picks the model up by itself")
+
+    def status(self) -> dict:
+        loaded = self.current
+        return {
+            "ready": loaded is not None,
+            "model_version": loaded.version if loaded else None,
+            "metadata": loaded.metadata if loaded else None,
+            "loaded_at": loaded.loaded_at if loaded else None,
+            "storage": str(self.storage),
+            "reload_error": ({"version": self.error.version, "error": self.error.error, "at": self.error.at}
+                             if self.error else None),
+            "message": None if loaded else self.no_model_message(),
+        }
+
+
+
+async def follow_latest(store: ModelStore, interval_s: Callable[[], float]) -> None:
+    """Poll `latest` forever (a few bytes a second), loading new versions off the event loop.
+
+    `interval_s` is a callable so that a Serve reconfigure can change it while this runs.
+    """
+    reported = None
+    while True:
+        await asyncio.sleep(interval_s())
+        try:
+            if await asyncio.to_thread(store.refresh):
+                log.info("now serving model version %s", store.current.version)
+            elif store.error and store.error is not reported:
+                log.warning("model version %s did not load: %s", store.error.version, store.error.error)
+            reported = store.error
+        except Exception:  # the watcher must outlive any surprise; the next poll tries again
+            log.exception("model refresh failed")
