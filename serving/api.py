@@ -148,7 +148,8 @@ def v2_metadata(version: str | None) -> dict:
 
 def describe(errors) -> tuple[str, list[dict]]:
     """Pydantic errors -> one readable line and a short structured list (inputs are not echoed)."""
-    detail = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors[:10]]
+    detail = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"].removeprefix("Value error, "), "type": e["type"]}
+              for e in errors[:10]]
     parts = []
     for e in detail[:3]:
         loc = ".".join(p for p in e["loc"] if p != "body")
@@ -160,6 +161,12 @@ def describe(errors) -> tuple[str, list[dict]]:
 def is_json(content_type: str | None) -> bool:
     kind = (content_type or "").split(";")[0].strip().lower()
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def app_path(request: Request) -> str:
+    """The path inside this app, without the route prefix Serve (or a proxy) mounts it under."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def error_response(status: int, message: str, detail=None) -> JSONResponse:
@@ -184,7 +191,7 @@ def add_error_handlers(api: FastAPI) -> None:
         if any(e["type"] == "json_invalid" for e in errors):
             return error_response(400, "the body is not valid JSON")
         message, detail = describe(errors)
-        status = 400 if request.url.path.startswith("/v2/") else 422
+        status = 400 if app_path(request).startswith("/v2/") else 422  # the v2 protocol's code
         return error_response(status, message, detail)
 
     @api.exception_handler(HTTPException)

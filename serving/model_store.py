@@ -102,9 +102,22 @@ class ModelStore:
             loaded = load_version(self.storage, version)
         except Exception as error:  # any failure keeps the old model serving; the reason goes to /model
             self.error = LoadError(version, f"{type(error).__name__}: {error}", time.time(), signature)
+            if self.current is None:  # a (re)started replica has no old model: take the newest good one
+                self.current = self._newest_loadable(exclude=version)
+                return self.current is not None
             return False
         self.current, self.error = loaded, None
         return True
+
+    def _newest_loadable(self, exclude: str) -> Loaded | None:
+        root = models_dir(self.storage)
+        folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != exclude]
+        for folder in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                return load_version(self.storage, folder.name)
+            except Exception:
+                continue
+        return None
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, str]:
         """MNIST-format images [N, 28, 28] (0..255, uint8 or float) -> probabilities [N, 10], version."""

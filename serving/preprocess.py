@@ -40,14 +40,16 @@ class Steps:
 
 def decode_image(data: bytes) -> Image.Image:
     """PNG or JPEG bytes -> a loaded PIL image, refusing anything else and oversized images."""
+    too_big = f"over the limit of {MAX_PIXELS} pixels"
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+    except Image.DecompressionBombError:  # PIL's own, far higher, limit: still ours to report
+        raise BadImage(f"the image is {too_big}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise BadImage("the bytes are not a PNG or JPEG image") from None
     width, height = image.size
     if width * height > MAX_PIXELS:  # checked on the header, before decoding
-        raise BadImage(f"the image is {width}x{height} = {width * height} pixels; "
-                       f"the limit is {MAX_PIXELS} pixels")
+        raise BadImage(f"the image is {width}x{height} pixels, {too_big}")
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:

@@ -1,0 +1,172 @@
+"""Fixtures for the serving tests: a real trained model, published into a storage root of its own,
+and the Serve applications of serving/serve_config.yaml deployed on the local Ray cluster.
+
+Test modules load this with `pytest_plugins = ["tests.serving_support"]`, so each session fixture
+runs once however many modules use it.
+"""
+import hashlib
+import inspect
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serving import deploy
+from training import model as model_module
+from training.data import load_mnist
+from training.model import Net, evaluate, to_input
+from training.storage import models_dir, publish_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+RECIPE = {"seed": 0, "steps": 400, "batch_size": 128, "max_lr": 4e-3, "finetune_steps": 40}
+MIN_ACCURACY = 0.98
+
+
+# ---------------------------------------------------------------- a real model, trained here
+
+def train_net(images: torch.Tensor, labels: torch.Tensor, steps: int, seed: int,
+              start: dict | None = None, max_lr: float = RECIPE["max_lr"]) -> dict:
+    """Adam with a one-cycle schedule on random batches: ~98.5% test accuracy in 400 steps."""
+    torch.manual_seed(seed)
+    net = Net()
+    if start:
+        net.load_state_dict(start)
+    optimiser = torch.optim.Adam(net.parameters(), max_lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr, total_steps=steps, pct_start=0.25)
+    inputs = to_input(images)
+    generator = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(steps):
+        batch = torch.randint(0, len(labels), (RECIPE["batch_size"],), generator=generator)
+        optimiser.zero_grad()
+        F.cross_entropy(net(inputs[batch]), labels[batch]).backward()
+        optimiser.step()
+        schedule.step()
+    return net.state_dict()
+
+
+def _cache_key() -> str:
+    """Changes when the network or the recipe does, so a cached model is never stale."""
+    source = inspect.getsource(model_module) + repr(sorted(RECIPE.items())) + torch.__version__
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def served_models(mnist_storage) -> dict:
+    """Two versions of a trained Net (v2 = v1 fine-tuned a little) and v1's test accuracy.
+
+    Trained once (about a minute on 2 cores) and cached under artifacts/ by a key of the model
+    source and the recipe.
+    """
+    cache = ARTIFACTS / "test-model" / f"{_cache_key()}.pt"
+    if cache.is_file():
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:  # a broken cache is retrained
+            pass
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    images, labels = load_mnist(mnist_storage, train=True)
+    test_images, test_labels = load_mnist(mnist_storage, train=False)
+    v1 = train_net(images, labels, RECIPE["steps"], RECIPE["seed"])
+    v2 = train_net(images, labels, RECIPE["finetune_steps"], RECIPE["seed"] + 1, start=v1, max_lr=5e-4)
+    net = Net()
+    net.load_state_dict(v1)
+    accuracy = evaluate(net, test_images, test_labels)["accuracy"]
+    assert accuracy >= MIN_ACCURACY, f"the test model reached only {accuracy:.4f}"
+    models = {"v1": v1, "v2": v2, "accuracy": accuracy}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(models, cache)
+    return models
+
+
+def publish(storage: Path, version: str, state: dict, accuracy: float) -> None:
+    publish_model(storage, version, state, {
+        "version": version, "run_id": f"test-{version}", "workers": 1, "epochs": 0, "rounds": 1,
+        "batch_size": RECIPE["batch_size"], "test_accuracy": accuracy, "round_metrics": [],
+        "train_seconds": 0.0, "shards_manifest_sha256": "", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ")})
+
+
+def point_latest(storage: Path, version: str) -> None:
+    """Make `latest` name a version directly (to simulate broken or missing publications)."""
+    (models_dir(storage) / "latest").write_text(f"{version}\n")
+
+
+@pytest.fixture(scope="session")
+def test_digits(mnist_storage) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = load_mnist(mnist_storage, train=False)
+    return images.numpy(), labels.numpy()
+
+
+# ---------------------------------------------------------------- the Serve applications
+
+@dataclass
+class ServeApp:
+    name: str
+    prefix: str
+    storage: Path
+    config: dict
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:8000{self.prefix}"
+
+    @property
+    def ui_url(self) -> str:
+        return f"{self.url}/ui/"
+
+    @property
+    def names(self) -> list[str]:
+        return [app["name"] for app in self.config["applications"]]
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def model(self) -> dict:
+        return httpx.get(f"{self.url}/model", timeout=30).json()
+
+
+def make_app(name: str, storage: Path, with_ui: bool = True, model_replicas: int | None = None) -> ServeApp:
+    """The config's applications under test names, as `python -m serving deploy` builds them."""
+    config = deploy.local_config(str(storage), name=name, route_prefix=f"/{name}", model_replicas=model_replicas)
+    if not with_ui:
+        config["applications"] = [deploy.app_pair(config)[0]]
+    return ServeApp(name, f"/{name}", storage, config)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def serving_storage(tmp_path_factory, served_models) -> Path:
+    """A storage root of the serving tests' own (training tests may publish into theirs)."""
+    storage = tmp_path_factory.mktemp("serving-storage")
+    publish(storage, "v1", served_models["v1"], served_models["accuracy"])
+    return storage
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_head, serving_storage) -> ServeApp:
+    """The API and page applications on the local cluster, under names of this test session."""
+    app = make_app(f"mnist-test-{os.getpid()}", serving_storage)
+    try:
+        deploy.deploy(app.config, timeout=240)
+        with app.client() as client:
+            wait_for(lambda: client.get("/healthz").status_code == 200, 60, "the API to be ready")
+        yield app
+    finally:
+        deploy.delete(app.names)
