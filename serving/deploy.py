@@ -9,6 +9,7 @@ Declarative, through the dashboard's REST API (127.0.0.1:8265), like KubeRay. Ot
 deployed this way are kept; applications deployed with `serve.run` are never touched.
 """
 import copy
+import hashlib
 import json
 import time
 import urllib.error
@@ -44,6 +45,7 @@ def local_config(storage: str | None = None, name: str | None = None, route_pref
     for app in (api, ui):
         env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
         env["PYTHONPATH"] = str(ROOT)  # the replicas import serving/ and training/ from this checkout
+        env["MNIST_CODE_HASH"] = code_hash()  # Serve redeploys when the config changes, so edits count
     api["runtime_env"]["env_vars"]["MNIST_STORAGE"] = str(storage_root(storage))
     if name:
         api["name"], ui["name"] = name, f"{name}-ui"
@@ -56,6 +58,14 @@ def local_config(storage: str | None = None, name: str | None = None, route_pref
         service.pop("autoscaling_config", None)
         service["num_replicas"] = model_replicas
     return config
+
+
+def code_hash() -> str:
+    """A digest of the code the replicas import from this checkout."""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "serving").rglob("*.py"), *(ROOT / "training").glob("*.py")]):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def app_pair(config: dict) -> tuple[dict, dict]:

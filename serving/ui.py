@@ -1,8 +1,8 @@
-"""The Gradio page: draw a digit, see what the model reads and what it saw.
+"""The Gradio page: draw a digit, see what the model reads and the 28x28 image it saw.
 
-Mounted on the API's FastAPI app at /ui inside the Serve ingress replica (see NOTES: Serve's own
-Gradio integration is broken with Gradio 6). It calls the same backend and the same
-preprocessing as POST /predict.
+In Ray Serve it is the mnist-ui application's ASGI app, built on the replica (Serve's own Gradio
+integration is broken with Gradio 6); the plain server mounts it at /ui. Either way it calls the
+same backend and the same preprocessing as POST /predict.
 """
 import os
 import tempfile
@@ -21,46 +21,53 @@ EXAMPLES = Path(__file__).resolve().parent / "examples"
 CANVAS = (280, 280)   # ten canvas pixels per MNIST pixel
 BRUSH_RADIUS = 12     # a 24 px stroke: about 2.4 px after scaling to MNIST's 20 px box, like MNIST
 ZOOM = 8              # the 28x28 input is shown at 224x224, pixels kept square
+# Gradio's Sketchpad starts with no tool selected ("select the draw tool to start"): pick the brush.
+SELECT_BRUSH = """() => {
+  const pick = () => document.querySelector('#sketchpad button[aria-label="Brush"]')?.click();
+  setTimeout(pick, 200); setTimeout(pick, 1000);
+}"""
 
 
-def blank_outputs(message: str):
-    return None, None, message
+class Page:
+    """The page's callbacks over a backend (Serve handle or in-process model)."""
 
+    def __init__(self, backend):
+        self.backend = backend
+        self.accuracy: dict[str, float | None] = {}  # test accuracy by version, from /model's metadata
 
-def make_recognise(backend):
-    async def recognise(sketch):
+    async def version_text(self, version: str | None = None) -> str:
+        if version is None or version not in self.accuracy:
+            status = await self.backend.status()
+            if not status["ready"]:
+                return status["message"]
+            version = version or status["model_version"]
+            accuracy = (status["metadata"] or {}).get("test_accuracy")
+            self.accuracy[status["model_version"]] = accuracy if isinstance(accuracy, (int, float)) else None
+        accuracy = self.accuracy.get(version)
+        return f"Model version **{version}**" + (f" (test accuracy {accuracy:.2%})" if accuracy else "")
+
+    async def recognise(self, sketch):
         """Sketchpad value -> top probabilities, the 28x28 image the model saw, the model version."""
         composite = sketch.get("composite") if isinstance(sketch, dict) else sketch
         if composite is None:
-            return blank_outputs("Draw a digit, then press Recognise.")
+            return None, None, "Draw a digit, then press Recognise."
         try:
             seen = preprocess(composite)
         except BadImage as error:
-            return blank_outputs(f"{error}".capitalize() + ".")
+            return None, None, f"{error}".capitalize() + "."
         try:
-            probs, version = await backend.infer(seen[None])
+            probs, version = await self.backend.infer(seen[None])
         except Exception as error:  # e.g. no model published yet: say so on the page
-            return blank_outputs(str(error))
+            return None, None, str(error)
         label = {str(digit): float(p) for digit, p in enumerate(probs[0])}
         big = np.kron(seen, np.ones((ZOOM, ZOOM), dtype=np.uint8))
-        return label, big, f"Model version **{version}**"
-    return recognise
-
-
-def make_version_text(backend):
-    async def version_text():
-        status = await backend.status()
-        if not status["ready"]:
-            return status["message"]
-        accuracy = (status["metadata"] or {}).get("test_accuracy")
-        extra = f" (test accuracy {accuracy:.2%})" if isinstance(accuracy, (int, float)) else ""
-        return f"Model version **{status['model_version']}**{extra}"
-    return version_text
+        return label, big, await self.version_text(version)
 
 
 def build_ui(backend) -> gr.Blocks:
-    recognise = make_recognise(backend)
-    with gr.Blocks(title="MNIST digit recogniser") as demo:
+    page = Page(backend)
+    # delete_cache: uploaded sketches older than an hour are removed every hour
+    with gr.Blocks(title="MNIST digit recogniser", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# Draw a digit\nOne digit, 0 to 9, as large as you like. "
                     "The model reads it as it draws; **Recognise** asks again.")
         with gr.Row():
@@ -75,22 +82,25 @@ def build_ui(backend) -> gr.Blocks:
             with gr.Column():
                 label = gr.Label(num_top_classes=3, label="Prediction", elem_id="prediction")
                 seen = gr.Image(label="What the model saw (28x28)", interactive=False, elem_id="seen",
-                                height=224, width=224)
-                version = gr.Markdown(elem_id="version")
+                                height=224, width=224, buttons=["download"])
+                version = gr.Markdown(elem_id="version", label="Model")
         examples = sorted(str(p) for p in EXAMPLES.glob("*.png"))
-        if examples:
-            gr.Examples(examples, inputs=pad, label="Examples")
+        if examples:  # shown and recognised on click (Gradio 6 does not load them into a Sketchpad)
+            example = gr.Image(visible=False, type="numpy", image_mode="L")
+            gr.Examples(examples, inputs=example, outputs=[label, seen, version], fn=page.recognise,
+                        run_on_click=True, cache_examples=False, label="Examples", api_name=False)
         clear.add([pad, label, seen])
-        submit.click(recognise, pad, [label, seen, version], api_name="predict", concurrency_limit=None)
-        pad.change(recognise, pad, [label, seen, version], api_name=False, concurrency_limit=None,
+        submit.click(page.recognise, pad, [label, seen, version], api_name="predict", concurrency_limit=None)
+        pad.change(page.recognise, pad, [label, seen, version], api_name=False, concurrency_limit=None,
                    trigger_mode="always_last", show_progress="hidden")
-        demo.load(make_version_text(backend), None, version, api_name=False)
+        demo.load(page.version_text, None, version, api_name=False)
     return demo
 
 
 def mount_ui(app, backend, path: str = "/ui"):
     """`app` (FastAPI) with the sketchpad mounted at `path`."""
-    return gr.mount_gradio_app(app, build_ui(backend), path=path)
+    return gr.mount_gradio_app(app, build_ui(backend), path=path, js=SELECT_BRUSH, max_file_size="4mb",
+                               footer_links=["api", "settings"])
 
 
 def ui_app(backend):

@@ -7,25 +7,21 @@ runs once however many modules use it.
 import hashlib
 import inspect
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from serving import deploy
+from tests.serving_helpers import RECIPE, ServeApp, make_app, publish, wait_for
 from training import model as model_module
 from training.data import load_mnist
 from training.model import Net, evaluate, to_input
-from training.storage import models_dir, publish_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
-RECIPE = {"seed": 0, "steps": 400, "batch_size": 128, "max_lr": 4e-3, "finetune_steps": 40}
 MIN_ACCURACY = 0.98
 
 
@@ -86,18 +82,6 @@ def served_models(mnist_storage) -> dict:
     return models
 
 
-def publish(storage: Path, version: str, state: dict, accuracy: float) -> None:
-    publish_model(storage, version, state, {
-        "version": version, "run_id": f"test-{version}", "workers": 1, "epochs": 0, "rounds": 1,
-        "batch_size": RECIPE["batch_size"], "test_accuracy": accuracy, "round_metrics": [],
-        "train_seconds": 0.0, "shards_manifest_sha256": "", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ")})
-
-
-def point_latest(storage: Path, version: str) -> None:
-    """Make `latest` name a version directly (to simulate broken or missing publications)."""
-    (models_dir(storage) / "latest").write_text(f"{version}\n")
-
-
 @pytest.fixture(scope="session")
 def test_digits(mnist_storage) -> tuple[np.ndarray, np.ndarray]:
     images, labels = load_mnist(mnist_storage, train=False)
@@ -105,51 +89,6 @@ def test_digits(mnist_storage) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- the Serve applications
-
-@dataclass
-class ServeApp:
-    name: str
-    prefix: str
-    storage: Path
-    config: dict
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:8000{self.prefix}"
-
-    @property
-    def ui_url(self) -> str:
-        return f"{self.url}/ui/"
-
-    @property
-    def names(self) -> list[str]:
-        return [app["name"] for app in self.config["applications"]]
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
-
-    def model(self) -> dict:
-        return httpx.get(f"{self.url}/model", timeout=30).json()
-
-
-def make_app(name: str, storage: Path, with_ui: bool = True, model_replicas: int | None = None) -> ServeApp:
-    """The config's applications under test names, as `python -m serving deploy` builds them."""
-    config = deploy.local_config(str(storage), name=name, route_prefix=f"/{name}", model_replicas=model_replicas)
-    if not with_ui:
-        config["applications"] = [deploy.app_pair(config)[0]]
-    return ServeApp(name, f"/{name}", storage, config)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
 
 @pytest.fixture(scope="session")
 def serving_storage(tmp_path_factory, served_models) -> Path:

@@ -1,0 +1,137 @@
+"""Serving over time, against a real Ray Serve: no model yet, hot reload under load, bad
+publications, and a replica killed under load."""
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from bench.loadgen import load
+from serving import deploy
+from tests.serving_helpers import make_app, point_latest, publish, wait_for
+from training.model import SeedNet
+from training.storage import models_dir
+
+pytest_plugins = ["tests.serving_support"]
+pytestmark = pytest.mark.ray
+
+
+def pixels_body(test_digits, index: int = 0) -> bytes:
+    return json.dumps({"pixels": test_digits[0][index].tolist()}).encode()
+
+
+def replicas(app_name: str) -> list[dict]:
+    details = deploy.serve_details()["applications"][app_name]["deployments"]["MnistService"]
+    return [r for r in details["replicas"] if r["state"] == "RUNNING"]
+
+
+def run_in_background(fn):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_no_model_yet_then_the_first_one_is_picked_up(ray_head, tmp_path, served_models, test_digits):
+    """Before training: not ready, 503 saying to train first, no crash loop; then it serves."""
+    app = make_app(f"mnist-empty-{os.getpid()}", tmp_path, with_ui=False)
+    try:
+        deploy.deploy(app.config, timeout=240)
+        with app.client() as client:
+            health = client.get("/healthz")
+            assert health.status_code == 503 and health.json()["status"] == "not ready"
+            predict = client.post("/predict", json={"pixels": test_digits[0][0].tolist()})
+            assert predict.status_code == 503 and "train first" in predict.json()["error"]
+            assert client.get("/v2/health/ready").status_code == 400
+            assert client.get("/model").json()["ready"] is False
+            first = replicas(app.name)
+            time.sleep(3)  # health checks run every 5 s: the replica must stay up, not restart
+            assert [r["replica_id"] for r in replicas(app.name)] == [r["replica_id"] for r in first]
+
+            publish(tmp_path, "first", served_models["v1"], served_models["accuracy"])
+            wait_for(lambda: client.get("/healthz").status_code == 200, 15, "the first model to load")
+            body = client.post("/predict", json={"pixels": test_digits[0][0].tolist()}).json()
+            assert body["model_version"] == "first" and body["digit"] == int(test_digits[1][0])
+    finally:
+        deploy.delete(app.names)
+
+
+def test_hot_reload_under_load_drops_nothing(serve_app, served_models, test_digits):
+    """Publish a new version while requests run: every request succeeds, /model switches."""
+    before = serve_app.model()["model_version"]
+    new = f"reload-{time.time_ns()}"
+    versions = Counter()
+
+    def record(body: bytes) -> bool:
+        versions[json.loads(body)["model_version"]] += 1
+        return True
+
+    thread, result = run_in_background(lambda: load(
+        f"{serve_app.url}/predict", [pixels_body(test_digits, i) for i in range(8)],
+        clients=4, requests=100_000, time_limit_s=8, check=record))
+    time.sleep(2)
+    publish(serve_app.storage, new, served_models["v2"], served_models["accuracy"])
+    wait_for(lambda: serve_app.model()["model_version"] == new, 10, "/model to show the new version")
+    thread.join(30)
+    summary = result["value"].summary()
+    assert summary["requests"] > 100 and summary["success_rate"] == 1.0, summary
+    assert versions[before] > 0 and versions[new] > 0, versions
+
+
+def test_a_bad_model_leaves_the_old_one_serving(serve_app, served_models, test_digits):
+    storage, good = serve_app.storage, serve_app.model()["model_version"]
+    bad_versions = {
+        "corrupt-file": lambda folder: (folder / "model.pt").write_bytes(b"definitely not a torch file"),
+        "wrong-network": lambda folder: __import__("torch").save(SeedNet().state_dict(), folder / "model.pt"),
+    }
+    for name, damage in bad_versions.items():
+        publish(storage, name, served_models["v1"], served_models["accuracy"])
+        damage(models_dir(storage) / name)
+        point_latest(storage, name)  # re-point after damaging, so the watcher sees the bad files
+        status = wait_for(lambda: (serve_app.model().get("reload_error") or {}).get("version") == name
+                          and serve_app.model(), 10, f"the {name} error on /model")
+        assert status["model_version"] == good and status["ready"]
+        response = httpx.post(f"{serve_app.url}/predict", json={"pixels": test_digits[0][1].tolist()}, timeout=30)
+        assert response.status_code == 200 and response.json()["model_version"] == good
+
+    point_latest(storage, "never-published")
+    status = wait_for(lambda: (serve_app.model().get("reload_error") or {}).get("version") == "never-published"
+                      and serve_app.model(), 10, "the missing-version error on /model")
+    assert "does not exist" in status["reload_error"]["error"] and status["model_version"] == good
+
+    fixed = f"fixed-{time.time_ns()}"  # the next good publication clears the error
+    publish(storage, fixed, served_models["v1"], served_models["accuracy"])
+    status = wait_for(lambda: serve_app.model()["model_version"] == fixed and serve_app.model(), 10, "recovery")
+    assert status["reload_error"] is None
+
+
+@pytest.mark.slow
+def test_killing_a_replica_under_load(serve_app, test_digits):
+    """Two replicas, a bounded load, SIGKILL one replica: >= 99.9% of requests still succeed."""
+    scaled = make_app(serve_app.name, serve_app.storage, model_replicas=2)
+    deploy.deploy(scaled.config, timeout=240)
+    try:
+        started = time.monotonic()
+        wait_for(lambda: len(replicas(serve_app.name)) == 2, 120, "two running replicas")
+        print(f"second replica up in {time.monotonic() - started:.1f} s")
+        victim = replicas(serve_app.name)[0]
+        thread, result = run_in_background(lambda: load(
+            f"{serve_app.url}/predict", [pixels_body(test_digits, i) for i in range(8)],
+            clients=4, requests=2000, time_limit_s=90))
+        time.sleep(3)
+        os.kill(victim["pid"], signal.SIGKILL)
+        thread.join(120)
+        summary = result["value"].summary()
+        print("replica kill under load:", summary)
+        assert summary["requests"] >= 2000 and summary["success_rate"] >= 0.999, summary
+        with serve_app.client() as client:
+            assert client.get("/healthz").status_code == 200
+        wait_for(lambda: len(replicas(serve_app.name)) == 2
+                 and victim["replica_id"] not in [r["replica_id"] for r in replicas(serve_app.name)],
+                 120, "Serve to replace the killed replica")
+    finally:
+        deploy.deploy(serve_app.config, timeout=240)  # back to one replica
