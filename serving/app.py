@@ -30,7 +30,7 @@ class ModelConfig(BaseModel):
     """MnistService's user_config: `serve deploy` applies a change live, without a restart."""
     model_config = ConfigDict(extra="forbid")
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="0: batch what queued while the last batch ran")
     poll_interval_s: float = Field(1.0, gt=0, description="how often `latest` is checked")
 
 
@@ -62,7 +62,7 @@ class MnistService:
             return self.store.no_model_message()
         return await self._batched(images)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _batched(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
         probs, version = self.store.predict(np.concatenate(requests))
         bounds = np.cumsum([len(r) for r in requests])[:-1]

@@ -103,7 +103,7 @@ def put_apps(config: dict, apps: list[dict], address: str = DASHBOARD_URL) -> No
                                 "applications": apps}, address)
 
 
-def deploy(config: dict, address: str = DASHBOARD_URL, timeout: float = 300) -> None:
+def deploy(config: dict, address: str = DASHBOARD_URL, timeout: float = 300, wait: bool = True) -> None:
     """Apply `config`'s applications beside the other declarative ones; wait until they run."""
     details = serve_details(address)
     names = [app["name"] for app in config["applications"]]
@@ -114,7 +114,7 @@ def deploy(config: dict, address: str = DASHBOARD_URL, timeout: float = 300) -> 
                               "or pick another --name")
     others = [a for a in declarative_apps(details) if a["name"] not in names]
     put_apps(config, others + config["applications"], address)
-    for name in names:
+    for name in names if wait else ():
         wait_running(name, address, timeout)
 
 

@@ -91,21 +91,28 @@ def test_digits(mnist_storage) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- the Serve applications
 
 @pytest.fixture(scope="session")
-def serving_storage(tmp_path_factory, served_models) -> Path:
+def serving_storage(tmp_path_factory) -> Path:
     """A storage root of the serving tests' own (training tests may publish into theirs)."""
-    storage = tmp_path_factory.mktemp("serving-storage")
-    publish(storage, "v1", served_models["v1"], served_models["accuracy"])
-    return storage
+    return tmp_path_factory.mktemp("serving-storage")
 
 
 @pytest.fixture(scope="session")
-def serve_app(ray_head, serving_storage) -> ServeApp:
-    """The API and page applications on the local cluster, under names of this test session."""
+def serve_app(request, ray_head, serving_storage) -> ServeApp:
+    """The API and page applications on the local cluster, under names of this test session,
+    serving version v1 of the test model.
+
+    The replicas start while the model trains (both take tens of seconds); the app then picks
+    v1 up from `latest` by itself, as it would after a real training run.
+    """
     app = make_app(f"mnist-test-{os.getpid()}", serving_storage)
     try:
-        deploy.deploy(app.config, timeout=240)
+        deploy.deploy(app.config, wait=False)
+        models = request.getfixturevalue("served_models")
+        publish(serving_storage, "v1", models["v1"], models["accuracy"])
+        for name in app.names:
+            deploy.wait_running(name, timeout=240)
         with app.client() as client:
-            wait_for(lambda: client.get("/healthz").status_code == 200, 60, "the API to be ready")
+            wait_for(lambda: client.get("/healthz").status_code == 200, 60, "the API to load v1")
         yield app
     finally:
         deploy.delete(app.names)

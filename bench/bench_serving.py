@@ -1,0 +1,280 @@
+"""Serving benchmark: POST /predict on Ray Serve beside a plain FastAPI + uvicorn process that
+serves the same model with the same code (serving/plain.py), in the same run, on 127.0.0.1.
+
+    python -m bench.bench_serving [--storage DIR] [--clients 1,8,32] [--requests 300,1500,3000]
+
+Each level runs a bounded load (fixed request count, time limit) against both servers, in
+alternating order. Payload: MNIST test digits re-drawn as 280-400 px canvas PNGs (the common
+case). Writes bench/results/serving.{json,md,png}: p50/p95/p99 latency, throughput, Serve/plain
+ratios, and where the CPU goes (per process and per request). Both servers run at Ray's worker
+niceness, so background load on the machine affects them alike.
+"""
+import argparse
+import base64
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from bench.loadgen import load
+from serving import deploy
+from serving.drawings import encode, redraw
+from training.data import fetch_mnist, load_mnist
+from training.storage import read_latest, resolve_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PLAIN_PORT = 8017
+BENCH_APP = "mnist-bench"
+RAY_WORKER_NICENESS = 15  # Ray starts its workers at this niceness (RAY_worker_niceness)
+
+
+# ---------------------------------------------------------------- setup
+
+def payloads(storage: Path, count: int = 32) -> list[bytes]:
+    images = load_mnist(storage, train=False)[0].numpy()
+    rng = np.random.default_rng(0)
+    return [json.dumps({"image": base64.b64encode(encode(redraw(images[i], "black_on_white", rng),
+                                                         "black_on_white")).decode()}).encode()
+            for i in range(count)]
+
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} is not ready after {timeout:.0f} s")
+
+
+def start_plain(storage: Path, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "serving.plain", "--storage", str(storage), "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              preexec_fn=lambda: os.nice(RAY_WORKER_NICENESS))
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/healthz")
+    except RuntimeError:
+        stop(server)
+        raise
+    return server
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def deploy_serve(storage: Path) -> tuple[str, list[str]]:
+    config = deploy.local_config(str(storage), name=BENCH_APP, route_prefix=f"/{BENCH_APP}")
+    config["applications"] = [deploy.app_pair(config)[0]]  # the API only; the page is not measured
+    deploy.deploy(config)
+    url = f"http://127.0.0.1:8000/{BENCH_APP}"
+    wait_ready(f"{url}/healthz")
+    return url, [BENCH_APP]
+
+
+# ---------------------------------------------------------------- CPU accounting
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve_pids(app: str) -> dict[str, list[int]]:
+    """The proxy's and the app's replica processes (read from /proc and Serve's REST API)."""
+    proxies = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+               and _cmdline(p).startswith("ray::ProxyActor")]
+    details = deploy.serve_details()["applications"][app]["deployments"]
+    replicas = [r["pid"] for d in details.values() for r in d["replicas"] if r["state"] == "RUNNING"]
+    return {"proxy": proxies, "replicas": replicas}
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def measure(url: str, bodies, clients: int, requests: int, time_limit: float, pids: dict[str, list[int]]) -> dict:
+    load(url, bodies, clients, min(50, requests), time_limit)  # warm-up: connections, batches, caches
+    before = {group: sum(cpu_seconds(p) for p in group_pids) for group, group_pids in pids.items()}
+    client_before = time.process_time()
+    summary = load(url, bodies, clients, requests, time_limit).summary()
+    used = {group: sum(cpu_seconds(p) for p in group_pids) - before[group] for group, group_pids in pids.items()}
+    used["load generator"] = time.process_time() - client_before
+    summary["cpu_ms_per_request"] = {group: round(1000 * seconds / max(summary["ok"], 1), 2)
+                                     for group, seconds in used.items()}
+    return summary
+
+
+# ---------------------------------------------------------------- in-process profile of one request
+
+def profile_in_process(storage: Path, bodies: list[bytes]) -> dict:
+    """Where a request's work goes without any server: decode + preprocess, and the model."""
+    import torch
+    from serving.model_store import ModelStore
+    from serving.preprocess import decode_image, preprocess
+    torch.set_num_threads(1)
+    store = ModelStore(storage)
+    store.refresh()
+    images = [base64.b64decode(json.loads(b)["image"]) for b in bodies]
+
+    def timed(fn, repeat: int) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - start) / repeat * 1000
+
+    one = np.stack([preprocess(decode_image(images[0]))])
+    batch = np.repeat(one, 32, axis=0)
+    return {"decode_preprocess_ms": round(timed(lambda: [preprocess(decode_image(i)) for i in images], 5)
+                                          / len(images), 3),
+            "model_1_image_ms": round(timed(lambda: store.predict(one), 100), 3),
+            "model_32_images_ms_per_image": round(timed(lambda: store.predict(batch), 20) / 32, 3)}
+
+
+# ---------------------------------------------------------------- report
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "loadavg_1m_before": os.getloadavg()[0]}
+
+
+def ratios(report: dict) -> dict:
+    results, out = report["results"], {}
+    for level in results["serve"]:
+        serve, plain = results["serve"][level], results["plain"][level]
+        out[level] = {"throughput": round(serve["throughput_rps"] / max(plain["throughput_rps"], 1e-9), 3),
+                      "p50": round(serve["p50_ms"] / max(plain["p50_ms"], 1e-9), 3)}
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = ["| clients | server | requests | ok | throughput (req/s) | p50 ms | p95 ms | p99 ms | CPU ms/request |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for level in report["results"]["serve"]:
+        for server in ("plain", "serve"):
+            r = report["results"][server][level]
+            cpu = ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_request"].items())
+            lines.append(f"| {level} | {server} | {r['requests']} | {r['ok']} | {r['throughput_rps']} | "
+                         f"{r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {cpu} |")
+    lines += ["", "| clients | Serve/plain throughput | Serve/plain p50 |", "|---:|---:|---:|"]
+    lines += [f"| {level} | {r['throughput']} | {r['p50']} |" for level, r in report["ratios"].items()]
+    m, p = report["machine"], report["profile"]
+    lines += ["", f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, load average "
+                  f"{m['loadavg_1m_before']:.2f} before and {m['loadavg_1m_after']:.2f} after.",
+              f"In-process, per request: decode + preprocess {p['decode_preprocess_ms']} ms, model "
+              f"{p['model_1_image_ms']} ms for one image or {p['model_32_images_ms_per_image']} ms per image "
+              "in a batch of 32.", f"Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for server, style in (("plain", "o--"), ("serve", "s-")):
+        levels = [int(k) for k in report["results"][server]]
+        rows = list(report["results"][server].values())
+        left.plot(levels, [r["throughput_rps"] for r in rows], style, label=server)
+        right.plot(levels, [r["p50_ms"] for r in rows], style, label=f"{server} p50")
+        right.plot(levels, [r["p99_ms"] for r in rows], style, alpha=0.4, label=f"{server} p99")
+    left.set(xlabel="concurrent clients", ylabel="requests / s", title="POST /predict throughput", xscale="log")
+    right.set(xlabel="concurrent clients", ylabel="ms", title="latency", xscale="log", yscale="log")
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Ray Serve vs plain FastAPI + uvicorn, {report['machine']['cpus']} CPUs, 127.0.0.1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+def run(args) -> dict:
+    storage = resolve_storage(args.storage)
+    if read_latest(storage) is None:
+        raise SystemExit(f"no model is published in {storage}; train first (`make run`)")
+    mnist = resolve_storage(args.mnist_storage or storage)
+    fetch_mnist(mnist, args.data_source)
+    bodies = payloads(mnist)
+    levels = [int(c) for c in args.clients.split(",")]
+    counts = [int(n) for n in args.requests.split(",")]
+    report = {"command": " ".join(["python -m bench.bench_serving", *sys.argv[1:]]), "machine": machine(),
+              "payload": {"kind": "black-on-white PNG drawing, base64 in JSON", "bodies": len(bodies),
+                          "mean_bytes": int(np.mean([len(b) for b in bodies]))},
+              "results": {"plain": {}, "serve": {}}}
+    plain = start_plain(storage, args.plain_port)
+    serve_url, apps = None, []
+    try:
+        serve_url, apps = (args.serve_url, []) if args.serve_url else deploy_serve(storage)
+        app_name = apps[0] if apps else args.serve_app
+        targets = {"plain": (f"http://127.0.0.1:{args.plain_port}/predict", {"server": [plain.pid]}),
+                   "serve": (f"{serve_url}/predict", serve_pids(app_name) if app_name else {})}
+        for i, (clients, requests) in enumerate(zip(levels, counts)):
+            order = ("plain", "serve") if i % 2 == 0 else ("serve", "plain")  # alternate against drift
+            for server in order:
+                url, pids = targets[server]
+                result = measure(url, bodies, clients, requests, args.time_limit, pids)
+                report["results"][server][str(clients)] = result
+                print(f"{server:5} clients={clients:3} {result['throughput_rps']:7.1f} req/s  "
+                      f"p50 {result['p50_ms']:7.2f} ms  p95 {result['p95_ms']:7.2f}  p99 {result['p99_ms']:7.2f}  "
+                      f"ok {result['ok']}/{result['requests']}  cpu/req {result['cpu_ms_per_request']}", flush=True)
+    finally:
+        stop(plain)
+        if apps:
+            deploy.delete(apps)
+    report["results"] = {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in report["results"].items()}
+    report["machine"]["loadavg_1m_after"] = os.getloadavg()[0]
+    report["ratios"] = ratios(report)
+    report["profile"] = profile_in_process(storage, bodies)
+    return report
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--storage", help="storage root with a published model (default $MNIST_STORAGE or ./storage)")
+    parser.add_argument("--mnist-storage", help="storage root holding MNIST for the payloads (default --storage)")
+    parser.add_argument("--data-source", help="local folder with the MNIST files")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--requests", default="400,2000,4000", help="request count per level")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per level and server")
+    parser.add_argument("--plain-port", type=int, default=PLAIN_PORT)
+    parser.add_argument("--serve-url", help="measure a running app instead of deploying mnist-bench")
+    parser.add_argument("--serve-app", help="with --serve-url: its application name, for CPU accounting")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for serving.json/.md/.png")
+    args = parser.parse_args(argv)
+    report = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "serving.md").write_text(markdown(report))
+    plot(report, args.out / "serving.png")
+    for level, ratio in report["ratios"].items():
+        print(f"clients={level}: Serve/plain throughput {ratio['throughput']}, p50 {ratio['p50']}")
+    print(f"wrote {args.out / 'serving.json'}, serving.md, serving.png")
+
+
+if __name__ == "__main__":
+    main()

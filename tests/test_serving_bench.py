@@ -1,0 +1,21 @@
+"""Smoke test: the serving benchmark still runs end to end (tiny load; the figures are not checked)."""
+import json
+
+import pytest
+
+from bench import bench_serving
+
+pytest_plugins = ["tests.serving_support"]
+pytestmark = pytest.mark.ray
+
+
+def test_bench_serving_runs(serve_app, mnist_storage, tmp_path):
+    bench_serving.main(["--storage", str(serve_app.storage), "--mnist-storage", str(mnist_storage),
+                        "--serve-url", serve_app.url, "--serve-app", serve_app.name,
+                        "--clients", "1,2", "--requests", "20,20", "--time-limit", "20",
+                        "--plain-port", "8018", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "serving.json").read_text())
+    for server in ("plain", "serve"):
+        assert [r["ok"] for r in report["results"][server].values()] == [20, 20]
+    assert set(report["ratios"]) == {"1", "2"}
+    assert (tmp_path / "serving.png").stat().st_size > 0 and "Serve/plain" in (tmp_path / "serving.md").read_text()

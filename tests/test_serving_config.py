@@ -1,0 +1,101 @@
+"""serving/serve_config.yaml, the deploy tool's local config, the KubeRay rendering of it, and the
+API's limits in-process (no Ray: the same FastAPI app over a stand-in backend)."""
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from ray.serve.schema import ServeDeploySchema
+
+from serving import app as serve_app
+from serving import deploy
+from serving.api import create_api
+from serving.schemas import Limits
+
+pytest_plugins = ["tests.serving_support"]
+
+
+def test_the_config_is_a_valid_serve_config():
+    config = deploy.load_config()
+    ServeDeploySchema.model_validate(config)
+    api, ui = deploy.app_pair(config)
+    assert (api["name"], api["route_prefix"], ui["name"], ui["route_prefix"]) == ("mnist", "/", "mnist-ui", "/ui")
+    assert ui["args"]["model_app"] == api["name"]
+
+
+def test_config_deployments_exist_and_ask_for_little_cpu():
+    """Training and serving share a 2-CPU machine: the page asks for none, the model for a quarter."""
+    api, ui = deploy.app_pair(deploy.load_config())
+    built = {"MnistService": serve_app.MnistService, "MnistUI": serve_app.MnistUI}
+    for app in (api, ui):
+        for deployment in app["deployments"]:
+            assert deployment["name"] in built
+            assert deployment["ray_actor_options"]["num_cpus"] <= 0.25
+    service = api["deployments"][0]
+    serve_app.ModelConfig(**service["user_config"])  # reconfigure() accepts it
+    assert service["max_ongoing_requests"] >= service["user_config"]["max_batch_size"]
+
+
+def test_builders_accept_the_config_args():
+    api, ui = deploy.app_pair(deploy.load_config())
+    assert serve_app.build_app(api["args"]) is not None
+    assert serve_app.build_ui(ui["args"]) is not None
+    with pytest.raises(ValueError):
+        serve_app.build_app({"max_body_bytes": 10, "colour": "red"})
+
+
+def test_local_config_points_at_an_absolute_storage_and_this_checkout(tmp_path):
+    config = deploy.local_config(str(tmp_path), name="mine", route_prefix="/mine", model_replicas=3)
+    ServeDeploySchema.model_validate(config)
+    api, ui = deploy.app_pair(config)
+    assert api["runtime_env"]["env_vars"]["MNIST_STORAGE"] == str(tmp_path.resolve())
+    assert Path(api["runtime_env"]["env_vars"]["PYTHONPATH"]) == Path(deploy.__file__).resolve().parents[1]
+    assert (api["name"], api["route_prefix"], ui["name"], ui["route_prefix"]) == ("mine", "/mine", "mine-ui", "/mine/ui")
+    assert ui["args"]["model_app"] == "mine" and api["deployments"][0]["num_replicas"] == 3
+    assert config["http_options"]["host"] == "127.0.0.1"
+
+
+def test_kuberay_renders_it_for_the_cluster():
+    """The RayService runs this very config, with the pod's storage and Serve on all interfaces."""
+    import yaml
+    from ray_cluster.manifests import MOUNT_PATH, serve_config_v2
+    rendered = yaml.safe_load(serve_config_v2())
+    ServeDeploySchema.model_validate(rendered)
+    assert rendered["http_options"]["host"] == "0.0.0.0"
+    for app in rendered["applications"]:
+        assert app["runtime_env"]["env_vars"]["MNIST_STORAGE"] == MOUNT_PATH
+        assert "PYTHONPATH" not in app["runtime_env"]["env_vars"]  # the image holds the code
+
+
+# ---------------------------------------------------------------- limits, in-process
+
+class SlowBackend:
+    """Answers uniform probabilities after `delay` seconds."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+
+    async def infer(self, images):
+        await asyncio.sleep(self.delay)
+        return np.full((len(images), 10), 0.1, np.float32), "stand-in"
+
+    async def status(self):
+        return {"ready": True, "model_version": "stand-in", "metadata": {}, "loaded_at": 0.0,
+                "storage": "/nowhere", "reload_error": None, "message": None}
+
+
+def test_per_request_timeout_is_enforced(test_digits):
+    api = create_api(SlowBackend(delay=2.0), Limits(request_timeout_s=0.3))
+    with TestClient(api) as client:
+        response = client.post("/predict", json={"pixels": test_digits[0][0].tolist()})
+        assert response.status_code == 503 and "0.3 s limit" in response.json()["error"]
+        assert client.get("/healthz").status_code == 200  # and the service carries on
+
+
+def test_body_limit_is_configurable(test_digits):
+    api = create_api(SlowBackend(), Limits(max_body_bytes=1000))
+    with TestClient(api) as client:
+        response = client.post("/predict", json={"pixels": test_digits[0][0].tolist()})
+        assert response.status_code == 413 and "1000 bytes" in response.json()["error"]
+        assert client.post("/predict", json={"pixels": [[0]]}).status_code == 422  # small bodies still parsed

@@ -1,0 +1,87 @@
+"""Property-based fuzzing of the HTTP API with hypothesis, against the real Serve deployment:
+thousands of generated bodies, never a 5xx, always a JSON error, and the service still answers."""
+import base64
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest_plugins = ["tests.serving_support"]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+FUZZ = settings(max_examples=800, deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+           | st.text(max_size=40))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+                      max_leaves=40)
+keys = st.sampled_from(["image", "images", "pixels", "inputs", "outputs", "id", "parameters", "data"]) | st.text(max_size=8)
+b64_blobs = st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode())
+pixel_rows = st.lists(st.integers(-300, 600) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=2),
+                      min_size=0, max_size=30)
+
+predict_bodies = st.one_of(
+    st.dictionaries(keys, values, max_size=4),
+    st.builds(lambda v: {"image": v}, st.text(max_size=200) | b64_blobs | values),
+    st.builds(lambda v: {"image": "data:image/png;base64," + v}, b64_blobs),
+    st.builds(lambda v: {"images": v}, st.lists(b64_blobs | st.text(max_size=20) | values, max_size=70)),
+    st.builds(lambda v: {"pixels": v}, st.lists(pixel_rows, max_size=30) | values),
+    values,
+)
+tensors = st.fixed_dictionaries(
+    {"name": st.text(max_size=6),
+     "shape": st.lists(st.integers(-3, 100), max_size=5) | st.just([1, 784]) | st.just([2, 1, 28, 28]),
+     "datatype": st.sampled_from(["FP32", "FP64", "INT64", "BYTES", "fp32", ""]) | st.text(max_size=5),
+     "data": st.lists(st.floats(-2, 300) | st.just(float("nan")) | st.integers(-1, 300) | st.text(max_size=3), max_size=900)
+     | values},
+    optional={"parameters": values})
+v2_bodies = st.one_of(
+    st.fixed_dictionaries({"inputs": st.lists(tensors, max_size=2)},
+                          optional={"outputs": st.lists(st.fixed_dictionaries({"name": st.text(max_size=14)}), max_size=3)
+                                    | values, "id": st.text(max_size=10) | values, "parameters": values}),
+    st.dictionaries(keys, values, max_size=4),
+)
+content_types = st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded",
+                                 "multipart/form-data; boundary=x", "application/json; charset=latin-1",
+                                 "application/merge-patch+json", ""])
+
+
+@pytest.fixture(scope="module")
+def client(serve_app):
+    with serve_app.client() as client:
+        yield client
+
+
+def check(response) -> None:
+    assert response.status_code < 500, (response.status_code, response.text[:500])
+    if response.status_code >= 400:
+        assert "error" in response.json()
+
+
+@FUZZ
+@given(body=predict_bodies)
+def test_fuzz_predict(client, body):
+    check(client.post("/predict", content=json.dumps(body).encode(), headers={"content-type": "application/json"}))
+
+
+@FUZZ
+@given(body=v2_bodies, model=st.sampled_from(["mnist", "mnist", "other"]))
+def test_fuzz_v2_infer(client, body, model):
+    check(client.post(f"/v2/models/{model}/infer", content=json.dumps(body).encode(),
+                      headers={"content-type": "application/json"}))
+
+
+@settings(FUZZ, max_examples=400)
+@given(data=st.binary(max_size=2000), content_type=content_types,
+       path=st.sampled_from(["/predict", "/v2/models/mnist/infer", "/model", "/healthz"]))
+def test_fuzz_raw_bytes(client, data, content_type, path):
+    headers = {"content-type": content_type} if content_type else {}
+    check(client.post(path, content=data, headers=headers))
+
+
+def test_still_serving_after_the_fuzzing(client, test_digits):
+    assert client.get("/healthz").status_code == 200
+    body = client.post("/predict", json={"pixels": test_digits[0][0].tolist()}).json()
+    assert body["digit"] == int(test_digits[1][0])
