@@ -1,8 +1,9 @@
 """The digit classifier, shared by training and serving.
 
-In the spirit of PyTorch's examples/mnist, but with BatchNorm and pooling after each
-convolution: about 2.5x fewer multiply-adds than the seed's Conv32-Conv64-Dense network,
-and more accurate after two epochs.
+In the spirit of PyTorch's examples/mnist, with BatchNorm after every convolution and most of
+the convolutions at 14x14 and below: 8.4M multiply-adds per image, fewer than the seed's
+Conv32-Conv64-Dense network (10.9M), yet 99.3-99.4% after two epochs of FedAvg over three
+shards (bench/model_sweep.py compares the candidates).
 """
 import torch
 from torch import nn
@@ -13,21 +14,24 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
 
+def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(64)
-        self.fc1 = nn.Linear(64 * 7 * 7, 128)
-        self.dropout = nn.Dropout(0.25)
+        self.features = nn.Sequential(
+            conv_bn(1, 24), nn.MaxPool2d(2),                    # 24 x 14 x 14
+            conv_bn(24, 48), conv_bn(48, 48), nn.MaxPool2d(2),  # 48 x 7 x 7
+            conv_bn(48, 96), nn.MaxPool2d(2),                   # 96 x 3 x 3
+        )
+        self.fc1 = nn.Linear(96 * 3 * 3, 128)
         self.fc2 = nn.Linear(128, 10)
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)  # 32 x 14 x 14
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)  # 64 x 7 x 7
-        x = self.dropout(F.relu(self.fc1(torch.flatten(x, 1))))
+        x = F.relu(self.fc1(torch.flatten(self.features(x), 1)))
         return self.fc2(x)  # logits
 
 

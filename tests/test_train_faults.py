@@ -1,0 +1,86 @@
+"""Fault injection on a real local Ray cluster: a Train worker is SIGKILLed mid-training, and a
+job is stopped mid-run. Work resumes from the last round's checkpoint; nothing half-published."""
+import json
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.util.state import list_actors
+
+from ray_cluster import local
+from training.aggregation import global_path
+from training.storage import models_dir, read_latest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ARGS = ["--subset", "3000", "--workers", "3", "--epochs", "2", "--rounds", "4", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def client(ray_head):
+    return JobSubmissionClient(local.DASHBOARD_URL)
+
+
+def start(client, storage: Path, run_id: str) -> str:
+    entrypoint = " ".join(["python", "training/train.py", "--storage", str(storage), "--run-id", run_id, *ARGS])
+    return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finish(client, job_id: str, timeout: float = 420) -> JobStatus:
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    return wait_for(lambda: (s := client.get_job_status(job_id)) in terminal and s, timeout, f"job {job_id}")
+
+
+def train_worker_pids(client, submission_id: str) -> list[int]:
+    """Process ids of the job's live Ray Train workers."""
+    job_id = client.get_job_info(submission_id).job_id
+    actors = list_actors(address=local.DASHBOARD_URL, detail=True,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.job_id == job_id]
+
+
+def accuracy(storage: Path, version: str) -> float:
+    return json.loads((models_dir(storage) / version / "metadata.json").read_text())["test_accuracy"]
+
+
+def test_killed_worker_resumes_and_matches_an_undisturbed_run(client, mnist_storage):
+    calm, hurt = f"calm-{uuid.uuid4().hex[:6]}", f"kill-{uuid.uuid4().hex[:6]}"
+    job = start(client, mnist_storage, calm)
+    assert finish(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+
+    job = start(client, mnist_storage, hurt)
+    wait_for(lambda: global_path(mnist_storage, hurt, 1).exists(), 300, "round 1's averaged model")
+    pids = wait_for(lambda: train_worker_pids(client, job), 30, "the Train workers' pids")
+    os.kill(pids[-1], signal.SIGKILL)
+    assert finish(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+
+    logs = client.get_job_logs(job)
+    assert "resuming after round" in logs
+    assert read_latest(mnist_storage) == hurt
+    assert abs(accuracy(mnist_storage, hurt) - accuracy(mnist_storage, calm)) <= 0.003
+
+
+def test_stopped_job_publishes_nothing_and_latest_stays(client, mnist_storage):
+    before = read_latest(mnist_storage)
+    run_id = f"stop-{uuid.uuid4().hex[:6]}"
+    job = start(client, mnist_storage, run_id)
+    wait_for(lambda: global_path(mnist_storage, run_id, 0).exists(), 300, "round 0's averaged model")
+    client.stop_job(job)
+    assert finish(client, job, timeout=120) == JobStatus.STOPPED
+    assert read_latest(mnist_storage) == before
+    assert not (models_dir(mnist_storage) / run_id).exists()
+    assert not [p for p in models_dir(mnist_storage).glob(f".{run_id}*")]  # no half-published staging dir
