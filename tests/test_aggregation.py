@@ -30,7 +30,7 @@ def test_fedavg_is_the_sample_weighted_mean_of_every_tensor():
             assert torch.allclose(value.double(), expected, atol=1e-6), key
         else:  # BatchNorm's num_batches_tracked: rounded weighted mean, same dtype
             assert value.dtype == states[0][key].dtype and value.item() == round(expected.item()), key
-    assert "bn1.running_var" in averaged and "bn2.num_batches_tracked" in averaged
+    assert any(k.endswith("running_var") for k in averaged) and any(k.endswith("num_batches_tracked") for k in averaged)
 
 
 def test_fedavg_of_identical_models_is_that_model():
