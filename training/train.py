@@ -143,6 +143,7 @@ def train_func(config: dict) -> None:
             seen += len(y)
         atomic_torch_save(worker_path(storage, run_id, round_index, rank), {
             "run_id": run_id, "round": round_index, "rank": rank, "num_samples": len(labels),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "train_loss": loss_sum / max(seen, 1),
             "train_accuracy": correct / max(seen, 1), "seconds": time.perf_counter() - started})
         barrier()

@@ -1,0 +1,91 @@
+"""A Ray cluster of three nodes on one machine (Ray's own `ray.cluster_utils.Cluster`, all on
+127.0.0.1): a head with no CPUs and two worker nodes, so the Train workers really run on
+different nodes and share nothing but the storage root. One worker node is killed during
+training and a fresh one joins (as KubeRay would replace the pod): the job resumes from the last
+round's checkpoint and publishes a correct model."""
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from ray.cluster_utils import Cluster
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from training.aggregation import global_path, worker_path
+from training.data import load_mnist
+from training.model import Net, evaluate
+from training.storage import models_dir, read_latest
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD_PORT = 8275
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture
+def cluster():
+    address_file = Path("/tmp/ray/ray_current_cluster")  # Cluster overwrites it; other clients read it
+    saved = address_file.read_text() if address_file.exists() else None
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": DASHBOARD_PORT,
+        "dashboard_agent_listen_port": DASHBOARD_PORT + 1})  # the default agent port is the local head's
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    try:
+        yield cluster, workers
+    finally:
+        cluster.shutdown()
+        if saved is not None:
+            address_file.write_text(saved)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_losing_a_worker_node_mid_training_still_publishes_a_correct_model(cluster, mnist_storage):
+    cluster, workers = cluster
+    client = wait_for(lambda: _client(), 60, "the test cluster's job server")
+    run_id = f"nodes-{uuid.uuid4().hex[:6]}"
+    entrypoint = (f"{sys.executable} training/train.py --storage {mnist_storage} --run-id {run_id} "
+                  "--subset 3000 --workers 3 --epochs 2 --rounds 4")
+    job = wait_for(lambda: _submit(client, entrypoint), 60, "a job agent on the new cluster")
+    wait_for(lambda: global_path(mnist_storage, run_id, 0).exists(), 300, "round 0")
+    first = [torch.load(worker_path(mnist_storage, run_id, 0, r), weights_only=True)["node_id"] for r in range(3)]
+    assert len(set(first)) == 2, "the Train workers should span both worker nodes"
+
+    cluster.remove_node(workers[1], allow_graceful=False)  # the node dies mid-training
+    replacement = cluster.add_node(num_cpus=2)
+    status = wait_for(lambda: (s := client.get_job_status(job)) in
+                      {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and s, 420, "the job")
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "resuming after round" in logs
+    last = [torch.load(worker_path(mnist_storage, run_id, 3, r), weights_only=True)["node_id"] for r in range(3)]
+    assert replacement.node_id in last and workers[1].node_id not in last
+
+    assert read_latest(mnist_storage) == run_id
+    model = Net()
+    model.load_state_dict(torch.load(models_dir(mnist_storage) / run_id / "model.pt", weights_only=True))
+    assert evaluate(model, *load_mnist(mnist_storage, train=False))["accuracy"] > 0.8
+
+
+def _client():
+    try:
+        return JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}")
+    except Exception:  # the dashboard is still starting
+        return None
+
+
+def _submit(client, entrypoint: str) -> str | None:
+    try:
+        return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+    except RuntimeError as error:  # "No available agent to submit job" while the agents start
+        if "No available agent" in str(error):
+            return None
+        raise
