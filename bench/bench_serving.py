@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -32,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PLAIN_PORT = 8017
 BENCH_APP = "mnist-bench"
+FLOOR_APP = "serve-floor"
+RAY_SYSTEM = ("gcs_server", "/raylet", "log_monitor.py", "dashboard/dashboard.py", "ray::DashboardAgent",
+              "ray::RuntimeEnvAgent")  # shared processes whose work grows with Serve traffic
 RAY_WORKER_NICENESS = 15  # Ray starts its workers at this niceness (RAY_worker_niceness)
 
 
@@ -46,16 +50,18 @@ def payloads(storage: Path, count: int = 32) -> list[bytes]:
 
 
 def wait_ready(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
+    deadline, last = time.monotonic() + timeout, "no answer"
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
                     return
-        except OSError:
-            pass
+        except urllib.error.HTTPError as error:  # 503 until a model is loaded: say why
+            last = error.read().decode(errors="replace")[:500]
+        except OSError as error:
+            last = str(error)
         time.sleep(0.5)
-    raise RuntimeError(f"{url} is not ready after {timeout:.0f} s")
+    raise RuntimeError(f"{url} is not ready after {timeout:.0f} s: {last}")
 
 
 def start_plain(storage: Path, port: int) -> subprocess.Popen:
@@ -80,13 +86,19 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def deploy_serve(storage: Path) -> tuple[str, list[str]]:
+def deploy_serve(storage: Path, floor: bool) -> dict[str, str]:
+    """Deploy the API app (and the empty-endpoint floor app); return {app name: URL}."""
     config = deploy.local_config(str(storage), name=BENCH_APP, route_prefix=f"/{BENCH_APP}")
-    config["applications"] = [deploy.app_pair(config)[0]]  # the API only; the page is not measured
+    api = deploy.app_pair(config)[0]  # the API only; the page is not measured
+    config["applications"] = [api]
+    if floor:
+        config["applications"].append({
+            "name": FLOOR_APP, "route_prefix": f"/{FLOOR_APP}", "import_path": "bench.serve_floor:build",
+            "runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT)}}, "logging_config": api["logging_config"]})
     deploy.deploy(config)
-    url = f"http://127.0.0.1:8000/{BENCH_APP}"
-    wait_ready(f"{url}/healthz")
-    return url, [BENCH_APP]
+    urls = {app["name"]: f"http://127.0.0.1:8000{app['route_prefix']}" for app in config["applications"]}
+    wait_ready(f"{urls[BENCH_APP]}/healthz")
+    return urls
 
 
 # ---------------------------------------------------------------- CPU accounting
@@ -96,13 +108,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def processes(match) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and match(_cmdline(p))]
+
+
 def serve_pids(app: str) -> dict[str, list[int]]:
     """The proxy's and the app's replica processes (read from /proc and Serve's REST API)."""
-    proxies = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-               and _cmdline(p).startswith("ray::ProxyActor")]
     details = deploy.serve_details()["applications"][app]["deployments"]
     replicas = [r["pid"] for d in details.values() for r in d["replicas"] if r["state"] == "RUNNING"]
-    return {"proxy": proxies, "replicas": replicas}
+    return {"proxy": processes(lambda c: c.startswith("ray::ProxyActor")), "replicas": replicas,
+            "ray system": ray_system_pids()}
+
+
+def ray_system_pids() -> list[int]:
+    return processes(lambda c: any(name in c for name in RAY_SYSTEM))
+
+
+def _cpu_or_none(pid: int) -> float | None:
+    try:
+        return cpu_seconds(pid)
+    except (OSError, ValueError):  # a process that ended meanwhile
+        return None
 
 
 def _cmdline(proc: Path) -> str:
@@ -114,11 +140,14 @@ def _cmdline(proc: Path) -> str:
 
 def measure(url: str, bodies, clients: int, requests: int, time_limit: float, pids: dict[str, list[int]]) -> dict:
     load(url, bodies, clients, min(50, requests), time_limit)  # warm-up: connections, batches, caches
-    before = {group: sum(cpu_seconds(p) for p in group_pids) for group, group_pids in pids.items()}
+    before = {pid: _cpu_or_none(pid) for group in pids.values() for pid in group}
     client_before = time.process_time()
     summary = load(url, bodies, clients, requests, time_limit).summary()
-    used = {group: sum(cpu_seconds(p) for p in group_pids) - before[group] for group, group_pids in pids.items()}
-    used["load generator"] = time.process_time() - client_before
+    client_used = time.process_time() - client_before
+    after = {pid: _cpu_or_none(pid) for pid in before}
+    used = {group: sum(after[p] - before[p] for p in group_pids if None not in (before[p], after[p]))
+            for group, group_pids in pids.items()}  # processes that came or went are left out
+    used["load generator"] = client_used
     summary["cpu_ms_per_request"] = {group: round(1000 * seconds / max(summary["ok"], 1), 2)
                                      for group, seconds in used.items()}
     return summary
@@ -173,7 +202,7 @@ def markdown(report: dict) -> str:
     lines = ["| clients | server | requests | ok | throughput (req/s) | p50 ms | p95 ms | p99 ms | CPU ms/request |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for level in report["results"]["serve"]:
-        for server in ("plain", "serve"):
+        for server in report["results"]:
             r = report["results"][server][level]
             cpu = ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_request"].items())
             lines.append(f"| {level} | {server} | {r['requests']} | {r['ok']} | {r['throughput_rps']} | "
@@ -194,7 +223,8 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for server, style in (("plain", "o--"), ("serve", "s-")):
+    styles = {"plain": "o--", "serve": "s-", "serve, empty endpoint": "^:"}
+    for server, style in ((name, styles.get(name, "x-")) for name in report["results"]):
         levels = [int(k) for k in report["results"][server]]
         rows = list(report["results"][server].values())
         left.plot(levels, [r["throughput_rps"] for r in rows], style, label=server)
@@ -225,27 +255,33 @@ def run(args) -> dict:
     report = {"command": " ".join(["python -m bench.bench_serving", *sys.argv[1:]]), "machine": machine(),
               "payload": {"kind": "black-on-white PNG drawing, base64 in JSON", "bodies": len(bodies),
                           "mean_bytes": int(np.mean([len(b) for b in bodies]))},
-              "results": {"plain": {}, "serve": {}}}
+              "results": {}}
     plain = start_plain(storage, args.plain_port)
-    serve_url, apps = None, []
+    apps: dict[str, str] = {}
     try:
-        serve_url, apps = (args.serve_url, []) if args.serve_url else deploy_serve(storage)
-        app_name = apps[0] if apps else args.serve_app
-        targets = {"plain": (f"http://127.0.0.1:{args.plain_port}/predict", {"server": [plain.pid]}),
-                   "serve": (f"{serve_url}/predict", serve_pids(app_name) if app_name else {})}
+        if args.serve_url:
+            targets = {"serve": (f"{args.serve_url}/predict", serve_pids(args.serve_app) if args.serve_app else {})}
+        else:
+            apps = deploy_serve(storage, args.floor)
+            targets = {"serve": (f"{apps[BENCH_APP]}/predict", serve_pids(BENCH_APP))}
+            if args.floor:
+                targets["serve, empty endpoint"] = (f"{apps[FLOOR_APP]}/predict", serve_pids(FLOOR_APP))
+        targets["plain"] = (f"http://127.0.0.1:{args.plain_port}/predict",
+                            {"server": [plain.pid], "ray system": ray_system_pids()})
+        report["results"] = {server: {} for server in targets}
         for i, (clients, requests) in enumerate(zip(levels, counts)):
-            order = ("plain", "serve") if i % 2 == 0 else ("serve", "plain")  # alternate against drift
+            order = list(targets) if i % 2 else list(targets)[::-1]  # alternate against drift
             for server in order:
                 url, pids = targets[server]
                 result = measure(url, bodies, clients, requests, args.time_limit, pids)
                 report["results"][server][str(clients)] = result
-                print(f"{server:5} clients={clients:3} {result['throughput_rps']:7.1f} req/s  "
+                print(f"{server:22} clients={clients:3} {result['throughput_rps']:7.1f} req/s  "
                       f"p50 {result['p50_ms']:7.2f} ms  p95 {result['p95_ms']:7.2f}  p99 {result['p99_ms']:7.2f}  "
                       f"ok {result['ok']}/{result['requests']}  cpu/req {result['cpu_ms_per_request']}", flush=True)
     finally:
         stop(plain)
         if apps:
-            deploy.delete(apps)
+            deploy.delete(list(apps))
     report["results"] = {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in report["results"].items()}
     report["machine"]["loadavg_1m_after"] = os.getloadavg()[0]
     report["ratios"] = ratios(report)
@@ -264,6 +300,8 @@ def main(argv=None) -> None:
     parser.add_argument("--plain-port", type=int, default=PLAIN_PORT)
     parser.add_argument("--serve-url", help="measure a running app instead of deploying mnist-bench")
     parser.add_argument("--serve-app", help="with --serve-url: its application name, for CPU accounting")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure an empty Serve endpoint: the cost of Serve's HTTP path alone")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for serving.json/.md/.png")
     args = parser.parse_args(argv)
     report = run(args)

@@ -7,6 +7,7 @@ Every malformed request is answered with a 4xx JSON body `{"error": "<what is wr
 import base64
 import binascii
 import math
+import time
 from typing import Protocol
 
 import numpy as np
@@ -144,6 +145,11 @@ def v2_metadata(version: str | None) -> dict:
                         {"name": "digit", "datatype": "INT64", "shape": [-1]}]}
 
 
+def server_timing(**seconds: float) -> dict:
+    """A Server-Timing header (ms): where a request's time went inside the app."""
+    return {"server-timing": ", ".join(f"{name};dur={value * 1000:.2f}" for name, value in seconds.items())}
+
+
 # ---------------------------------------------------------------- errors
 
 def describe(errors) -> tuple[str, list[dict]]:
@@ -219,6 +225,7 @@ def create_api(backend: Backend, limits: Limits | None = None, title: str = "MNI
     @api.post("/predict", response_model=Prediction | Predictions, responses=ERRORS,
               summary="Recognise digits in images or an MNIST pixel array")
     async def predict(body: PredictRequest):
+        started = time.perf_counter()
         if body.pixels is not None:
             images = pixels_to_mnist(body.pixels)
         else:
@@ -228,10 +235,13 @@ def create_api(backend: Backend, limits: Limits | None = None, title: str = "MNI
                 images = await run_in_threadpool(images_to_mnist, texts, names)
             else:
                 images = images_to_mnist(texts, names)
+        prepared = time.perf_counter()
         probs, version = await backend.infer(images)
+        timing = server_timing(preprocess=prepared - started, model=time.perf_counter() - prepared)
         if body.images is None:
-            return JSONResponse(prediction(probs[0], version))
-        return JSONResponse({"predictions": [prediction(p, version) for p in probs], "model_version": version})
+            return JSONResponse(prediction(probs[0], version), headers=timing)
+        return JSONResponse({"predictions": [prediction(p, version) for p in probs], "model_version": version},
+                            headers=timing)
 
     @api.get("/healthz", response_model=Health, responses={503: {"model": Health}},
              summary="Ready (200) only once a model is loaded")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from serving.drawings import redraw
-from serving.preprocess import BBOX_INK, preprocess_steps
+from serving.preprocess import preprocess_steps
 from training.data import fetch_mnist, load_mnist
 from training.model import to_input
 from training.storage import resolve_storage
@@ -34,11 +34,11 @@ def figure(digit: np.ndarray, path: Path) -> None:
     from matplotlib.patches import Rectangle
 
     drawing = redraw(digit, "alpha_stroke", np.random.default_rng(11))  # what a canvas exports
-    steps = preprocess_steps(drawing)
+    steps = preprocess_steps(drawing, keep_full=True)
     alpha = np.asarray(drawing)[..., 3] / 255.0
     shown_input = checkerboard(*alpha.shape) * (1 - alpha)  # black stroke over "transparent"
     tensor = to_input(torch.from_numpy(steps.result[None]))[0, 0]
-    row, col = np.argwhere(steps.ink >= BBOX_INK).min(0)  # where the crop starts
+    row, col = steps.box[:2]  # where the crop starts
 
     panels = [
         ("1. input: RGBA canvas export\n(stroke only in alpha)", shown_input, "gray", (0, 255)),

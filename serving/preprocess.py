@@ -31,11 +31,12 @@ class BadImage(ValueError):
 @dataclass
 class Steps:
     """Every stage of `preprocess_steps`, for the documentation picture and for tests."""
-    gray: np.ndarray      # float [H, W] 0..255, alpha composited
-    ink: np.ndarray       # float [H, W] 0..1, white ink on black, contrast stretched
-    crop: np.ndarray      # float, the ink's bounding box
-    fitted: np.ndarray    # float, longest side 20 px
-    result: np.ndarray    # uint8 [28, 28], centred by mass
+    gray: np.ndarray          # uint8 [H, W], alpha composited
+    ink: np.ndarray | None    # float [H, W] 0..1, white ink on black, stretched (keep_full only)
+    box: tuple[int, int, int, int]  # the ink's bounding box: top, left, bottom, right (exclusive)
+    crop: np.ndarray          # float 0..1, the ink inside the box
+    fitted: np.ndarray        # float, longest side 20 px
+    result: np.ndarray        # uint8 [28, 28], centred by mass
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -62,59 +63,69 @@ def preprocess(image) -> np.ndarray:
     return preprocess_steps(image).result
 
 
-def preprocess_steps(image) -> Steps:
-    gray = composite_gray(*gray_and_alpha(image))
-    ink = to_ink(gray)
-    crop = crop_to_ink(ink)
+def preprocess_steps(image, keep_full: bool = False) -> Steps:
+    """The stages. Until the crop everything stays uint8 (a canvas has ~10^5 pixels, the digit's
+    box far fewer); `keep_full` also stretches the whole image, for the figure."""
+    gray = to_gray(image)
+    ink, background, peak = ink_levels(gray)
+    box = ink_box(ink, background + BBOX_INK * (peak - background))
+    top, left, bottom, right = box
+    crop = stretch(ink[top:bottom, left:right], background, peak)
     fitted = fit_box(crop, BOX)
-    return Steps(gray, ink, crop, fitted, centre_by_mass(fitted))
+    full = stretch(ink, background, peak) if keep_full else None
+    return Steps(gray, full, box, crop, fitted, centre_by_mass(fitted))
 
 
-def gray_and_alpha(image) -> tuple[np.ndarray, np.ndarray | None]:
-    """Luminance (float 0..255) and alpha (float 0..1, or None when the image is opaque)."""
-    if isinstance(image, Image.Image):
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey PNGs
-            array = np.asarray(image, dtype=np.float32)
-            return array * (255.0 / max(float(array.max()), 1.0)), None
-        has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
-        if has_alpha:
-            la = np.asarray(image.convert("RGBA").convert("LA"), dtype=np.float32)
-            return la[..., 0], la[..., 1] / 255.0
-        return np.asarray(image.convert("L"), dtype=np.float32), None
-    array = np.asarray(image)
+def to_gray(image) -> np.ndarray:
+    """Any supported image -> uint8 luminance, transparency flattened (see composite)."""
+    if not isinstance(image, Image.Image):
+        image = array_to_image(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey PNGs
+        array = np.asarray(image, dtype=np.float32)
+        return np.rint(array * (255.0 / max(float(array.max()), 1.0))).astype(np.uint8)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        return composite(image.convert("RGBA"))
+    return np.asarray(image.convert("L"))
+
+
+def array_to_image(array) -> Image.Image:
+    array = np.asarray(array)
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
-    if array.ndim == 2:
-        return array.astype(np.float32), None
-    if array.ndim == 3 and array.shape[2] in (1, 2, 3, 4):
-        channels = array.astype(np.float32)
-        gray = (channels[..., 0] if array.shape[2] < 3 else
-                channels[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
-        alpha = channels[..., -1] / 255.0 if array.shape[2] in (2, 4) else None
-        return gray, alpha
-    raise BadImage(f"an image array must be H x W or H x W x 1..4, not {list(array.shape)}")
+    elif array.dtype != np.uint8:  # floats 0..1 or 0..255, wider integers
+        scale = 255.0 if array.dtype.kind == "f" and array.size and float(array.max()) <= 1.0 else 1.0
+        array = np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    modes = {2: "L", 3: {2: "LA", 3: "RGB", 4: "RGBA"}}
+    mode = modes.get(array.ndim)
+    mode = mode.get(array.shape[2]) if isinstance(mode, dict) else mode
+    if mode is None or 0 in array.shape:
+        raise BadImage(f"an image array must be H x W or H x W x 1..4, not {list(array.shape)}")
+    return Image.fromarray(array, mode)
 
 
-def composite_gray(gray: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+def composite(rgba: Image.Image) -> np.ndarray:
     """Flatten transparency onto a background that contrasts with the drawn pixels.
 
     A canvas exports strokes as colour + alpha over a transparent (often RGB 0) background; a dark
     stroke is put on white, a light one on black, so the stroke survives whatever its colour.
     """
-    if gray.size == 0:
-        raise BadImage("the image is empty")
-    if alpha is None or alpha.min() >= 1.0:
-        return gray
-    weight = float(alpha.sum())
-    if weight == 0:
+    alpha = rgba.getchannel("A")
+    gray = rgba.convert("L")
+    if alpha.getextrema()[0] == 255:
+        return np.asarray(gray)
+    step = max(1, int(np.sqrt(rgba.width * rgba.height / 65536)))  # a sample is enough for a mean
+    a = np.asarray(alpha, dtype=np.float32)[::step, ::step]
+    if a.sum() == 0:
         raise BadImage("the drawing is blank: every pixel is fully transparent")
-    stroke = float((gray * alpha).sum()) / weight
-    background = 255.0 if stroke < 128 else 0.0
-    return gray * alpha + background * (1.0 - alpha)
+    stroke = float((np.asarray(gray, dtype=np.float32)[::step, ::step] * a).sum() / a.sum())
+    background = Image.new("L", rgba.size, 255 if stroke < 128 else 0)
+    return np.asarray(Image.composite(gray, background, alpha))  # gray*a + background*(1-a)
 
 
-def to_ink(gray: np.ndarray) -> np.ndarray:
-    """White ink on black in 0..1: invert light backgrounds, stretch contrast, drop faint noise.
+def ink_levels(gray: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """White ink on black (light backgrounds inverted), with its background and peak levels.
 
     The background is the median of the image's border, which a drawing rarely fills (the median
     of the whole image is wrong for a fat digit that covers more than half the canvas).
@@ -122,20 +133,25 @@ def to_ink(gray: np.ndarray) -> np.ndarray:
     border = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
     background = float(np.median(border))
     if background > 127.5:  # dark ink on a light background
-        gray, background = 255.0 - gray, 255.0 - background
+        gray, background = np.subtract(255, gray, dtype=np.uint8), 255.0 - background
     peak = float(gray.max())
     if peak - background < MIN_CONTRAST:
         raise BadImage("the drawing is blank: no stroke stands out from the background")
-    ink = (gray - np.float32(background)) * np.float32(1.0 / (peak - background))
-    np.clip(ink, 0.0, 1.0, out=ink)
-    ink[ink < NOISE_FLOOR] = 0.0
-    return ink
+    return gray, background, peak
 
 
-def crop_to_ink(ink: np.ndarray) -> np.ndarray:
-    mask = ink >= BBOX_INK
+def ink_box(ink: np.ndarray, level: float) -> tuple[int, int, int, int]:
+    mask = ink >= level
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def stretch(ink: np.ndarray, background: float, peak: float) -> np.ndarray:
+    """uint8 ink -> float 0..1: background at 0, the strongest ink at 1, faint noise dropped."""
+    out = (ink.astype(np.float32) - np.float32(background)) * np.float32(1.0 / (peak - background))
+    np.clip(out, 0.0, 1.0, out=out)
+    out[out < NOISE_FLOOR] = 0.0
+    return out
 
 
 def fit_box(crop: np.ndarray, box: int) -> np.ndarray:

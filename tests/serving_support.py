@@ -29,7 +29,7 @@ MIN_ACCURACY = 0.98
 
 def train_net(images: torch.Tensor, labels: torch.Tensor, steps: int, seed: int,
               start: dict | None = None, max_lr: float = RECIPE["max_lr"]) -> dict:
-    """Adam with a one-cycle schedule on random batches: ~98.5% test accuracy in 400 steps."""
+    """Adam with a one-cycle schedule on random batches: about 99% test accuracy in 250 steps."""
     torch.manual_seed(seed)
     net = Net()
     if start:

@@ -60,9 +60,11 @@ def test_result_is_centred_by_mass_in_a_20px_box(test_digits):
 
 def test_steps_are_the_documented_stages(test_digits):
     image = redraw(test_digits[0][1], "alpha_stroke", np.random.default_rng(1))
-    steps = preprocess_steps(image)
-    assert steps.gray.shape == (image.height, image.width)
+    steps = preprocess_steps(image, keep_full=True)
+    assert steps.gray.shape == (image.height, image.width) and steps.gray.dtype == np.uint8
     assert steps.ink.min() >= 0 and steps.ink.max() == 1.0
+    top, left, bottom, right = steps.box
+    assert np.array_equal(steps.crop, steps.ink[top:bottom, left:right])
     assert max(steps.fitted.shape) == BOX
     assert np.array_equal(steps.result, preprocess(image))
 
