@@ -1,0 +1,20 @@
+"""Smoke test: the training benchmark still runs end to end (tiny sizes; figures are not checked)."""
+import json
+
+import pytest
+
+from bench import bench_training
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_training_benchmark_runs_and_writes_its_report(ray_head, mnist_storage, tmp_path):
+    code = bench_training.main(["--storage", str(mnist_storage), "--out", str(tmp_path), "--baseline-subset", "600",
+                                "--job-args", "--subset 600 --epochs 1 --rounds 2"])
+    assert code == 0
+    results = json.loads((tmp_path / "training.json").read_text())
+    assert {"baseline", "seed", "job", "machine"} <= results.keys()
+    assert results["job"]["rounds"] == 2 and len(results["job"]["round_accuracy"]) == 2
+    assert all(0 < results[k]["test_accuracy"] <= 1 for k in ("baseline", "seed", "job"))
+    assert "time / baseline" in (tmp_path / "training.md").read_text()
+    assert (tmp_path / "training_accuracy.png").stat().st_size > 0
