@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PLAIN_PORT = 8017
 BENCH_APP = "mnist-bench"
+COLOCATED_APP = "mnist-bench-colocated"
 FLOOR_APP = "serve-floor"
 RAY_SYSTEM = ("gcs_server", "/raylet", "log_monitor.py", "dashboard/dashboard.py", "ray::DashboardAgent",
               "ray::RuntimeEnvAgent")  # shared processes whose work grows with Serve traffic
@@ -86,18 +87,19 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def deploy_serve(storage: Path, floor: bool) -> dict[str, str]:
-    """Deploy the API app (and the empty-endpoint floor app); return {app name: URL}."""
-    config = deploy.local_config(str(storage), name=BENCH_APP, route_prefix=f"/{BENCH_APP}")
-    api = deploy.app_pair(config)[0]  # the API only; the page is not measured
-    config["applications"] = [api]
+def deploy_serve(storage: Path, floor: bool, colocated: bool) -> dict[str, str]:
+    """Deploy the API app (and the colocated layout, the empty-endpoint floor); return {name: URL}."""
+    apps = []
+    for name, colocate in [(BENCH_APP, False)] + [(COLOCATED_APP, True)] * colocated:
+        config = deploy.local_config(str(storage), name=name, route_prefix=f"/{name}", colocate=colocate)
+        apps.append(deploy.app_pair(config)[0])  # the API only; the page is not measured
     if floor:
-        config["applications"].append({
-            "name": FLOOR_APP, "route_prefix": f"/{FLOOR_APP}", "import_path": "bench.serve_floor:build",
-            "runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT)}}, "logging_config": api["logging_config"]})
-    deploy.deploy(config)
-    urls = {app["name"]: f"http://127.0.0.1:8000{app['route_prefix']}" for app in config["applications"]}
-    wait_ready(f"{urls[BENCH_APP]}/healthz")
+        apps.append({"name": FLOOR_APP, "route_prefix": f"/{FLOOR_APP}", "import_path": "bench.serve_floor:build",
+                     "runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT)}}, "logging_config": apps[0]["logging_config"]})
+    deploy.deploy({**config, "applications": apps})
+    urls = {app["name"]: f"http://127.0.0.1:8000{app['route_prefix']}" for app in apps}
+    for name in urls:
+        wait_ready(f"{urls[name]}/healthz" if name != FLOOR_APP else f"{urls[name]}/docs")
     return urls
 
 
@@ -190,11 +192,12 @@ def machine() -> dict:
 
 
 def ratios(report: dict) -> dict:
+    """{clients: {series: Serve/plain throughput and p50}} for every Serve series."""
     results, out = report["results"], {}
-    for level in results["serve"]:
-        serve, plain = results["serve"][level], results["plain"][level]
-        out[level] = {"throughput": round(serve["throughput_rps"] / max(plain["throughput_rps"], 1e-9), 3),
-                      "p50": round(serve["p50_ms"] / max(plain["p50_ms"], 1e-9), 3)}
+    for level, plain in results["plain"].items():
+        out[level] = {series: {"throughput": round(r[level]["throughput_rps"] / max(plain["throughput_rps"], 1e-9), 3),
+                               "p50": round(r[level]["p50_ms"] / max(plain["p50_ms"], 1e-9), 3)}
+                      for series, r in results.items() if series != "plain"}
     return out
 
 
@@ -207,8 +210,11 @@ def markdown(report: dict) -> str:
             cpu = ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_request"].items())
             lines.append(f"| {level} | {server} | {r['requests']} | {r['ok']} | {r['throughput_rps']} | "
                          f"{r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {cpu} |")
-    lines += ["", "| clients | Serve/plain throughput | Serve/plain p50 |", "|---:|---:|---:|"]
-    lines += [f"| {level} | {r['throughput']} | {r['p50']} |" for level, r in report["ratios"].items()]
+    series = [name for name in report["results"] if name != "plain"]
+    lines += ["", "| clients | " + " | ".join(f"{name}: throughput / plain, p50 / plain" for name in series) + " |",
+              "|---:|" + "---:|" * len(series)]
+    lines += [f"| {level} | " + " | ".join(f"{r[name]['throughput']}, {r[name]['p50']}" for name in series) + " |"
+              for level, r in report["ratios"].items()]
     m, p = report["machine"], report["profile"]
     lines += ["", f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, load average "
                   f"{m['loadavg_1m_before']:.2f} before and {m['loadavg_1m_after']:.2f} after.",
@@ -223,7 +229,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    styles = {"plain": "o--", "serve": "s-", "serve, empty endpoint": "^:"}
+    styles = {"plain": "o--", "serve": "s-", "serve, colocated": "d-", "serve, empty endpoint": "^:"}
     for server, style in ((name, styles.get(name, "x-")) for name in report["results"]):
         levels = [int(k) for k in report["results"][server]]
         rows = list(report["results"][server].values())
@@ -262,8 +268,10 @@ def run(args) -> dict:
         if args.serve_url:
             targets = {"serve": (f"{args.serve_url}/predict", serve_pids(args.serve_app) if args.serve_app else {})}
         else:
-            apps = deploy_serve(storage, args.floor)
+            apps = deploy_serve(storage, args.floor, args.colocated)
             targets = {"serve": (f"{apps[BENCH_APP]}/predict", serve_pids(BENCH_APP))}
+            if args.colocated:
+                targets["serve, colocated"] = (f"{apps[COLOCATED_APP]}/predict", serve_pids(COLOCATED_APP))
             if args.floor:
                 targets["serve, empty endpoint"] = (f"{apps[FLOOR_APP]}/predict", serve_pids(FLOOR_APP))
         targets["plain"] = (f"http://127.0.0.1:{args.plain_port}/predict",
@@ -275,7 +283,7 @@ def run(args) -> dict:
                 url, pids = targets[server]
                 result = measure(url, bodies, clients, requests, args.time_limit, pids)
                 report["results"][server][str(clients)] = result
-                print(f"{server:22} clients={clients:3} {result['throughput_rps']:7.1f} req/s  "
+                print(f"{server:21} clients={clients:3} {result['throughput_rps']:7.1f} req/s  "
                       f"p50 {result['p50_ms']:7.2f} ms  p95 {result['p95_ms']:7.2f}  p99 {result['p99_ms']:7.2f}  "
                       f"ok {result['ok']}/{result['requests']}  cpu/req {result['cpu_ms_per_request']}", flush=True)
     finally:
@@ -300,6 +308,8 @@ def main(argv=None) -> None:
     parser.add_argument("--plain-port", type=int, default=PLAIN_PORT)
     parser.add_argument("--serve-url", help="measure a running app instead of deploying mnist-bench")
     parser.add_argument("--serve-app", help="with --serve-url: its application name, for CPU accounting")
+    parser.add_argument("--colocated", action="store_true",
+                        help="also measure the colocated layout (API and model in one deployment)")
     parser.add_argument("--floor", action="store_true",
                         help="also measure an empty Serve endpoint: the cost of Serve's HTTP path alone")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for serving.json/.md/.png")
@@ -309,8 +319,9 @@ def main(argv=None) -> None:
     (args.out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "serving.md").write_text(markdown(report))
     plot(report, args.out / "serving.png")
-    for level, ratio in report["ratios"].items():
-        print(f"clients={level}: Serve/plain throughput {ratio['throughput']}, p50 {ratio['p50']}")
+    for level, by_series in report["ratios"].items():
+        for name, ratio in by_series.items():
+            print(f"clients={level} {name}/plain: throughput {ratio['throughput']}, p50 {ratio['p50']}")
     print(f"wrote {args.out / 'serving.json'}, serving.md, serving.png")
 
 

@@ -1,15 +1,19 @@
 """The Ray Serve applications (serving/serve_config.yaml deploys both):
 
-    mnist      route /     MnistService: the HTTP API and the model in one replica. It loads the
-                           weights named by `latest`, batches requests (@serve.batch), follows
-                           `latest` for hot reload, and scales to any number of replicas.
-    mnist-ui   route /ui   MnistUI: the Gradio sketchpad, one replica, calling MnistService
-                           through a DeploymentHandle.
+    mnist      route /     MnistApi (ingress, num_cpus 0): HTTP API, validation, preprocessing
+                           MnistModel (num_cpus 0.25, any number of replicas): the weights named
+                           by `latest`, dynamic batching (@serve.batch), hot reload
+    mnist-ui   route /ui   MnistUI (num_cpus 0, one replica): the Gradio sketchpad, calling
+                           MnistModel through a DeploymentHandle
 
-Why two applications: API and model in one process is one Ray hop per request instead of two
-(about 40% more throughput on 2 cores, see docs/SERVING.md), and Gradio keeps per-session state
-(queue, uploads) in its process, so the page must live in a single replica while the API scales.
-Both ask for little CPU (0.25 and 0) so that a training job fits beside them on a 2-CPU machine.
+Why the model has its own deployment: a model replica can die (or be replaced) without losing a
+request, because MnistApi sends the batch again to another replica. Why the page has its own
+application: Gradio keeps per-session state in its process, so it runs as a single replica.
+`colocate: true` (args) instead serves API and model from one deployment, MnistService: one
+Ray hop less per request, about 40% more throughput on 2 cores, but a replica that dies takes
+its in-flight requests with it (docs/SERVING.md compares them).
+
+The CPU requests (0.25 per model replica, 0 for the rest) leave a 2-CPU machine room to train.
 """
 import asyncio
 import logging
@@ -18,38 +22,35 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.handle import DeploymentHandle
 
-from serving.api import create_api
+from serving.api import ApiError, create_api
 from serving.model_store import ModelStore, NoModel, follow_latest, storage_root
 from serving.schemas import Limits
 
 log = logging.getLogger("ray.serve")
+RETRIES = 2  # a batch whose model replica died is sent again to another (inference is idempotent)
 
 
 class ModelConfig(BaseModel):
-    """MnistService's user_config: `serve deploy` applies a change live, without a restart."""
+    """The model's user_config: `serve deploy` applies a change live, without a restart."""
     model_config = ConfigDict(extra="forbid")
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="0: batch what queued while the last batch ran")
     poll_interval_s: float = Field(1.0, gt=0, description="how often `latest` is checked")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
-                  user_config=ModelConfig().model_dump(), health_check_period_s=5)
-@serve.ingress()
-class MnistService:
-    async def __init__(self, storage: str | None = None, limits: dict | None = None):
+class ModelServer:
+    """The model side of a replica: the store, the `latest` watcher, dynamic batching."""
+
+    async def _start_model(self, storage: str | None) -> None:
         torch.set_num_threads(1)  # one core's worth: batching, not threads, gives throughput here
         self.config = ModelConfig()
-        self.limits = Limits(**(limits or {}))
         self.store = ModelStore(storage_root(storage))
         await asyncio.to_thread(self.store.refresh)  # no model yet is fine: 503 until one is published
         log.info("model store %s: version %s", self.store.storage, self.store.status()["model_version"])
         self._watcher = asyncio.create_task(follow_latest(self.store, lambda: self.config.poll_interval_s))
-
-    def __serve_build_asgi_app__(self):
-        """Runs on the replica after __init__ (a FastAPI app built in the driver would be pickled)."""
-        return create_api(LocalBackend(self), self.limits)
 
     def reconfigure(self, user_config: dict) -> None:
         self.config = ModelConfig(**user_config)
@@ -72,37 +73,11 @@ class MnistService:
         return self.store.status()
 
 
-class LocalBackend:
-    """The API's view of the model in its own replica."""
-
-    def __init__(self, service: MnistService):
-        self.service = service
-
-    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, str]:
-        return _result(await self.service.infer(images))
-
-    async def status(self) -> dict:
-        return self.service.store.status()
-
-
-class HandleBackend:
-    """The page's view of the model: MnistService of another application, through a handle."""
-
-    def __init__(self, app_name: str):
-        self.app_name = app_name
-        self._handle = None
-
-    @property
-    def handle(self):
-        if self._handle is None:  # looked up on first use: the API app may deploy after the page
-            self._handle = serve.get_app_handle(self.app_name)
-        return self._handle
-
-    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, str]:
-        return _result(await self.handle.infer.remote(images))
-
-    async def status(self) -> dict:
-        return await self.handle.status.remote()
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64,
+                  user_config=ModelConfig().model_dump(), health_check_period_s=5)
+class MnistModel(ModelServer):
+    async def __init__(self, storage: str | None = None):
+        await self._start_model(storage)
 
 
 def _result(result):
@@ -111,11 +86,75 @@ def _result(result):
     return result
 
 
+class HandleBackend:
+    """The API's (or the page's) view of MnistModel through a handle, retrying lost replicas."""
+
+    def __init__(self, handle: DeploymentHandle | None = None, app_name: str = "", deployment: str = "MnistModel"):
+        self._handle, self.app_name, self.deployment = handle, app_name, deployment
+
+    @property
+    def handle(self) -> DeploymentHandle:
+        if self._handle is None:  # looked up on first use: the page may deploy before the API app
+            self._handle = serve.get_deployment_handle(self.deployment, self.app_name)
+        return self._handle
+
+    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, str]:
+        for attempt in range(RETRIES + 1):
+            try:
+                return _result(await self.handle.infer.remote(images))
+            except RayActorError as error:  # the replica died mid-request: another one takes it
+                if attempt == RETRIES:
+                    raise ApiError(503, "no model replica could answer; try again") from error
+                log.warning("model replica lost (%s); sending the batch again", type(error).__name__)
+
+    async def status(self) -> dict:
+        return await self.handle.status.remote()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress()
+class MnistApi:
+    def __init__(self, model: DeploymentHandle, limits: dict | None = None):
+        self.backend = HandleBackend(model)
+        self.limits = Limits(**(limits or {}))
+
+    def __serve_build_asgi_app__(self):
+        """Runs on the replica after __init__ (a FastAPI app built in the driver would be pickled)."""
+        return create_api(self.backend, self.limits)
+
+
+class LocalBackend:
+    """The API's view of the model in its own replica (the colocated layout)."""
+
+    def __init__(self, server: ModelServer):
+        self.server = server
+
+    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, str]:
+        return _result(await self.server.infer(images))
+
+    async def status(self) -> dict:
+        return self.server.store.status()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
+                  user_config=ModelConfig().model_dump(), health_check_period_s=5)
+@serve.ingress()
+class MnistService(ModelServer):
+    """API and model in one replica (`colocate: true`)."""
+
+    async def __init__(self, storage: str | None = None, limits: dict | None = None):
+        await self._start_model(storage)
+        self.limits = Limits(**(limits or {}))
+
+    def __serve_build_asgi_app__(self):
+        return create_api(LocalBackend(self), self.limits)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress()
 class MnistUI:
-    def __init__(self, model_app: str = "mnist"):
-        self.backend = HandleBackend(model_app)
+    def __init__(self, model_app: str = "mnist", model_deployment: str = "MnistModel"):
+        self.backend = HandleBackend(app_name=model_app, deployment=model_deployment)
 
     def __serve_build_asgi_app__(self):
         from serving.ui import ui_app  # Gradio is imported only where the page is served
@@ -125,19 +164,24 @@ class MnistUI:
 class AppArgs(Limits):
     """`args:` of the mnist application in serve_config.yaml (or key=value after `serve run`)."""
     storage: str | None = Field(None, description="storage root; default $MNIST_STORAGE, else <repo>/storage")
+    colocate: bool = Field(False, description="API and model in one deployment (MnistService)")
 
 
 class UIArgs(BaseModel):
     """`args:` of the mnist-ui application."""
     model_config = ConfigDict(extra="forbid")
-    model_app: str = Field("mnist", description="name of the application that runs MnistService")
+    model_app: str = Field("mnist", description="the application that runs the model")
+    model_deployment: str = Field("MnistModel", description="MnistModel, or MnistService if colocated")
 
 
 def build_app(args: dict | None = None) -> serve.Application:
     options = AppArgs(**(args or {}))
-    limits = Limits(**options.model_dump(include=set(Limits.model_fields)))
-    return MnistService.bind(options.storage, limits.model_dump())
+    limits = Limits(**options.model_dump(include=set(Limits.model_fields))).model_dump()
+    if options.colocate:
+        return MnistService.bind(options.storage, limits)
+    return MnistApi.bind(MnistModel.bind(options.storage), limits)
 
 
 def build_ui(args: dict | None = None) -> serve.Application:
-    return MnistUI.bind(UIArgs(**(args or {})).model_app)
+    options = UIArgs(**(args or {}))
+    return MnistUI.bind(options.model_app, options.model_deployment)

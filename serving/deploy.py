@@ -35,13 +35,15 @@ def load_config(path: Path = SERVE_CONFIG) -> dict:
 
 
 def local_config(storage: str | None = None, name: str | None = None, route_prefix: str | None = None,
-                 model_replicas: int | None = None, path: Path = SERVE_CONFIG) -> dict:
+                 model_replicas: int | None = None, colocate: bool = False, path: Path = SERVE_CONFIG) -> dict:
     """The config with an absolute storage root and this checkout on the replicas' PYTHONPATH.
 
     `name` and `route_prefix` rename the API app; the page follows as <name>-ui at <prefix>/ui.
     """
     config = copy.deepcopy(load_config(path))
     api, ui = app_pair(config)
+    if colocate:
+        colocated(api, ui)
     for app in (api, ui):
         env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
         env["PYTHONPATH"] = str(ROOT)  # the replicas import serving/ and training/ from this checkout
@@ -54,10 +56,18 @@ def local_config(storage: str | None = None, name: str | None = None, route_pref
         api["route_prefix"] = "/" + route_prefix.strip("/")
         ui["route_prefix"] = api["route_prefix"].rstrip("/") + "/ui"
     if model_replicas:
-        service = next(d for d in api["deployments"] if d["name"] == "MnistService")
-        service.pop("autoscaling_config", None)
-        service["num_replicas"] = model_replicas
+        model = next(d for d in api["deployments"] if d["name"] == ui["args"]["model_deployment"])
+        model.pop("autoscaling_config", None)
+        model["num_replicas"] = model_replicas
     return config
+
+
+def colocated(api: dict, ui: dict) -> None:
+    """API and model in one deployment, MnistService, with the model's settings."""
+    model = next(d for d in api["deployments"] if d["name"] == "MnistModel")
+    api["args"]["colocate"] = True
+    api["deployments"] = [{**model, "name": "MnistService", "max_ongoing_requests": 256}]
+    ui["args"]["model_deployment"] = "MnistService"
 
 
 def code_hash() -> str:

@@ -23,8 +23,12 @@ BRUSH_RADIUS = 12     # a 24 px stroke: about 2.4 px after scaling to MNIST's 20
 ZOOM = 8              # the 28x28 input is shown at 224x224, pixels kept square
 # Gradio's Sketchpad starts with no tool selected ("select the draw tool to start"): pick the brush.
 SELECT_BRUSH = """() => {
-  const pick = () => document.querySelector('#sketchpad button[aria-label="Brush"]')?.click();
-  setTimeout(pick, 200); setTimeout(pick, 1000);
+  const started = Date.now();
+  const pick = () => {
+    const brush = document.querySelector('#sketchpad button[aria-label="Brush"]');
+    if (brush) { brush.click(); } else if (Date.now() - started < 20000) { setTimeout(pick, 100); }
+  };
+  pick();
 }"""
 
 

@@ -17,5 +17,5 @@ def test_bench_serving_runs(serve_app, mnist_storage, tmp_path):
     report = json.loads((tmp_path / "serving.json").read_text())
     for server in ("plain", "serve"):
         assert [r["ok"] for r in report["results"][server].values()] == [20, 20]
-    assert set(report["ratios"]) == {"1", "2"}
-    assert (tmp_path / "serving.png").stat().st_size > 0 and "Serve/plain" in (tmp_path / "serving.md").read_text()
+    assert set(report["ratios"]) == {"1", "2"} and set(report["ratios"]["1"]) == {"serve"}
+    assert (tmp_path / "serving.png").stat().st_size > 0 and "throughput / plain" in (tmp_path / "serving.md").read_text()

@@ -25,24 +25,34 @@ def test_the_config_is_a_valid_serve_config():
 
 
 def test_config_deployments_exist_and_ask_for_little_cpu():
-    """Training and serving share a 2-CPU machine: the page asks for none, the model for a quarter."""
+    """Training and serving share a 2-CPU machine: the model asks for a quarter, the rest for none."""
     api, ui = deploy.app_pair(deploy.load_config())
-    built = {"MnistService": serve_app.MnistService, "MnistUI": serve_app.MnistUI}
+    built = {"MnistApi": serve_app.MnistApi, "MnistModel": serve_app.MnistModel, "MnistUI": serve_app.MnistUI}
     for app in (api, ui):
         for deployment in app["deployments"]:
             assert deployment["name"] in built
             assert deployment["ray_actor_options"]["num_cpus"] <= 0.25
-    service = api["deployments"][0]
-    serve_app.ModelConfig(**service["user_config"])  # reconfigure() accepts it
-    assert service["max_ongoing_requests"] >= service["user_config"]["max_batch_size"]
+    model = next(d for d in api["deployments"] if d["name"] == "MnistModel")
+    serve_app.ModelConfig(**model["user_config"])  # reconfigure() accepts it
+    assert model["max_ongoing_requests"] >= model["user_config"]["max_batch_size"]
+    assert ui["args"]["model_deployment"] == "MnistModel"
 
 
 def test_builders_accept_the_config_args():
     api, ui = deploy.app_pair(deploy.load_config())
     assert serve_app.build_app(api["args"]) is not None
+    assert serve_app.build_app({**api["args"], "colocate": True}) is not None
     assert serve_app.build_ui(ui["args"]) is not None
     with pytest.raises(ValueError):
         serve_app.build_app({"max_body_bytes": 10, "colour": "red"})
+
+
+def test_colocated_layout(tmp_path):
+    config = deploy.local_config(str(tmp_path), colocate=True, model_replicas=2)
+    ServeDeploySchema.model_validate(config)
+    api, ui = deploy.app_pair(config)
+    assert [d["name"] for d in api["deployments"]] == ["MnistService"] and api["args"]["colocate"]
+    assert api["deployments"][0]["num_replicas"] == 2 and ui["args"]["model_deployment"] == "MnistService"
 
 
 def test_local_config_points_at_an_absolute_storage_and_this_checkout(tmp_path):
@@ -52,7 +62,8 @@ def test_local_config_points_at_an_absolute_storage_and_this_checkout(tmp_path):
     assert api["runtime_env"]["env_vars"]["MNIST_STORAGE"] == str(tmp_path.resolve())
     assert Path(api["runtime_env"]["env_vars"]["PYTHONPATH"]) == Path(deploy.__file__).resolve().parents[1]
     assert (api["name"], api["route_prefix"], ui["name"], ui["route_prefix"]) == ("mine", "/mine", "mine-ui", "/mine/ui")
-    assert ui["args"]["model_app"] == "mine" and api["deployments"][0]["num_replicas"] == 3
+    model = next(d for d in api["deployments"] if d["name"] == "MnistModel")
+    assert ui["args"]["model_app"] == "mine" and model["num_replicas"] == 3
     assert config["http_options"]["host"] == "127.0.0.1"
 
 

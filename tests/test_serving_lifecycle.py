@@ -25,7 +25,7 @@ def pixels_body(test_digits, index: int = 0) -> bytes:
 
 
 def replicas(app_name: str) -> list[dict]:
-    details = deploy.serve_details()["applications"][app_name]["deployments"]["MnistService"]
+    details = deploy.serve_details()["applications"][app_name]["deployments"]["MnistModel"]
     return [r for r in details["replicas"] if r["state"] == "RUNNING"]
 
 
@@ -111,7 +111,8 @@ def test_a_bad_model_leaves_the_old_one_serving(serve_app, served_models, test_d
 
 @pytest.mark.slow
 def test_killing_a_replica_under_load(serve_app, test_digits):
-    """Two replicas, a bounded load, SIGKILL one replica: >= 99.9% of requests still succeed."""
+    """Two model replicas, a bounded load, SIGKILL one: >= 99.9% of requests still succeed (the API
+    sends the batches the dead replica held to the other one)."""
     scaled = make_app(serve_app.name, serve_app.storage, model_replicas=2)
     deploy.deploy(scaled.config, timeout=240)
     try:
@@ -121,13 +122,13 @@ def test_killing_a_replica_under_load(serve_app, test_digits):
         victim = replicas(serve_app.name)[0]
         thread, result = run_in_background(lambda: load(
             f"{serve_app.url}/predict", [pixels_body(test_digits, i) for i in range(8)],
-            clients=4, requests=2000, time_limit_s=90))
-        time.sleep(3)
+            clients=4, requests=1200, time_limit_s=90))
+        time.sleep(2)
         os.kill(victim["pid"], signal.SIGKILL)
         thread.join(120)
         summary = result["value"].summary()
         print("replica kill under load:", summary)
-        assert summary["requests"] >= 2000 and summary["success_rate"] >= 0.999, summary
+        assert summary["requests"] >= 1200 and summary["success_rate"] >= 0.999, summary
         with serve_app.client() as client:
             assert client.get("/healthz").status_code == 200
         wait_for(lambda: len(replicas(serve_app.name)) == 2

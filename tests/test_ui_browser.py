@@ -1,5 +1,6 @@
 """A person at the page: headless Debian Chromium driven by Playwright draws a 7 with the mouse,
 presses Recognise and reads the prediction. The screenshot is kept in artifacts/."""
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's (apt-get install chromium); Playwrigh
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 SCREENSHOT = Path(__file__).resolve().parents[1] / "artifacts" / "ui-browser.png"
+FAILURE_SHOT = SCREENSHOT.with_name("ui-browser-failure.png")
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,16 @@ def page(serve_app):
         page.goto(serve_app.ui_url, wait_until="networkidle")
         yield page
         browser.close()
+
+
+@contextlib.contextmanager
+def screenshot_on_failure(page):
+    try:
+        yield
+    except Exception:
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(FAILURE_SHOT), full_page=True)
+        raise
 
 
 def draw(page, strokes: list[list[tuple[float, float]]]) -> None:
@@ -39,21 +51,24 @@ def draw(page, strokes: list[list[tuple[float, float]]]) -> None:
 
 
 def test_draw_a_seven_and_read_the_prediction(page, serve_app):
-    expect(page.locator("#version")).to_contain_text(serve_app.model()["model_version"], timeout=30_000)
-    draw(page, [[(-60, -100), (60, -100), (-20, 110)]])  # the bar, then the stem
-    page.click("#submit")
-    top = page.locator('#prediction [data-testid="label-output-value"]')
-    expect(top).to_have_text("7", timeout=30_000)
-    expect(page.locator("#seen img")).to_be_visible()
+    with screenshot_on_failure(page):
+        expect(page.locator("#version")).to_contain_text(serve_app.model()["model_version"], timeout=30_000)
+        draw(page, [[(-60, -100), (60, -100), (-20, 110)]])  # the bar, then the stem
+        page.click("#submit")
+        top = page.locator('#prediction [data-testid="label-output-value"]')
+        expect(top).to_have_text("7", timeout=30_000)
+        expect(page.locator("#seen img")).to_be_visible()
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
 
 def test_clear_empties_the_page(page):
-    page.click("#clear")
-    expect(page.locator('#prediction [data-testid="label-output-value"]')).to_have_count(0, timeout=10_000)
+    with screenshot_on_failure(page):
+        page.click("#clear")
+        expect(page.locator('#prediction [data-testid="label-output-value"]')).to_have_count(0, timeout=10_000)
 
 
 def test_an_example_is_recognised(page):
-    page.locator(".gallery-item, button.gallery-item, [data-testid='examples'] button").nth(1).click()
-    expect(page.locator('#prediction [data-testid="label-output-value"]')).to_have_text("2", timeout=30_000)
+    with screenshot_on_failure(page):
+        page.locator(".gallery-item").nth(1).click()  # the examples: 7, 2, 1, 0
+        expect(page.locator('#prediction [data-testid="label-output-value"]')).to_have_text("2", timeout=30_000)
