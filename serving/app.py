@@ -115,25 +115,40 @@ class HandleBackend:
 @serve.ingress()
 class MnistApi:
     def __init__(self, model: DeploymentHandle, limits: dict | None = None):
-        self.backend = HandleBackend(model)
+        self.model = HandleBackend(model)
         self.limits = Limits(**(limits or {}))
 
     def __serve_build_asgi_app__(self):
         """Runs on the replica after __init__ (a FastAPI app built in the driver would be pickled)."""
-        return create_api(self.backend, self.limits)
+        return create_api(LocalBackend(self), self.limits)
+
+    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, str]:
+        return await self._forward(images)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def _forward(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
+        """One call to the model for the requests that arrived together: the Ray hop, which
+        costs more than the model, is paid once per batch instead of once per request."""
+        probs, version = await self.model.infer(np.concatenate(requests))
+        bounds = np.cumsum([len(r) for r in requests])[:-1]
+        return [(part, version) for part in np.split(probs, bounds)]
+
+    async def status(self) -> dict:
+        return await self.model.status()
 
 
 class LocalBackend:
-    """The API's view of the model in its own replica (the colocated layout)."""
+    """The API's view of the model through its own replica: MnistApi (which forwards batches
+    to MnistModel) or MnistService (which holds the model)."""
 
-    def __init__(self, server: ModelServer):
+    def __init__(self, server):
         self.server = server
 
     async def infer(self, images: np.ndarray) -> tuple[np.ndarray, str]:
         return _result(await self.server.infer(images))
 
     async def status(self) -> dict:
-        return self.server.store.status()
+        return await self.server.status()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
