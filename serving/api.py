@@ -2,7 +2,8 @@
 in-process model of the uvicorn baseline): the same routes, validation and errors for both.
 
 Every malformed request is answered with a 4xx JSON body `{"error": "<what is wrong>"}` (plus
-`detail` for schema errors); 5xx only means the service itself is not ready (503, no model yet).
+`detail` for schema errors); 5xx only means the service cannot answer now (503: no model yet, a
+request over the time limit, no model replica).
 """
 import base64
 import binascii
@@ -48,6 +49,7 @@ class ApiError(Exception):
 def decode_base64(text: str, where: str) -> bytes:
     if text.startswith("data:"):  # a canvas's toDataURL(): data:image/png;base64,....
         text = text.partition(",")[2]
+    text = "".join(text.split())  # `base64 FILE` wraps lines at 76 characters
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

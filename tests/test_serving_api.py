@@ -70,9 +70,12 @@ def test_predict_one_image(client, test_digits, style):
     check_prediction(response.json(), int(test_digits[1][0]))
 
 
-def test_predict_accepts_a_canvas_data_url(client, test_digits):
+def test_predict_accepts_a_canvas_data_url_and_wrapped_base64(client, test_digits):
     url = "data:image/png;base64," + drawing(test_digits, 1)
     check_prediction(client.post("/predict", json={"image": url}).json(), int(test_digits[1][1]))
+    text = drawing(test_digits, 1)
+    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76))  # as `base64 FILE` prints it
+    check_prediction(client.post("/predict", json={"image": wrapped}).json(), int(test_digits[1][1]))
 
 
 def test_predict_many_images_in_order(client, test_digits):
