@@ -17,7 +17,8 @@ from training.storage import models_dir, read_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-ARGS = ["--subset", "3000", "--workers", "3", "--epochs", "2", "--rounds", "4", "--seed", "3"]
+# Eight short rounds: a fault injected after round 1 lands while training is still going.
+ARGS = ["--subset", "3000", "--workers", "3", "--epochs", "4", "--rounds", "8", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,7 @@ def test_killed_worker_resumes_and_matches_an_undisturbed_run(client, mnist_stor
     assert finish(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
 
     job = start(client, mnist_storage, hurt)
+    # Round 1's average exists only after round 0's checkpoint was reported: a restart resumes from it.
     wait_for(lambda: global_path(mnist_storage, hurt, 1).exists(), 300, "round 1's averaged model")
     pids = wait_for(lambda: train_worker_pids(client, job), 30, "the Train workers' pids")
     os.kill(pids[-1], signal.SIGKILL)

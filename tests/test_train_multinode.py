@@ -53,20 +53,20 @@ def test_losing_a_worker_node_mid_training_still_publishes_a_correct_model(clust
     client = wait_for(lambda: _client(), 60, "the test cluster's job server")
     run_id = f"nodes-{uuid.uuid4().hex[:6]}"
     entrypoint = (f"{sys.executable} training/train.py --storage {mnist_storage} --run-id {run_id} "
-                  "--subset 3000 --workers 3 --epochs 2 --rounds 4")
+                  "--subset 3000 --workers 3 --epochs 4 --rounds 8")  # short rounds: the kill lands mid-training
     job = wait_for(lambda: _submit(client, entrypoint), 60, "a job agent on the new cluster")
-    wait_for(lambda: global_path(mnist_storage, run_id, 0).exists(), 300, "round 0")
-    first = [torch.load(worker_path(mnist_storage, run_id, 0, r), weights_only=True)["node_id"] for r in range(3)]
-    assert len(set(first)) == 2, "the Train workers should span both worker nodes"
-
+    # Round 1's average exists only after round 0's checkpoint was reported: a restart resumes from it.
+    wait_for(lambda: global_path(mnist_storage, run_id, 1).exists(), 300, "round 1")
     cluster.remove_node(workers[1], allow_graceful=False)  # the node dies mid-training
     replacement = cluster.add_node(num_cpus=2)
+    first = [torch.load(worker_path(mnist_storage, run_id, 0, r), weights_only=True)["node_id"] for r in range(3)]
+    assert len(set(first)) == 2, "the Train workers should span both worker nodes"
     status = wait_for(lambda: (s := client.get_job_status(job)) in
                       {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and s, 420, "the job")
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "resuming after round" in logs
-    last = [torch.load(worker_path(mnist_storage, run_id, 3, r), weights_only=True)["node_id"] for r in range(3)]
+    last = [torch.load(worker_path(mnist_storage, run_id, 7, r), weights_only=True)["node_id"] for r in range(3)]
     assert replacement.node_id in last and workers[1].node_id not in last
 
     assert read_latest(mnist_storage) == run_id
