@@ -6,6 +6,7 @@ from pathlib import Path
 import httpx
 
 from serving import deploy
+from tests.waiting import wait_for  # noqa: F401  (the serving tests import it from here)
 from training.storage import models_dir, publish_model
 
 RECIPE = {"seed": 0, "steps": 300, "batch_size": 64, "max_lr": 4e-3, "finetune_steps": 40}
@@ -55,16 +56,5 @@ def make_app(name: str, storage: Path, with_ui: bool = True, model_replicas: int
     if not with_ui:
         config["applications"] = [deploy.app_pair(config)[0]]
     return ServeApp(name, f"/{name}", storage, config)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 

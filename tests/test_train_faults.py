@@ -3,7 +3,6 @@ job is stopped mid-run. Work resumes from the last round's checkpoint; nothing h
 import json
 import os
 import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors
 
 from ray_cluster import local
+from tests.waiting import wait_for
 from training.aggregation import global_path
 from training.storage import models_dir, read_latest
 
@@ -29,16 +29,6 @@ def client(ray_head):
 def start(client, storage: Path, run_id: str) -> str:
     entrypoint = " ".join(["python", "training/train.py", "--storage", str(storage), "--run-id", run_id, *ARGS])
     return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def finish(client, job_id: str, timeout: float = 420) -> JobStatus:

@@ -4,7 +4,6 @@ different nodes and share nothing but the storage root. One worker node is kille
 training and a fresh one joins (as KubeRay would replace the pod): the job resumes from the last
 round's checkpoint and publishes a correct model."""
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from tests.waiting import wait_for
 from training.aggregation import global_path, worker_path
 from training.data import load_mnist
 from training.model import Net, evaluate
@@ -37,15 +37,6 @@ def cluster():
         cluster.shutdown()
         if saved is not None:
             address_file.write_text(saved)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_losing_a_worker_node_mid_training_still_publishes_a_correct_model(cluster, mnist_storage):
