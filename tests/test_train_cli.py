@@ -24,6 +24,7 @@ import train  # noqa: E402  (the entrypoint is a script, as Ray runs it)
     (["--subset", "70000"], "larger than the 60000 training images"),
     (["--subset", "600", "--workers", "3", "--epochs", "1", "--rounds", "3"], "--rounds 3 is more than the 2 training steps"),
     (["--run-id", "../escape"], "--run-id: use 1-63 letters"),
+    (["--checkpoint-steps", "-1"], "--checkpoint-steps must be >= 0"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -49,16 +50,21 @@ def test_rounds_split_steps_evenly():
     assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
 
 
-@pytest.mark.parametrize("available, workers, expected", [(2.0, 3, (0.58, 1)), (8.0, 3, (1.0, 1)), (2.0, 1, (1.0, 1))])
-def test_worker_cpus_fit_beside_the_aggregator(available, workers, expected):
+@pytest.mark.parametrize("available, workers, expected", [(2.0, 3, (0.66, 1)), (8.0, 3, (1.0, 1)), (0.75, 1, (0.75, 1))])
+def test_worker_cpus_fit_in_the_free_cpus(available, workers, expected):
     cpus, threads = train.size_workers(available, workers)
     assert (cpus, threads) == expected
-    assert cpus * workers + train.AGGREGATOR_CPUS <= available
+    assert cpus * workers <= available
+
+
+@pytest.mark.parametrize("every, expected", [(0, []), (4, [4, 8]), (10, []), (3, [3, 6, 9])])
+def test_mid_round_checkpoints_fall_strictly_inside_the_round(every, expected):
+    assert [step for step in range(1, 11) if train.checkpoint_due(step, 10, every)] == expected
 
 
 def test_too_few_cpus_is_a_clear_error():
     with pytest.raises(train.UserError, match="too few"):
-        train.size_workers(0.3, 4)
+        train.size_workers(0.1, 4)
 
 
 def run_script(*argv, env=None):

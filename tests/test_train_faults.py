@@ -1,5 +1,6 @@
-"""Fault injection on a real local Ray cluster: a Train worker is SIGKILLed mid-training, and a
-job is stopped mid-run. Work resumes from the last round's checkpoint; nothing half-published."""
+"""Fault injection on a real local Ray cluster: a Train worker is SIGKILLed in the middle of a
+round, and a job is stopped mid-run. Work resumes from the last round's checkpoint plus each
+worker's mid-round checkpoint; nothing is half-published."""
 import json
 import os
 import signal
@@ -12,13 +13,17 @@ from ray.util.state import list_actors
 
 from ray_cluster import local
 from tests.waiting import wait_for
-from training.aggregation import global_path
+from training.aggregation import global_path, partial_path
 from training.storage import models_dir, read_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-# Eight short rounds: a fault injected after round 1 lands while training is still going.
-ARGS = ["--subset", "3000", "--workers", "3", "--epochs", "4", "--rounds", "8", "--seed", "3"]
+# Two rounds of 30 steps with a checkpoint every 4 steps: the kill lands inside round 1, after
+# round 0's checkpoint and after every worker's first mid-round checkpoint.
+KILL_ARGS = ["--subset", "9000", "--workers", "3", "--epochs", "2", "--rounds", "2", "--checkpoint-steps", "4",
+             "--seed", "3"]
+# Eight short rounds: a stop after round 0 lands while training is still going.
+STOP_ARGS = ["--subset", "3000", "--workers", "3", "--epochs", "4", "--rounds", "8", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +31,8 @@ def client(ray_head):
     return JobSubmissionClient(local.DASHBOARD_URL)
 
 
-def start(client, storage: Path, run_id: str) -> str:
-    entrypoint = " ".join(["python", "training/train.py", "--storage", str(storage), "--run-id", run_id, *ARGS])
+def start(client, storage: Path, run_id: str, args: list[str]) -> str:
+    entrypoint = " ".join(["python", "training/train.py", "--storage", str(storage), "--run-id", run_id, *args])
     return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
 
 
@@ -48,28 +53,31 @@ def accuracy(storage: Path, version: str) -> float:
     return json.loads((models_dir(storage) / version / "metadata.json").read_text())["test_accuracy"]
 
 
-def test_killed_worker_resumes_and_matches_an_undisturbed_run(client, mnist_storage):
+def test_worker_killed_mid_round_resumes_and_matches_an_undisturbed_run(client, mnist_storage):
     calm, hurt = f"calm-{uuid.uuid4().hex[:6]}", f"kill-{uuid.uuid4().hex[:6]}"
-    job = start(client, mnist_storage, calm)
+    job = start(client, mnist_storage, calm, KILL_ARGS)
     assert finish(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
 
-    job = start(client, mnist_storage, hurt)
-    # Round 1's average exists only after round 0's checkpoint was reported: a restart resumes from it.
-    wait_for(lambda: global_path(mnist_storage, hurt, 1).exists(), 300, "round 1's averaged model")
-    pids = wait_for(lambda: train_worker_pids(client, job), 30, "the Train workers' pids")
+    job = start(client, mnist_storage, hurt, KILL_ARGS)
+    pids = wait_for(lambda: len(p := train_worker_pids(client, job)) == 3 and p, 300, "the Train workers' pids")
+    wait_for(lambda: global_path(mnist_storage, hurt, 0).exists()
+             and all(partial_path(mnist_storage, hurt, 1, rank).exists() for rank in range(3)),
+             300, "round 0's average and every worker's first checkpoint in round 1")
     os.kill(pids[-1], signal.SIGKILL)
     assert finish(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
 
     logs = client.get_job_logs(job)
-    assert "resuming after round" in logs
+    assert "resuming after round 0" in logs  # the averaged model of round 0, from Ray Train's checkpoint
+    assert "resuming round 1 at step" in logs  # then the worker's own progress inside round 1
     assert read_latest(mnist_storage) == hurt
     assert abs(accuracy(mnist_storage, hurt) - accuracy(mnist_storage, calm)) <= 0.003
+    assert not list((mnist_storage / "runs" / hurt).rglob("*.partial.pt"))  # cleaned up at each round's end
 
 
 def test_stopped_job_publishes_nothing_and_latest_stays(client, mnist_storage):
     before = read_latest(mnist_storage)
     run_id = f"stop-{uuid.uuid4().hex[:6]}"
-    job = start(client, mnist_storage, run_id)
+    job = start(client, mnist_storage, run_id, STOP_ARGS)
     wait_for(lambda: global_path(mnist_storage, run_id, 0).exists(), 300, "round 0's averaged model")
     client.stop_job(job)
     assert finish(client, job, timeout=120) == JobStatus.STOPPED

@@ -78,3 +78,40 @@ def test_a_failed_run_publishes_nothing(trained):
     assert result.returncode != 0
     assert f"run {run_id} already exists" in result.stdout + result.stderr
     assert read_latest(storage) == run_id
+
+
+def test_two_runs_at_once_keep_to_their_own_files(ray_head, mnist_source, tmp_path):
+    """Two jobs submitted together on one storage root: both finish, each run's folder holds only
+    its own files, and each published model is exactly its own run's final average."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from tests.waiting import wait_for
+    from training.aggregation import global_path
+    from training.data import fetch_mnist
+
+    storage = tmp_path / "storage"
+    fetch_mnist(storage, mnist_source)
+    client = JobSubmissionClient(local.DASHBOARD_URL)
+    runs = {}
+    for seed in (1, 2):
+        run_id = f"twin{seed}-{uuid.uuid4().hex[:6]}"
+        entrypoint = (f"python training/train.py --storage {storage} --run-id {run_id} --subset 1200 "
+                      f"--workers 2 --epochs 1 --rounds 2 --seed {seed}")
+        runs[run_id] = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    for run_id, job in runs.items():
+        status = wait_for(lambda: (s := client.get_job_status(job)) in terminal and s, 420, f"job {run_id}")
+        assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    first, second = (client.get_job_info(job) for job in runs.values())
+    assert first.start_time < second.end_time and second.start_time < first.end_time  # they really overlapped
+
+    for run_id in runs:
+        folder = storage / "runs" / run_id
+        assert json.loads((folder / "shards" / "manifest.json").read_text())["run_id"] == run_id
+        saved = [torch.load(path, weights_only=True) for path in (folder / "rounds").rglob("*.pt")]
+        assert len(saved) == 2 * (2 + 1)  # two rounds of two workers and one average, nothing else
+        assert {record["run_id"] for record in saved} == {run_id}
+        published = torch.load(models_dir(storage) / run_id / "model.pt", weights_only=True)
+        final = torch.load(global_path(storage, run_id, 1), weights_only=True)["state_dict"]
+        assert all(torch.equal(published[key], final[key]) for key in final)
+    assert read_latest(storage) in runs

@@ -50,6 +50,11 @@ def worker_path(storage: Path, run_id: str, round_index: int, rank: int) -> Path
     return round_dir(storage, run_id, round_index) / f"worker-{rank:03d}.pt"
 
 
+def partial_path(storage: Path, run_id: str, round_index: int, rank: int) -> Path:
+    """A worker's mid-round checkpoint; never read by the aggregator, removed at the round's end."""
+    return round_dir(storage, run_id, round_index) / f"worker-{rank:03d}.partial.pt"
+
+
 def global_path(storage: Path, run_id: str, round_index: int) -> Path:
     return round_dir(storage, run_id, round_index) / "global.pt"
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from training.aggregation import aggregate_round, global_path, round_dir, worker_path  # noqa: E402
+from training.aggregation import aggregate_round, global_path, partial_path, round_dir, worker_path  # noqa: E402
 from training.data import MnistUnavailable, fetch_mnist, load_shard, write_shards  # noqa: E402
 from training.model import Net, initial_weights, to_input  # noqa: E402
 from training.storage import (atomic_torch_save, publish_model, resolve_storage, run_dir,  # noqa: E402
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subset", type=positive_int, default=None,
                         help="train on this many random training images only (quick tests); default all 60,000")
     parser.add_argument("--data-source", default=None, help="local folder with the MNIST files (default $MNIST_SOURCE_DIR)")
+    parser.add_argument("--checkpoint-steps", type=int, default=50,
+                        help="each worker also saves its state every this many steps within a round, so a restart "
+                             "loses less than that (default 50; 0 = only at the end of each round)")
     parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray Train may make (default 2)")
     return parser
 
@@ -93,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      f"({args.epochs} epochs of {images // args.workers} images in batches of {args.batch_size})")
     if args.max_failures < 0:
         parser.error("--max-failures must be >= 0")
+    if args.checkpoint_steps < 0:
+        parser.error("--checkpoint-steps must be >= 0 (0 turns mid-round checkpoints off)")
     return args
 
 
@@ -118,34 +123,33 @@ def train_func(config: dict) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], total_steps=total_steps)
     first_round = resume_round(model, optimizer, storage, run_id, rank, config)
+    progress = restore_progress(model, optimizer, storage, run_id, first_round, rank)
     batches = shuffled_batches(len(labels), config["batch_size"], seed=config["seed"] * 1000 + rank)
-    for _ in range(round_bounds(total_steps, config["rounds"], first_round)[0]):  # replay position on resume
-        next(batches), schedule.step()
-    aggregator = ray.remote(aggregate_round).options(num_cpus=config["aggregator_cpus"])
+    for _ in range(round_bounds(total_steps, config["rounds"], first_round)[0] + progress["step"]):
+        next(batches), schedule.step()  # replay the data order and LR schedule to where we stopped
+    aggregator = ray.remote(aggregate_round).options(num_cpus=0)  # runs while every worker waits
 
     for round_index in range(first_round, config["rounds"]):
         start, end = round_bounds(total_steps, config["rounds"], round_index)
-        started = time.perf_counter()
+        if round_index > first_round:
+            progress = new_progress()
+        started = time.perf_counter() - progress["seconds"]
         model.train()
-        seen = correct = 0
-        loss_sum = 0.0
-        for _ in range(end - start):
+        for step in range(progress["step"], end - start):
             index = next(batches)
-            x, y = to_input(images[index]), labels[index]
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
+            train_step(model, optimizer, schedule, images[index], labels[index], progress)
+            progress["step"] = step + 1
+            if checkpoint_due(progress["step"], end - start, config["checkpoint_steps"]):
+                progress["seconds"] = time.perf_counter() - started
+                atomic_torch_save(partial_path(storage, run_id, round_index, rank),
+                                  worker_state(run_id, round_index, rank, model, optimizer, progress))
+        progress["seconds"] = time.perf_counter() - started
         atomic_torch_save(worker_path(storage, run_id, round_index, rank), {
-            "run_id": run_id, "round": round_index, "rank": rank, "num_samples": len(labels),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1), "seconds": time.perf_counter() - started})
+            **worker_state(run_id, round_index, rank, model, optimizer, progress), "num_samples": len(labels),
+            "node_id": ray.get_runtime_context().get_node_id(), "seconds": progress["seconds"],
+            "train_loss": progress["loss_sum"] / max(progress["seen"], 1),
+            "train_accuracy": progress["correct"] / max(progress["seen"], 1)})
+        partial_path(storage, run_id, round_index, rank).unlink(missing_ok=True)
         barrier()
         metrics = None
         if rank == 0:
@@ -154,6 +158,50 @@ def train_func(config: dict) -> None:
         averaged = torch.load(global_path(storage, run_id, round_index), weights_only=True)
         model.load_state_dict(averaged["state_dict"])
         report_round(metrics, rank, storage, run_id, round_index)
+
+
+def train_step(model, optimizer, schedule, images, labels, progress: dict) -> None:
+    x, y = to_input(images), labels
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    progress["loss_sum"] += loss.item() * len(y)
+    progress["correct"] += (logits.argmax(1) == y).sum().item()
+    progress["seen"] += len(y)
+
+
+def checkpoint_due(step: int, round_steps: int, every: int) -> bool:
+    """Save mid-round every `every` steps; the round's end writes the worker file anyway."""
+    return every > 0 and step % every == 0 and step < round_steps
+
+
+def new_progress() -> dict:
+    """A worker's progress through one round: steps done and the running training metrics."""
+    return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+
+
+def worker_state(run_id: str, round_index: int, rank: int, model, optimizer, progress: dict) -> dict:
+    return {"run_id": run_id, "round": round_index, "rank": rank, "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "progress": dict(progress)}
+
+
+def restore_progress(model, optimizer, storage: Path, run_id: str, round_index: int, rank: int) -> dict:
+    """After a restart, pick up this worker's own work inside the round: its finished model of
+    the round if it got that far, else its last mid-round checkpoint, else a fresh round."""
+    for path in (worker_path(storage, run_id, round_index, rank), partial_path(storage, run_id, round_index, rank)):
+        if not path.exists():
+            continue
+        saved = torch.load(path, weights_only=True)
+        if (saved.get("run_id"), saved.get("round"), saved.get("rank")) != (run_id, round_index, rank):
+            raise RuntimeError(f"{path} is not worker {rank}'s file of round {round_index} of run {run_id}")
+        model.load_state_dict(saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        print(f"worker {rank}: resuming round {round_index} at step {saved['progress']['step']} from {path.name}", flush=True)
+        return dict(saved["progress"])
+    return new_progress()
 
 
 def shuffled_batches(examples: int, batch_size: int, seed: int):
@@ -245,7 +293,7 @@ def run(args) -> int:
         train_loop_config={"storage": str(storage), "run_id": run_id, "manifest": manifest,
                            "init_path": str(folder / "init.pt"), "epochs": args.epochs, "rounds": args.rounds,
                            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                           "threads": threads, "aggregator_cpus": AGGREGATOR_CPUS},
+                           "threads": threads, "checkpoint_steps": args.checkpoint_steps},
         scaling_config=ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": worker_cpus}),
         run_config=RunConfig(name=run_id, storage_path=str(folder / "ray"),
                              failure_config=FailureConfig(max_failures=args.max_failures)),
@@ -267,14 +315,12 @@ def run(args) -> int:
     return 0
 
 
-AGGREGATOR_CPUS = 0.25
-
-
-def size_workers(available_cpus: float, workers: int) -> tuple[float, int]:
-    """CPUs per worker that fit beside the aggregator, and torch threads to match."""
-    free = available_cpus - AGGREGATOR_CPUS
+def size_workers(free: float, workers: int) -> tuple[float, int]:
+    """CPUs per worker that fit in the cluster's free CPUs, and torch threads to match. The
+    aggregator asks for none: it runs only while all of its run's workers wait for it, so a
+    second run on a full cluster can never leave the first one's aggregator unscheduled."""
     if free < 0.05 * workers:
-        raise UserError(f"the Ray cluster has {available_cpus:g} free CPUs, too few for {workers} workers; "
+        raise UserError(f"the Ray cluster has {free:g} free CPUs, too few for {workers} workers; "
                         "free some (stop other jobs) or add nodes")
     per_worker = min(1.0, math.floor(100 * free / workers) / 100)
     return per_worker, max(1, int(per_worker))
