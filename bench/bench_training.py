@@ -173,14 +173,17 @@ def main(argv=None) -> int:
     if args.baseline_subset:
         train = (train[0][:args.baseline_subset], train[1][:args.baseline_subset])
     torch.set_num_threads(os.cpu_count() or 1)
-    local.up()
-
-    results = {"machine": machine()}
-    results["baseline"] = baseline(train, test)
-    results["seed"] = seed_scheme(train, test)
-    results["job"] = ray_job(storage, *args.job_args.split())
-    if args.sweeps:
-        results["sweeps"] = sweeps(storage)
+    started_ray = local.up()
+    try:
+        results = {"machine": machine()}
+        results["baseline"] = baseline(train, test)
+        results["seed"] = seed_scheme(train, test)
+        results["job"] = ray_job(storage, *args.job_args.split())
+        if args.sweeps:
+            results["sweeps"] = sweeps(storage)
+    finally:
+        if started_ray:  # leave a cluster someone else started running
+            local.down()
     write_report(results, args.out)
     print((args.out / "training.md").read_text())
     print(f"job / baseline wall time: {results['job']['seconds'] / results['baseline']['seconds']:.2f}x; "

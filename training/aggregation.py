@@ -78,7 +78,8 @@ def load_worker_results(storage: Path, run_id: str, round_index: int, manifest: 
     return results
 
 
-def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict, threads: int = 0) -> dict:
+def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict, threads: int = 0,
+                    test_set: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Average this round's worker models, evaluate on the 10,000 test images, save global.pt."""
     started = time.perf_counter()
     torch.set_num_threads(threads or min(4, os.cpu_count() or 1))
@@ -87,7 +88,7 @@ def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict,
     averaged = FedAvg().aggregate([(r["state_dict"], r["num_samples"]) for r in results])
     model = Net()
     model.load_state_dict(averaged)
-    test = evaluate(model, *load_mnist(storage, train=False))
+    test = evaluate(model, *(test_set or load_mnist(storage, train=False)))
     atomic_torch_save(global_path(storage, run_id, round_index),
                       {"run_id": run_id, "round": round_index, "state_dict": averaged})
     metrics = {"round": round_index, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
@@ -98,3 +99,16 @@ def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict,
     atomic_write_json(round_dir(storage, run_id, round_index) / "metrics.json", metrics)
     print(f"[aggregator] round {round_index}: test accuracy {test['accuracy']:.4f}", flush=True)
     return metrics
+
+
+class Aggregator:
+    """A run's aggregator as a Ray actor, started once by rank 0: the process, torch and the
+    test images stay loaded between rounds, so a round pays only for averaging and evaluation
+    (a fresh task per round spent ~2.5 s more starting a process and reading the test set)."""
+
+    def __init__(self, storage: str, run_id: str, manifest: dict, threads: int = 0):
+        self.storage, self.run_id, self.manifest, self.threads = storage, run_id, manifest, threads
+        self.test_set = load_mnist(Path(storage), train=False)
+
+    def aggregate(self, round_index: int) -> dict:
+        return aggregate_round(self.storage, self.run_id, round_index, self.manifest, self.threads, self.test_set)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from training.aggregation import aggregate_round, global_path, partial_path, round_dir, worker_path  # noqa: E402
+from training.aggregation import Aggregator, global_path, partial_path, round_dir, worker_path  # noqa: E402
 from training.data import MnistUnavailable, fetch_mnist, load_shard, write_shards  # noqa: E402
 from training.model import Net, initial_weights, to_input  # noqa: E402
 from training.storage import (atomic_torch_save, publish_model, resolve_storage, run_dir,  # noqa: E402
@@ -127,7 +127,7 @@ def train_func(config: dict) -> None:
     batches = shuffled_batches(len(labels), config["batch_size"], seed=config["seed"] * 1000 + rank)
     for _ in range(round_bounds(total_steps, config["rounds"], first_round)[0] + progress["step"]):
         next(batches), schedule.step()  # replay the data order and LR schedule to where we stopped
-    aggregator = ray.remote(aggregate_round).options(num_cpus=0)  # runs while every worker waits
+    aggregator = start_aggregator(config) if rank == 0 else None
 
     for round_index in range(first_round, config["rounds"]):
         start, end = round_bounds(total_steps, config["rounds"], round_index)
@@ -153,7 +153,7 @@ def train_func(config: dict) -> None:
         barrier()
         metrics = None
         if rank == 0:
-            metrics = ray.get(aggregator.remote(str(storage), run_id, round_index, manifest))
+            metrics = ray.get(aggregator.aggregate.remote(round_index))
         metrics = broadcast_from_rank_zero(metrics)
         averaged = torch.load(global_path(storage, run_id, round_index), weights_only=True)
         model.load_state_dict(averaged["state_dict"])
@@ -176,6 +176,16 @@ def train_step(model, optimizer, schedule, images, labels, progress: dict) -> No
 def checkpoint_due(step: int, round_steps: int, every: int) -> bool:
     """Save mid-round every `every` steps; the round's end writes the worker file anyway."""
     return every > 0 and step % every == 0 and step < round_steps
+
+
+def start_aggregator(config: dict):
+    """The run's aggregator actor. It asks for no CPU: it works only while every worker waits
+    for it, and so a second run on a full cluster can never leave it unscheduled. Averaging
+    is idempotent, so Ray may restart it (say, on another node) and call it again."""
+    import ray
+
+    actor = ray.remote(Aggregator).options(num_cpus=0, max_restarts=2, max_task_retries=2)
+    return actor.remote(config["storage"], config["run_id"], config["manifest"])
 
 
 def new_progress() -> dict:
@@ -316,9 +326,8 @@ def run(args) -> int:
 
 
 def size_workers(free: float, workers: int) -> tuple[float, int]:
-    """CPUs per worker that fit in the cluster's free CPUs, and torch threads to match. The
-    aggregator asks for none: it runs only while all of its run's workers wait for it, so a
-    second run on a full cluster can never leave the first one's aggregator unscheduled."""
+    """CPUs per worker that fit in the cluster's free CPUs (the aggregator asks for none), and
+    torch threads to match."""
     if free < 0.05 * workers:
         raise UserError(f"the Ray cluster has {free:g} free CPUs, too few for {workers} workers; "
                         "free some (stop other jobs) or add nodes")
