@@ -11,6 +11,9 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start a local Ray head on 127.0.0.1 (idempotent)")
     start.add_argument("--num-cpus", type=int, help="logical CPUs to offer (default: all cores)")
+    start.add_argument("--haproxy", action="store_true",
+                       help="Serve's HAProxy ingress: much faster, but its stats and metrics ports bind every "
+                            "interface (default: Serve's Python proxy, on 127.0.0.1 only)")
     commands.add_parser("down", help="stop the local Ray head started by `up`")
     commands.add_parser("status", help="print addresses and resources of the local cluster")
     try:
@@ -21,7 +24,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            local.up(num_cpus=args.num_cpus)
+            local.up(num_cpus=args.num_cpus, haproxy=args.haproxy)
         elif args.command == "down":
             local.down()
         elif args.command == "status":

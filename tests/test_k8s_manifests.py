@@ -395,6 +395,14 @@ def test_network_policies(objects):
         assert policy["spec"]["policyTypes"] == ["Ingress"]
 
 
+def test_every_ray_pod_runs_serve_behind_haproxy_like_local_haproxy_mode(objects):
+    from ray_cluster.local import HAPROXY_ENV
+
+    for template in ray_pod_templates(objects):
+        env = {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"]}
+        assert {name: env.get(name) for name in HAPROXY_ENV} == HAPROXY_ENV
+
+
 def test_no_debug_servers_share_links_or_floating_images(objects):
     text = manifests.to_yaml(objects).lower()
     for needle in ("debugpy", "--debug", "share=true", "share: true", "ray_debug", ":latest"):
