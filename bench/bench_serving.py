@@ -236,22 +236,24 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for server in report["results"]:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5))
+    for i, server in enumerate(report["results"]):
         style = ("o--" if server == "plain" else "^:" if "empty" in server else "d-" if "colocated" in server
-                 else "s-" if "HAProxy" in server else "x-")
+                 else "s-")
         levels = [int(k) for k in report["results"][server]]
         rows = list(report["results"][server].values())
-        left.plot(levels, [r["throughput_rps"] for r in rows], style, label=server)
-        right.plot(levels, [r["p50_ms"] for r in rows], style, label=f"{server} p50")
-        right.plot(levels, [r["p99_ms"] for r in rows], style, alpha=0.4, label=f"{server} p99")
-    left.set(xlabel="concurrent clients", ylabel="requests / s", title="POST /predict throughput", xscale="log")
-    right.set(xlabel="concurrent clients", ylabel="ms", title="latency", xscale="log", yscale="log")
+        color = "black" if server == "plain" else f"C{i}"
+        left.plot(levels, [r["throughput_rps"] for r in rows], style, color=color, label=server)
+        right.plot(levels, [r["p50_ms"] for r in rows], style, color=color)
+        right.plot(levels, [r["p99_ms"] for r in rows], style, color=color, alpha=0.25)
+    left.set(ylabel="requests / s", title="POST /predict throughput")
+    right.set(ylabel="ms", title="latency: p50 (solid), p99 (faint)")
     for ax in (left, right):
-        ax.legend()
-        ax.grid(alpha=0.3)
+        ax.set(xlabel="concurrent clients", xscale="log", yscale="log", xticks=levels, xticklabels=levels)
+        ax.grid(alpha=0.3, which="both")
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize="small")
     fig.suptitle(f"Ray Serve vs plain FastAPI + uvicorn, {report['machine']['cpus']} CPUs, 127.0.0.1")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
