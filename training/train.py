@@ -298,6 +298,9 @@ def run(args) -> int:
     print(f"run {run_id}: {args.workers} workers x {worker_cpus:.2f} CPU ({threads} torch thread each), "
           f"{args.epochs} epochs in {args.rounds} rounds, shards {[s['count'] for s in manifest['shards']]}", flush=True)
 
+    # Ray Train's controller polls its workers every 2 s by default: up to 2 s lost noticing the
+    # end of training (and each start). Ray passes this on from the driver to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"storage": str(storage), "run_id": run_id, "manifest": manifest,
