@@ -84,3 +84,22 @@ def test_stopped_job_publishes_nothing_and_latest_stays(client, mnist_storage):
     assert read_latest(mnist_storage) == before
     assert not (models_dir(mnist_storage) / run_id).exists()
     assert not [p for p in models_dir(mnist_storage).glob(f".{run_id}*")]  # no half-published staging dir
+
+
+def test_killed_driver_publishes_nothing_and_its_run_id_is_refused_after(client, mnist_storage):
+    """A crash of the driver (SIGKILL) mid-run: the job fails, nothing is published, `latest`
+    stays, and submitting the same --run-id again is refused with a clear message."""
+    before = read_latest(mnist_storage)
+    run_id = f"crash-{uuid.uuid4().hex[:6]}"
+    job = start(client, mnist_storage, run_id, STOP_ARGS)
+    wait_for(lambda: global_path(mnist_storage, run_id, 0).exists(), 300, "round 0's averaged model")
+    driver = wait_for(lambda: client.get_job_info(job).driver_info, 30, "the driver's pid")
+    os.kill(int(driver.pid), signal.SIGKILL)
+    assert finish(client, job, timeout=120) == JobStatus.FAILED
+    assert read_latest(mnist_storage) == before
+    assert not (models_dir(mnist_storage) / run_id).exists()
+    assert not [p for p in models_dir(mnist_storage).glob(f".{run_id}*")]
+
+    again = start(client, mnist_storage, run_id, STOP_ARGS)
+    assert finish(client, again, timeout=120) == JobStatus.FAILED
+    assert f"run {run_id} already exists" in client.get_job_logs(again)
