@@ -113,10 +113,12 @@ def down(timeout: float = 30.0) -> bool:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:  # reap the head if this process started it (`up()` in a test session): a zombie counts
+    try:  # reap the head if this process started it (`up()` in a test session)
         os.waitpid(pgid, os.WNOHANG)
     except ChildProcessError:
         pass
+    if Path("/proc").is_dir():  # zombies (Ray workers no one reaps in a container) do not count
+        return bool(_live_processes(pgrp=pgid))
     try:
         os.killpg(pgid, 0)
         return True
@@ -128,15 +130,19 @@ def _session_members(sid: int) -> list[int]:
     """Processes left in the head's session (it leads one: start_new_session). Some leave its
     process group: HAProxy, under Serve's HAProxy ingress, would outlive the head and keep
     port 8000. Linux only (/proc); elsewhere the process group has to do."""
-    members = []
+    return _live_processes(session=sid)
+
+
+def _live_processes(pgrp: int | None = None, session: int | None = None) -> list[int]:
+    found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
+            state, _, group, sid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):  # gone meanwhile
             continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # fields after ")": state, ppid, pgrp, session
-            members.append(int(proc.name))
-    return members
+        if state != "Z" and (pgrp is None or int(group) == pgrp) and (session is None or int(sid) == session):
+            found.append(int(proc.name))
+    return found
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
