@@ -54,7 +54,9 @@ def test_no_model_yet_then_the_first_one_is_picked_up(ray_head, tmp_path, served
 
             publish(tmp_path, "first", served_models["v1"], served_models["accuracy"])
             wait_for(lambda: client.get("/healthz").status_code == 200, 15, "the first model to load")
-            body = client.post("/predict", json={"pixels": test_digits[0][0].tolist()}).json()
+            # Each model replica picks the publication up on its own poll, so /predict may lag /healthz.
+            body = wait_for(lambda: (r := client.post("/predict", json={"pixels": test_digits[0][0].tolist()}))
+                            .status_code == 200 and r.json(), 15, "every model replica to serve it")
             assert body["model_version"] == "first" and body["digit"] == int(test_digits[1][0])
     finally:
         deploy.delete(app.names)
@@ -82,6 +84,12 @@ def test_hot_reload_under_load_drops_nothing(serve_app, served_models, test_digi
     assert versions[before] > 0 and versions[new] > 0, versions
 
 
+def model_when(serve_app, predicate) -> dict | None:
+    """/model, asked once per poll: with two model replicas two calls may get different answers."""
+    status = serve_app.model()
+    return status if predicate(status) else None
+
+
 def test_a_bad_model_leaves_the_old_one_serving(serve_app, served_models, test_digits):
     storage, good = serve_app.storage, serve_app.model()["model_version"]
     bad_versions = {
@@ -92,20 +100,20 @@ def test_a_bad_model_leaves_the_old_one_serving(serve_app, served_models, test_d
         publish(storage, name, served_models["v1"], served_models["accuracy"])
         damage(models_dir(storage) / name)
         point_latest(storage, name)  # re-point after damaging, so the watcher sees the bad files
-        status = wait_for(lambda: (serve_app.model().get("reload_error") or {}).get("version") == name
-                          and serve_app.model(), 10, f"the {name} error on /model")
+        status = wait_for(lambda: model_when(serve_app, lambda m: (m.get("reload_error") or {}).get("version") == name),
+                          10, f"the {name} error on /model")
         assert status["model_version"] == good and status["ready"]
         response = httpx.post(f"{serve_app.url}/predict", json={"pixels": test_digits[0][1].tolist()}, timeout=30)
         assert response.status_code == 200 and response.json()["model_version"] == good
 
     point_latest(storage, "never-published")
-    status = wait_for(lambda: (serve_app.model().get("reload_error") or {}).get("version") == "never-published"
-                      and serve_app.model(), 10, "the missing-version error on /model")
+    status = wait_for(lambda: model_when(serve_app, lambda m: (m.get("reload_error") or {}).get("version")
+                                         == "never-published"), 10, "the missing-version error on /model")
     assert "does not exist" in status["reload_error"]["error"] and status["model_version"] == good
 
     fixed = f"fixed-{time.time_ns()}"  # the next good publication clears the error
     publish(storage, fixed, served_models["v1"], served_models["accuracy"])
-    status = wait_for(lambda: serve_app.model()["model_version"] == fixed and serve_app.model(), 10, "recovery")
+    status = wait_for(lambda: model_when(serve_app, lambda m: m["model_version"] == fixed), 10, "recovery")
     assert status["reload_error"] is None
 
 
