@@ -6,8 +6,8 @@ serves the same model with the same code (serving/plain.py), in the same run, on
 
 For each Serve ingress mode (Serve's Python proxy; HAProxy) it starts a fresh local cluster and
 deploys the API. Each level runs a bounded load (fixed request count, time limit) against Serve
-and the plain server, in alternating order. Payload: MNIST test digits re-drawn as 280-400 px canvas PNGs (the common
-case). Writes bench/results/serving.{json,md,png}: p50/p95/p99 latency, throughput, Serve/plain
+and the plain server, in alternating order. Payload: MNIST test digits re-drawn as 280-400 px
+canvas PNGs (the common case). Writes bench/results/serving.{json,md,png}: p50/p95/p99 latency, throughput, Serve/plain
 ratios, and where the CPU goes (per process and per request). Both servers run at Ray's worker
 niceness, so background load on the machine affects them alike.
 """
@@ -281,18 +281,16 @@ def run(args) -> dict:
                           "mean_bytes": int(np.mean([len(b) for b in bodies]))},
               "results": {}}
     plain = start_plain(storage, args.plain_port)
-    plain_target = {"plain": (f"http://127.0.0.1:{args.plain_port}/predict",
-                              {"server": [plain.pid], "ray system": ray_system_pids()})}
+    plain_url = f"http://127.0.0.1:{args.plain_port}/predict"
     try:
         if args.serve_url:
             serve = {"serve": (f"{args.serve_url}/predict", serve_pids(args.serve_app) if args.serve_app else {})}
-            measure_levels(args, bodies, {**serve, **plain_target}, report["results"])
+            measure_levels(args, bodies, serve, (plain_url, plain.pid), report["results"])
         for mode in [] if args.serve_url else modes:
             local.up(haproxy=mode == "haproxy")
             try:
                 serve = deploy_serve(storage, args.floor, args.colocated, f"serve ({INGRESS[mode]})")
-                plain_target["plain"][1]["ray system"] = ray_system_pids()
-                measure_levels(args, bodies, {**serve, **plain_target}, report["results"])
+                measure_levels(args, bodies, serve, (plain_url, plain.pid), report["results"])
             finally:
                 local.down()
     finally:
@@ -304,9 +302,11 @@ def run(args) -> dict:
     return report
 
 
-def measure_levels(args, bodies, targets: dict, results: dict) -> None:
-    """Every level against every target, in alternating order against drift. The plain server
-    is measured again beside each ingress mode; the report keeps its better run per level."""
+def measure_levels(args, bodies, serve: dict, plain: tuple[str, int], results: dict) -> None:
+    """Every level against every Serve target and the plain server, in alternating order against
+    drift. The plain server is measured again beside each ingress mode; the report keeps its
+    better run per level."""
+    targets = {**serve, "plain": (plain[0], {"server": [plain[1]], "ray system": ray_system_pids()})}
     for i, (clients, requests) in enumerate(zip([int(c) for c in args.clients.split(",")],
                                                 [int(n) for n in args.requests.split(",")])):
         for server in list(targets) if i % 2 else list(targets)[::-1]:

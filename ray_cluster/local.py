@@ -30,7 +30,7 @@ LOG_FILE = STATE_DIR / "head.log"
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 # Serve's fast ingress (Ray >= 2.56): HAProxy, written in C, takes port 8000 and sends each request
-# straight to an ingress replica's own HTTP server; no Python proxy in between. 4.5x fewer CPU
+# straight to an ingress replica's own HTTP server; no Python proxy in between. 3-4x fewer CPU
 # milliseconds per request on 2 cores (bench/results/serving.md). Off by default on a workstation
 # because Ray's HAProxy config binds its stats (8404) and metrics (9101) ports on every
 # interface; the KubeRay manifests turn it on, where pods and a NetworkPolicy fence those ports.
@@ -89,7 +89,7 @@ def up(num_cpus: int | None = None, timeout: float = 120.0, haproxy: bool = Fals
 
 
 def down(timeout: float = 30.0) -> bool:
-    """Stop the head this package started (by its process group); return False if none ran."""
+    """Stop the head this package started and everything in its session; False if none ran."""
     pid = _head_pid()
     if pid is None:
         PID_FILE.unlink(missing_ok=True)
@@ -99,58 +99,58 @@ def down(timeout: float = 30.0) -> bool:
         else:
             print("Ray is not running.")
         return False
-    os.killpg(pid, signal.SIGTERM)
-    _signal_all(_session_members(pid), signal.SIGTERM)
+    _signal_session(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while (_group_alive(pid) or _session_members(pid)) and time.monotonic() < deadline:
+    while _session_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.3)
-    if _group_alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-    _signal_all(_session_members(pid), signal.SIGKILL)
+    if _session_alive(pid):
+        _signal_session(pid, signal.SIGKILL)
     PID_FILE.unlink(missing_ok=True)
     print(f"Ray stopped (pid {pid}).")
     return True
 
 
-def _group_alive(pgid: int) -> bool:
+# The head leads a session of its own (start_new_session). Its process group is part of it, but
+# some processes leave the group: HAProxy, under Serve's HAProxy ingress, did, outlived the head
+# and kept port 8000. So on Linux the whole session is stopped; elsewhere the group has to do.
+
+def _session_alive(sid: int) -> bool:
     try:  # reap the head if this process started it (`up()` in a test session)
-        os.waitpid(pgid, os.WNOHANG)
+        os.waitpid(sid, os.WNOHANG)
     except ChildProcessError:
         pass
     if Path("/proc").is_dir():  # zombies (Ray workers no one reaps in a container) do not count
-        return bool(_live_processes(pgrp=pgid))
+        return bool(_session_members(sid))
     try:
-        os.killpg(pgid, 0)
+        os.killpg(sid, 0)
         return True
     except ProcessLookupError:
         return False
 
 
-def _session_members(sid: int) -> list[int]:
-    """Processes left in the head's session (it leads one: start_new_session). Some leave its
-    process group: HAProxy, under Serve's HAProxy ingress, would outlive the head and keep
-    port 8000. Linux only (/proc); elsewhere the process group has to do."""
-    return _live_processes(session=sid)
-
-
-def _live_processes(pgrp: int | None = None, session: int | None = None) -> list[int]:
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            state, _, group, sid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:4]
-        except (OSError, ValueError):  # gone meanwhile
-            continue
-        if state != "Z" and (pgrp is None or int(group) == pgrp) and (session is None or int(sid) == session):
-            found.append(int(proc.name))
-    return found
-
-
-def _signal_all(pids: list[int], sig: int) -> None:
-    for member in pids:
+def _signal_session(sid: int, sig: int) -> None:
+    try:
+        os.killpg(sid, sig)
+    except ProcessLookupError:
+        pass
+    for member in _session_members(sid) if Path("/proc").is_dir() else []:
         try:
             os.kill(member, sig)
         except ProcessLookupError:
             pass
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of a session, from /proc."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            state, _, _, session = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+        if state != "Z" and int(session) == sid:
+            found.append(int(proc.name))
+    return found
 
 
 def status() -> dict:

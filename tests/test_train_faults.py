@@ -12,7 +12,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors
 
 from ray_cluster import local
-from tests.waiting import wait_for
+from tests.waiting import wait_for, wait_for_job
 from training.aggregation import global_path, partial_path
 from training.storage import models_dir, read_latest
 
@@ -36,11 +36,6 @@ def start(client, storage: Path, run_id: str, args: list[str]) -> str:
     return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
 
 
-def finish(client, job_id: str, timeout: float = 420) -> JobStatus:
-    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    return wait_for(lambda: (s := client.get_job_status(job_id)) in terminal and s, timeout, f"job {job_id}")
-
-
 def train_worker_pids(client, submission_id: str) -> list[int]:
     """Process ids of the job's live Ray Train workers."""
     job_id = client.get_job_info(submission_id).job_id
@@ -56,7 +51,7 @@ def accuracy(storage: Path, version: str) -> float:
 def test_worker_killed_mid_round_resumes_and_matches_an_undisturbed_run(client, mnist_storage):
     calm, hurt = f"calm-{uuid.uuid4().hex[:6]}", f"kill-{uuid.uuid4().hex[:6]}"
     job = start(client, mnist_storage, calm, KILL_ARGS)
-    assert finish(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    assert wait_for_job(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
 
     job = start(client, mnist_storage, hurt, KILL_ARGS)
     pids = wait_for(lambda: len(p := train_worker_pids(client, job)) == 3 and p, 300, "the Train workers' pids")
@@ -64,7 +59,7 @@ def test_worker_killed_mid_round_resumes_and_matches_an_undisturbed_run(client, 
              and all(partial_path(mnist_storage, hurt, 1, rank).exists() for rank in range(3)),
              300, "round 0's average and every worker's first checkpoint in round 1")
     os.kill(pids[-1], signal.SIGKILL)
-    assert finish(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    assert wait_for_job(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
 
     logs = client.get_job_logs(job)
     assert "resuming after round 0" in logs  # the averaged model of round 0, from Ray Train's checkpoint
@@ -80,7 +75,7 @@ def test_stopped_job_publishes_nothing_and_latest_stays(client, mnist_storage):
     job = start(client, mnist_storage, run_id, STOP_ARGS)
     wait_for(lambda: global_path(mnist_storage, run_id, 0).exists(), 300, "round 0's averaged model")
     client.stop_job(job)
-    assert finish(client, job, timeout=120) == JobStatus.STOPPED
+    assert wait_for_job(client, job, timeout=120) == JobStatus.STOPPED
     assert read_latest(mnist_storage) == before
     assert not (models_dir(mnist_storage) / run_id).exists()
     assert not [p for p in models_dir(mnist_storage).glob(f".{run_id}*")]  # no half-published staging dir
@@ -95,11 +90,11 @@ def test_killed_driver_publishes_nothing_and_its_run_id_is_refused_after(client,
     wait_for(lambda: global_path(mnist_storage, run_id, 0).exists(), 300, "round 0's averaged model")
     driver = wait_for(lambda: client.get_job_info(job).driver_info, 30, "the driver's pid")
     os.kill(int(driver.pid), signal.SIGKILL)
-    assert finish(client, job, timeout=120) == JobStatus.FAILED
+    assert wait_for_job(client, job, timeout=120) == JobStatus.FAILED
     assert read_latest(mnist_storage) == before
     assert not (models_dir(mnist_storage) / run_id).exists()
     assert not [p for p in models_dir(mnist_storage).glob(f".{run_id}*")]
 
     again = start(client, mnist_storage, run_id, STOP_ARGS)
-    assert finish(client, again, timeout=120) == JobStatus.FAILED
+    assert wait_for_job(client, again, timeout=120) == JobStatus.FAILED
     assert f"run {run_id} already exists" in client.get_job_logs(again)

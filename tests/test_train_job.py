@@ -85,7 +85,7 @@ def test_two_runs_at_once_keep_to_their_own_files(ray_head, mnist_source, tmp_pa
     its own files, and each published model is exactly its own run's final average."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from tests.waiting import wait_for
+    from tests.waiting import wait_for_job
     from training.aggregation import global_path
     from training.data import fetch_mnist
 
@@ -98,10 +98,8 @@ def test_two_runs_at_once_keep_to_their_own_files(ray_head, mnist_source, tmp_pa
         entrypoint = (f"python training/train.py --storage {storage} --run-id {run_id} --subset 1200 "
                       f"--workers 2 --epochs 1 --rounds 2 --seed {seed}")
         runs[run_id] = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
-    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    for run_id, job in runs.items():
-        status = wait_for(lambda: (s := client.get_job_status(job)) in terminal and s, 420, f"job {run_id}")
-        assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    for job in runs.values():
+        assert wait_for_job(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
     first, second = (client.get_job_info(job) for job in runs.values())
     assert first.start_time < second.end_time and second.start_time < first.end_time  # they really overlapped
 

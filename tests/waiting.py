@@ -12,3 +12,11 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_for_job(client, job_id: str, timeout: float = 420):
+    """The terminal status of a Ray job (JobSubmissionClient), once it has one."""
+    from ray.job_submission import JobStatus
+
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    return wait_for(lambda: (s := client.get_job_status(job_id)) in terminal and s, timeout, f"job {job_id}")

@@ -106,9 +106,9 @@ class Aggregator:
     test images stay loaded between rounds, so a round pays only for averaging and evaluation
     (a fresh task per round spent ~2.5 s more starting a process and reading the test set)."""
 
-    def __init__(self, storage: str, run_id: str, manifest: dict, threads: int = 0):
-        self.storage, self.run_id, self.manifest, self.threads = storage, run_id, manifest, threads
+    def __init__(self, storage: str, run_id: str, manifest: dict):
+        self.storage, self.run_id, self.manifest = storage, run_id, manifest
         self.test_set = load_mnist(Path(storage), train=False)
 
     def aggregate(self, round_index: int) -> dict:
-        return aggregate_round(self.storage, self.run_id, round_index, self.manifest, self.threads, self.test_set)
+        return aggregate_round(self.storage, self.run_id, round_index, self.manifest, test_set=self.test_set)
