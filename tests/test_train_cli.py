@@ -8,7 +8,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))
+import torch  # noqa: E402
 import train  # noqa: E402  (the entrypoint is a script, as Ray runs it)
+
+from training import model  # noqa: E402
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -25,6 +28,7 @@ import train  # noqa: E402  (the entrypoint is a script, as Ray runs it)
     (["--subset", "600", "--workers", "3", "--epochs", "1", "--rounds", "3"], "--rounds 3 is more than the 2 training steps"),
     (["--run-id", "../escape"], "--run-id: use 1-63 letters"),
     (["--checkpoint-steps", "-1"], "--checkpoint-steps must be >= 0"),
+    (["--precision", "fp16"], "--precision: invalid choice: 'fp16'"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -60,6 +64,30 @@ def test_worker_cpus_fit_in_the_free_cpus(available, workers, expected):
 @pytest.mark.parametrize("every, expected", [(0, []), (4, [4, 8]), (10, []), (3, [3, 6, 9])])
 def test_mid_round_checkpoints_fall_strictly_inside_the_round(every, expected):
     assert [step for step in range(1, 11) if train.checkpoint_due(step, 10, every)] == expected
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native, expected):
+    monkeypatch.setattr(model, "native_bf16", lambda: native)
+    assert model.training_precision("auto") == expected
+    assert model.training_precision("fp32") == "fp32" and model.training_precision("bf16") == "bf16"
+
+
+@pytest.mark.parametrize("precision, compute_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_train_step_computes_in_the_asked_precision_and_keeps_fp32_weights(precision, compute_dtype):
+    torch.manual_seed(0)
+    net = model.Net()
+    seen = []
+    net.features[0][0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=2)
+    before = net.fc2.weight.detach().clone()
+    progress = train.new_progress()
+    train.train_step(net, optimizer, schedule, torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8),
+                     torch.randint(0, 10, (8,)), progress, precision)
+    assert seen == [compute_dtype]
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in net.parameters())
+    assert not torch.equal(net.fc2.weight, before) and progress["seen"] == 8
 
 
 def test_too_few_cpus_is_a_clear_error():

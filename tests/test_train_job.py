@@ -10,7 +10,7 @@ import torch
 
 from ray_cluster import local
 from training.data import load_mnist
-from training.model import Net, evaluate
+from training.model import Net, evaluate, training_precision
 from training.storage import models_dir, read_latest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +44,9 @@ def test_metadata_describes_the_run(trained):
     storage, run_id, _ = trained
     meta = json.loads((models_dir(storage) / run_id / "metadata.json").read_text())
     for key in ("version", "run_id", "workers", "epochs", "rounds", "batch_size", "test_accuracy", "round_metrics",
-                "train_seconds", "shards_manifest_sha256", "created_at"):
+                "train_seconds", "shards_manifest_sha256", "created_at", "precision"):
         assert key in meta, key
+    assert meta["precision"] == training_precision("auto")  # what this machine's workers chose
     assert (meta["workers"], meta["epochs"], meta["rounds"], meta["batch_size"]) == (3, 2, 2, 100)
     assert len(meta["round_metrics"]) == 2
     assert all(len(r["workers"]) == 3 for r in meta["round_metrics"])

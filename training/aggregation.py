@@ -93,7 +93,8 @@ def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict,
                       {"run_id": run_id, "round": round_index, "state_dict": averaged})
     metrics = {"round": round_index, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                "workers": [{"rank": r["rank"], "train_loss": r["train_loss"],
-                            "train_accuracy": r["train_accuracy"], "seconds": r["seconds"]}
+                            "train_accuracy": r["train_accuracy"], "seconds": r["seconds"],
+                            "precision": r.get("precision", "fp32")}
                            for r in results],
                "aggregate_seconds": time.perf_counter() - started}
     atomic_write_json(round_dir(storage, run_id, round_index) / "metrics.json", metrics)

@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from training.aggregation import Aggregator, global_path, partial_path, round_dir, worker_path  # noqa: E402
 from training.data import MnistUnavailable, fetch_mnist, load_shard, write_shards  # noqa: E402
-from training.model import Net, initial_weights, to_input  # noqa: E402
+from training.model import Net, initial_weights, to_input, training_precision  # noqa: E402
 from training.storage import (atomic_torch_save, publish_model, resolve_storage, run_dir,  # noqa: E402
                               sha256_file)
 
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-steps", type=int, default=50,
                         help="each worker also saves its state every this many steps within a round, so a restart "
                              "loses less than that (default 50; 0 = only at the end of each round)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="training arithmetic: bf16 mixed precision (weights, optimizer and evaluation stay fp32) "
+                             "or plain fp32; auto = bf16 where the worker's CPU has native bf16 (default auto)")
     parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray Train may make (default 2)")
     return parser
 
@@ -116,6 +119,7 @@ def train_func(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     storage, run_id, manifest = Path(config["storage"]), config["run_id"], config["manifest"]
     rank = ray.train.get_context().get_world_rank()
+    precision = training_precision(config["precision"])
     images, labels = load_shard(storage, run_id, rank, manifest)  # verifies its sha256
 
     model = Net()
@@ -137,7 +141,7 @@ def train_func(config: dict) -> None:
         model.train()
         for step in range(progress["step"], end - start):
             index = next(batches)
-            train_step(model, optimizer, schedule, images[index], labels[index], progress)
+            train_step(model, optimizer, schedule, images[index], labels[index], progress, precision)
             progress["step"] = step + 1
             if checkpoint_due(progress["step"], end - start, config["checkpoint_steps"]):
                 progress["seconds"] = time.perf_counter() - started
@@ -146,7 +150,7 @@ def train_func(config: dict) -> None:
         progress["seconds"] = time.perf_counter() - started
         atomic_torch_save(worker_path(storage, run_id, round_index, rank), {
             **worker_state(run_id, round_index, rank, model, optimizer, progress), "num_samples": len(labels),
-            "node_id": ray.get_runtime_context().get_node_id(), "seconds": progress["seconds"],
+            "node_id": ray.get_runtime_context().get_node_id(), "seconds": progress["seconds"], "precision": precision,
             "train_loss": progress["loss_sum"] / max(progress["seen"], 1),
             "train_accuracy": progress["correct"] / max(progress["seen"], 1)})
         partial_path(storage, run_id, round_index, rank).unlink(missing_ok=True)
@@ -160,10 +164,12 @@ def train_func(config: dict) -> None:
         report_round(metrics, rank, storage, run_id, round_index)
 
 
-def train_step(model, optimizer, schedule, images, labels, progress: dict) -> None:
+def train_step(model, optimizer, schedule, images, labels, progress: dict, precision: str) -> None:
     x, y = to_input(images), labels
     optimizer.zero_grad(set_to_none=True)
-    logits = model(x)
+    # bf16: convolutions and linear layers compute in bfloat16; weights, gradients, Adam and the loss stay fp32.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(x).float()
     loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
     loss.backward()
     optimizer.step()
@@ -296,7 +302,7 @@ def run(args) -> int:
     atomic_torch_save(folder / "init.pt", initial_weights(args.seed))
     worker_cpus, threads = size_workers(ray.available_resources().get("CPU", 0), args.workers)
     print(f"run {run_id}: {args.workers} workers x {worker_cpus:.2f} CPU ({threads} torch thread each), "
-          f"{args.epochs} epochs in {args.rounds} rounds, shards {[s['count'] for s in manifest['shards']]}", flush=True)
+          f"{args.epochs} epochs in {args.rounds} rounds, precision {args.precision}, shards {[s['count'] for s in manifest['shards']]}", flush=True)
 
     # Ray Train's controller polls its workers every 2 s by default: up to 2 s lost noticing the
     # end of training (and each start). Ray passes this on from the driver to the controller.
@@ -306,7 +312,8 @@ def run(args) -> int:
         train_loop_config={"storage": str(storage), "run_id": run_id, "manifest": manifest,
                            "init_path": str(folder / "init.pt"), "epochs": args.epochs, "rounds": args.rounds,
                            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                           "threads": threads, "checkpoint_steps": args.checkpoint_steps},
+                           "threads": threads, "checkpoint_steps": args.checkpoint_steps,
+                           "precision": args.precision},
         scaling_config=ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": worker_cpus}),
         run_config=RunConfig(name=run_id, storage_path=str(folder / "ray"),
                              failure_config=FailureConfig(max_failures=args.max_failures)),
@@ -319,6 +326,7 @@ def run(args) -> int:
     metadata = {"version": run_id, "run_id": run_id, "workers": args.workers, "epochs": args.epochs,
                 "rounds": args.rounds, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "subset": args.subset, "test_accuracy": rounds[-1]["test_accuracy"], "round_metrics": rounds,
+                "precision": "+".join(sorted({w["precision"] for r in rounds for w in r["workers"]})),
                 "train_seconds": round(train_seconds, 2),
                 "shards_manifest_sha256": sha256_file(folder / "shards" / "manifest.json"),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
