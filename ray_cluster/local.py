@@ -1,8 +1,8 @@
 """The embedded default: a local Ray head on 127.0.0.1, started and stopped by its process id.
 
-`ray start --block` runs in its own process group; every Ray process it spawns stays in that
-group, so `down` stops exactly this cluster (not other Ray clusters on the machine, as
-`ray stop` would).
+`ray start --block` runs in a session of its own; `down` sends it SIGTERM (it stops Ray's
+processes in Ray's order), then stops whatever is left in its session: exactly this cluster,
+not other Ray clusters on the machine, as `ray stop` would.
 """
 import json
 import os
@@ -29,6 +29,10 @@ LOG_FILE = STATE_DIR / "head.log"
 # single-node cluster; this keeps the GCS, raylet, object store and Serve on loopback.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
+# On SIGTERM the head first drains its node for up to 30 s so that Serve can move replicas to
+# other nodes. A one-node cluster has none: with Serve running, `down` waited the full 30 s.
+NO_DRAIN_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+
 # Serve's fast ingress (Ray >= 2.56): HAProxy, written in C, takes port 8000 and sends each request
 # straight to an ingress replica's own HTTP server; no Python proxy in between. 3-4x fewer CPU
 # milliseconds per request on 2 cores (bench/results/serving.md). Off by default on a workstation
@@ -48,6 +52,15 @@ def is_up(timeout: float = 2.0) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def head_env(haproxy: bool = False) -> dict:
+    """Environment of the head, inherited by every Ray process it starts, job drivers included.
+    MNIST_STORAGE, made absolute here: a job runs in Ray's temporary copy of its working dir,
+    where the default ./storage would be deleted with the copy (training.storage's default)."""
+    storage = os.path.abspath(os.path.expanduser(os.environ.get("MNIST_STORAGE") or "storage"))
+    return {"RAY_USAGE_STATS_ENABLED": "0", "MNIST_STORAGE": storage, **LOOPBACK_ENV, **NO_DRAIN_ENV,
+            **(HAPROXY_ENV if haproxy else {})}
 
 
 def _head_pid() -> int | None:
@@ -71,8 +84,7 @@ def up(num_cpus: int | None = None, timeout: float = 120.0, haproxy: bool = Fals
                f"--node-ip-address={HOST}", f"--port={GCS_PORT}",
                f"--dashboard-host={HOST}", f"--dashboard-port={DASHBOARD_PORT}",
                f"--ray-client-server-port={CLIENT_PORT}", f"--num-cpus={num_cpus or os.cpu_count()}"]
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", **LOOPBACK_ENV, **(HAPROXY_ENV if haproxy else {})}
+    env = {**os.environ, **head_env(haproxy), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(LOG_FILE, "wb") as log:
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -84,7 +96,8 @@ def up(num_cpus: int | None = None, timeout: float = 120.0, haproxy: bool = Fals
             tail = LOG_FILE.read_text(errors="replace")[-2000:]
             raise ClusterError(f"the Ray head did not come up (log {LOG_FILE}):\n{tail}")
         time.sleep(0.5)
-    print(f"Ray is up: dashboard and job server {DASHBOARD_URL}, GCS {HOST}:{GCS_PORT} (pid {head.pid})")
+    print(f"Ray is up: dashboard and job server {DASHBOARD_URL}, GCS {HOST}:{GCS_PORT} (pid {head.pid}); "
+          f"jobs store runs and models in {env['MNIST_STORAGE']} unless given --storage")
     return True
 
 
@@ -99,11 +112,15 @@ def down(timeout: float = 30.0) -> bool:
         else:
             print("Ray is not running.")
         return False
-    _signal_session(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _session_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    if _session_alive(pid):
+    # The head alone first: it stops Ray's processes in Ray's own order in ~5 s. Signalled all at
+    # once, the GCS, raylet and monitor outlived a 30 s wait.
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    _wait(lambda: not _head_alive(pid), timeout / 2)
+    _signal_session(pid, signal.SIGTERM)  # whatever outlived the head
+    if not _wait(lambda: not _session_alive(pid), timeout / 2):
         _signal_session(pid, signal.SIGKILL)
     PID_FILE.unlink(missing_ok=True)
     print(f"Ray stopped (pid {pid}).")
@@ -114,11 +131,33 @@ def down(timeout: float = 30.0) -> bool:
 # some processes leave the group: HAProxy, under Serve's HAProxy ingress, did, outlived the head
 # and kept port 8000. So on Linux the whole session is stopped; elsewhere the group has to do.
 
-def _session_alive(sid: int) -> bool:
-    try:  # reap the head if this process started it (`up()` in a test session)
-        os.waitpid(sid, os.WNOHANG)
+def _wait(done, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _reap(pid: int) -> None:
+    try:  # the head, if this process started it (`up()` in a test session), else it stays a zombie
+        os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def _head_alive(pid: int) -> bool:
+    _reap(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path("/proc").is_dir() or pid in _session_members(pid)
+
+
+def _session_alive(sid: int) -> bool:
+    _reap(sid)
     if Path("/proc").is_dir():  # zombies (Ray workers no one reaps in a container) do not count
         return bool(_session_members(sid))
     try:

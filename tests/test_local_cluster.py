@@ -37,3 +37,13 @@ def test_down_stops_processes_that_left_the_heads_process_group(tmp_path, monkey
         assert not local.PID_FILE.exists()
     finally:
         head.kill()
+
+
+def test_the_head_gives_jobs_an_absolute_storage_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MNIST_STORAGE", raising=False)
+    assert local.head_env()["MNIST_STORAGE"] == str(tmp_path.resolve() / "storage")
+    monkeypatch.setenv("MNIST_STORAGE", "elsewhere")
+    assert local.head_env()["MNIST_STORAGE"] == str(tmp_path.resolve() / "elsewhere")
+    assert local.head_env(haproxy=True).items() >= local.HAPROXY_ENV.items()
+    assert not local.head_env().keys() & local.HAPROXY_ENV.keys()

@@ -90,6 +90,25 @@ def test_train_step_computes_in_the_asked_precision_and_keeps_fp32_weights(preci
     assert not torch.equal(net.fc2.weight, before) and progress["seen"] == 8
 
 
+def test_relative_storage_is_refused_inside_rays_copy_of_the_working_dir(tmp_path, monkeypatch):
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MNIST_STORAGE", raising=False)
+    for relative in (None, "storage", "out/storage"):
+        with pytest.raises(train.UserError, match="temporary copy"):
+            train.storage_outside_job_copy(relative)
+    assert train.storage_outside_job_copy(str(tmp_path / "s")) == tmp_path / "s"
+    monkeypatch.setenv("MNIST_STORAGE", str(tmp_path / "env"))
+    assert train.storage_outside_job_copy(None) == tmp_path / "env"
+
+
+def test_relative_storage_resolves_against_the_current_dir_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MNIST_STORAGE", raising=False)
+    assert train.storage_outside_job_copy(None) == tmp_path.resolve() / "storage"
+
+
 def test_too_few_cpus_is_a_clear_error():
     with pytest.raises(train.UserError, match="too few"):
         train.size_workers(0.1, 4)

@@ -29,8 +29,8 @@ import torch.nn.functional as F  # noqa: E402
 from training.aggregation import Aggregator, global_path, partial_path, round_dir, worker_path  # noqa: E402
 from training.data import MnistUnavailable, fetch_mnist, load_shard, write_shards  # noqa: E402
 from training.model import Net, initial_weights, to_input, training_precision  # noqa: E402
-from training.storage import (atomic_torch_save, publish_model, resolve_storage, run_dir,  # noqa: E402
-                              sha256_file)
+from training.storage import (DEFAULT_STORAGE, STORAGE_ENV, atomic_torch_save, publish_model,  # noqa: E402
+                              resolve_storage, run_dir, sha256_file)
 
 TRAIN_IMAGES = 60_000
 LABEL_SMOOTHING = 0.1  # worth +0.1 point of test accuracy in two epochs (bench/model_sweep.py)
@@ -286,7 +286,7 @@ def run(args) -> int:
     from ray.train.torch import TorchTrainer
 
     started = time.perf_counter()
-    storage = writable_storage(resolve_storage(args.storage))
+    storage = writable_storage(storage_outside_job_copy(args.storage))
     run_id = args.run_id or new_run_id()
     folder = run_dir(storage, run_id)
     if folder.exists():
@@ -344,6 +344,17 @@ def size_workers(free: float, workers: int) -> tuple[float, int]:
                         "free some (stop other jobs) or add nodes")
     per_worker = min(1.0, math.floor(100 * free / workers) / 100)
     return per_worker, max(1, int(per_worker))
+
+
+def storage_outside_job_copy(requested: str | None) -> Path:
+    """The storage root, refused if relative inside Ray's temporary copy of a job's working dir:
+    the model would be published there and deleted with the copy."""
+    raw = requested or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    if not Path(raw).expanduser().is_absolute() and "working_dir_files" in Path.cwd().parts:
+        raise UserError(f"storage root {raw!r} is relative, and this job runs in Ray's temporary copy of its "
+                        f"working dir ({Path.cwd()}), which Ray deletes; pass an absolute --storage, or set "
+                        f"{STORAGE_ENV} on the cluster (`python -m ray_cluster up` sets it to ./storage)")
+    return resolve_storage(raw)
 
 
 def writable_storage(storage: Path) -> Path:
