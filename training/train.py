@@ -297,10 +297,12 @@ def run(args) -> int:
     except MnistUnavailable as error:
         raise UserError(str(error)) from None
 
+    # Sized before the splitter runs: Ray's resource view lags, and right after the splitter it
+    # could still count the splitter's CPU as taken.
+    worker_cpus, threads = size_workers(ray.available_resources().get("CPU", 0), args.workers)
     splitter = ray.remote(write_shards).options(num_cpus=0.5)
     manifest = ray.get(splitter.remote(storage, run_id, args.workers, args.seed, args.subset))
     atomic_torch_save(folder / "init.pt", initial_weights(args.seed))
-    worker_cpus, threads = size_workers(ray.available_resources().get("CPU", 0), args.workers)
     print(f"run {run_id}: {args.workers} workers x {worker_cpus:.2f} CPU ({threads} torch thread each), "
           f"{args.epochs} epochs in {args.rounds} rounds, precision {args.precision}, shards {[s['count'] for s in manifest['shards']]}", flush=True)
 
