@@ -67,7 +67,7 @@ def native_bf16() -> bool:
 
 
 def training_precision(requested: str) -> str:
-    """"auto" -> "bf16" on CPUs with native bf16, else "fp32"."""
+    """Resolve "auto": bf16 on CPUs with native bf16, else fp32."""
     if requested == "auto":
         return "bf16" if native_bf16() else "fp32"
     return requested
