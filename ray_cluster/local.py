@@ -14,6 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from training.storage import STORAGE_ENV, resolve_storage
+
 HOST = "127.0.0.1"
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
@@ -57,9 +59,8 @@ def is_up(timeout: float = 2.0) -> bool:
 def head_env(haproxy: bool = False) -> dict:
     """Environment of the head, inherited by every Ray process it starts, job drivers included.
     MNIST_STORAGE, made absolute here: a job runs in Ray's temporary copy of its working dir,
-    where the default ./storage would be deleted with the copy (training.storage's default)."""
-    storage = os.path.abspath(os.path.expanduser(os.environ.get("MNIST_STORAGE") or "storage"))
-    return {"RAY_USAGE_STATS_ENABLED": "0", "MNIST_STORAGE": storage, **LOOPBACK_ENV, **NO_DRAIN_ENV,
+    where the default ./storage would be deleted with the copy."""
+    return {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_ENV: str(resolve_storage()), **LOOPBACK_ENV, **NO_DRAIN_ENV,
             **(HAPROXY_ENV if haproxy else {})}
 
 
@@ -97,7 +98,7 @@ def up(num_cpus: int | None = None, timeout: float = 120.0, haproxy: bool = Fals
             raise ClusterError(f"the Ray head did not come up (log {LOG_FILE}):\n{tail}")
         time.sleep(0.5)
     print(f"Ray is up: dashboard and job server {DASHBOARD_URL}, GCS {HOST}:{GCS_PORT} (pid {head.pid}); "
-          f"jobs store runs and models in {env['MNIST_STORAGE']} unless given --storage")
+          f"jobs store runs and models in {env[STORAGE_ENV]} unless given --storage")
     return True
 
 

@@ -17,16 +17,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 STORAGE_ENV = "MNIST_STORAGE"
 DEFAULT_STORAGE = "storage"
 MODEL_NAME = "mnist"
 
 
+def given_storage(path: str | os.PathLike | None = None) -> Path:
+    """The storage root as given, maybe relative: the argument, else $MNIST_STORAGE, else ./storage."""
+    return Path(path or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE).expanduser()
+
+
 def resolve_storage(path: str | os.PathLike | None = None) -> Path:
-    """The storage root as an absolute path: the argument, else $MNIST_STORAGE, else ./storage."""
-    return Path(path or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE).expanduser().resolve()
+    """The storage root as an absolute path."""
+    return given_storage(path).resolve()
 
 
 def dataset_dir(storage: Path) -> Path:
@@ -68,6 +71,8 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def atomic_torch_save(path: Path, obj) -> None:
+    import torch  # here, so that `python -m ray_cluster` can resolve the storage root without torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())

@@ -29,8 +29,8 @@ import torch.nn.functional as F  # noqa: E402
 from training.aggregation import Aggregator, global_path, partial_path, round_dir, worker_path  # noqa: E402
 from training.data import MnistUnavailable, fetch_mnist, load_shard, write_shards  # noqa: E402
 from training.model import Net, initial_weights, to_input, training_precision  # noqa: E402
-from training.storage import (DEFAULT_STORAGE, STORAGE_ENV, atomic_torch_save, publish_model,  # noqa: E402
-                              resolve_storage, run_dir, sha256_file)
+from training.storage import (STORAGE_ENV, atomic_torch_save, given_storage, publish_model,  # noqa: E402
+                              run_dir, sha256_file)
 
 TRAIN_IMAGES = 60_000
 LABEL_SMOOTHING = 0.1  # worth +0.1 point of test accuracy in two epochs (bench/model_sweep.py)
@@ -351,12 +351,12 @@ def size_workers(free: float, workers: int) -> tuple[float, int]:
 def storage_outside_job_copy(requested: str | None) -> Path:
     """The storage root, refused if relative inside Ray's temporary copy of a job's working dir:
     the model would be published there and deleted with the copy."""
-    raw = requested or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-    if not Path(raw).expanduser().is_absolute() and "working_dir_files" in Path.cwd().parts:
-        raise UserError(f"storage root {raw!r} is relative, and this job runs in Ray's temporary copy of its "
+    given = given_storage(requested)
+    if not given.is_absolute() and "working_dir_files" in Path.cwd().parts:
+        raise UserError(f"storage root '{given}' is relative, and this job runs in Ray's temporary copy of its "
                         f"working dir ({Path.cwd()}), which Ray deletes; pass an absolute --storage, or set "
                         f"{STORAGE_ENV} on the cluster (`python -m ray_cluster up` sets it to ./storage)")
-    return resolve_storage(raw)
+    return given.resolve()
 
 
 def writable_storage(storage: Path) -> Path:
