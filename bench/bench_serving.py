@@ -28,7 +28,7 @@ import numpy as np
 from bench.loadgen import load
 from ray_cluster import local
 from serving import deploy
-from serving.drawings import encode, redraw
+from bench.drawings import encode, redraw
 from training.data import fetch_mnist, load_mnist
 from training.storage import read_latest, resolve_storage
 

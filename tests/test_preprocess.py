@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.drawings import STYLES, encode, redraw
+from bench.drawings import STYLES, encode, redraw
 from serving.preprocess import (BOX, MAX_PIXELS, BadImage, decode_image, from_pixels, preprocess,
                                 preprocess_steps)
 

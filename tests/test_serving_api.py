@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.drawings import encode, redraw, redrawn_set
+from bench.drawings import encode, redraw, redrawn_set
 from serving.preprocess import MAX_PIXELS
 from serving.schemas import MAX_IMAGES
 

@@ -4,7 +4,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from serving.drawings import redraw
+from bench.drawings import redraw
 
 pytest_plugins = ["tests.serving_support"]
 pytestmark = pytest.mark.ray

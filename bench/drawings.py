@@ -1,6 +1,7 @@
 """MNIST digits re-drawn the way people draw on a canvas: enlarged, thick, off-centre, in the
 colour schemes that clients send. Used by the tests, the serving benchmark's payloads, the page's
-examples and the preprocessing figure.
+examples and the preprocessing figure (bench/figure.py). Tooling, kept outside the serving package
+so that editing it never changes the code hash that Serve deploys.
 """
 import io
 

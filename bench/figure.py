@@ -1,7 +1,7 @@
 """Draw docs/preprocessing.png (each preprocessing stage of one drawing) and the page's example
 drawings in serving/examples/, from MNIST test digits.
 
-    python -m serving.figure [--storage DIR]
+    python -m bench.figure [--storage DIR]
 """
 import argparse
 from pathlib import Path
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from serving.drawings import redraw
+from bench.drawings import redraw
 from serving.preprocess import preprocess_steps
 from training.data import fetch_mnist, load_mnist
 from training.model import to_input
@@ -18,7 +18,7 @@ from training.storage import resolve_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = ROOT / "docs" / "preprocessing.png"
-EXAMPLES = Path(__file__).resolve().parent / "examples"
+EXAMPLES = ROOT / "serving" / "examples"  # the page's example drawings
 EXAMPLE_INDICES = (0, 1, 2, 3)  # MNIST test digits 7, 2, 1, 0
 
 
