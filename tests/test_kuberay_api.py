@@ -29,7 +29,7 @@ IMAGE = "us-central1-docker.pkg.dev/proj/mnist/mnist-ray:2.60.0-py311"
 RAY_PATH = re.compile(r"/apis/ray\.io/v1/namespaces/([^/]+)/(rayclusters|rayjobs|rayservices)(?:/([^/]+))?")
 CORE_PATHS = [
     re.compile(r"/api/v1/(namespaces|persistentvolumes)(?:/([^/]+))?"),
-    re.compile(r"/api/v1/namespaces/[^/]+/(services|persistentvolumeclaims)(?:/([^/]+))?"),
+    re.compile(r"/api/v1/namespaces/[^/]+/(services|persistentvolumeclaims|configmaps|secrets|pods)(?:/([^/]+))?"),
     re.compile(r"/apis/apps/v1/namespaces/[^/]+/(deployments)(?:/([^/]+))?"),
     re.compile(r"/apis/networking\.k8s\.io/v1/namespaces/[^/]+/(networkpolicies)(?:/([^/]+))?"),
 ]
@@ -440,10 +440,12 @@ def test_cli_up_creates_everything_and_prints_the_next_steps(api, cli, capsys):
         ("/api/v1/namespaces/mnist-nfs/persistentvolumeclaims", "nfs-disk"),
         ("/apis/apps/v1/namespaces/mnist-nfs/deployments", "nfs-server"),
         ("/api/v1/namespaces/mnist-nfs/services", "nfs-server"),
+        ("/apis/networking.k8s.io/v1/namespaces/mnist-nfs/networkpolicies", "nfs-server"),
         ("/api/v1/persistentvolumes", "mnist-mnist-shared"),
         ("/api/v1/namespaces/mnist/persistentvolumeclaims", "mnist-shared"),
-        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-ray-internal"),
-        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-serve-ingress"),
+        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-training"),
+        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-serve"),
+        ("/api/v1/namespaces/mnist/configmaps", "mnist-ray-env"),
         ("/apis/ray.io/v1/namespaces/mnist/rayclusters", "mnist"),
     ]
     assert all(r["headers"]["authorization"] == "Bearer test-token" for r in api.requests)
@@ -472,7 +474,7 @@ def test_cli_up_with_filestore_creates_no_nfs_server(api, cli):
     api.script("rayclusters", "mnist", CLUSTER_READY)
     assert cli("up", "--shared-storage", "filestore") == 0
     kinds = [r["path"].split("/")[-1] for r in api.sent("POST")]
-    assert kinds == ["namespaces", "persistentvolumeclaims", "networkpolicies", "networkpolicies", "rayclusters"]
+    assert kinds == ["namespaces", "persistentvolumeclaims", "networkpolicies", "networkpolicies", "configmaps", "rayclusters"]
 
 
 def test_cli_up_timeout_shows_the_last_status(api, cli, capsys):
@@ -522,7 +524,8 @@ def test_cli_train_twice_names_the_way_out(api, cli, capsys):
     assert "already exists (finished jobs keep their record): pass --job-name" in capsys.readouterr().err
 
 
-def test_cli_serve_creates_then_updates_and_prints_the_address(api, cli, capsys):
+def test_cli_serve_creates_then_updates_and_prints_the_address(api, cli, capsys, tmp_path):
+    serve_config = tmp_path / "serve_config.yaml"
     api.script("rayservices", "mnist-serve", {"conditions": [condition("Ready", "False", "Initializing")]}, SERVICE_READY)
     api.put("/api/v1/namespaces/mnist/services", {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": "mnist-serve-serve-svc", "namespace": NAMESPACE},
@@ -530,8 +533,7 @@ def test_cli_serve_creates_then_updates_and_prints_the_address(api, cli, capsys)
         "status": {"loadBalancer": {"ingress": [{"ip": EXTERNAL_IP}]}}})
     assert cli("serve") == 0
     (post,) = api.sent("POST")
-    config = yaml.safe_load(post["body"]["spec"]["serveConfigV2"])
-    assert config["applications"][0]["runtime_env"]["env_vars"] == {"MNIST_STORAGE": "/mnt/shared"}
+    assert post["body"]["spec"]["serveConfigV2"] == serve_config.read_text()  # the file as it is
     assert f"Serving at http://{EXTERNAL_IP}:8000/" in capsys.readouterr().out
     assert cli("serve", "--serve-worker-pods", "2") == 0
     (patch,) = api.sent("PATCH")
@@ -560,8 +562,9 @@ def test_cli_down_all_deletes_storage_last_to_first(api, cli, capsys):
     assert cli("up") == 0
     assert cli("down", "--all") == 0
     deleted = [r["path"].rsplit("/", 1)[-1] for r in api.sent("DELETE")]
-    assert deleted == ["mnist-serve", "mnist-train", "mnist", "mnist-serve-ingress", "mnist-ray-internal",
-                       "mnist-shared", "mnist-mnist-shared", "nfs-server", "nfs-server", "nfs-disk", "mnist-nfs", "mnist"]
+    assert deleted == ["mnist-serve", "mnist-train", "mnist", "mnist-ray-env", "mnist-serve", "mnist-training",
+                       "mnist-shared", "mnist-mnist-shared", "nfs-server", "nfs-server", "nfs-server", "nfs-disk",
+                       "mnist-nfs", "mnist"]
     assert not [key for key in api.objects]
 
 
