@@ -237,6 +237,12 @@ def translate(error: ApiException, what: str, plural: str | None = None) -> Kube
 
 def _unreachable(api_client: client.ApiClient, error: Exception) -> Unreachable:
     host = api_client.configuration.host
+    if isinstance(error, urllib3.exceptions.MaxRetryError) and error.reason is not None:
+        error = error.reason  # what the last attempt ran into
+    # (NewConnectionError subclasses ConnectTimeoutError in urllib3 2, but nobody listened there.)
+    if isinstance(error, urllib3.exceptions.TimeoutError) and not isinstance(error, urllib3.exceptions.NewConnectionError):
+        return Unreachable(f"the Kubernetes API at {host} did not answer within {REQUEST_TIMEOUT[1]:g} s "
+                           f"({type(error).__name__}); check the cluster's health and your network")
     return Unreachable(f"cannot reach the Kubernetes API at {host} ({type(error).__name__}); check "
                        "`kubectl config current-context` and that the cluster is running")
 
