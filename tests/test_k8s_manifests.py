@@ -443,6 +443,8 @@ def test_token_authentication_on_both_clusters(objects):
     assert len(specs) == 2
     for spec in specs:
         assert spec["authOptions"] == {"mode": "token"}  # KubeRay generates the token into a Secret
+        # validation.go (v1.7.0) refuses token mode below Ray 2.52.0
+        assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0)
     for template in ray_pod_templates(objects):  # nothing overrides the token KubeRay injects
         assert not [e for c in containers(template) for e in c.get("env", []) if e["name"].startswith("RAY_AUTH")]
 
@@ -702,12 +704,29 @@ def test_worker_slots_read_a_live_cluster():
 
 def test_the_create_script(tmp_path):
     script = ROOT / "k8s" / "create-gke-cluster.sh"
-    env = {**os.environ, "DRY_RUN": "1", "PROJECT": "proj"}
+    env = {**os.environ, "DRY_RUN": "1", "PROJECT": "proj", "REGION": "europe-west4"}
     out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True).stdout
-    assert "--enable-dataplane-v2" in out and "--addons GcePersistentDiskCsiDriver\n" in out
+    create = next(line for line in out.splitlines() if "clusters create" in line)
+    assert "--enable-dataplane-v2" in create and "--location europe-west4-a" in create
+    assert "--workload-pool proj.svc.id.goog --workload-metadata GKE_METADATA" in create
+    assert "--addons" not in out  # would turn off every default add-on it does not list
     assert "node-pools create ray" in out and "--num-nodes 3" in out
+    pool = next(line for line in out.splitlines() if "node-pools create" in line)
+    assert "--workload-metadata GKE_METADATA" in pool
+    # one region for the cluster and the registry, so the image push lands where nodes pull
+    assert "artifacts repositories create mnist --project proj --location europe-west4 " in out
+    assert "--role roles/artifactregistry.reader" in out and "-compute@developer.gserviceaccount.com" in out
+    assert "gcloud services enable container.googleapis.com artifactregistry.googleapis.com --project proj" in out
+    assert "europe-west4-docker.pkg.dev/proj/mnist/mnist-ray" in out
     out = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "filestore", "RAY_OPERATOR": "addon"},
                          capture_output=True, text=True, check=True).stdout
-    assert "--addons GcePersistentDiskCsiDriver,GcpFilestoreCsiDriver,RayOperator" in out
+    assert "--update-addons GcpFilestoreCsiDriver=ENABLED" in out and "--update-addons RayOperator=ENABLED" in out
+    assert "file.googleapis.com" in out
     bad = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "s3"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "nfs or filestore" in bad.stderr
+    elsewhere = subprocess.run(["bash", str(script)], env={**env, "ZONE": "us-central1-a"}, capture_output=True, text=True)
+    assert elsewhere.returncode == 2 and "not in REGION europe-west4" in elsewhere.stderr
+    no_region = subprocess.run(["bash", str(script)], env={**env, "REGION": ""}, capture_output=True, text=True)
+    assert no_region.returncode != 0 and "set REGION" in no_region.stderr
+    text = script.read_text()
+    assert "|| echo" not in text and "|| true" not in text and "set -euo pipefail" in text
