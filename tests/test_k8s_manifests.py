@@ -730,3 +730,41 @@ def test_the_create_script(tmp_path):
     assert no_region.returncode != 0 and "set REGION" in no_region.stderr
     text = script.read_text()
     assert "|| echo" not in text and "|| true" not in text and "set -euo pipefail" in text
+
+
+def doc_patches() -> dict[str, str]:
+    """The kustomize `patches:` blocks docs/GKE.md tells users to add, by the field they set."""
+    guide = (ROOT / "docs" / "GKE.md").read_text()
+    blocks = re.findall(r"```yaml\n(patches:\n.*?)```", guide, re.S)
+    return {("gcsFaultToleranceOptions" if "gcsFaultToleranceOptions" in b else "loadBalancerSourceRanges"): b
+            for b in blocks}
+
+
+@pytest.mark.parametrize("field", ["loadBalancerSourceRanges", "gcsFaultToleranceOptions"])
+def test_the_documented_overlay_patches_apply_and_validate(tmp_path, field, crd_validators):
+    patch = doc_patches()[field]
+    overlay = os.path.relpath(ROOT / "k8s" / "overlays" / "filestore", tmp_path)  # kustomize wants it relative
+    (tmp_path / "kustomization.yaml").write_text(f"resources:\n  - {overlay}\n{patch}")
+    out = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    (service,) = [o for o in yaml.safe_load_all(out.stdout) if o and o["kind"] == "RayService"]
+    errors = list(crd_validators["RayService"].iter_errors(service))
+    assert not errors, errors[0].message
+    if field == "loadBalancerSourceRanges":
+        assert service["spec"]["serveService"]["spec"][field] == ["203.0.113.0/24"]
+    else:
+        assert service["spec"]["rayClusterConfig"][field]["redisAddress"].startswith("redis://")
+
+
+def test_the_guide_covers_the_steps_a_first_user_needs():
+    guide = (ROOT / "docs" / "GKE.md").read_text()
+    for needle in ("gke-gcloud-auth-plugin", "gcloud services enable container.googleapis.com artifactregistry.googleapis.com",
+                   "file.googleapis.com", "roles/artifactregistry.reader", "export PROJECT=my-project REGION=",
+                   "kubectl apply --server-side -k k8s/overlays/filestore", "kubectl create -k k8s/train",
+                   "RAY_AUTH_TOKEN", "loadBalancerSourceRanges", "gcsFaultToleranceOptions", "Billing goes on",
+                   "gcloud filestore instances list", "gcloud compute disks list", "## Not verified here"):
+        assert needle in guide, needle
+    assert "${REGION:-" not in guide and "ZONE%-*" not in guide  # one region, set once
+    not_verified = guide.split("## Not verified here", 1)[1]
+    for needle in ("Token authentication", "digest", "NetworkPolicies", "Workload Identity", "Memorystore"):
+        assert needle in not_verified, needle
