@@ -295,6 +295,8 @@ def _token_state(cluster: kuberay.KubeRay, o: manifests.Options, raycluster: dic
         keys = cluster.read_secret_keys(o.namespace, secret)
     except kuberay.NotFound:
         return f"on, but Secret {o.namespace}/{secret} does not exist yet (KubeRay creates it)"
+    except kuberay.Forbidden:
+        return f"on; Secret {o.namespace}/{secret} holds the token (you may not read Secrets there)"
     if "auth_token" not in keys:
         return f"on, but Secret {o.namespace}/{secret} has no auth_token key"
     return f"on; clients: {token_export(o, secret)}"

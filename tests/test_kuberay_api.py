@@ -111,6 +111,9 @@ class StandIn:
             match = core.fullmatch(path)
             if match:
                 plural, name = match.groups()
+                if plural in self.forbidden:
+                    return 403, status_body(403, "Forbidden", f'{plural} "{name}" is forbidden: User "dev" cannot '
+                                            f'{method.lower()} resource "{plural}" in API group ""')
                 return self.crud(method, path.rsplit("/", 1)[0] if name else path, plural, name, body)
         return 404, "404 page not found\n"
 
@@ -911,3 +914,20 @@ def test_up_prints_how_to_submit_with_the_token(api, cli, capsys):
     assert cli("up") == 0
     out = capsys.readouterr().out
     assert out.index("export RAY_AUTH_TOKEN=$(kubectl -n mnist get secret mnist") < out.index("ray job submit")
+
+
+def test_a_raycluster_is_ready_only_for_its_current_generation():
+    conditions = [condition("HeadPodReady", "True"), condition("RayClusterProvisioned", "True")]
+    stale = {"metadata": {"generation": 4}, "status": {"observedGeneration": 3, "conditions": conditions}}
+    assert outcome(kuberay.raycluster_progress(stale)) == "wait"
+    assert outcome(kuberay.raycluster_progress({"metadata": {"generation": 4},
+                                                "status": {"observedGeneration": 4, "conditions": conditions}})) == "ready"
+
+
+def test_status_without_permission_to_read_secrets(api, cli, capsys):
+    body = raycluster()
+    body["spec"]["authOptions"] = {"mode": "token"}
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", body)
+    api.forbidden.add("secrets")
+    assert cli("status") == 0
+    assert "token authentication: on; Secret mnist/mnist holds the token (you may not read" in capsys.readouterr().out
