@@ -88,7 +88,7 @@ class Options:
     serve_worker_pods: int = 1         # worker pods of the RayService's own Ray cluster
     shared_storage: str = "nfs"        # nfs | filestore
     storage_size: str | None = None    # default 10Gi (nfs disk) or 1Ti (Filestore's minimum)
-    nfs_server: str | None = None      # default the NFS Service's DNS name; the CLI uses its IP
+    nfs_server: str | None = None      # the NFS Service's ClusterIP (nfs volume); `up` reads it
     workers: int = 3                   # Ray Train workers of the RayJob (train.py --workers)
     epochs: int = 2
     batch_size: int = 100
