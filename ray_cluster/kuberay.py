@@ -33,6 +33,8 @@ INSTALL_HINT = (
 class KubeRayError(RuntimeError):
     """A failure the user can act on; the message says how."""
 
+    transient = False  # the API server was busy or unreachable: a later try may succeed
+
 
 class CRDsNotInstalled(KubeRayError):
     pass
@@ -272,9 +274,9 @@ def _call(api_client: client.ApiClient, what: str, plural: str | None, request: 
             if attempt + 1 < attempts and _transient(error):
                 time.sleep(BACKOFF * 2 ** attempt)
                 continue
-            if isinstance(error, ApiException):
-                raise translate(error, what, plural) from None
-            raise _unreachable(api_client, error) from None
+            final = translate(error, what, plural) if isinstance(error, ApiException) else _unreachable(api_client, error)
+            final.transient = _transient(error)
+            raise final from None
 
 
 # ---------------------------------------------------------------- Ray custom objects
@@ -327,7 +329,17 @@ class Resource:
         deadline = time.monotonic() + timeout
         last = None
         while True:
-            obj = self.get(name)
+            try:
+                obj = self.get(name)
+            except KubeRayError as error:
+                # An API server outage (a control-plane upgrade takes minutes) does not end a long
+                # wait: keep trying until the deadline. Anything else is final.
+                if not error.transient or time.monotonic() >= deadline:
+                    raise
+                if on_change:
+                    on_change(f"(retrying) {error}")
+                time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
+                continue
             progress = self.progress(obj)
             if on_change and progress.summary != last:
                 on_change(progress.summary)

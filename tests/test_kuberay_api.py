@@ -931,3 +931,20 @@ def test_status_without_permission_to_read_secrets(api, cli, capsys):
     api.forbidden.add("secrets")
     assert cli("status") == 0
     assert "token authentication: on; Secret mnist/mnist holds the token (you may not read" in capsys.readouterr().out
+
+
+def test_a_wait_outlasts_an_api_server_outage(api, fast_retries):
+    """Each read gives up after its retries, but the wait keeps trying until its own deadline."""
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs", {"kind": "RayJob", "metadata": {"name": "t"}})
+    api.script("rayjobs", "t", JOB_SUCCEEDED)
+    api.failures = [503] * (2 * (kuberay.RETRIES + 1)) + ["drop"]
+    seen = []
+    assert api.client().rayjobs.wait_ready("t", timeout=30, poll=0.01, on_change=seen.append)["status"] == JOB_SUCCEEDED
+    assert sum("(retrying)" in line and "HTTP 503" in line for line in seen) >= 1
+
+
+def test_a_wait_stops_at_once_on_a_client_error(api, fast_retries):
+    api.failures = [403]
+    with pytest.raises(kuberay.Forbidden):
+        api.client().rayjobs.wait_ready("t", timeout=30, poll=0.01)
+    assert len(api.requests) == 1
