@@ -736,21 +736,28 @@ def doc_patches() -> dict[str, str]:
     """The kustomize `patches:` blocks docs/GKE.md tells users to add, by the field they set."""
     guide = (ROOT / "docs" / "GKE.md").read_text()
     blocks = re.findall(r"```yaml\n(patches:\n.*?)```", guide, re.S)
-    return {("gcsFaultToleranceOptions" if "gcsFaultToleranceOptions" in b else "loadBalancerSourceRanges"): b
-            for b in blocks}
+    fields = ("gcsFaultToleranceOptions", "loadBalancerSourceRanges", "replicas")
+    return {next(f for f in fields if f in block): block for block in blocks}
 
 
-@pytest.mark.parametrize("field", ["loadBalancerSourceRanges", "gcsFaultToleranceOptions"])
+@pytest.mark.parametrize("field", ["loadBalancerSourceRanges", "gcsFaultToleranceOptions", "replicas"])
 def test_the_documented_overlay_patches_apply_and_validate(tmp_path, field, crd_validators):
     patch = doc_patches()[field]
     overlay = os.path.relpath(ROOT / "k8s" / "overlays" / "filestore", tmp_path)  # kustomize wants it relative
     (tmp_path / "kustomization.yaml").write_text(f"resources:\n  - {overlay}\n{patch}")
     out = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    (service,) = [o for o in yaml.safe_load_all(out.stdout) if o and o["kind"] == "RayService"]
-    errors = list(crd_validators["RayService"].iter_errors(service))
-    assert not errors, errors[0].message
-    if field == "loadBalancerSourceRanges":
+    objects = [o for o in yaml.safe_load_all(out.stdout) if o]
+    for obj in [o for o in objects if o["kind"] in RAY_KINDS]:
+        errors = list(crd_validators[obj["kind"]].iter_errors(obj))
+        assert not errors, errors[0].message
+    (service,) = [o for o in objects if o["kind"] == "RayService"]
+    if field == "replicas":
+        (group,) = one(objects, "RayCluster")["spec"]["workerGroupSpecs"]
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
+        assert service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 1  # serving untouched
+        assert one(objects, "PersistentVolumeClaim")["spec"]["resources"]["requests"]["storage"] == "2Ti"
+    elif field == "loadBalancerSourceRanges":
         assert service["spec"]["serveService"]["spec"][field] == ["203.0.113.0/24"]
     else:
         assert service["spec"]["rayClusterConfig"][field]["redisAddress"].startswith("redis://")
