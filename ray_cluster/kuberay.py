@@ -33,6 +33,8 @@ INSTALL_HINT = (
 class KubeRayError(RuntimeError):
     """A failure the user can act on; the message says how."""
 
+    transient = False  # the API server was busy or unreachable: a later try may succeed
+
 
 class CRDsNotInstalled(KubeRayError):
     pass
@@ -91,8 +93,18 @@ def _describe(conditions: dict[str, dict], types: tuple[str, ...]) -> list[str]:
     return parts
 
 
+def _generation_note(obj: dict) -> str | None:
+    """Why the status may be stale: the operator has not yet seen the latest spec (after a patch)."""
+    generation = (obj.get("metadata") or {}).get("generation")
+    observed = (obj.get("status") or {}).get("observedGeneration")
+    if generation is not None and observed is not None and observed < generation:
+        return f"observedGeneration {observed} < generation {generation}"
+    return None
+
+
 def raycluster_progress(obj: dict) -> Progress:
-    """Ready when the head pod is ready and every pod has been ready once."""
+    """Ready when the head pod is ready and every pod has been ready once (for the current spec);
+    failed when a pod cannot be created (ReplicaFailure), the cluster failed or was suspended."""
     status = obj.get("status") or {}
     conditions = _conditions(status)
     if "HeadPodReady" in conditions or "RayClusterProvisioned" in conditions:
@@ -101,12 +113,36 @@ def raycluster_progress(obj: dict) -> Progress:
         ready = status.get("state") == "ready"
     parts = [f"state={status.get('state', '-')}",
              f"workers ready {status.get('readyWorkerReplicas', 0)}/{status.get('desiredWorkerReplicas', '?')}"]
-    parts += _describe(conditions, ("HeadPodReady", "RayClusterProvisioned", "ReplicaFailure"))
-    return Progress(ready, None, ", ".join(parts))
+    parts += _describe(conditions, ("HeadPodReady", "RayClusterProvisioned", "ReplicaFailure",
+                                    "RayClusterSuspending", "RayClusterSuspended"))
+    stale = _generation_note(obj)
+    if stale:
+        parts.append(stale)
+    failed = None
+    replica_failure = conditions.get("ReplicaFailure", {})
+    if replica_failure.get("status") == "True":
+        failed = ("a pod could not be created: " + ": ".join(
+            x for x in (replica_failure.get("reason"), replica_failure.get("message")) if x))
+    elif status.get("state") == "failed":
+        failed = f"state=failed ({status.get('reason', 'no reason given')})"
+    elif status.get("state") == "suspended" or conditions.get("RayClusterSuspended", {}).get("status") == "True":
+        failed = "the RayCluster is suspended (spec.suspend); set it to false to resume"
+    return Progress(ready and not stale and not failed, failed, ", ".join(parts))
+
+
+# KubeRay v1.7.0, ray-operator/apis/ray/v1/rayjob_types.go: JobDeploymentStatus values and what a
+# wait does on each. Complete/Failed are terminal (IsJobDeploymentTerminal); ValidationFailed is set
+# once by the controller, which never reconciles the RayJob again; Suspending/Suspended wait for a
+# person to clear spec.suspend. Anything else (New "", Initializing, Running, Waiting, Retrying, or
+# a value a later operator adds) is still under way.
+JOB_DEPLOYMENT_TERMINAL = {"Complete", "Failed", "ValidationFailed"}
+JOB_DEPLOYMENT_STOPPED = {"Suspending": "is being suspended (spec.suspend)", "Suspended": "is suspended (spec.suspend)"}
+# JobStatus (the Ray job itself): STOPPED, SUCCEEDED and FAILED are terminal (IsJobTerminal).
+JOB_TERMINAL = {"STOPPED", "SUCCEEDED", "FAILED"}
 
 
 def rayjob_progress(obj: dict) -> Progress:
-    """Ready when the job finished and succeeded; failed when it finished any other way."""
+    """Ready when the Ray job SUCCEEDED and the deployment is Complete; failed on any other end."""
     status = obj.get("status") or {}
     deployment = status.get("jobDeploymentStatus") or "New"
     job = status.get("jobStatus") or "-"
@@ -114,28 +150,54 @@ def rayjob_progress(obj: dict) -> Progress:
     summary = f"jobDeploymentStatus={deployment}, jobStatus={job}" + (f" ({detail})" if detail else "")
     ready = deployment == "Complete" and job == "SUCCEEDED"
     failed = None
-    if deployment == "Failed" or (deployment == "Complete" and job != "SUCCEEDED"):
+    if deployment == "ValidationFailed":
+        failed = f"the operator refused the RayJob and will not retry: {detail or summary}; fix the spec, " \
+                 "delete the RayJob and create it again"
+    elif job in ("FAILED", "STOPPED"):
         failed = summary
+    elif deployment in JOB_DEPLOYMENT_TERMINAL and not ready:
+        failed = summary
+    elif deployment in JOB_DEPLOYMENT_STOPPED:
+        failed = f"the RayJob {JOB_DEPLOYMENT_STOPPED[deployment]}: {summary}"
     return Progress(ready, failed, summary)
 
 
+# KubeRay v1.7.0, rayservice_types.go: RayServiceConditionReason values of the Ready condition on
+# which no wait can end well (ValidationFailed: the controller refuses the spec until it changes;
+# InitializingTimeout: the operator gave up on the cluster).
+SERVICE_TERMINAL_REASONS = {"ValidationFailed": "the operator refused the RayService spec",
+                            "InitializingTimeout": "the RayService did not initialize"}
+# Ray Serve application statuses (ApplicationStatusEnum there): DEPLOY_FAILED ends the wait;
+# UNHEALTHY may recover (Serve restarts replicas), so it is shown and waited on.
+APP_FAILED = "DEPLOY_FAILED"
+
+
 def rayservice_progress(obj: dict) -> Progress:
-    """Ready when the Ready condition is True (Serve endpoints exist); failed when an
-    application failed to deploy or the cluster timed out initializing."""
+    """Ready when Ready=True for the current spec (observedGeneration == generation) and no upgrade
+    is in progress; failed on a terminal Ready reason, a failed application, or a suspension."""
     status = obj.get("status") or {}
     conditions = _conditions(status)
     ready_condition = conditions.get("Ready", {})
     parts = [f"serviceStatus={status.get('serviceStatus', '-')}", f"endpoints={status.get('numServeEndpoints', 0)}"]
-    parts += _describe(conditions, ("Ready", "UpgradeInProgress"))
+    parts += _describe(conditions, ("Ready", "UpgradeInProgress", "RollbackInProgress", "Suspending", "Suspended"))
+    stale = _generation_note(obj)
+    if stale:
+        parts.append(stale)
     failed = None
     for side in ("activeServiceStatus", "pendingServiceStatus"):
         for app, app_status in ((status.get(side) or {}).get("applicationStatuses") or {}).items():
             parts.append(f"app {app}={app_status.get('status')}")
-            if app_status.get("status") == "DEPLOY_FAILED":
+            if app_status.get("status") == APP_FAILED:
                 failed = f"Serve application {app!r} failed to deploy: {app_status.get('message', '')}"
-    if ready_condition.get("status") == "False" and ready_condition.get("reason") == "InitializingTimeout":
-        failed = f"the RayService did not initialize: {ready_condition.get('message', '')}"
-    return Progress(ready_condition.get("status") == "True", failed, ", ".join(parts))
+    reason = ready_condition.get("reason")
+    if ready_condition.get("status") == "False" and reason in SERVICE_TERMINAL_REASONS:
+        failed = f"{SERVICE_TERMINAL_REASONS[reason]}: {ready_condition.get('message', '')}"
+    for kind in ("Suspending", "Suspended"):
+        if conditions.get(kind, {}).get("status") == "True":
+            failed = f"the RayService is {kind.lower()} (spec.suspend); set it to false to resume"
+    upgrading = any(conditions.get(kind, {}).get("status") == "True" for kind in ("UpgradeInProgress", "RollbackInProgress"))
+    ready = ready_condition.get("status") == "True" and not stale and not upgrading and not failed
+    return Progress(ready, failed, ", ".join(parts))
 
 
 # ---------------------------------------------------------------- errors
@@ -177,17 +239,44 @@ def translate(error: ApiException, what: str, plural: str | None = None) -> Kube
 
 def _unreachable(api_client: client.ApiClient, error: Exception) -> Unreachable:
     host = api_client.configuration.host
+    if isinstance(error, urllib3.exceptions.MaxRetryError) and error.reason is not None:
+        error = error.reason  # what the last attempt ran into
+    # (NewConnectionError subclasses ConnectTimeoutError in urllib3 2, but nobody listened there.)
+    if isinstance(error, urllib3.exceptions.TimeoutError) and not isinstance(error, urllib3.exceptions.NewConnectionError):
+        return Unreachable(f"the Kubernetes API at {host} did not answer within {REQUEST_TIMEOUT[1]:g} s "
+                           f"({type(error).__name__}); check the cluster's health and your network")
     return Unreachable(f"cannot reach the Kubernetes API at {host} ({type(error).__name__}); check "
                        "`kubectl config current-context` and that the cluster is running")
 
 
-def _call(api_client: client.ApiClient, what: str, plural: str | None, request: Callable):
-    try:
-        return request()
-    except ApiException as error:
-        raise translate(error, what, plural) from None
-    except urllib3.exceptions.HTTPError as error:
-        raise _unreachable(api_client, error) from None
+REQUEST_TIMEOUT = (5.0, 30.0)   # seconds: connect, read; no request waits forever
+TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+RETRIES = 4                      # transient failures a read or delete retries before giving up
+BACKOFF = 0.5                    # seconds, doubled on each retry
+
+
+def _transient(error: Exception) -> bool:
+    """Worth another try: the API server busy or restarting, or the connection dropped. A 4xx
+    (but 429) is an answer about the request itself and is final."""
+    if isinstance(error, ApiException):
+        return error.status in TRANSIENT_STATUS
+    return isinstance(error, urllib3.exceptions.HTTPError)
+
+
+def _call(api_client: client.ApiClient, what: str, plural: str | None, request: Callable, retry: bool = False):
+    """One API request with a timeout; `retry` (for idempotent ones) retries transient failures
+    with exponential backoff."""
+    attempts = 1 + (RETRIES if retry else 0)
+    for attempt in range(attempts):
+        try:
+            return request()
+        except (ApiException, urllib3.exceptions.HTTPError) as error:
+            if attempt + 1 < attempts and _transient(error):
+                time.sleep(BACKOFF * 2 ** attempt)
+                continue
+            final = translate(error, what, plural) if isinstance(error, ApiException) else _unreachable(api_client, error)
+            final.transient = _transient(error)
+            raise final from None
 
 
 # ---------------------------------------------------------------- Ray custom objects
@@ -202,34 +291,37 @@ class Resource:
     def _what(self, name: str | None = None) -> str:
         return f"{self.kind} {self.namespace}/{name}" if name else f"{self.plural} in namespace {self.namespace}"
 
-    def _call(self, name: str | None, request: Callable):
-        return _call(self.api.api_client, self._what(name), self.plural, request)
+    def _call(self, name: str | None, request: Callable, retry: bool = False):
+        return _call(self.api.api_client, self._what(name), self.plural, request, retry)
 
     def create(self, body: dict) -> dict:
         if body.get("kind") != self.kind:
             raise KubeRayError(f"expected a {self.kind}, got {body.get('kind')}")
         return self._call(body["metadata"]["name"], lambda: self.api.create_namespaced_custom_object(
             GROUP, VERSION, self.namespace, self.plural, body, field_validation="Strict",
-            _headers={"Content-Type": "application/json"}))  # this method sets none by itself
+            _headers={"Content-Type": "application/json"},  # this method sets none by itself
+            _request_timeout=REQUEST_TIMEOUT))
 
     def get(self, name: str) -> dict:
         return self._call(name, lambda: self.api.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, name))
+            GROUP, VERSION, self.namespace, self.plural, name, _request_timeout=REQUEST_TIMEOUT), retry=True)
 
     def list(self, label_selector: str | None = None) -> list[dict]:
         found = self._call(None, lambda: self.api.list_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, label_selector=label_selector))
+            GROUP, VERSION, self.namespace, self.plural, label_selector=label_selector,
+            _request_timeout=REQUEST_TIMEOUT), retry=True)
         return found.get("items", [])
 
     def patch(self, name: str, patch: dict) -> dict:
         """A JSON merge patch: maps merge, lists and strings are replaced."""
         return self._call(name, lambda: self.api.patch_namespaced_custom_object(
             GROUP, VERSION, self.namespace, self.plural, name, patch, field_validation="Strict",
-            _content_type="application/merge-patch+json"))
+            _content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT))
 
     def delete(self, name: str) -> dict:
         return self._call(name, lambda: self.api.delete_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, name, propagation_policy="Foreground"))
+            GROUP, VERSION, self.namespace, self.plural, name, propagation_policy="Foreground",
+            _request_timeout=REQUEST_TIMEOUT), retry=True)
 
     def wait_ready(self, name: str, timeout: float = 600.0, poll: float = 2.0,
                    on_change: Callable[[str], None] | None = None) -> dict:
@@ -237,7 +329,17 @@ class Resource:
         deadline = time.monotonic() + timeout
         last = None
         while True:
-            obj = self.get(name)
+            try:
+                obj = self.get(name)
+            except KubeRayError as error:
+                # An API server outage (a control-plane upgrade takes minutes) does not end a long
+                # wait: keep trying until the deadline. Anything else is final.
+                if not error.transient or time.monotonic() >= deadline:
+                    raise
+                if on_change:
+                    on_change(f"(retrying) {error}")
+                time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
+                continue
             progress = self.progress(obj)
             if on_change and progress.summary != last:
                 on_change(progress.summary)
@@ -315,16 +417,33 @@ class KubeRay:
         args = () if verb == "create" else (meta["name"],)   # create_x(ns, body), delete_x(name, ns)
         args += (meta["namespace"],) if namespaced else ()
         what = f"{obj['kind']} " + (f"{meta['namespace']}/" if namespaced else "") + meta["name"]
-        return _call(self.api_client, what, None, lambda: method(*args, **kwargs))
+        return _call(self.api_client, what, None, lambda: method(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs),
+                     retry=verb == "delete")
 
     def read_service(self, namespace: str, name: str) -> client.V1Service:
         return _call(self.api_client, f"Service {namespace}/{name}", None,
-                     lambda: client.CoreV1Api(self.api_client).read_namespaced_service(name, namespace))
+                     lambda: client.CoreV1Api(self.api_client).read_namespaced_service(
+                         name, namespace, _request_timeout=REQUEST_TIMEOUT), retry=True)
+
+    def read_secret_keys(self, namespace: str, name: str) -> list[str]:
+        """The data keys of a Secret (never its values): enough to say whether a token is there."""
+        secret = _call(self.api_client, f"Secret {namespace}/{name}", None,
+                       lambda: client.CoreV1Api(self.api_client).read_namespaced_secret(
+                           name, namespace, _request_timeout=REQUEST_TIMEOUT), retry=True)
+        return sorted(secret.data or {})
+
+    def ray_pods(self, namespace: str) -> list[str]:
+        """Names of the pods that belong to some Ray cluster (labelled ray.io/cluster by KubeRay)."""
+        pods = _call(self.api_client, f"pods in namespace {namespace}", None,
+                     lambda: client.CoreV1Api(self.api_client).list_namespaced_pod(
+                         namespace, label_selector="ray.io/cluster", _request_timeout=REQUEST_TIMEOUT), retry=True)
+        return [pod.metadata.name for pod in pods.items]
 
 
 # kind -> (API class, method suffix, namespaced): create_namespaced_service, delete_persistent_volume, ...
 _PLAIN = {
     "Namespace": ("CoreV1Api", "namespace", False),
+    "ConfigMap": ("CoreV1Api", "config_map", True),
     "PersistentVolume": ("CoreV1Api", "persistent_volume", False),
     "PersistentVolumeClaim": ("CoreV1Api", "persistent_volume_claim", True),
     "Service": ("CoreV1Api", "service", True),

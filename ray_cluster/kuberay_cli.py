@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ray_cluster import manifests
 
-DEFAULT_TIMEOUTS = {"up": 900, "train": 3600, "serve": 900}  # seconds; image pulls take minutes
+DEFAULT_TIMEOUTS = {"up": 900, "train": 3600, "serve": 900, "down": 300}  # seconds; image pulls take minutes
 POLL = 2.0  # seconds between status reads
 
 
@@ -45,7 +45,7 @@ def add_subparser(commands) -> None:
             ("status", status, "show the RayCluster, RayJobs and RayService as the operator reports them"),
             ("train", train, "run training as a RayJob on the RayCluster; wait for it to finish"),
             ("serve", serve, "create or update the RayService; wait; print its external address"),
-            ("down", down, "delete the RayService, RayJob and RayCluster (--all: storage and data too)")):
+            ("down", down, "delete the RayService, RayJobs and RayCluster (--all: storage and data too)")):
         sub = actions.add_parser(name, parents=[common], help=summary, description=summary)
         sub.set_defaults(run=_guarded(action))
         if name == "render":
@@ -75,7 +75,13 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help=f"worker pods of the RayService's cluster (default {d.serve_worker_pods})")
     add("--shared-storage", default=d.shared_storage, help="nfs (an NFS server on a GKE disk, default) or filestore")
     add("--storage-size", help="default 10Gi for nfs, 1Ti (the minimum) for filestore")
-    add("--nfs-server", help="NFS server address for the volume (default: `up` reads the NFS Service's IP)")
+    add("--nfs-server", help="NFS server address for the volume (default: `up` reads the NFS Service's IP; "
+                             "`render` needs it)")
+    add("--node-range", default=d.node_range,
+        help=f"the nodes' address range, admitted to the NFS server's port (default {d.node_range})")
+    add("--lb-source-range", dest="lb_source_ranges", action="append",
+        help="a CIDR range allowed to reach the LoadBalancer (repeatable; default 0.0.0.0/0, everyone)")
+    add("--internal-lb", action="store_true", help="a VPC-internal LoadBalancer instead of a public address")
     add("--workers", type=int, default=d.workers, help=f"Ray Train workers (default {d.workers})")
     add("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     add("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
@@ -87,12 +93,14 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     add("--serve-config", type=Path, default=d.serve_config, help="Serve config to run (default serving/serve_config.yaml)")
     add("--kubeconfig", help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
     add("--context", help="kubeconfig context (default: the current one)")
-    add("--timeout", type=float, help="seconds to wait for readiness (default: up 900, train 3600, serve 900)")
+    add("--timeout", type=float, help="seconds to wait (default: up 900, train 3600, serve 900, down --all 300)")
 
 
 def options_from_args(args: argparse.Namespace) -> manifests.Options:
     names = {field.name for field in dataclasses.fields(manifests.Options)}
-    return manifests.Options(**{name: getattr(args, name) for name in names})
+    values = {name: getattr(args, name) for name in names}
+    values["lb_source_ranges"] = tuple(args.lb_source_ranges or manifests.Options.lb_source_ranges)
+    return manifests.Options(**values)
 
 
 def _guarded(action):
@@ -159,7 +167,7 @@ def up(args, o: manifests.Options) -> int:
         # Nodes mount the volume and may not resolve cluster DNS: give the PV the Service's IP.
         service = cluster.read_service(o.nfs_namespace, manifests.NFS_SERVICE)
         o = dataclasses.replace(o, nfs_server=service.spec.cluster_ip)
-    _apply(cluster, manifests.render(o, ["volume", "network"]))
+    _apply(cluster, manifests.render(o, ["volume", "network", "env"]))
     (body,) = manifests.render(o, ["cluster"])
     try:
         cluster.rayclusters.create(body)
@@ -174,12 +182,20 @@ def up(args, o: manifests.Options) -> int:
     head = manifests.head_service_name(o.name)
     _say(f"\nRayCluster {o.name} is ready. The dashboard and job API stay inside the cluster; in another terminal:\n"
          f"  kubectl -n {o.namespace} port-forward svc/{head} 8265:8265\n"
-         "Then train through the port-forward:\n"
+         "Then train through the port-forward, with the cluster's token (token authentication is on):\n"
+         f"  {token_export(o)}\n"
          "  ray job submit --address http://localhost:8265 --working-dir . -- "
          f"{shlex.join(manifests.train_command(o, 'training/train.py'))}\n"
          "or as a RayJob (same options as this command):\n"
          "  python -m ray_cluster kuberay train")
     return 0
+
+
+def token_export(o: manifests.Options, cluster: str | None = None) -> str:
+    """The shell line that puts a cluster's Ray token (a Secret KubeRay generates, named like the
+    cluster, key auth_token) where Ray's clients read it."""
+    return (f"export RAY_AUTH_TOKEN=$(kubectl -n {o.namespace} get secret {cluster or o.name} "
+            "-o jsonpath='{.data.auth_token}' | base64 -d)")
 
 
 def train(args, o: manifests.Options) -> int:
@@ -201,7 +217,8 @@ def train(args, o: manifests.Options) -> int:
         raise kuberay.AlreadyExists(
             f"RayJob {o.namespace}/{o.rayjob_name} already exists (finished jobs keep their record): pass "
             f"--job-name, or delete it with `kubectl -n {o.namespace} delete rayjob {o.rayjob_name}`") from None
-    _say(f"RayJob {o.namespace}/{o.rayjob_name}: created\n  entrypoint: {job['spec']['entrypoint']}\n"
+    _say(f"RayJob {o.namespace}/{o.rayjob_name}: created (KubeRay gives its submitter the cluster's token)\n"
+         f"  entrypoint: {job['spec']['entrypoint']}\n"
          f"  logs: kubectl -n {o.namespace} logs -f job/{o.rayjob_name}")
     if args.no_wait:
         return 0
@@ -254,11 +271,14 @@ def status(args, o: manifests.Options) -> int:
     cluster = _connect(args, o)
     for resource, name in ((cluster.rayclusters, o.name), (cluster.rayservices, o.service_name)):
         try:
-            _say(f"{resource.kind} {o.namespace}/{name}: {resource.progress(resource.get(name)).summary}")
+            obj = resource.get(name)
+            _say(f"{resource.kind} {o.namespace}/{name}: {resource.progress(obj).summary}")
         except kuberay.NotFound:
             _say(f"{resource.kind} {o.namespace}/{name}: not created")
-    jobs = [job for job in cluster.rayjobs.list()
-            if (job.get("spec", {}).get("clusterSelector") or {}).get("ray.io/cluster") == o.name]
+            continue
+        if resource.kind == "RayCluster":
+            _say(f"  token authentication: {_token_state(cluster, o, obj)}")
+    jobs = _jobs_of(cluster, o)
     for job in jobs:
         _say(f"RayJob {o.namespace}/{job['metadata']['name']}: {kuberay.rayjob_progress(job).summary}")
     if not jobs:
@@ -266,13 +286,56 @@ def status(args, o: manifests.Options) -> int:
     return 0
 
 
+def _token_state(cluster: kuberay.KubeRay, o: manifests.Options, raycluster: dict) -> str:
+    auth = raycluster.get("spec", {}).get("authOptions") or {}
+    if auth.get("mode", "token" if auth else "disabled") != "token":
+        return "off (spec.authOptions)"
+    secret = auth.get("secretName") or o.name
+    try:
+        keys = cluster.read_secret_keys(o.namespace, secret)
+    except kuberay.NotFound:
+        return f"on, but Secret {o.namespace}/{secret} does not exist yet (KubeRay creates it)"
+    except kuberay.Forbidden:
+        return f"on; Secret {o.namespace}/{secret} holds the token (you may not read Secrets there)"
+    if "auth_token" not in keys:
+        return f"on, but Secret {o.namespace}/{secret} has no auth_token key"
+    return f"on; clients: {token_export(o, secret)}"
+
+
+def _jobs_of(cluster: kuberay.KubeRay, o: manifests.Options) -> list[dict]:
+    """The RayJobs that run on this RayCluster, whatever their names (--job-name)."""
+    return [job for job in cluster.rayjobs.list()
+            if (job.get("spec", {}).get("clusterSelector") or {}).get("ray.io/cluster") == o.name]
+
+
+def _wait_for_ray_pods_to_go(cluster: kuberay.KubeRay, o: manifests.Options, timeout: float) -> None:
+    """A hard NFS mount whose server is gone blocks the unmount: pods and namespace would stay
+    Terminating. So the storage goes only once no pod of any Ray cluster is left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pods = cluster.ray_pods(o.namespace)
+        if not pods:
+            return
+        if time.monotonic() >= deadline:
+            raise kuberay.WaitTimeout(
+                f"{len(pods)} Ray pod(s) still in {o.namespace} after {timeout:g} s ({', '.join(sorted(pods)[:5])}); "
+                "kept the NFS server and volume so their unmount can finish. Run `down --all` again later", None)
+        time.sleep(max(0.0, min(POLL, deadline - time.monotonic())))
+
+
 def down(args, o: manifests.Options) -> int:
     cluster = _connect(args, o)
-    ray_objects = [("RayService", o.service_name), ("RayJob", o.rayjob_name), ("RayCluster", o.name)]
-    plain = manifests.render(o, ["namespace", "nfs", "volume", "network"]) if args.all else []
+    jobs = {job["metadata"]["name"] for job in _jobs_of(cluster, o)} | {o.rayjob_name}
+    ray_objects = [("RayService", o.service_name)] + [("RayJob", name) for name in sorted(jobs)] + [("RayCluster", o.name)]
+    # Deleting needs only names: the NFS address is not asked for.
+    o_names = dataclasses.replace(o, nfs_server=o.nfs_server or "not-needed-to-delete.invalid")
+    plain = manifests.render(o_names, ["namespace", "nfs", "volume", "network", "env"]) if args.all else []
     for kind, name in ray_objects:
         deleted = cluster.delete_object({"kind": kind, "metadata": {"name": name, "namespace": o.namespace}})
         _say(f"{kind} {o.namespace}/{name}: {'deleted' if deleted else 'not found'}")
+    if args.all:
+        _say("Waiting for the Ray pods to go before deleting the storage they mount...")
+        _wait_for_ray_pods_to_go(cluster, o, _timeout(args, "down"))
     for obj in reversed(plain):
         meta = obj["metadata"]
         where = f"{meta['namespace']}/" if "namespace" in meta else ""

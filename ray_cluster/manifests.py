@@ -1,14 +1,15 @@
-"""Render the Kubernetes manifests for MNIST on KubeRay from the plain YAML files in k8s/.
+"""Render the Kubernetes manifests for MNIST on KubeRay from the kustomize tree in k8s/.
 
-k8s/base/*.yaml and k8s/overlays/<storage>/storage.yaml are complete, readable manifests that
-hold the defaults. `render(options)` loads them and sets the fields the options change on the
-parsed objects (no string templating), so the same options always give the same bytes.
+k8s/ is a kustomize tree (`kubectl kustomize k8s/overlays/filestore` gives the defaults).
+`render(options)` loads the same resource files and sets the fields the options change on the
+parsed objects (no string templating), so the same options always give the same bytes; with
+default options it gives what kustomize gives (a test checks).
 Invalid options are refused with every problem listed before anything is rendered or sent.
 """
 from __future__ import annotations
 
-import copy
 import functools
+import ipaddress
 import re
 import shlex
 import tomllib
@@ -35,7 +36,9 @@ STORAGE_KINDS = ("nfs", "filestore")
 FILESTORE_MIN = "1Ti"
 # namespace: the app namespace; nfs: the NFS server (nfs storage only); volume: the PVC every
 # Ray pod mounts; network: NetworkPolicies; cluster: RayCluster; job: RayJob; service: RayService.
-PARTS = ("namespace", "nfs", "volume", "network", "cluster", "job", "service")
+# env: the ConfigMap of the Ray containers' environment (k8s/base/ray.env).
+PARTS = ("namespace", "nfs", "volume", "network", "env", "cluster", "job", "service")
+INTERNAL_LB_ANNOTATION = "networking.gke.io/load-balancer-type"
 
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -85,7 +88,7 @@ class Options:
     serve_worker_pods: int = 1         # worker pods of the RayService's own Ray cluster
     shared_storage: str = "nfs"        # nfs | filestore
     storage_size: str | None = None    # default 10Gi (nfs disk) or 1Ti (Filestore's minimum)
-    nfs_server: str | None = None      # default the NFS Service's DNS name; the CLI uses its IP
+    nfs_server: str | None = None      # the NFS Service's ClusterIP (nfs volume); `up` reads it
     workers: int = 3                   # Ray Train workers of the RayJob (train.py --workers)
     epochs: int = 2
     batch_size: int = 100
@@ -94,6 +97,9 @@ class Options:
     job_name: str | None = None        # default <name>-train
     operator_namespace: str = "kuberay-system"
     serve_config: Path = SERVE_CONFIG
+    lb_source_ranges: tuple[str, ...] = ("0.0.0.0/0",)  # who may reach the LoadBalancer's port 8000
+    internal_lb: bool = False          # a VPC-internal LoadBalancer instead of a public address
+    node_range: str = "10.128.0.0/9"   # the nodes' addresses, admitted to the NFS server (they mount it)
 
     @property
     def image_ref(self) -> str:
@@ -118,6 +124,10 @@ class Options:
     @property
     def volume_name(self) -> str:  # PersistentVolumes are cluster-wide: include the namespace
         return f"{self.namespace}-{self.name}-shared"
+
+    @property
+    def env_config_map(self) -> str:
+        return f"{self.name}-ray-env"
 
     @property
     def size(self) -> str:
@@ -187,6 +197,14 @@ def problems(o: Options) -> list[str]:
         found.append(f"--storage-size {o.size!r} is not a Kubernetes quantity such as 10Gi")
     elif o.shared_storage == "filestore" and size < quantity_bytes(FILESTORE_MIN):
         found.append(f"--storage-size {o.size} is below Filestore's minimum of {FILESTORE_MIN}")
+    for flag, ranges in (("--lb-source-range", o.lb_source_ranges), ("--node-range", (o.node_range,))):
+        for cidr in ranges:
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError:
+                found.append(f"{flag} {cidr!r} is not a CIDR range such as 203.0.113.0/24")
+    if not o.lb_source_ranges:
+        found.append("--lb-source-range: give at least one range (0.0.0.0/0 admits everyone)")
     if o.run_id is not None and not _RUN_ID.fullmatch(o.run_id):
         found.append(f"--run-id {o.run_id!r}: use 1-63 letters, digits, '-', '_' or '.' (not starting with '.')")
     return found
@@ -201,13 +219,19 @@ def check(o: Options) -> None:
 # ---------------------------------------------------------------- rendering
 
 def render(o: Options, parts: tuple[str, ...] | list[str] = PARTS) -> list[dict]:
-    """The objects of the requested parts, in the order they should be created."""
+    """The objects of the requested parts, in the order they should be created. With default
+    options they equal `kubectl kustomize` of the overlay (tests/test_k8s_manifests.py checks)."""
     check(o)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise InvalidOptions([f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}"])
+    if "volume" in parts and o.shared_storage == "nfs" and not o.nfs_server:
+        raise InvalidOptions([
+            "the NFS volume needs --nfs-server: the nodes that mount it do not resolve cluster DNS names. "
+            f"Pass the NFS Service's ClusterIP (`kubectl -n {o.nfs_namespace} get svc {NFS_SERVICE} "
+            "-o jsonpath='{.spec.clusterIP}'`), or let `kuberay up` read it"])
     builders = {"namespace": _namespace, "nfs": _nfs_server, "volume": _volume, "network": _network,
-                "cluster": _raycluster, "job": _rayjob, "service": _rayservice}
+                "env": _ray_env, "cluster": _raycluster, "job": _rayjob, "service": _rayservice}
     return [obj for part in PARTS if part in parts for obj in builders[part](o)]
 
 
@@ -223,13 +247,43 @@ _Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
     "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
 
 
-def _load(relative: str, kinds: list[str]) -> list[dict]:
-    """The documents of a k8s/ file, checked to be the expected kinds in the expected order."""
-    docs = [doc for doc in yaml.safe_load_all((K8S_DIR / relative).read_text()) if doc]
-    found = [doc.get("kind") for doc in docs]
-    if found != kinds:
-        raise RuntimeError(f"k8s/{relative} holds {found}, the renderer expects {kinds}")
-    return docs
+def kustomization_objects(directory: Path) -> list[dict]:
+    """The documents of a kustomization's `resources:` (files, and directories recursively), as
+    written; generators, images and replacements are what render() applies itself."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    found = []
+    for entry in kustomization.get("resources", []):
+        path = directory / entry
+        if path.is_dir():
+            found += kustomization_objects(path)
+        else:
+            found += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return found
+
+
+def _objects(relative: str) -> list[dict]:
+    path = K8S_DIR / relative
+    if path.is_dir():
+        return kustomization_objects(path)
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _one(objects: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [obj for obj in objects if obj["kind"] == kind and name in (None, obj["metadata"]["name"])]
+    if len(found) != 1:
+        raise RuntimeError(f"k8s/ holds {len(found)} {kind} {name or ''}, the renderer expects one")
+    return found[0]
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines, as kustomize's configMapGenerator `envs:` reads them."""
+    pairs = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value
+    return pairs
 
 
 def _place(obj: dict, name: str, namespace: str | None) -> dict:
@@ -240,38 +294,41 @@ def _place(obj: dict, name: str, namespace: str | None) -> dict:
 
 
 def _namespace(o: Options) -> list[dict]:
-    (namespace,) = _load("base/namespace.yaml", ["Namespace"])
-    return [_place(namespace, o.namespace, None)]
+    return [_place(_one(_objects("base/namespace.yaml"), "Namespace"), o.namespace, None)]
 
 
 def _nfs_server(o: Options) -> list[dict]:
     if o.shared_storage != "nfs":
         return []
-    docs = _load("overlays/gke-nfs/storage.yaml", NFS_KINDS)
-    namespace, disk, deployment, service = docs[:4]
-    _place(namespace, o.nfs_namespace, None)
-    for obj in (disk, deployment, service):
-        obj["metadata"]["namespace"] = o.nfs_namespace
-    disk["spec"]["resources"]["requests"]["storage"] = o.size
-    return [namespace, disk, deployment, service]
-
-
-NFS_KINDS = ["Namespace", "PersistentVolumeClaim", "Deployment", "Service", "PersistentVolume",
-             "PersistentVolumeClaim"]
+    objects = _objects("overlays/nfs/server")
+    for obj in objects:
+        if obj["kind"] == "Namespace":
+            _place(obj, o.nfs_namespace, None)
+        else:
+            obj["metadata"]["namespace"] = o.nfs_namespace
+    _one(objects, "PersistentVolumeClaim")["spec"]["resources"]["requests"]["storage"] = o.size
+    (clients, *_) = _one(objects, "NetworkPolicy")["spec"]["ingress"]
+    for peer in clients["from"]:
+        if "namespaceSelector" in peer:
+            peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] = o.namespace
+        if "ipBlock" in peer:
+            peer["ipBlock"]["cidr"] = o.node_range
+    return objects
 
 
 def _volume(o: Options) -> list[dict]:
     """The ReadWriteMany claim every Ray pod mounts at /mnt/shared (and its NFS volume)."""
     if o.shared_storage == "filestore":
-        (claim,) = _load("overlays/filestore/storage.yaml", ["PersistentVolumeClaim"])
+        claim = _one(_objects("overlays/filestore/volume.yaml"), "PersistentVolumeClaim")
         _place(claim, o.claim_name, o.namespace)
         claim["spec"]["resources"]["requests"]["storage"] = o.size
         return [claim]
-    volume, claim = _load("overlays/gke-nfs/storage.yaml", NFS_KINDS)[4:]
+    objects = _objects("overlays/nfs/volume.yaml")
+    volume, claim = _one(objects, "PersistentVolume"), _one(objects, "PersistentVolumeClaim")
     _place(volume, o.volume_name, None)
     volume["spec"]["capacity"]["storage"] = o.size
     volume["spec"]["claimRef"] = {"namespace": o.namespace, "name": o.claim_name}
-    volume["spec"]["nfs"]["server"] = o.nfs_server or f"{NFS_SERVICE}.{o.nfs_namespace}.svc.cluster.local"
+    volume["spec"]["nfs"]["server"] = o.nfs_server
     _place(claim, o.claim_name, o.namespace)
     claim["spec"]["volumeName"] = o.volume_name
     claim["spec"]["resources"]["requests"]["storage"] = o.size
@@ -279,17 +336,26 @@ def _volume(o: Options) -> list[dict]:
 
 
 def _network(o: Options) -> list[dict]:
-    internal, serve = _load("base/networkpolicy.yaml", ["NetworkPolicy", "NetworkPolicy"])
-    _place(internal, f"{o.name}-ray-internal", o.namespace)
-    operator = internal["spec"]["ingress"][1]["from"][0]
-    operator["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] = o.operator_namespace
-    _place(serve, f"{o.name}-serve-ingress", o.namespace)
-    serve["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] = o.service_name
-    return [internal, serve]
+    """One policy per Ray cluster: its own pods, the operator (and the submitter) on 8265; Serve's 8000."""
+    objects = _objects("base/networkpolicy.yaml")
+    training, serving = _one(objects, "NetworkPolicy", "mnist-training"), _one(objects, "NetworkPolicy", "mnist-serve")
+    for policy, name, instance in ((training, f"{o.name}-training", o.name), (serving, o.service_name, o.service_name)):
+        _place(policy, name, o.namespace)
+        policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] = instance
+        peers, operator, *_ = policy["spec"]["ingress"]
+        peers["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] = instance
+        operator["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] = o.operator_namespace
+    return [training, serving]
+
+
+def _ray_env(o: Options) -> list[dict]:
+    """The ConfigMap every Ray container reads its Serve/HAProxy settings from (k8s/base/ray.env)."""
+    return [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": o.env_config_map, "namespace": o.namespace},
+             "data": env_file(K8S_DIR / "base" / "ray.env")}]
 
 
 def _raycluster(o: Options) -> list[dict]:
-    (cluster,) = _load("base/raycluster.yaml", ["RayCluster"])
+    cluster = _one(_objects("base/raycluster.yaml"), "RayCluster")
     _place(cluster, o.name, o.namespace)
     _cluster_spec(cluster["spec"], o, instance=o.name, worker_pods=o.worker_pods)
     return [cluster]
@@ -308,6 +374,9 @@ def _pod(template: dict, o: Options, instance: str, cpus: int, memory: str) -> N
     spec = template["spec"]
     for container in spec.get("initContainers", []) + spec["containers"]:
         container["image"] = o.image_ref
+        for source in container.get("envFrom", []):
+            if "configMapRef" in source:
+                source["configMapRef"]["name"] = o.env_config_map
     spec["containers"][0]["resources"] = _guaranteed(str(cpus), memory)
     for volume in spec.get("volumes", []):
         if "persistentVolumeClaim" in volume:
@@ -331,7 +400,7 @@ def train_command(o: Options, script: str = f"{APP_DIR}/training/train.py") -> l
 
 
 def _rayjob(o: Options) -> list[dict]:
-    (job,) = _load("base/rayjob.yaml", ["RayJob"])
+    job = _one(_objects("train"), "RayJob")
     _place(job, o.rayjob_name, o.namespace)
     job["spec"]["clusterSelector"] = {"ray.io/cluster": o.name}
     job["spec"]["entrypoint"] = shlex.join(train_command(o))
@@ -341,51 +410,61 @@ def _rayjob(o: Options) -> list[dict]:
 
 
 def _rayservice(o: Options) -> list[dict]:
-    (service,) = _load("base/rayservice.yaml", ["RayService"])
+    service = _one(_objects("base/rayservice.yaml"), "RayService")
     _place(service, o.service_name, o.namespace)
     service["spec"]["serveConfigV2"] = serve_config_v2(o.serve_config)
-    (cluster,) = _load("base/raycluster.yaml", ["RayCluster"])
-    _cluster_spec(cluster["spec"], o, instance=o.service_name, worker_pods=o.serve_worker_pods)
-    service["spec"]["rayClusterConfig"] = cluster["spec"]
+    _cluster_spec(service["spec"]["rayClusterConfig"], o, instance=o.service_name, worker_pods=o.serve_worker_pods)
+    exposed = service["spec"]["serveService"]
+    exposed["spec"]["loadBalancerSourceRanges"] = list(o.lb_source_ranges)
+    if o.internal_lb:
+        exposed["metadata"].setdefault("annotations", {})[INTERNAL_LB_ANNOTATION] = "Internal"
     return [service]
 
 
 def serve_config_v2(path: Path = SERVE_CONFIG) -> str:
-    """The local Serve config, made to run in the cluster: storage root /mnt/shared, Serve on
-    0.0.0.0:8000 inside the pods, no local working_dir (the image holds the code)."""
+    """The Serve config file as it is (what kustomize copies too), once checked to run in the
+    cluster: the pods set the storage root and Serve's host, the image holds the code."""
     try:
-        config = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise InvalidOptions([f"{path} not found: the RayService runs the local Serve config, so it "
                               "must exist (or leave the RayService out with --part)"]) from None
+    config = yaml.safe_load(text)
     applications = config.get("applications") if isinstance(config, dict) else None
     if not applications:
         raise InvalidOptions([f"{path} has no `applications:` list"])
-    config = copy.deepcopy(config)
-    for app in config["applications"]:
-        _cluster_app(app, path)
-    http = config.get("http_options") or {}
-    config["http_options"] = {**http, "host": "0.0.0.0", "port": SERVE_PORT}
-    return yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=4096)
+    found = []
+    host = (config.get("http_options") or {}).get("host")
+    if host not in (None, "0.0.0.0"):
+        found.append(f"{path}: http_options.host {host!r} would keep Serve off the pod's network; leave the host "
+                     "out (the pods set RAY_SERVE_DEFAULT_HTTP_HOST=0.0.0.0, local deploys use 127.0.0.1)")
+    port = (config.get("http_options") or {}).get("port", SERVE_PORT)
+    if port != SERVE_PORT:
+        found.append(f"{path}: http_options.port {port} is not {SERVE_PORT}, the port the Service exposes")
+    for app in applications:
+        found += _cluster_app_problems(app, path)
+    if found:
+        raise InvalidOptions(found)
+    return text
 
 
-def _cluster_app(app: dict, path: Path) -> None:
+def _cluster_app_problems(app: dict, path: Path) -> list[str]:
     name = app.get("name", app.get("import_path"))
-    if not app.get("import_path"):
-        raise InvalidOptions([f"{path}: application {name!r} has no import_path"])
-    runtime_env = app.setdefault("runtime_env", {})
+    found = [] if app.get("import_path") else [f"{path}: application {name!r} has no import_path"]
+    runtime_env = app.get("runtime_env") or {}
     installs = sorted({"pip", "conda", "uv"} & set(runtime_env))
     if installs:
-        raise InvalidOptions([f"{path}: application {name!r} sets runtime_env {installs}, which installs "
-                              "packages at run time; bake them into the image (k8s/Dockerfile) instead"])
-    if "://" not in str(runtime_env.get("working_dir", "://")):
-        del runtime_env["working_dir"]  # a local path does not exist in the pods; the image has the code
-    runtime_env.setdefault("env_vars", {})[STORAGE_ENV] = MOUNT_PATH
+        found.append(f"{path}: application {name!r} sets runtime_env {installs}, which installs "
+                     "packages at run time; bake them into the image (k8s/Dockerfile) instead")
+    if "working_dir" in runtime_env and "://" not in str(runtime_env["working_dir"]):
+        found.append(f"{path}: application {name!r} has a local working_dir, which does not exist in the pods; "
+                     "leave it out (the image holds the code)")
     args = app.get("args")
-    if isinstance(args, dict):
-        for key in STORAGE_ARGS:
-            if key in args:
-                args[key] = MOUNT_PATH
+    for key in STORAGE_ARGS:
+        if isinstance(args, dict) and key in args:
+            found.append(f"{path}: application {name!r} sets args.{key}; leave the storage root to "
+                         f"${STORAGE_ENV}, which the pods set to {MOUNT_PATH}")
+    return found
 
 
 def worker_slots(raycluster: dict) -> int:

@@ -41,6 +41,7 @@ def local_config(storage: str | None = None, name: str | None = None, route_pref
     `name` and `route_prefix` rename the API app; the page follows as <name>-ui at <prefix>/ui.
     """
     config = copy.deepcopy(load_config(path))
+    config.setdefault("http_options", {}).setdefault("host", HOST)  # loopback; the file names no host
     api, ui = app_pair(config)
     if colocate:
         colocated(api, ui)

