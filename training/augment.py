@@ -42,6 +42,14 @@ def batch_seed(run_seed: int, rank: int, step: int) -> int:
     return ((run_seed * 1_000_003 + rank) * 1_000_003 + step) % (2 ** 63)
 
 
+def training_batch(images: torch.Tensor, settings: dict | None, run_seed: int, rank: int, step: int) -> torch.Tensor:
+    """The worker's hook: shard `rank`'s batch of global step `step`, augmented with `settings`
+    (AugmentSettings as a dict, as the job's config carries it), or returned as is when None."""
+    if settings is None:
+        return images
+    return augment_batch(images, batch_seed(run_seed, rank, step), AugmentSettings(**settings))
+
+
 def augment_batch(images: torch.Tensor, seed: int, settings: AugmentSettings = DEFAULT) -> torch.Tensor:
     """Augment a batch. uint8 [N, 28, 28] (as the shards hold it) -> uint8 [N, 28, 28]; float in
     0..1, [N, 28, 28] or [N, 1, 28, 28] -> float of the same shape. The input is not modified."""

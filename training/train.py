@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from training.augment import DEFAULT as AUGMENTATION, AugmentSettings, augment_batch, batch_seed  # noqa: E402
+from training.augment import DEFAULT as AUGMENTATION, training_batch  # noqa: E402
 from training.aggregation import Aggregator, global_path, partial_path, round_dir, worker_path  # noqa: E402
 from training.data import MnistUnavailable, fetch_mnist, load_shard, write_shards  # noqa: E402
 from training.model import Net, initial_weights, to_input, training_precision  # noqa: E402
@@ -108,6 +108,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def augmentation(args) -> dict | None:
+    """The augmentation settings the workers apply (and the metadata shows), None with --no-augment."""
+    return AUGMENTATION.to_metadata() if args.augment else None
+
+
 def steps_per_epoch(examples: int, batch_size: int) -> int:
     return math.ceil(examples / batch_size)
 
@@ -145,8 +150,7 @@ def train_func(config: dict) -> None:
         model.train()
         for step in range(progress["step"], end - start):
             index = next(batches)
-            batch = (augment_batch(images[index], batch_seed(config["seed"], rank, start + step), AugmentSettings(**config["augment"]))
-                     if config.get("augment") else images[index])  # training/augment.py; --no-augment: as they are
+            batch = training_batch(images[index], config.get("augment"), config["seed"], rank, start + step)
             train_step(model, optimizer, schedule, batch, labels[index], progress, precision)
             progress["step"] = step + 1
             if checkpoint_due(progress["step"], end - start, config["checkpoint_steps"]):
@@ -322,7 +326,7 @@ def run(args) -> int:
                            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                            "threads": threads, "checkpoint_steps": args.checkpoint_steps,
                            "precision": args.precision,
-                           "augment": AUGMENTATION.to_metadata() if args.augment else None},
+                           "augment": augmentation(args)},
         scaling_config=ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": worker_cpus}),
         run_config=RunConfig(name=run_id, storage_path=str(folder / "ray"),
                              failure_config=FailureConfig(max_failures=args.max_failures)),
@@ -337,7 +341,7 @@ def run(args) -> int:
                 "subset": args.subset, "test_accuracy": rounds[-1]["test_accuracy"], "round_metrics": rounds,
                 "precision": "+".join(sorted({w["precision"] for r in rounds for w in r["workers"]})),
                 "train_seconds": round(train_seconds, 2),
-                "augmentation": AUGMENTATION.to_metadata() if args.augment else None,
+                "augmentation": augmentation(args),
                 "shards_manifest_sha256": sha256_file(folder / "shards" / "manifest.json"),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     path = publish_model(storage, run_id, final, metadata)
