@@ -104,17 +104,18 @@ def evaluate_all(storage: Path, runs: dict, per_class: int = 100) -> dict:
 
 # ---------------------------------------------------------------- preprocessing variants
 
-def reader(deslant: bool = False, stroke: bool = False):
-    """serving/preprocess.py's steps, with optional deslanting (before the 20x20 fit) and
-    stroke-width normalisation (after it), to measure whether either helps drawn input."""
-    from serving.preprocess import BBOX_INK, BOX, centre_by_mass, fit_box, ink_box, ink_levels, stretch, to_gray
+def reader(deslant: bool = False, stroke: bool = True):
+    """serving/preprocess.py's steps (stroke=True: exactly `preprocess`), with or without its
+    stroke-width normalisation and with optional deslanting before the 20x20 fit."""
+    from serving.preprocess import (BBOX_INK, BOX, centre_by_mass, even_stroke, fit_box, ink_box, ink_levels,
+                                    stretch, to_gray)
 
     def read(image: np.ndarray) -> np.ndarray:
         ink, background, peak = ink_levels(to_gray(image))
         top, left, bottom, right = ink_box(ink, background + BBOX_INK * (peak - background))
         crop = stretch(ink[top:bottom, left:right], background, peak)
         fitted = fit_box(deslant_crop(crop) if deslant else crop, BOX)
-        return centre_by_mass(normalise_stroke(fitted) if stroke else fitted)
+        return centre_by_mass(even_stroke(fitted) if stroke else fitted)
     return read
 
 
@@ -137,41 +138,20 @@ def deslant_crop(crop: np.ndarray) -> np.ndarray:
     return upright[:, cols_with_ink[0]:cols_with_ink[-1] + 1] if len(cols_with_ink) else crop
 
 
-STROKE_TARGET = 2.3  # px at the 20-px scale: about the median of stroke_width over MNIST's test digits
-
-
-def stroke_width(fitted: np.ndarray) -> float:
-    """Mean stroke width ~ 2 x ink area / total edge length (a stroke of width w, length L: area wL, edges 2L)."""
-    edges = np.abs(np.diff(fitted, axis=0)).sum() + np.abs(np.diff(fitted, axis=1)).sum()
-    return 2 * float(fitted.sum()) / max(float(edges), 1e-6)
-
-
-def normalise_stroke(fitted: np.ndarray) -> np.ndarray:
-    """Thin a stroke much wider than MNIST's, thicken one much thinner (3x3 grey erosion/dilation)."""
-    from training.augment import max_3x3
-
-    width = stroke_width(fitted)
-    padded = np.pad(fitted, 1).astype(np.float32)
-    x = torch.from_numpy(padded).view(1, 1, *padded.shape)
-    if width > 1.5 * STROKE_TARGET:
-        x = -max_3x3(-x)
-    elif width < STROKE_TARGET / 1.5:
-        x = max_3x3(x)
-    out = x[0, 0, 1:-1, 1:-1].numpy()
-    return out / out.max() if out.max() > 0 else fitted
-
-
 def preprocessing_variants(models: dict, test_images: np.ndarray, test_labels: np.ndarray, per_class: int) -> dict:
     """Accuracy of each model on the drawn set and on MNIST test, both read through each variant."""
     from bench.drawn_digits import build_drawn_set
 
-    variants = {"as served": reader(), "deslant": reader(deslant=True), "stroke-normalised": reader(stroke=True),
-                "deslant + stroke-normalised": reader(deslant=True, stroke=True)}
+    variants = {"MNIST's steps only (no stroke normalisation)": reader(stroke=False),
+                "as served (with stroke normalisation)": reader(),
+                "MNIST's steps + deslant": reader(deslant=True, stroke=False),
+                "as served + deslant": reader(deslant=True)}
+    canvases = build_drawn_set(test_images, test_labels, per_class=per_class, read=lambda canvas: canvas)
     out = {}
     for name, read in variants.items():
-        drawn = build_drawn_set(test_images, test_labels, per_class=per_class, read=read)
+        drawn = torch.from_numpy(np.stack([read(canvas) for canvas in canvases.images]))
         mnist = torch.from_numpy(np.stack([read(image) for image in test_images]))
-        out[name] = {model_name: {"drawn": float((predict(model, torch.from_numpy(drawn.images)) == drawn.labels).mean()),
+        out[name] = {model_name: {"drawn": float((predict(model, drawn) == canvases.labels).mean()),
                                   "mnist_test": float((predict(model, mnist) == test_labels).mean())}
                      for model_name, (model, _) in models.items()}
         print(f"preprocessing {name}: {out[name]}", flush=True)
@@ -213,7 +193,9 @@ def augmentation_cost(storage: Path, steps: int = 60, batch: int = 100) -> dict:
 
 def machine() -> str:
     import platform
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def write_report(results: dict, out: Path) -> None:
