@@ -86,7 +86,7 @@ def evaluate_all(storage: Path, runs: dict, per_class: int = 100) -> dict:
     drawn = build_drawn_set(test_images.numpy(), test_labels.numpy(), per_class=per_class)
     models = {name: load_model(storage, run["version"]) for name, run in runs.items()}
     results = {"machine": machine(), "runs": runs, "drawn_set": {
-        "n": int(len(drawn.labels)), "per_source": {s: int((drawn.sources == s).sum()) for s in sorted(set(drawn.sources))}}}
+        "n": int(len(drawn.labels)), "per_source": {str(s): int((drawn.sources == s).sum()) for s in sorted(set(drawn.sources))}}}
     for name, (model, metadata) in models.items():
         test_pred, drawn_pred = predict(model, test_images), predict(model, torch.from_numpy(drawn.images))
         results[name] = {
@@ -202,7 +202,8 @@ def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "drawn.json").write_text(json.dumps(results, indent=2) + "\n")
     before, after = results["before"], results["after"]
-    lines = [f"Drawn set: {results['drawn_set']['n']} images ({results['drawn_set']['per_source']}); "
+    sources = ", ".join(f"{n} {s}" for s, n in results["drawn_set"]["per_source"].items())
+    lines = [f"Drawn set: {results['drawn_set']['n']} images ({sources}), read by serving/preprocess.py; "
              f"models {before['version']} (no augmentation) and {after['version']} (augmented)\n",
              "| | MNIST test | drawn set | " + " | ".join(f"drawn {s}" for s in before["drawn_by_source"]) + " |",
              "|---|---|---|" + "---|" * len(before["drawn_by_source"])]
