@@ -250,7 +250,7 @@ def plot(results: dict, out: Path) -> None:
         r = results[name]
         axes[0].bar(classes + offset, [100 * a for a in r["drawn"]["per_class"]], 0.4, color=colour,
                     label=f"{name}: drawn {pct(r['drawn']['accuracy'], 1)}, MNIST test {pct(r['mnist_test']['accuracy'])}")
-    axes[0].set(xticks=classes, xlabel="class", ylabel="accuracy on the drawn set (%)", ylim=(0, 100),
+    axes[0].set(xticks=classes, xlabel="class", ylabel="accuracy on the drawn set (%)", ylim=(80, 100),
                 title="Per class, drawn set")
     axes[0].legend(loc="lower left", fontsize=8)
     for ax, name in zip(axes[1:], ("before", "after")):
