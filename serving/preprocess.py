@@ -2,7 +2,8 @@
 
 A drawing of any size and colour scheme becomes a 28x28 MNIST-format uint8 image (white digit on
 black) the way MNIST itself was made (LeCun et al.): crop to the ink, scale the longest side to
-20 px keeping the aspect ratio, then place it in a 28x28 field so that its centre of mass sits at
+20 px keeping the aspect ratio (a stroke far thinner or thicker than MNIST's pens then gets one
+pixel nearer to theirs), then place it in a 28x28 field so that its centre of mass sits at
 the centre. The model normalises it exactly as in training (`training.model.to_input`).
 
     preprocess(image)        -> uint8 [28, 28]
