@@ -38,6 +38,7 @@ class Page:
     def __init__(self, backend):
         self.backend = backend
         self.accuracy: dict[str, float | None] = {}  # test accuracy by version, from /model's metadata
+        self.augmentation: dict[str, str] = {}  # how each version was trained, as a phrase
 
     async def version_text(self, version: str | None = None) -> str:
         if version is None or version not in self.accuracy:
@@ -47,8 +48,10 @@ class Page:
             version = version or status["model_version"]
             accuracy = (status["metadata"] or {}).get("test_accuracy")
             self.accuracy[status["model_version"]] = accuracy if isinstance(accuracy, (int, float)) else None
+            self.augmentation[status["model_version"]] = augmentation_text(status["metadata"] or {})
         accuracy = self.accuracy.get(version)
-        return f"Model version **{version}**" + (f" (test accuracy {accuracy:.2%})" if accuracy else "")
+        return (f"Model version **{version}**" + (f" (test accuracy {accuracy:.2%})" if accuracy else "")
+                + self.augmentation.get(version, ""))
 
     async def recognise(self, sketch):
         """Sketchpad value -> top probabilities, the 28x28 image the model saw, the model version."""
@@ -66,6 +69,20 @@ class Page:
         label = {str(digit): float(p) for digit, p in enumerate(probs[0])}
         big = np.kron(seen, np.ones((ZOOM, ZOOM), dtype=np.uint8))
         return label, big, await self.version_text(version)
+
+
+def augmentation_text(metadata: dict) -> str:
+    """training/augment.py's settings from the model's metadata, as a line under the version."""
+    if "augmentation" not in metadata:  # published before augmentation existed
+        return ""
+    settings = metadata["augmentation"]
+    if not isinstance(settings, dict):
+        return "  \nTrained without augmentation"
+    from training.augment import AugmentSettings
+    try:
+        return "  \nTrained with augmentation: " + AugmentSettings(**settings).describe()
+    except TypeError:  # settings of another version of augment.py
+        return "  \nTrained with augmentation: " + ", ".join(f"{k} {v}" for k, v in settings.items())
 
 
 def build_ui(backend) -> gr.Blocks:

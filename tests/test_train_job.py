@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ray_cluster import local
+from training.augment import DEFAULT as DEFAULT_AUGMENTATION
 from training.data import load_mnist
 from training.model import Net, evaluate, training_precision
 from training.storage import models_dir, read_latest
@@ -47,6 +48,7 @@ def test_metadata_describes_the_run(trained):
                 "train_seconds", "shards_manifest_sha256", "created_at", "precision"):
         assert key in meta, key
     assert meta["precision"] == training_precision("auto")  # what this machine's workers chose
+    assert meta["augmentation"] == DEFAULT_AUGMENTATION.to_metadata()  # on by default, shown on the page
     assert (meta["workers"], meta["epochs"], meta["rounds"], meta["batch_size"]) == (3, 2, 2, 100)
     assert len(meta["round_metrics"]) == 2
     assert all(len(r["workers"]) == 3 for r in meta["round_metrics"])

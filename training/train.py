@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from training.augment import DEFAULT as AUGMENTATION, training_batch  # noqa: E402
 from training.aggregation import Aggregator, global_path, partial_path, round_dir, worker_path  # noqa: E402
 from training.data import MnistUnavailable, fetch_mnist, load_shard, write_shards  # noqa: E402
 from training.model import Net, initial_weights, to_input, training_precision  # noqa: E402
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="training arithmetic: bf16 mixed precision (weights, optimizer and evaluation stay fp32) "
                              "or plain fp32; auto = bf16 where the worker's CPU has native bf16 (default auto)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="random rotation, shear, scale, shift and stroke width on every training batch, "
+                             "seeded per shard and step (default on; --no-augment trains on the digits as they are)")
     parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray Train may make (default 2)")
     return parser
 
@@ -102,6 +106,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.checkpoint_steps < 0:
         parser.error("--checkpoint-steps must be >= 0 (0 turns mid-round checkpoints off)")
     return args
+
+
+def augmentation(args) -> dict | None:
+    """The augmentation settings the workers apply (and the metadata shows), None with --no-augment."""
+    return AUGMENTATION.to_metadata() if args.augment else None
 
 
 def steps_per_epoch(examples: int, batch_size: int) -> int:
@@ -141,7 +150,8 @@ def train_func(config: dict) -> None:
         model.train()
         for step in range(progress["step"], end - start):
             index = next(batches)
-            train_step(model, optimizer, schedule, images[index], labels[index], progress, precision)
+            batch = training_batch(images[index], config.get("augment"), config["seed"], rank, start + step)
+            train_step(model, optimizer, schedule, batch, labels[index], progress, precision)
             progress["step"] = step + 1
             if checkpoint_due(progress["step"], end - start, config["checkpoint_steps"]):
                 progress["seconds"] = time.perf_counter() - started
@@ -315,7 +325,8 @@ def run(args) -> int:
                            "init_path": str(folder / "init.pt"), "epochs": args.epochs, "rounds": args.rounds,
                            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                            "threads": threads, "checkpoint_steps": args.checkpoint_steps,
-                           "precision": args.precision},
+                           "precision": args.precision,
+                           "augment": augmentation(args)},
         scaling_config=ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": worker_cpus}),
         run_config=RunConfig(name=run_id, storage_path=str(folder / "ray"),
                              failure_config=FailureConfig(max_failures=args.max_failures)),
@@ -330,6 +341,7 @@ def run(args) -> int:
                 "subset": args.subset, "test_accuracy": rounds[-1]["test_accuracy"], "round_metrics": rounds,
                 "precision": "+".join(sorted({w["precision"] for r in rounds for w in r["workers"]})),
                 "train_seconds": round(train_seconds, 2),
+                "augmentation": augmentation(args),
                 "shards_manifest_sha256": sha256_file(folder / "shards" / "manifest.json"),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     path = publish_model(storage, run_id, final, metadata)

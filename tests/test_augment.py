@@ -1,0 +1,107 @@
+"""Training-time augmentation (training/augment.py), without Ray: batched, seeded, and off with --no-augment."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.augment import (DEFAULT, AugmentSettings, augment_batch, batch_seed, max_3x3, sampling_grid,
+                              training_batch)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+import train  # noqa: E402  (the entrypoint is a script, as Ray runs it)
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_storage):
+    from training.data import load_mnist
+    images, labels = load_mnist(mnist_storage, train=True)
+    return images[:200], labels[:200]
+
+
+def test_uint8_in_uint8_out_same_shape(digits):
+    images = digits[0][:50]
+    out = augment_batch(images, seed=1)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+
+
+@pytest.mark.parametrize("shape", [(8, 28, 28), (8, 1, 28, 28)])
+def test_float_in_float_out_same_shape(digits, shape):
+    images = (digits[0][:8].float() / 255).reshape(shape)
+    out = augment_batch(images, seed=1)
+    assert out.dtype == torch.float32 and out.shape == images.shape
+    assert 0 <= out.min() and out.max() <= 1.0 + 1e-6
+
+
+def test_same_seed_same_batch_other_seed_other_batch(digits):
+    images = digits[0][:64]
+    assert torch.equal(augment_batch(images, seed=7), augment_batch(images, seed=7))
+    assert not torch.equal(augment_batch(images, seed=7), augment_batch(images, seed=8))
+
+
+def test_it_changes_every_image_but_keeps_the_digit(digits):
+    images = digits[0][:100]
+    before = images.float()
+    out = augment_batch(images, seed=3).float()
+    changed = (out - before).abs().flatten(1).mean(1)
+    assert (changed > 1.0).all()  # every image moved or changed stroke (grey levels out of 255)
+    ink = out.sum((1, 2)) / before.sum((1, 2))
+    assert ((ink > 0.25) & (ink < 4)).all()  # ... and none lost its ink or became a blob (a 1-px "1" can triple)
+
+
+def test_the_input_is_left_alone(digits):
+    images = digits[0][:20].clone()
+    augment_batch(images, seed=5)
+    assert torch.equal(images, digits[0][:20])
+
+
+def test_stroke_jitter_thickens_and_thins():
+    settings = AugmentSettings(rotation=0, shear=0, scale=0, translation=0, stroke=1.0)
+    bar = torch.zeros(400, 28, 28, dtype=torch.uint8)
+    bar[:, 6:22, 12:16] = 255  # a 4-pixel-wide stroke
+    ink = augment_batch(bar, seed=0, settings=settings).float().sum((1, 2)) / bar[0].float().sum()
+    assert ink.max() > 1.2 and ink.min() < 0.85
+
+
+def test_without_stroke_jitter_the_affine_alone_keeps_ink_near_constant(digits):
+    settings = AugmentSettings(stroke=0.0)
+    images = digits[0][:100]
+    ink = augment_batch(images, seed=2, settings=settings).float().sum((1, 2)) / images.float().sum((1, 2))
+    assert ((ink - 1).abs() < 0.35).all()  # scale 0.88..1.12 changes the area by at most ~25%
+
+
+def test_zero_settings_are_the_identity(digits):
+    still = AugmentSettings(rotation=0, shear=0, scale=0, translation=0, stroke=0)
+    images = digits[0][:30]
+    assert torch.equal(augment_batch(images, seed=0, settings=still), images)
+
+
+def test_fast_kernels_match_torch():
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.equal(max_3x3(x), F.max_pool2d(x, 3, stride=1, padding=1))
+    theta = torch.randn(5, 2, 3)
+    assert torch.allclose(sampling_grid(theta), F.affine_grid(theta, [5, 1, 28, 28], align_corners=False), atol=1e-5)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match=r"expected images \[N, 28, 28\]"):
+        augment_batch(torch.zeros(4, 32, 32, dtype=torch.uint8), seed=0)
+
+
+def test_seeds_differ_per_shard_and_step():
+    seeds = {batch_seed(0, rank, step) for rank in range(3) for step in range(1000)}
+    assert len(seeds) == 3000
+    assert batch_seed(0, 1, 5) == batch_seed(0, 1, 5) != batch_seed(1, 1, 5)
+
+
+def test_augmentation_is_on_by_default_and_off_with_no_augment(digits):
+    on, off = train.parse_args([]), train.parse_args(["--no-augment"])
+    assert train.augmentation(on) == DEFAULT.to_metadata()
+    assert train.augmentation(off) is None
+    batch = digits[0][:10]
+    # the worker's hook: with --no-augment the very same batch goes to the training step
+    assert training_batch(batch, train.augmentation(off), 0, 0, 0) is batch
+    augmented = training_batch(batch, train.augmentation(on), 0, 0, 0)
+    assert torch.equal(augmented, augment_batch(batch, batch_seed(0, 0, 0)))
+    assert not torch.equal(augmented, batch)
