@@ -119,7 +119,8 @@ def train_func(config: dict) -> None:
     import ray.train
     from ray.train.collective import barrier, broadcast_from_rank_zero
 
-    storage, run_id, manifest = Path(config["storage"]), config["run_id"], config["manifest"]
+    storage, run_id = Path(config["storage"]), config["run_id"]
+    manifest = ray.get(config["manifest"])  # the splitter's result: it ran while this worker group started
     rank = ray.train.get_context().get_world_rank()
     images, labels = load_shard(storage, run_id, rank, manifest)  # verifies its sha256
 
@@ -137,7 +138,7 @@ def train_func(config: dict) -> None:
     batches = shuffled_batches(len(labels), config["batch_size"], seed=config["seed"] * 1000 + rank)
     for _ in range(round_bounds(total_steps, config["rounds"], first_round)[0] + progress["step"]):
         next(batches), schedule.step()  # replay the data order and LR schedule to where we stopped
-    aggregator = start_aggregator(config) if rank == 0 else None
+    aggregator = start_aggregator(config, manifest) if rank == 0 else None
 
     for round_index in range(first_round, config["rounds"]):
         start, end = round_bounds(total_steps, config["rounds"], round_index)
@@ -205,14 +206,14 @@ def checkpoint_due(step: int, round_steps: int, every: int) -> bool:
     return every > 0 and step % every == 0 and step < round_steps
 
 
-def start_aggregator(config: dict):
+def start_aggregator(config: dict, manifest: dict):
     """The run's aggregator actor. It asks for no CPU: it works only while every worker waits
     for it, and so a second run on a full cluster can never leave it unscheduled. Averaging
     is idempotent, so Ray may restart it (say, on another node) and call it again."""
     import ray
 
     actor = ray.remote(Aggregator).options(num_cpus=0, max_restarts=2, max_task_retries=2)
-    return actor.remote(config["storage"], config["run_id"], config["manifest"])
+    return actor.remote(config["storage"], config["run_id"], manifest)
 
 
 def new_progress() -> dict:
@@ -321,11 +322,12 @@ def run(args) -> int:
     # Sized before the splitter runs: Ray's resource view lags, and right after the splitter it
     # could still count the splitter's CPU as taken.
     worker_cpus, threads = size_workers(free_cpus_per_node(ray), args.workers)
+    # The split runs while Ray Train starts its controller and workers (~10 s); they wait for it.
     splitter = ray.remote(write_shards).options(num_cpus=0.5)
-    manifest = ray.get(splitter.remote(storage, run_id, args.workers, args.seed, args.subset))
+    manifest = splitter.remote(storage, run_id, args.workers, args.seed, args.subset)
     atomic_torch_save(folder / "init.pt", initial_weights(args.seed))
     print(f"run {run_id}: {args.workers} workers x {worker_cpus:.2f} CPU and up to {threads} torch thread(s), "
-          f"{args.epochs} epochs in {args.rounds} rounds, precision {args.precision}, shards {[s['count'] for s in manifest['shards']]}", flush=True)
+          f"{args.epochs} epochs in {args.rounds} rounds, precision {args.precision}", flush=True)
 
     # Ray Train's controller polls its workers every 2 s by default: up to 2 s lost noticing the
     # end of training (and each start). Ray passes this on from the driver to the controller.
@@ -343,7 +345,12 @@ def run(args) -> int:
         run_config=RunConfig(name=run_id, storage_path=str(folder / "ray"),
                              failure_config=FailureConfig(max_failures=args.max_failures)),
     )
-    trainer.fit()  # raises on failure: nothing is published
+    try:
+        trainer.fit()  # raises on failure: nothing is published
+    except Exception:
+        ray.get(manifest)  # a failed split is the cause: raise the splitter's own error
+        raise
+    print(f"shards {[s['count'] for s in ray.get(manifest)['shards']]}", flush=True)
 
     rounds = [round_metrics(storage, run_id, r) for r in range(args.rounds)]
     final = torch.load(global_path(storage, run_id, args.rounds - 1), weights_only=True)["state_dict"]
