@@ -13,6 +13,7 @@
               local cluster and timed from submission until the command returns (the model is
               published by then); also with --precision fp32, the baseline's arithmetic
 4. --sweeps   the Ray job over rounds (1, 2, 4, 8) and workers (1, 2, 3, 4) at 2 epochs
+--profile-job  only one job: when each step of it shows in its log (fixed costs)
 
 Writes bench/results/training.{json,md} and PNG plots, and prints the ratio job/baseline.
 """
