@@ -3,12 +3,17 @@
     python -m bench.bench_training [--sweeps] [--storage DIR] [--data-source DIR]
 
 1. baseline   plain single-process PyTorch: the seed's network, Adam 1e-3, batch 100, 2 epochs
+1b. net plain this project's Net, trained the plain way in one process on all 60,000 images:
+              2 epochs, the job's Adam + one-cycle schedule and label smoothing, batch 100,
+              2 threads, in the precision that times faster on this CPU (what a user would run
+              instead of the Ray job on one machine)
 2. seed       the seed's scheme: 3 workers from independent random weights, contiguous
               unshuffled shards, one unweighted mean at the end
 3. ray job    training/train.py at the seed's defaults, submitted with `ray job submit` to the
               local cluster and timed from submission until the command returns (the model is
               published by then); also with --precision fp32, the baseline's arithmetic
 4. --sweeps   the Ray job over rounds (1, 2, 4, 8) and workers (1, 2, 3, 4) at 2 epochs
+--profile-job  only one job: when each step of it shows in its log (fixed costs)
 
 Writes bench/results/training.{json,md} and PNG plots, and prints the ratio job/baseline.
 """
@@ -28,7 +33,8 @@ from tqdm import tqdm
 from ray_cluster import local
 from training.aggregation import FedAvg
 from training.data import fetch_mnist, load_mnist
-from training.model import SeedNet, evaluate, to_input
+from training.calibration import calibrate
+from training.model import Net, SeedNet, evaluate, native_bf16, to_input
 from training.storage import models_dir, read_latest, resolve_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +63,36 @@ def baseline(train, test) -> dict:
     seconds = time.perf_counter() - started  # training only; the test evaluation is not timed
     return {"scheme": "baseline: seed network, 1 process", "seconds": seconds,
             "test_accuracy": evaluate(model, *test)["accuracy"]}
+
+
+def net_plain(train, test, epochs: int = 2, batch_size: int = 100, lr: float = 5e-3, threads: int = 2) -> dict:
+    """This project's Net, one process, the job's optimiser, schedule and loss, best precision."""
+    from training.train import new_progress, train_step
+
+    images, labels = train
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Net()
+    trial = Net()  # the precision is timed on a throwaway copy, as the job's workers do
+    trial_optimizer = torch.optim.Adam(trial.parameters(), lr=lr)
+    trial_schedule = torch.optim.lr_scheduler.OneCycleLR(trial_optimizer, max_lr=lr, total_steps=1000)
+    calibration = calibrate(lambda precision, batch: train_step(trial, trial_optimizer, trial_schedule, images[:batch],
+                                                                labels[:batch], new_progress(), precision),
+                            [("fp32", threads), ("bf16", threads)], batch_size, torch.set_num_threads)
+    precision = calibration["precision"]
+    steps = epochs * -(-len(labels) // batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for index in tqdm(order.split(batch_size), desc=f"Net plain epoch {epoch + 1}", leave=False):
+            train_step(model, optimizer, schedule, images[index], labels[index], new_progress(), precision)
+    seconds = time.perf_counter() - started  # training only, as for the baseline
+    return {"scheme": f"this project's Net, 1 process, {threads} threads, {precision}", "seconds": seconds,
+            "test_accuracy": evaluate(model, *test)["accuracy"], "precision": precision, "calibration": calibration}
 
 
 def seed_scheme(train, test, workers: int = 3) -> dict:
@@ -105,6 +141,41 @@ def ray_job(storage: Path, *train_args: str) -> dict:
             "job_internal_seconds": metadata["train_seconds"]}
 
 
+PROFILE_MARKS = (("driver's first line", ""), ("split done, workers asked for", "workers x"),
+                 ("first worker calibrated", "torch thread(s); calibration"),
+                 ("round 0 averaged", "] round 0:"), ("last round averaged", "[aggregator] round"),
+                 ("published (driver's last line)", "  model /"))
+
+
+def profile_job(storage: Path, *train_args: str) -> dict:
+    """Submit one job and stamp each line of its log as it arrives (seconds since submission),
+    to see where a job's fixed costs go; Ray records the job's start and end times."""
+    import asyncio
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(local.DASHBOARD_URL)
+    submitted = time.time()
+    job = client.submit_job(entrypoint=f"python training/train.py --storage {storage} {' '.join(train_args)}",
+                            runtime_env={"working_dir": str(ROOT)})
+    lines = []
+
+    async def tail():
+        async for chunk in client.tail_job_logs(job):
+            lines.extend((time.time() - submitted, line) for line in chunk.splitlines() if line.strip())
+
+    asyncio.run(tail())
+    info = client.get_job_info(job)
+    marks = {"job end (Ray)": info.end_time / 1000 - submitted}
+    for name, needle in PROFILE_MARKS:
+        hits = [t for t, line in lines if needle in line]
+        if hits:
+            marks[name] = hits[-1] if name.startswith(("last", "published")) else hits[0]
+    marks = {k: round(v, 1) for k, v in marks.items() if v is not None}
+    return {"args": list(train_args), "marks": marks, "status": str(info.status),
+            "log": [(round(t, 1), line) for t, line in lines]}
+
+
 def sweeps(storage: Path) -> list[dict]:
     runs = [ray_job(storage, "--rounds", str(r)) for r in (1, 2, 4, 8)]
     runs += [ray_job(storage, "--workers", str(w)) for w in (1, 2, 4)]
@@ -117,10 +188,14 @@ def write_report(results: dict, out: Path) -> None:
     base = results["baseline"]["seconds"]
     lines = ["| scheme | test accuracy | wall time (s) | time / baseline | until Ray marked the job done (s) |",
              "|---|---|---|---|---|"]
-    for run in [results["baseline"], results["seed"], results["job"], results["job_fp32"], *results.get("sweeps", [])]:
+    for run in [results["baseline"], results["net_plain"], results["seed"], results["job"], results["job_fp32"],
+                *results.get("sweeps", [])]:
         accuracy, job_end = run.get("test_accuracy"), run.get("job_end_seconds")
         lines.append(f"| {run['scheme']} | {'' if accuracy is None else f'{100 * accuracy:.2f}%'} "
                      f"| {run['seconds']:.1f} | {run['seconds'] / base:.2f}x | {'' if job_end is None else f'{job_end:.1f}'} |")
+    plain = results["net_plain"]["seconds"]
+    lines.append(f"\nDefault job / Net plain: {results['job']['seconds'] / plain:.2f}x "
+                 f"(fp32 job: {results['job_fp32']['seconds'] / plain:.2f}x)")
     lines.append(f"\nMachine: {results['machine']}")
     (out / "training.md").write_text("\n".join(lines) + "\n")
     plot(results, out)
@@ -165,8 +240,22 @@ def plot(results: dict, out: Path) -> None:
 
 
 def machine() -> str:
+    """The CPU model and the flags that decide training speed, with the core count and torch."""
     import platform
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    relevant = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16") if f in flags]
+    return (f"{model}, {os.cpu_count()} cores, flags {' '.join(relevant) or 'unknown'} "
+            f"(torch: capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {native_bf16()}), "
+            f"torch {torch.__version__}")
 
 
 def main(argv=None) -> int:
@@ -176,6 +265,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweeps", action="store_true", help="also sweep rounds and workers (slow)")
     parser.add_argument("--job-args", default="", help="extra arguments for the Ray job (e.g. '--subset 3000')")
     parser.add_argument("--baseline-subset", type=int, default=None, help="baselines on fewer images (smoke tests)")
+    parser.add_argument("--profile-job", action="store_true",
+                        help="only submit one job (--job-args) and print when each step of it showed in its log")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default bench/results)")
     args = parser.parse_args(argv)
     storage = resolve_storage(args.storage or args.out / "storage")
@@ -185,9 +276,20 @@ def main(argv=None) -> int:
         train = (train[0][:args.baseline_subset], train[1][:args.baseline_subset])
     torch.set_num_threads(os.cpu_count() or 1)
     started_ray = local.up()
+    if args.profile_job:
+        try:
+            profile = profile_job(storage, *args.job_args.split())
+        finally:
+            if started_ray:
+                local.down()
+        print(json.dumps(profile["marks"], indent=1), profile["status"])
+        (args.out / "job_profile.json").write_text(json.dumps(profile, indent=1) + "\n")
+        return 0
     try:
         results = {"machine": machine()}
         results["baseline"] = baseline(train, test)
+        results["net_plain"] = net_plain(train, test)
+        torch.set_num_threads(os.cpu_count() or 1)
         results["seed"] = seed_scheme(train, test)
         results["job"] = ray_job(storage, *args.job_args.split())
         results["job_fp32"] = ray_job(storage, *args.job_args.split(), "--precision", "fp32")
@@ -201,7 +303,7 @@ def main(argv=None) -> int:
     for key in ("job", "job_fp32"):
         job = results[key]
         print(f"{job['scheme']}: job / baseline wall time {job['seconds'] / results['baseline']['seconds']:.2f}x, "
-              f"accuracy {100 * job['test_accuracy']:.2f}%")
+              f"/ Net plain {job['seconds'] / results['net_plain']['seconds']:.2f}x, accuracy {100 * job['test_accuracy']:.2f}%")
     return 0
 
 

@@ -54,23 +54,26 @@ def test_rounds_split_steps_evenly():
     assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
 
 
-@pytest.mark.parametrize("available, workers, expected", [(2.0, 3, (0.66, 1)), (8.0, 3, (1.0, 1)), (0.75, 1, (0.75, 1))])
-def test_worker_cpus_fit_in_the_free_cpus(available, workers, expected):
-    cpus, threads = train.size_workers(available, workers)
+@pytest.mark.parametrize("free_per_node, workers, expected", [
+    ([2.0], 3, (0.66, 1)),             # this machine: one node of 2 CPUs
+    ([8.0], 3, (2.66, 2)),             # one big node: its CPUs shared out, threads to match
+    ([0.75], 1, (0.75, 1)),
+    ([2.0, 2.0, 2.0], 3, (2.0, 2)),    # the default GKE cluster: 3 pods x 2 CPUs, one worker per pod
+    ([2.0, 2.0], 3, (1.0, 1)),         # two pods of 2: a third worker would not fit at 2 CPUs
+    ([1.0, 2.0], 3, (1.0, 1)),         # uneven nodes: one worker on the small one, two on the big one
+    ([4.0, 1.0], 2, (2.0, 2)),         # better two on the big node than one squeezed onto the small
+    ([0.0, 2.0, 0.3], 2, (1.0, 1)),    # a full node and a sliver do not count
+])
+def test_worker_cpus_fit_into_the_nodes_free_cpus(free_per_node, workers, expected):
+    cpus, threads = train.size_workers(free_per_node, workers)
     assert (cpus, threads) == expected
-    assert cpus * workers <= available
+    assert sum(int(100 * free + 1e-6) // int(round(100 * cpus)) for free in free_per_node) >= workers  # all fit
+    assert threads <= max(1, int(cpus))
 
 
 @pytest.mark.parametrize("every, expected", [(0, []), (4, [4, 8]), (10, []), (3, [3, 6, 9])])
 def test_mid_round_checkpoints_fall_strictly_inside_the_round(every, expected):
     assert [step for step in range(1, 11) if train.checkpoint_due(step, 10, every)] == expected
-
-
-@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native, expected):
-    monkeypatch.setattr(model, "native_bf16", lambda: native)
-    assert model.training_precision("auto") == expected
-    assert model.training_precision("fp32") == "fp32" and model.training_precision("bf16") == "bf16"
 
 
 @pytest.mark.parametrize("precision, compute_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
@@ -111,7 +114,9 @@ def test_relative_storage_resolves_against_the_current_dir_elsewhere(tmp_path, m
 
 def test_too_few_cpus_is_a_clear_error():
     with pytest.raises(train.UserError, match="too few"):
-        train.size_workers(0.1, 4)
+        train.size_workers([0.1], 4)
+    with pytest.raises(train.UserError, match="too few"):
+        train.size_workers([0.04, 0.04, 0.04], 1)  # 0.12 in all, but no node holds one 0.05 share
 
 
 def run_script(*argv, env=None):

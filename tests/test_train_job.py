@@ -11,7 +11,7 @@ import torch
 from ray_cluster import local
 from training.augment import DEFAULT as DEFAULT_AUGMENTATION
 from training.data import load_mnist
-from training.model import Net, evaluate, training_precision
+from training.model import Net, evaluate
 from training.storage import models_dir, read_latest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,15 @@ def test_metadata_describes_the_run(trained):
     for key in ("version", "run_id", "workers", "epochs", "rounds", "batch_size", "test_accuracy", "round_metrics",
                 "train_seconds", "shards_manifest_sha256", "created_at", "precision"):
         assert key in meta, key
-    assert meta["precision"] == training_precision("auto")  # what this machine's workers chose
+    # --precision auto: every worker timed fp32 and bf16 on this CPU and the metadata says what won
+    calibrations = meta["calibration"]
+    assert [c["rank"] for c in calibrations] == [0, 1, 2]
+    assert meta["precision"] == "+".join(sorted({c["precision"] for c in calibrations}))
+    for c in calibrations:
+        assert c["precision"] in ("fp32", "bf16") and c["threads"] == 1  # 3 workers share 2 cores
+        assert set(c["screen_ms"]) == {"fp32x1", "bf16x1"} and all(ms > 0 for ms in c["screen_ms"].values())
+        assert all(ms > 0 for samples in c["step_ms"].values() for ms in samples)
+    assert all(w["calibration"]["precision"] == w["precision"] for r in meta["round_metrics"] for w in r["workers"])
     assert meta["augmentation"] == DEFAULT_AUGMENTATION.to_metadata()  # on by default, shown on the page
     assert (meta["workers"], meta["epochs"], meta["rounds"], meta["batch_size"]) == (3, 2, 2, 100)
     assert len(meta["round_metrics"]) == 2

@@ -1,6 +1,6 @@
 """A Ray cluster of three nodes on one machine (Ray's own `ray.cluster_utils.Cluster`, all on
-127.0.0.1): a head with no CPUs and two worker nodes, so the Train workers really run on
-different nodes and share nothing but the storage root. One worker node is killed during
+127.0.0.1): a head with no CPUs and two worker nodes of 1 and 2 CPUs, so the Train workers really
+run on different nodes, are sized from each node's CPUs, and share nothing but the storage root. One worker node is killed during
 training and a fresh one joins (as KubeRay would replace the pod): the job resumes from the last
 round's checkpoint and publishes a correct model."""
 import sys
@@ -30,7 +30,7 @@ def cluster():
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": DASHBOARD_PORT,
         "dashboard_agent_listen_port": DASHBOARD_PORT + 1})  # the default agent port is the local head's
-    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=cpus) for cpus in (1, 2)]  # uneven nodes, as on a mixed cluster
     try:
         yield cluster, workers
     finally:
@@ -52,11 +52,14 @@ def test_losing_a_worker_node_mid_training_still_publishes_a_correct_model(clust
     replacement = cluster.add_node(num_cpus=2)
     first = [torch.load(worker_path(mnist_storage, run_id, 0, r), weights_only=True)["node_id"] for r in range(3)]
     assert len(set(first)) == 2, "the Train workers should span both worker nodes"
+    # Sized per node: 1 CPU each (one on the 1-CPU node, two on the 2-CPU node), one torch thread each.
+    assert sorted(first.count(node.node_id) for node in workers) == [1, 2]
     status = wait_for(lambda: (s := client.get_job_status(job)) in
                       {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and s, 420, "the job")
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "resuming after round" in logs
+    assert "3 workers x 1.00 CPU and up to 1 torch thread(s)" in logs
     last = [torch.load(worker_path(mnist_storage, run_id, 7, r), weights_only=True)["node_id"] for r in range(3)]
     assert replacement.node_id in last and workers[1].node_id not in last
 

@@ -94,7 +94,8 @@ def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict,
     metrics = {"round": round_index, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                "workers": [{"rank": r["rank"], "train_loss": r["train_loss"],
                             "train_accuracy": r["train_accuracy"], "seconds": r["seconds"],
-                            "precision": r.get("precision", "fp32")}
+                            "precision": r.get("precision", "fp32"), "threads": r.get("threads", 1),
+                            "calibration": r.get("calibration")}
                            for r in results],
                "aggregate_seconds": time.perf_counter() - started}
     atomic_write_json(round_dir(storage, run_id, round_index) / "metrics.json", metrics)

@@ -61,16 +61,9 @@ def to_input(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def native_bf16() -> bool:
-    """True where the CPU multiplies bfloat16 natively (AVX512_BF16 or AMX). There, bf16 mixed
-    precision makes a training step ~1.7x faster; elsewhere oneDNN emulates bf16, slower than fp32."""
+    """True where the CPU reports native bfloat16 (AVX512_BF16 or AMX). Informational only: the
+    flag does not predict speed (training/calibration.py times the step instead)."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def training_precision(requested: str) -> str:
-    """Resolve "auto": bf16 on CPUs with native bf16, else fp32."""
-    if requested == "auto":
-        return "bf16" if native_bf16() else "fp32"
-    return requested
 
 
 def initial_weights(seed: int) -> dict:

@@ -10,6 +10,7 @@ set, and every worker continues from it. --rounds 1 averages once, at the very e
 --rounds 2*epochs averages every half epoch.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -29,7 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 from training.augment import DEFAULT as AUGMENTATION, training_batch  # noqa: E402
 from training.aggregation import Aggregator, global_path, partial_path, round_dir, worker_path  # noqa: E402
 from training.data import MnistUnavailable, fetch_mnist, load_shard, write_shards  # noqa: E402
-from training.model import Net, initial_weights, to_input, training_precision  # noqa: E402
+from training.calibration import calibrate, candidates  # noqa: E402
+from training.model import Net, initial_weights, to_input  # noqa: E402
 from training.storage import (STORAGE_ENV, atomic_torch_save, given_storage, publish_model,  # noqa: E402
                               run_dir, sha256_file)
 
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "loses less than that (default 50; 0 = only at the end of each round)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="training arithmetic: bf16 mixed precision (weights, optimizer and evaluation stay fp32) "
-                             "or plain fp32; auto = bf16 where the worker's CPU has native bf16 (default auto)")
+                             "or plain fp32; auto = whichever trains faster on the worker's CPU, timed at start-up "
+                             "(fp32 unless bf16 is faster beyond noise; default auto)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random rotation, shear, scale, shift and stroke width on every training batch, "
                              "seeded per shard and step (default on; --no-augment trains on the digits as they are)")
@@ -125,13 +128,17 @@ def train_func(config: dict) -> None:
     import ray.train
     from ray.train.collective import barrier, broadcast_from_rank_zero
 
-    torch.set_num_threads(config["threads"])
-    storage, run_id, manifest = Path(config["storage"]), config["run_id"], config["manifest"]
+    storage, run_id = Path(config["storage"]), config["run_id"]
+    manifest = ray.get(config["manifest"])  # the splitter's result: it ran while this worker group started
     rank = ray.train.get_context().get_world_rank()
-    precision = training_precision(config["precision"])
     images, labels = load_shard(storage, run_id, rank, manifest)  # verifies its sha256
 
     model = Net()
+    # Precision and torch threads, timed on this worker's CPU (also sets the threads).
+    calibration = calibrate_worker(model, images, labels, config)
+    precision = calibration["precision"]
+    print(f"worker {rank}: {precision}, {calibration['threads']} torch thread(s); calibration "
+          f"{calibration['screen_ms']} {calibration['step_ms']} in {calibration['seconds']} s", flush=True)
     total_steps = config["epochs"] * steps_per_epoch(len(labels), config["batch_size"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], total_steps=total_steps)
@@ -140,7 +147,7 @@ def train_func(config: dict) -> None:
     batches = shuffled_batches(len(labels), config["batch_size"], seed=config["seed"] * 1000 + rank)
     for _ in range(round_bounds(total_steps, config["rounds"], first_round)[0] + progress["step"]):
         next(batches), schedule.step()  # replay the data order and LR schedule to where we stopped
-    aggregator = start_aggregator(config) if rank == 0 else None
+    aggregator = start_aggregator(config, manifest) if rank == 0 else None
 
     for round_index in range(first_round, config["rounds"]):
         start, end = round_bounds(total_steps, config["rounds"], round_index)
@@ -161,6 +168,7 @@ def train_func(config: dict) -> None:
         atomic_torch_save(worker_path(storage, run_id, round_index, rank), {
             **worker_state(run_id, round_index, rank, model, optimizer, progress), "num_samples": len(labels),
             "node_id": ray.get_runtime_context().get_node_id(), "seconds": progress["seconds"], "precision": precision,
+            "threads": calibration["threads"], "calibration": calibration,
             "train_loss": progress["loss_sum"] / max(progress["seen"], 1),
             "train_accuracy": progress["correct"] / max(progress["seen"], 1)})
         partial_path(storage, run_id, round_index, rank).unlink(missing_ok=True)
@@ -189,19 +197,33 @@ def train_step(model, optimizer, schedule, images, labels, progress: dict, preci
     progress["seen"] += len(y)
 
 
+def calibrate_worker(model, images, labels, config: dict) -> dict:
+    """Time the real training step (a copy of the model, a throwaway optimizer, this worker's own
+    images) in each candidate precision and thread count; the model itself is left untouched."""
+    trial = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(trial.parameters(), lr=config["lr"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], total_steps=1000)
+    batch_size = min(config["batch_size"], len(labels))
+
+    def step(precision: str, batch: int) -> None:
+        train_step(trial, optimizer, schedule, images[:batch], labels[:batch], new_progress(), precision)
+
+    return calibrate(step, candidates(config["precision"], config["threads"]), batch_size, torch.set_num_threads)
+
+
 def checkpoint_due(step: int, round_steps: int, every: int) -> bool:
     """Save mid-round every `every` steps; the round's end writes the worker file anyway."""
     return every > 0 and step % every == 0 and step < round_steps
 
 
-def start_aggregator(config: dict):
+def start_aggregator(config: dict, manifest: dict):
     """The run's aggregator actor. It asks for no CPU: it works only while every worker waits
     for it, and so a second run on a full cluster can never leave it unscheduled. Averaging
     is idempotent, so Ray may restart it (say, on another node) and call it again."""
     import ray
 
     actor = ray.remote(Aggregator).options(num_cpus=0, max_restarts=2, max_task_retries=2)
-    return actor.remote(config["storage"], config["run_id"], config["manifest"])
+    return actor.remote(config["storage"], config["run_id"], manifest)
 
 
 def new_progress() -> dict:
@@ -309,12 +331,13 @@ def run(args) -> int:
 
     # Sized before the splitter runs: Ray's resource view lags, and right after the splitter it
     # could still count the splitter's CPU as taken.
-    worker_cpus, threads = size_workers(ray.available_resources().get("CPU", 0), args.workers)
+    worker_cpus, threads = size_workers(free_cpus_per_node(ray), args.workers)
+    # The split runs while Ray Train starts its controller and workers (~10 s); they wait for it.
     splitter = ray.remote(write_shards).options(num_cpus=0.5)
-    manifest = ray.get(splitter.remote(storage, run_id, args.workers, args.seed, args.subset))
+    manifest = splitter.remote(storage, run_id, args.workers, args.seed, args.subset)
     atomic_torch_save(folder / "init.pt", initial_weights(args.seed))
-    print(f"run {run_id}: {args.workers} workers x {worker_cpus:.2f} CPU ({threads} torch thread each), "
-          f"{args.epochs} epochs in {args.rounds} rounds, precision {args.precision}, shards {[s['count'] for s in manifest['shards']]}", flush=True)
+    print(f"run {run_id}: {args.workers} workers x {worker_cpus:.2f} CPU and up to {threads} torch thread(s), "
+          f"{args.epochs} epochs in {args.rounds} rounds, precision {args.precision}", flush=True)
 
     # Ray Train's controller polls its workers every 2 s by default: up to 2 s lost noticing the
     # end of training (and each start). Ray passes this on from the driver to the controller.
@@ -327,11 +350,18 @@ def run(args) -> int:
                            "threads": threads, "checkpoint_steps": args.checkpoint_steps,
                            "precision": args.precision,
                            "augment": augmentation(args)},
-        scaling_config=ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": worker_cpus}),
+        # SPREAD: one worker per node where the cluster allows, so every node's CPUs train.
+        scaling_config=ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": worker_cpus},
+                                     placement_strategy="SPREAD"),
         run_config=RunConfig(name=run_id, storage_path=str(folder / "ray"),
                              failure_config=FailureConfig(max_failures=args.max_failures)),
     )
-    trainer.fit()  # raises on failure: nothing is published
+    try:
+        trainer.fit()  # raises on failure: nothing is published
+    except Exception:
+        ray.get(manifest)  # a failed split is the cause: raise the splitter's own error
+        raise
+    print(f"shards {[s['count'] for s in ray.get(manifest)['shards']]}", flush=True)
 
     rounds = [round_metrics(storage, run_id, r) for r in range(args.rounds)]
     final = torch.load(global_path(storage, run_id, args.rounds - 1), weights_only=True)["state_dict"]
@@ -340,6 +370,7 @@ def run(args) -> int:
                 "rounds": args.rounds, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "subset": args.subset, "test_accuracy": rounds[-1]["test_accuracy"], "round_metrics": rounds,
                 "precision": "+".join(sorted({w["precision"] for r in rounds for w in r["workers"]})),
+                "calibration": worker_calibrations(rounds),
                 "train_seconds": round(train_seconds, 2),
                 "augmentation": augmentation(args),
                 "shards_manifest_sha256": sha256_file(folder / "shards" / "manifest.json"),
@@ -350,14 +381,34 @@ def run(args) -> int:
     return 0
 
 
-def size_workers(free: float, workers: int) -> tuple[float, int]:
-    """CPUs per worker that fit in the cluster's free CPUs (the aggregator asks for none), and
-    torch threads to match."""
-    if free < 0.05 * workers:
-        raise UserError(f"the Ray cluster has {free:g} free CPUs, too few for {workers} workers; "
-                        "free some (stop other jobs) or add nodes")
-    per_worker = min(1.0, math.floor(100 * free / workers) / 100)
-    return per_worker, max(1, int(per_worker))
+def worker_calibrations(rounds: list[dict]) -> list[dict]:
+    """Each worker's timed choice of precision and threads (the last round's: a restarted worker
+    times again)."""
+    return [{"rank": w["rank"], **(w.get("calibration") or {})} for w in rounds[-1]["workers"]]
+
+
+def size_workers(free_per_node: list[float], workers: int) -> tuple[float, int]:
+    """CPUs per worker and the most torch threads a worker may use: the largest share (in hundredths
+    of a CPU) for which all `workers` fit into the nodes' free CPUs, each worker inside one node.
+    Ray's workers all ask for the same resources, so a node of c free CPUs takes c // share of them,
+    in any placement. The aggregator asks for no CPU."""
+    hundredths = [int(100 * free + 1e-6) for free in free_per_node if free > 0]
+    for share in range(max(hundredths, default=0), 4, -1):  # at least 0.05 CPU per worker
+        if sum(free // share for free in hundredths) >= workers:
+            return share / 100, max(1, share // 100)
+    raise UserError(f"the Ray cluster has {sum(hundredths) / 100:g} free CPUs (per node: "
+                    f"{[h / 100 for h in hundredths]}), too few for {workers} workers; "
+                    "free some (stop other jobs) or add nodes")
+
+
+def free_cpus_per_node(ray) -> list[float]:
+    """Free CPUs of each alive node (Ray's per-node view; the cluster total if that is unavailable)."""
+    try:
+        from ray._private.state import available_resources_per_node
+        return [resources.get("CPU", 0.0) for resources in available_resources_per_node().values()]
+    except Exception:  # a private API: fall back to the total, shared evenly by the nodes with CPUs
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")] or [None]
+        return [ray.available_resources().get("CPU", 0.0) / len(nodes)] * len(nodes)
 
 
 def storage_outside_job_copy(requested: str | None) -> Path:
