@@ -317,7 +317,7 @@ def test_the_page_answers_through_a_model_replica_kill(serve_app, tmp_path):
 def test_manual_ingress_kill(haproxy, retry, served_models, test_digits, tmp_path, monkeypatch):
     """The kill test on a cluster of its own, for each ingress, with and without this project's
     retry settings (docs/RELIABILITY.md's figures). Run alone, with no cluster up:
-        MNIST_INGRESS_CHECK=1 /work/bin/raylock .venv/bin/python -m pytest -s tests/test_serving_failover.py -k manual
+        MNIST_INGRESS_CHECK=1 python -m pytest -s tests/test_serving_failover.py -k manual
     """
     from tests.serving_helpers import publish
     if not retry:
