@@ -350,16 +350,18 @@ class HAProxyLog:
     def __init__(self):
         import socket
         self.lines, self.sock = [], socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the next row binds it again
         self.sock.bind(("127.0.0.1", 514))
         self.sock.settimeout(0.5)
         self.running = True
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self):
         while self.running:
             try:
                 self.lines.append(self.sock.recv(65536).decode(errors="replace"))
-            except OSError:
+            except OSError:  # a timeout: look at `running` again
                 continue
 
     def unusual(self) -> list[str]:
@@ -367,4 +369,5 @@ class HAProxyLog:
 
     def close(self):
         self.running = False
+        self.reader.join(2)
         self.sock.close()
