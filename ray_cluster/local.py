@@ -42,6 +42,23 @@ NO_DRAIN_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 # interface; the KubeRay manifests turn it on, where pods and a NetworkPolicy fence those ports.
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
+# An ingress replica (MnistApi) that dies mid-request must not fail what it held: every route a
+# client retries (GETs, /predict, /v2/.../infer) is a pure function of its input, so the ingress
+# sends such a request again (docs/RELIABILITY.md, "Losing an ingress replica").
+# Serve's Python proxy: Serve loads proxy middlewares from an import path; ours resends a request
+# the proxy ended with no response, else answers 503 + Retry-After (serving/ingress.py). The proxy
+# imports it from this checkout: ROOT goes on the head's PYTHONPATH.
+ROOT = Path(__file__).resolve().parents[1]
+PROXY_RETRY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.ingress:proxy_middlewares"}
+# HAProxy (Ray 2.60 renders these into `retry-on`/`retries` next to its `option redispatch 1`):
+# by default it retries connection failures only. `empty-response` also resends a request whose
+# replica closed the connection without answering (it died), to another replica. HAProxy replays
+# only a request whose whole body fits in one buffer: 256 KiB holds a 50-drawing JSON batch
+# (~140 KB; the default 16 KiB holds about five drawings).
+HAPROXY_RETRY_ENV = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+                     "RAY_SERVE_HAPROXY_RETRIES": "3",
+                     "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 * 1024)}
+
 
 class ClusterError(RuntimeError):
     pass
@@ -61,7 +78,13 @@ def head_env(haproxy: bool = False) -> dict:
     MNIST_STORAGE, made absolute here: a job runs in Ray's temporary copy of its working dir,
     where the default ./storage would be deleted with the copy."""
     return {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_ENV: str(resolve_storage()), **LOOPBACK_ENV, **NO_DRAIN_ENV,
-            **(HAPROXY_ENV if haproxy else {})}
+            **(HAPROXY_ENV if haproxy else {}), **ingress_retry_env(haproxy)}
+
+
+def ingress_retry_env(haproxy: bool = False) -> dict:
+    """PROXY_RETRY_ENV (and HAPROXY_RETRY_ENV), with this checkout on the PYTHONPATH for the proxy."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**PROXY_RETRY_ENV, "PYTHONPATH": path, **(HAPROXY_RETRY_ENV if haproxy else {})}
 
 
 def _head_pid() -> int | None:

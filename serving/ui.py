@@ -4,12 +4,15 @@ In Ray Serve it is the mnist-ui application's ASGI app, built on the replica (Se
 integration is broken with Gradio 6); the plain server mounts it at /ui. Either way it calls the
 same backend and the same preprocessing as POST /predict.
 """
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from serving.api import ApiError
+from serving.model_store import NoModel
 from serving.preprocess import BadImage, preprocess
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network here, and no tracking anyway
@@ -17,6 +20,10 @@ os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "mnis
 
 import gradio as gr  # noqa: E402  (after the environment above)
 
+log = logging.getLogger("ray.serve")
+# Shown when the backend call fails for a reason the page cannot explain (a replica lost mid-call):
+# Serve replaces the replica by itself, so the next stroke or click is answered again.
+UNAVAILABLE = "The model service is busy or restarting; try again in a moment."
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 CANVAS = (280, 280)   # ten canvas pixels per MNIST pixel
 BRUSH_RADIUS = 12     # a 24 px stroke: about 2.4 px after scaling to MNIST's 20 px box, like MNIST
@@ -42,7 +49,11 @@ class Page:
 
     async def version_text(self, version: str | None = None) -> str:
         if version is None or version not in self.accuracy:
-            status = await self.backend.status()
+            try:
+                status = await self.backend.status()
+            except Exception:  # the page still loads; the next answer shows the version
+                log.warning("the page's model status call failed", exc_info=True)
+                return UNAVAILABLE
             if not status["ready"]:
                 return status["message"]
             version = version or status["model_version"]
@@ -64,8 +75,11 @@ class Page:
             return None, None, f"{error}".capitalize() + "."
         try:
             probs, version = await self.backend.infer(seen[None])
-        except Exception as error:  # e.g. no model published yet: say so on the page
+        except (ApiError, NoModel) as error:  # no model published yet, no replica answered: says what to do
             return None, None, str(error)
+        except Exception:  # anything else (a Ray error carries a remote traceback): a message, not a trace
+            log.warning("the page's model call failed", exc_info=True)
+            return None, None, UNAVAILABLE
         label = {str(digit): float(p) for digit, p in enumerate(probs[0])}
         big = np.kron(seen, np.ones((ZOOM, ZOOM), dtype=np.uint8))
         return label, big, await self.version_text(version)

@@ -1,0 +1,126 @@
+"""Serve's Python proxy, made to survive an ingress replica that dies mid-request.
+
+When an ingress replica (MnistApi) dies while it holds a request, Serve's proxy (Ray 2.60,
+`proxy.py` / `http_util.get_http_response_status`) ends the request with no response at all, and
+uvicorn answers a plain-text `500 Internal Server Error`. Serve lets a proxy carry Starlette
+middlewares from an import path (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`, read by
+`configure_http_middlewares`); `proxy_middlewares` below is that callback. Its middleware keeps
+the body of a request that is safe to repeat and, when the proxy ended it without starting a
+response, sends it again: the proxy's router has meanwhile marked the dead replica and picks a
+live one. After the last attempt the client gets a retryable 503 with `Retry-After`, never a 500.
+
+Only the proxy carries it: replicas behind HAProxy read the same variable for their own HTTP
+server, where a retry would only repeat the request in the same replica.
+
+Kept free of this project's other modules: the proxy imports it at its start, and an import error
+there would take the whole HTTP ingress down.
+"""
+import asyncio
+import json
+import re
+
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+# POSTs that are pure functions of their body (the API's inference routes), under any route prefix.
+PURE_POSTS = re.compile(r"/(predict|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
+ATTEMPTS = 3            # the first try and two more: enough for one or two replicas lost at once
+BACKOFF_S = (0.1, 0.3)  # before the second and third try: the router learns of the death meanwhile
+MAX_REPLAY_BYTES = 4 * 1024 * 1024 + 65536  # the API's 4 MiB limit and a form's overhead; larger passes through
+RETRY_AFTER_S = 1
+
+
+def is_repeatable(scope: dict) -> bool:
+    method = scope.get("method", "")
+    return method in SAFE_METHODS or (method == "POST" and bool(PURE_POSTS.search(scope.get("path", ""))))
+
+
+def _declared_length(scope: dict) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _read_body(receive) -> bytes | None:
+    """The whole request body, or None if the client left before sending it."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class RetryLostIngressReplica:
+    """Pure ASGI middleware: resend a repeatable request the proxy ended with no response."""
+
+    def __init__(self, app, attempts: int = ATTEMPTS):
+        self.app, self.attempts = app, attempts
+
+    async def __call__(self, scope, receive, send):
+        length = _declared_length(scope)
+        if (scope["type"] != "http" or not is_repeatable(scope)
+                or (length is not None and length > MAX_REPLAY_BYTES)):
+            return await self.app(scope, receive, send)
+        body = await _read_body(receive)
+        if body is None:
+            return
+        for attempt in range(self.attempts):
+            if attempt:
+                await asyncio.sleep(BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)])
+            if await self._attempt(scope, body, receive, send):
+                return
+        await _unavailable(send)
+
+    async def _attempt(self, scope, body: bytes, receive, send) -> bool:
+        """True once a response has started (then it is the client's, whatever it says)."""
+        started = False
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the client's disconnect, as the proxy does
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        # A copy per attempt: the proxy and Serve's request-id middleware add to scope and headers.
+        fresh = {**scope, "headers": list(scope.get("headers", []))}
+        try:
+            await self.app(fresh, replay, watch)
+        except Exception:
+            if started:
+                raise
+        return started
+
+
+async def _unavailable(send) -> None:
+    body = json.dumps({"error": "the service lost the replica that held this request; "
+                                f"try again in {RETRY_AFTER_S} s"}).encode()
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", str(RETRY_AFTER_S).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _in_serve_proxy() -> bool:
+    try:
+        import ray
+        return (ray.get_runtime_context().get_actor_name() or "").startswith("SERVE_PROXY_ACTOR")
+    except Exception:
+        return False
+
+
+def proxy_middlewares() -> list:
+    """RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.ingress:proxy_middlewares"""
+    from starlette.middleware import Middleware
+    return [Middleware(RetryLostIngressReplica)] if _in_serve_proxy() else []
