@@ -58,6 +58,9 @@ PROXY_RETRY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.ingress
 HAPROXY_RETRY_ENV = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
                      "RAY_SERVE_HAPROXY_RETRIES": "3",
                      "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 * 1024)}
+# What every Ray pod on KubeRay runs with (k8s/base/ray.env, checked equal by a test): HAProxy and
+# both retry settings. The image pip-installs the project, so its proxy imports serving.ingress.
+CLUSTER_INGRESS_ENV = {**HAPROXY_ENV, **HAPROXY_RETRY_ENV, **PROXY_RETRY_ENV}
 
 
 class ClusterError(RuntimeError):

@@ -495,8 +495,9 @@ def test_the_load_balancer_admits_the_configured_ranges(rendered):
 
 def test_every_ray_pod_runs_serve_behind_haproxy_like_local_haproxy_mode(objects):
     """The HAProxy settings live in one place on the cluster, k8s/base/ray.env (a ConfigMap every
-    Ray container reads), and equal the local cluster's."""
-    from ray_cluster.local import HAPROXY_ENV
+    Ray container reads), and equal the local cluster's: HAProxy, and the ingress retry settings
+    that make losing an ingress replica lose no request (docs/RELIABILITY.md)."""
+    from ray_cluster.local import CLUSTER_INGRESS_ENV as HAPROXY_ENV
 
     assert manifests.env_file(ROOT / "k8s" / "base" / "ray.env") == HAPROXY_ENV
     config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
@@ -507,6 +508,8 @@ def test_every_ray_pod_runs_serve_behind_haproxy_like_local_haproxy_mode(objects
         assert not {e["name"] for e in container["env"]} & set(HAPROXY_ENV)  # not restated per pod
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["RAY_SERVE_DEFAULT_HTTP_HOST"] == "0.0.0.0"  # serve_config.yaml names no host
+    assert HAPROXY_ENV["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure empty-response"
+    assert HAPROXY_ENV["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serving.ingress:proxy_middlewares"
 
 
 def test_no_debug_servers_share_links_or_floating_images(objects):

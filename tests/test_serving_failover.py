@@ -21,7 +21,7 @@ import pytest
 
 from ray_cluster import local
 from serving import deploy, ingress
-from serving.drawings import encode, redraw
+from bench.drawings import encode, redraw
 from tests.serving_helpers import make_app, wait_for
 
 pytest_plugins = ["tests.serving_support"]
