@@ -1,0 +1,106 @@
+"""Serve autoscaling: the config's floors and ceilings (no Ray), and on the local cluster a bounded
+load ramp that takes MnistApi and MnistModel from their minimum to more replicas and back down
+once the load stops, with no 5xx while replicas start or stop."""
+import json
+import os
+import threading
+import time
+
+import pytest
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import ServeDeploySchema
+
+from bench.bench_serving import load_in_windows, replica_counts, server_errors
+from serving import deploy
+from tests.serving_helpers import make_app, publish, wait_for
+
+pytest_plugins = ["tests.serving_support"]
+
+SCALED = ("MnistApi", "MnistModel")
+# The test's own delays, so that a ramp fits in about a minute: metrics every 0.5 s (the default
+# is 10 s), averaged over 2 s, and a scale-down after 3 s instead of the config's minute.
+FAST = {"metrics_interval_s": 0.5, "look_back_period_s": 2, "upscale_delay_s": 1, "downscale_delay_s": 3}
+HEAVY_CLIENTS = 16  # twice MnistApi's target of 8 requests in flight per replica
+TRICKLE_CLIENTS = 1  # keeps requests flowing while replicas are stopped
+
+
+def deployments(config: dict) -> dict[str, dict]:
+    return {d["name"]: d for d in deploy.app_pair(config)[0]["deployments"]}
+
+
+def test_the_config_autoscales_between_a_floor_and_a_ceiling():
+    config = deploy.load_config()
+    ServeDeploySchema.model_validate(config)
+    for name in SCALED:
+        deployment = deployments(config)[name]
+        assert "num_replicas" not in deployment  # Serve refuses both together
+        scaling = AutoscalingConfig(**deployment["autoscaling_config"])
+        assert 1 <= scaling.min_replicas < scaling.max_replicas  # never to zero: no cold start to fail on
+        assert scaling.upscale_delay_s < scaling.downscale_delay_s  # grow fast, shrink slowly
+        assert scaling.look_back_period_s > scaling.metrics_interval_s
+    model = deployments(config)["MnistModel"]
+    # A 2-CPU workstation keeps a CPU for training even at the ceiling.
+    assert model["autoscaling_config"]["max_replicas"] * model["ray_actor_options"]["num_cpus"] <= 1
+
+
+def test_fixed_replicas_replace_autoscaling(tmp_path):
+    config = deploy.local_config(str(tmp_path), model_replicas=3)
+    ServeDeploySchema.model_validate(config)
+    model = deployments(config)["MnistModel"]
+    assert model["num_replicas"] == 3 and "autoscaling_config" not in model
+    assert "autoscaling_config" in deployments(config)["MnistApi"]
+
+
+def test_the_colocated_service_scales_on_http_requests_like_the_api(tmp_path):
+    config = deploy.local_config(str(tmp_path), colocate=True)
+    ServeDeploySchema.model_validate(config)
+    (service,) = deploy.app_pair(config)[0]["deployments"]
+    assert service["autoscaling_config"] == deployments(deploy.load_config())["MnistApi"]["autoscaling_config"]
+
+
+def running(app: str) -> dict[str, int]:
+    return {name: c["running"] for name, c in replica_counts(app).items()}
+
+
+@pytest.mark.ray
+def test_a_load_ramp_scales_up_and_back_down_without_errors(ray_head, tmp_path, served_models, test_digits):
+    publish(tmp_path, "v1", served_models["v1"], served_models["accuracy"])
+    app = make_app(f"mnist-scale-{os.getpid()}", tmp_path, with_ui=False)
+    for name, deployment in deployments(app.config).items():
+        deployment["autoscaling_config"].update(FAST)
+    # One busy MnistApi replica keeps about one batch in flight: a target of 0.5 makes that enough
+    # to add a model replica, so the ramp also starts a replica that must load the model first.
+    deployments(app.config)["MnistModel"]["autoscaling_config"]["target_ongoing_requests"] = 0.5
+    bodies = [json.dumps({"pixels": test_digits[0][i].tolist()}).encode() for i in range(8)]
+    heavy_over, stop, windows = threading.Event(), threading.Event(), []
+
+    def drive() -> None:
+        windows.extend(load_in_windows(f"{app.url}/predict", bodies,
+                                       lambda: TRICKLE_CLIENTS if heavy_over.is_set() else HEAVY_CLIENTS,
+                                       stop, window_s=1.0, limit_s=150))
+
+    driver = threading.Thread(target=drive, daemon=True)
+    try:
+        deploy.deploy(app.config, timeout=240)
+        with app.client() as client:
+            wait_for(lambda: client.get("/healthz").status_code == 200, 60, "the API to load v1")
+        assert running(app.name) == {"MnistApi": 1, "MnistModel": 1}  # the minimum, at rest
+
+        driver.start()
+        wait_for(lambda: all(n >= 2 for n in running(app.name).values()), 75,
+                 "both deployments to scale up under load")
+        heavy_over.set()
+        heavy_until = time.monotonic()
+        wait_for(lambda: all(c["running"] == c["target"] == 1 for c in replica_counts(app.name).values()), 75,
+                 "both deployments to scale back to one replica after the load stopped")
+        stop.set()
+        driver.join(30)
+
+        assert sum(w["ok"] for w in windows if w["t"] < heavy_until) > 0
+        assert sum(w["ok"] for w in windows if w["t"] > heavy_until) > 0  # served while scaling down
+        statuses = {code: sum(w["statuses"].get(code, 0) for w in windows) for w in windows for code in w["statuses"]}
+        assert server_errors(windows) == 0, f"5xx or broken connections while scaling: {statuses}"
+        assert set(statuses) == {"200"}
+    finally:
+        stop.set()
+        deploy.delete(app.names)
