@@ -332,7 +332,7 @@ def knee(storage: Path, bodies) -> list[dict]:
         rows.append({k: summary[k] for k in ("clients", "requests", "ok", "throughput_rps", "p50_ms", "p95_ms")})
         print(f"knee: 1 replica each, clients={clients:3} {summary['throughput_rps']:7.1f} req/s  "
               f"p50 {summary['p50_ms']:7.2f}  p95 {summary['p95_ms']:7.2f}", flush=True)
-    deploy.delete([RAMP_APP])
+    delete_and_wait(RAMP_APP)
     return rows
 
 
@@ -374,7 +374,7 @@ def ramp(storage: Path, bodies, profile: list[tuple[float, int]], replicas, labe
     windows = load_in_windows(f"{url}/predict", bodies, clients, stop, limit_s=float(ends[-1]) + 30)
     stop.set()
     sampler.join()
-    deploy.delete([RAMP_APP])
+    delete_and_wait(RAMP_APP)
     for w in windows:
         w["t"] = round(w["t"] - start, 2)
     print(f"ramp {label}: {sum(w['ok'] for w in windows)} ok, {server_errors(windows)} 5xx or broken, "
@@ -383,6 +383,17 @@ def ramp(storage: Path, bodies, profile: list[tuple[float, int]], replicas, labe
     return {"label": label, "profile": profile, "samples": samples,
             "windows": [{k: w[k] for k in ("t", "clients", "ok", "statuses", "errors", "throughput_rps", "p95_ms")}
                         for w in windows]}
+
+
+def delete_and_wait(app: str, timeout: float = 120) -> None:
+    """Remove the app and wait until Serve has: a redeploy under the same name before that would
+    be an update, starting from the old replica count instead of the new config's."""
+    deploy.delete([app])
+    deadline = time.monotonic() + timeout
+    while app in (deploy.serve_details().get("applications") or {}):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{app} is still deployed {timeout:.0f} s after its deletion")
+        time.sleep(0.5)
 
 
 def wait_settled(app: str, timeout: float = 120) -> None:
@@ -421,18 +432,39 @@ def run_ramp(args) -> dict:
     return report
 
 
+def reactions(run: dict) -> dict[str, dict]:
+    """Per deployment: seconds from the load's rise to the first added replica running, and from
+    its fall to the last removed one gone (None where it did not happen)."""
+    profile, samples = run["profile"], run["samples"]
+    peak = max(c for _, c in profile)
+    ends = np.cumsum([s for s, _ in profile])
+    rise = float(ends[[c for _, c in profile].index(peak) - 1]) if profile[0][1] != peak else 0.0
+    fall = float(ends[[c for _, c in profile].index(peak)])
+    out = {}
+    for name in SCALED:
+        start = samples[0][name]["running"]
+        up = next((s["t"] for s in samples if s["t"] >= rise and s[name]["running"] > start), None)
+        down = next((s["t"] for s in samples if s["t"] >= fall and s[name]["running"] == start), None)
+        out[name] = {"up_s": None if up is None else round(up - rise, 1),
+                     "down_s": None if down is None or up is None else round(down - fall, 1)}
+    return out
+
+
 def ramp_markdown(report: dict) -> str:
     lines = ["Knee: one MnistApi and one MnistModel replica, rising concurrency", "",
              "| clients | throughput (req/s) | p50 ms | p95 ms |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['clients']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p95_ms']} |" for r in report["knee"]]
-    lines += ["", "| run | ok | 5xx or broken | p95 ms at peak (median window) | API replicas max | model replicas max |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| run | ok | 5xx or broken | p95 ms at peak (median window) | req/s at peak | API replicas max | model replicas max "
+                  "| API: up after rise, down after fall (s) | model: up, down (s) |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for run in report["runs"]:
         peak = max(c for _, c in run["profile"])
         p95 = [w["p95_ms"] for w in run["windows"] if w["clients"] == peak and w["p95_ms"] is not None]
+        rps = [w["throughput_rps"] for w in run["windows"] if w["clients"] == peak]
         lines.append(f"| {run['label']} | {sum(w['ok'] for w in run['windows'])} | {server_errors(run['windows'])} | "
-                     f"{np.median(p95) if p95 else '-'} | {max(s['MnistApi']['running'] for s in run['samples'])} | "
-                     f"{max(s['MnistModel']['running'] for s in run['samples'])} |")
+                     f"{np.median(p95) if p95 else '-'} | {np.median(rps) if rps else '-'} | {max(s['MnistApi']['running'] for s in run['samples'])} | "
+                     f"{max(s['MnistModel']['running'] for s in run['samples'])} | " +
+                     " | ".join(f"{r['up_s']}, {r['down_s']}" for r in reactions(run).values()) + " |")
     m = report["machine"]
     lines += ["", f"Ingress: {report['ingress']}. Autoscaling: `{json.dumps(report['autoscaling_config'])}`",
               f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), load average {m['loadavg_1m_before']:.2f} before "
@@ -457,7 +489,9 @@ def ramp_plot(report: dict, path: Path) -> None:
         load_axis.step([w["t"] for w in windows], [w["clients"] for w in windows], where="post", color="grey",
                        alpha=0.4, label="clients")
         load_axis.set(ylabel="concurrent clients")
-        top.set(title=run["label"], ylabel="running replicas")
+        top.set(title=run["label"], ylabel="running replicas", ylim=(0, 1 + max(
+            s[name]["running"] for r in runs for s in r["samples"] for name in SCALED)))
+        top.yaxis.get_major_locator().set_params(integer=True)
         busy = [w for w in windows if w["p95_ms"] is not None]
         bottom.plot([w["t"] for w in busy], [w["p95_ms"] for w in busy], ".-", color="C3")
         bottom.set(xlabel="seconds", ylabel="p95 latency per 2-s window (ms)", yscale="log")
@@ -554,7 +588,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for serving.json/.md/.png")
     parser.add_argument("--ramp", action="store_true",
                         help="instead: a load ramp, fixed against autoscaled replicas (serving_ramp.*)")
-    parser.add_argument("--ramp-profile", default="10:1,40:16,100:1", help="with --ramp: seconds:clients,...")
+    parser.add_argument("--ramp-profile", default="10:1,40:16,90:1", help="with --ramp: seconds:clients,...")
     args = parser.parse_args(argv)
     if args.ramp:
         return main_ramp(args)
