@@ -106,3 +106,32 @@ def test_a_load_ramp_scales_up_and_back_down_without_errors(ray_head, tmp_path, 
     finally:
         stop.set()
         deploy.delete(app.names)
+
+
+# ---------------------------------------------------------------- the ramp benchmark's pieces (no Ray)
+
+def test_the_ramp_bench_compares_the_config_against_its_ceiling(tmp_path):
+    from bench.bench_serving import ramp_config
+    fixed, scaled = ramp_config(tmp_path, "max"), ramp_config(tmp_path, {"MnistApi": {"upscale_delay_s": 1}})
+    for config in (fixed, scaled):
+        ServeDeploySchema.model_validate(config)
+    config = deployments(deploy.load_config())
+    for name in SCALED:
+        assert deployments(fixed)[name]["num_replicas"] == config[name]["autoscaling_config"]["max_replicas"]
+        assert "autoscaling_config" not in deployments(fixed)[name]
+    assert deployments(scaled)["MnistApi"]["autoscaling_config"] == {**config["MnistApi"]["autoscaling_config"],
+                                                                     "upscale_delay_s": 1}
+    assert deployments(scaled)["MnistModel"]["autoscaling_config"] == config["MnistModel"]["autoscaling_config"]
+
+
+def test_ramp_profiles_and_reaction_times():
+    from bench.bench_serving import ramp_profile, reactions
+    assert ramp_profile("10:1,40:16,90:0") == [(10.0, 1), (40.0, 16), (90.0, 0)]
+    for bad in ("10", "10:x", "0:4", "5:-1"):
+        with pytest.raises(SystemExit):
+            ramp_profile(bad)
+    counts = lambda api, model: {"MnistApi": {"running": api}, "MnistModel": {"running": model}}  # noqa: E731
+    samples = [{"t": t, **counts(*n)} for t, n in [(0, (1, 1)), (12, (1, 1)), (17, (2, 1)), (20, (2, 2)),
+                                                    (50, (2, 2)), (75, (1, 2)), (80, (1, 1))]]
+    run = {"profile": [(10, 1), (40, 16), (90, 1)], "samples": samples}
+    assert reactions(run) == {"MnistApi": {"up_s": 7.0, "down_s": 25.0}, "MnistModel": {"up_s": 10.0, "down_s": 30.0}}
