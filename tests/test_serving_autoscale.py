@@ -1,6 +1,7 @@
 """Serve autoscaling: the config's floors and ceilings (no Ray), and on the local cluster a bounded
 load ramp that takes MnistApi and MnistModel from their minimum to more replicas and back down
 once the load stops, with no 5xx while replicas start or stop."""
+import itertools
 import json
 import os
 import threading
@@ -21,7 +22,8 @@ SCALED = ("MnistApi", "MnistModel")
 # is 10 s), averaged over 2 s, and a scale-down after 3 s instead of the config's minute.
 FAST = {"metrics_interval_s": 0.5, "look_back_period_s": 2, "upscale_delay_s": 1, "downscale_delay_s": 3}
 HEAVY_CLIENTS = 16  # twice MnistApi's target of 8 requests in flight per replica
-TRICKLE_CLIENTS = 1  # keeps requests flowing while replicas are stopped
+TRICKLE = (1, 0)  # clients per 1-s window, in turn, while replicas stop: requests keep flowing, and
+# the model's average (under 0.5 batches in flight) lets it shrink too
 
 
 def deployments(config: dict) -> dict[str, dict]:
@@ -76,9 +78,11 @@ def test_a_load_ramp_scales_up_and_back_down_without_errors(ray_head, tmp_path, 
     bodies = [json.dumps({"pixels": test_digits[0][i].tolist()}).encode() for i in range(8)]
     heavy_over, stop, windows = threading.Event(), threading.Event(), []
 
+    turns = itertools.cycle(TRICKLE)
+
     def drive() -> None:
         windows.extend(load_in_windows(f"{app.url}/predict", bodies,
-                                       lambda: TRICKLE_CLIENTS if heavy_over.is_set() else HEAVY_CLIENTS,
+                                       lambda: next(turns) if heavy_over.is_set() else HEAVY_CLIENTS,
                                        stop, window_s=1.0, limit_s=150))
 
     driver = threading.Thread(target=drive, daemon=True)
