@@ -444,7 +444,8 @@ def reactions(run: dict) -> dict[str, dict]:
     for name in SCALED:
         start = samples[0][name]["running"]
         up = next((s["t"] for s in samples if s["t"] >= rise and s[name]["running"] > start), None)
-        down = next((s["t"] for s in samples if s["t"] >= fall and s[name]["running"] == start), None)
+        after = max(fall, up or fall)  # a replica may come up only as the load ends
+        down = next((s["t"] for s in samples if s["t"] >= after and s[name]["running"] == start), None)
         out[name] = {"up_s": None if up is None else round(up - rise, 1),
                      "down_s": None if down is None or up is None else round(down - fall, 1)}
     return out
@@ -483,7 +484,7 @@ def ramp_plot(report: dict, path: Path) -> None:
         t = [s["t"] for s in run["samples"]]
         for i, name in enumerate(SCALED):
             top.step(t, [s[name]["running"] for s in run["samples"]], where="post", color=f"C{i}",
-                     label=f"{name} replicas")
+                     linewidth=4 - 2 * i, label=f"{name} replicas")  # wide under narrow: both show
         load_axis = top.twinx()
         windows = run["windows"]
         load_axis.step([w["t"] for w in windows], [w["clients"] for w in windows], where="post", color="grey",

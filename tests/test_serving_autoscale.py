@@ -135,7 +135,8 @@ def test_ramp_profiles_and_reaction_times():
         with pytest.raises(SystemExit):
             ramp_profile(bad)
     counts = lambda api, model: {"MnistApi": {"running": api}, "MnistModel": {"running": model}}  # noqa: E731
-    samples = [{"t": t, **counts(*n)} for t, n in [(0, (1, 1)), (12, (1, 1)), (17, (2, 1)), (20, (2, 2)),
-                                                    (50, (2, 2)), (75, (1, 2)), (80, (1, 1))]]
+    samples = [{"t": t, **counts(*n)} for t, n in [(0, (1, 1)), (12, (1, 1)), (17, (2, 1)), (51, (2, 1)),
+                                                    (54, (2, 2)), (75, (1, 2)), (80, (1, 1))]]
     run = {"profile": [(10, 1), (40, 16), (90, 1)], "samples": samples}
-    assert reactions(run) == {"MnistApi": {"up_s": 7.0, "down_s": 25.0}, "MnistModel": {"up_s": 10.0, "down_s": 30.0}}
+    # The model's replica came up only after the load fell (at 50 s): its scale-down counts from then.
+    assert reactions(run) == {"MnistApi": {"up_s": 7.0, "down_s": 25.0}, "MnistModel": {"up_s": 44.0, "down_s": 30.0}}
