@@ -3,6 +3,7 @@ serves the same model with the same code (serving/plain.py), in the same run, on
 
     python -m bench.bench_serving [--storage DIR] [--clients 1,8,32] [--requests 400,2000,4000]
                                   [--ingress proxy,haproxy] [--colocated] [--floor]
+    python -m bench.bench_serving --ramp [--ramp-profile 10:1,40:16,90:1]   # fixed vs autoscaled
 
 For each Serve ingress mode (Serve's Python proxy; HAProxy) it starts a fresh local cluster and
 deploys the API. Each level runs a bounded load (fixed request count, time limit) against Serve
@@ -97,7 +98,7 @@ def deploy_serve(storage: Path, floor: bool, colocated: bool, label: str = "serv
     apps = []
     for name, colocate in [(BENCH_APP, False)] + [(COLOCATED_APP, True)] * colocated:
         config = deploy.local_config(str(storage), name=name, route_prefix=f"/{name}", colocate=colocate)
-        apps.append(deploy.app_pair(config)[0])  # the API only; the page is not measured
+        apps.append(at_ceiling(deploy.app_pair(config)[0]))  # the API only; the page is not measured
     if floor:
         apps.append({"name": FLOOR_APP, "route_prefix": f"/{FLOOR_APP}", "import_path": "bench.serve_floor:build",
                      "runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT)}}, "logging_config": apps[0]["logging_config"]})
@@ -264,6 +265,16 @@ def plot(report: dict, path: Path) -> None:
 RAMP_APP = "mnist-ramp"
 SCALED = ("MnistApi", "MnistModel")
 KNEE_CLIENTS = (1, 2, 4, 8, 16, 32)
+
+
+def at_ceiling(app: dict) -> dict:
+    """The app with each autoscaled deployment fixed at its max_replicas: steady-state figures,
+    without autoscaling's transients (the ramp scenario measures those)."""
+    for deployment in app["deployments"]:
+        scaling = deployment.pop("autoscaling_config", None)
+        if scaling:
+            deployment["num_replicas"] = scaling["max_replicas"]
+    return app
 
 
 def ramp_config(storage: Path, replicas: str | dict) -> dict:

@@ -128,6 +128,14 @@ def test_the_ramp_bench_compares_the_config_against_its_ceiling(tmp_path):
     assert deployments(scaled)["MnistModel"]["autoscaling_config"] == config["MnistModel"]["autoscaling_config"]
 
 
+def test_the_steady_state_bench_pins_replicas_at_the_ceiling(tmp_path):
+    """The latency/throughput table measures a fixed layout, not autoscaling's transients."""
+    from bench.bench_serving import at_ceiling
+    for colocate in (False, True):
+        app = at_ceiling(deploy.app_pair(deploy.local_config(str(tmp_path), colocate=colocate))[0])
+        assert all("autoscaling_config" not in d and d["num_replicas"] == 2 for d in app["deployments"])
+
+
 def test_ramp_profiles_and_reaction_times():
     from bench.bench_serving import ramp_profile, reactions
     assert ramp_profile("10:1,40:16,90:0") == [(10.0, 1), (40.0, 16), (90.0, 0)]
