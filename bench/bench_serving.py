@@ -3,6 +3,7 @@ serves the same model with the same code (serving/plain.py), in the same run, on
 
     python -m bench.bench_serving [--storage DIR] [--clients 1,8,32] [--requests 400,2000,4000]
                                   [--ingress proxy,haproxy] [--colocated] [--floor]
+    python -m bench.bench_serving --ramp [--ramp-profile 10:1,40:16,90:1]   # fixed vs autoscaled
 
 For each Serve ingress mode (Serve's Python proxy; HAProxy) it starts a fresh local cluster and
 deploys the API. Each level runs a bounded load (fixed request count, time limit) against Serve
@@ -18,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -96,7 +98,7 @@ def deploy_serve(storage: Path, floor: bool, colocated: bool, label: str = "serv
     apps = []
     for name, colocate in [(BENCH_APP, False)] + [(COLOCATED_APP, True)] * colocated:
         config = deploy.local_config(str(storage), name=name, route_prefix=f"/{name}", colocate=colocate)
-        apps.append(deploy.app_pair(config)[0])  # the API only; the page is not measured
+        apps.append(at_ceiling(deploy.app_pair(config)[0]))  # the API only; the page is not measured
     if floor:
         apps.append({"name": FLOOR_APP, "route_prefix": f"/{FLOOR_APP}", "import_path": "bench.serve_floor:build",
                      "runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT)}}, "logging_config": apps[0]["logging_config"]})
@@ -258,6 +260,263 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- ramp: fixed against autoscaled replicas
+
+RAMP_APP = "mnist-ramp"
+SCALED = ("MnistApi", "MnistModel")
+KNEE_CLIENTS = (1, 2, 4, 8, 16, 32)
+
+
+def at_ceiling(app: dict) -> dict:
+    """The app with each autoscaled deployment fixed at its max_replicas: steady-state figures,
+    without autoscaling's transients (the ramp scenario measures those)."""
+    for deployment in app["deployments"]:
+        scaling = deployment.pop("autoscaling_config", None)
+        if scaling:
+            deployment["num_replicas"] = scaling["max_replicas"]
+    return app
+
+
+def ramp_config(storage: Path, replicas: str | dict) -> dict:
+    """The API app with its autoscaled deployments either at fixed counts (replicas="max": each at
+    its max_replicas, or {deployment: n}) or autoscaling (replicas={deployment: overrides of its
+    autoscaling_config}, {} for the config as it is)."""
+    config = deploy.local_config(str(storage), name=RAMP_APP, route_prefix=f"/{RAMP_APP}")
+    api = deploy.app_pair(config)[0]
+    for deployment in api["deployments"]:
+        scaling = deployment.get("autoscaling_config")
+        if scaling is None:
+            continue
+        wanted = replicas.get(deployment["name"]) if isinstance(replicas, dict) else scaling["max_replicas"]
+        if isinstance(wanted, int):
+            deployment.pop("autoscaling_config")
+            deployment["num_replicas"] = wanted
+        elif wanted:
+            scaling.update(wanted)
+    return {**config, "applications": [api]}
+
+
+def replica_counts(app: str = RAMP_APP) -> dict[str, dict]:
+    """{deployment: {running, target}} from Serve's own status (the dashboard's REST API)."""
+    deployments = deploy.serve_details()["applications"][app]["deployments"]
+    return {name: {"running": sum(r["state"] == "RUNNING" for r in d["replicas"]),
+                   "target": d.get("target_num_replicas")} for name, d in deployments.items()}
+
+
+def load_in_windows(url: str, bodies, clients, stop: threading.Event, window_s: float = 2.0,
+                    limit_s: float = 600) -> list[dict]:
+    """Back-to-back bounded loads of `window_s` each, until `stop` is set (or `limit_s` passes):
+    one summary per window, with its start time (monotonic). `clients` is a number or a callable
+    giving the number for each window."""
+    windows, deadline = [], time.monotonic() + limit_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        count = clients() if callable(clients) else clients
+        start = time.monotonic()
+        summary = load(url, bodies, count, 10**9, window_s).summary() if count else _idle(window_s, stop)
+        windows.append({"t": start, **summary})
+    return windows
+
+
+def _idle(seconds: float, stop: threading.Event) -> dict:
+    stop.wait(seconds)
+    return {"clients": 0, "requests": 0, "ok": 0, "statuses": {}, "errors": {}, "throughput_rps": 0.0,
+            "p95_ms": None}
+
+
+def server_errors(windows: list[dict]) -> int:
+    """5xx answers and broken connections over all windows."""
+    return sum(n for w in windows for code, n in w["statuses"].items() if int(code) >= 500) + \
+        sum(n for w in windows for n in w["errors"].values())
+
+
+def knee(storage: Path, bodies) -> list[dict]:
+    """Throughput and p95 of one MnistApi and one MnistModel replica at rising concurrency: the
+    concurrency past which throughput stops growing (only latency does) is the replica's
+    target_ongoing_requests."""
+    deploy.deploy(ramp_config(storage, {name: 1 for name in SCALED}))
+    url = f"http://127.0.0.1:8000/{RAMP_APP}"
+    wait_ready(f"{url}/healthz")
+    rows = []
+    for clients in KNEE_CLIENTS:
+        load(f"{url}/predict", bodies, clients, 50, 10)  # warm-up
+        summary = load(f"{url}/predict", bodies, clients, 150 * clients, 8).summary()
+        rows.append({k: summary[k] for k in ("clients", "requests", "ok", "throughput_rps", "p50_ms", "p95_ms")})
+        print(f"knee: 1 replica each, clients={clients:3} {summary['throughput_rps']:7.1f} req/s  "
+              f"p50 {summary['p50_ms']:7.2f}  p95 {summary['p95_ms']:7.2f}", flush=True)
+    delete_and_wait(RAMP_APP)
+    return rows
+
+
+def ramp_profile(spec: str) -> list[tuple[float, int]]:
+    """"10:1,40:16,90:1" -> [(10 s, 1 client), (40 s, 16 clients), (90 s, 1 client)]."""
+    try:
+        steps = [(float(s), int(c)) for s, c in (part.split(":") for part in spec.split(","))]
+    except ValueError:
+        raise SystemExit(f"--ramp-profile takes seconds:clients,..., got {spec!r}") from None
+    if not steps or any(s <= 0 or c < 0 for s, c in steps):
+        raise SystemExit(f"--ramp-profile needs positive durations and client counts >= 0, got {spec!r}")
+    return steps
+
+
+def ramp(storage: Path, bodies, profile: list[tuple[float, int]], replicas, label: str) -> dict:
+    """Run the load profile against the ramp app; sample replica counts every second."""
+    deploy.deploy(ramp_config(storage, replicas))
+    url = f"http://127.0.0.1:8000/{RAMP_APP}"
+    wait_ready(f"{url}/healthz")
+    wait_settled(RAMP_APP)
+    stop, samples = threading.Event(), []
+    start = time.monotonic()
+    ends = np.cumsum([seconds for seconds, _ in profile])
+
+    def clients() -> int:
+        step = int(np.searchsorted(ends, time.monotonic() - start, side="right"))
+        if step >= len(profile):
+            stop.set()
+            return 0
+        return profile[step][1]
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append({"t": round(time.monotonic() - start, 2), **replica_counts()})
+            stop.wait(1.0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    windows = load_in_windows(f"{url}/predict", bodies, clients, stop, limit_s=float(ends[-1]) + 30)
+    stop.set()
+    sampler.join()
+    delete_and_wait(RAMP_APP)
+    for w in windows:
+        w["t"] = round(w["t"] - start, 2)
+    print(f"ramp {label}: {sum(w['ok'] for w in windows)} ok, {server_errors(windows)} 5xx or broken, "
+          f"replicas max {max(s['MnistApi']['running'] for s in samples)} API / "
+          f"{max(s['MnistModel']['running'] for s in samples)} model", flush=True)
+    return {"label": label, "profile": profile, "samples": samples,
+            "windows": [{k: w[k] for k in ("t", "clients", "ok", "statuses", "errors", "throughput_rps", "p95_ms")}
+                        for w in windows]}
+
+
+def delete_and_wait(app: str, timeout: float = 120) -> None:
+    """Remove the app and wait until Serve has: a redeploy under the same name before that would
+    be an update, starting from the old replica count instead of the new config's."""
+    deploy.delete([app])
+    deadline = time.monotonic() + timeout
+    while app in (deploy.serve_details().get("applications") or {}):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{app} is still deployed {timeout:.0f} s after its deletion")
+        time.sleep(0.5)
+
+
+def wait_settled(app: str, timeout: float = 120) -> None:
+    """Until every deployment runs as many replicas as its target."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(c["running"] == c["target"] for c in replica_counts(app).values()):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{app}: replicas did not reach their targets in {timeout:.0f} s: {replica_counts(app)}")
+
+
+def run_ramp(args) -> dict:
+    storage = resolve_storage(args.storage)
+    if read_latest(storage) is None:
+        raise SystemExit(f"no model is published in {storage}; train first (`make run`)")
+    if local.is_up():
+        raise SystemExit("a local Ray cluster is running; the ramp starts its own. Stop it (`python -m ray_cluster down`)")
+    mnist = resolve_storage(args.mnist_storage or storage)
+    fetch_mnist(mnist, args.data_source)
+    bodies = payloads(mnist)
+    profile = ramp_profile(args.ramp_profile)
+    mode = args.ingress.split(",")[0]
+    scaling = {d["name"]: d.get("autoscaling_config")
+               for d in deploy.app_pair(deploy.load_config())[0]["deployments"]}
+    report = {"command": " ".join(["python -m bench.bench_serving", *sys.argv[1:]]), "machine": machine(),
+              "ingress": INGRESS[mode], "autoscaling_config": scaling}
+    local.up(haproxy=mode == "haproxy")
+    try:
+        report["knee"] = knee(storage, bodies)
+        report["runs"] = [ramp(storage, bodies, profile, "max", "fixed (each at max_replicas)"),
+                          ramp(storage, bodies, profile, {}, "autoscaled (serve_config.yaml)")]
+    finally:
+        local.down()
+    report["machine"]["loadavg_1m_after"] = os.getloadavg()[0]
+    return report
+
+
+def reactions(run: dict) -> dict[str, dict]:
+    """Per deployment: seconds from the load's rise to the first added replica running, and from
+    its fall to the last removed one gone (None where it did not happen)."""
+    profile, samples = run["profile"], run["samples"]
+    peak = max(c for _, c in profile)
+    ends = np.cumsum([s for s, _ in profile])
+    rise = float(ends[[c for _, c in profile].index(peak) - 1]) if profile[0][1] != peak else 0.0
+    fall = float(ends[[c for _, c in profile].index(peak)])
+    out = {}
+    for name in SCALED:
+        start = samples[0][name]["running"]
+        up = next((s["t"] for s in samples if s["t"] >= rise and s[name]["running"] > start), None)
+        after = max(fall, up or fall)  # a replica may come up only as the load ends
+        down = next((s["t"] for s in samples if s["t"] >= after and s[name]["running"] == start), None)
+        out[name] = {"up_s": None if up is None else round(up - rise, 1),
+                     "down_s": None if down is None or up is None else round(down - fall, 1)}
+    return out
+
+
+def ramp_markdown(report: dict) -> str:
+    lines = ["Knee: one MnistApi and one MnistModel replica, rising concurrency", "",
+             "| clients | throughput (req/s) | p50 ms | p95 ms |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['clients']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p95_ms']} |" for r in report["knee"]]
+    lines += ["", "| run | ok | 5xx or broken | p95 ms at peak (median window) | req/s at peak | API replicas max | model replicas max "
+                  "| API: up after rise, down after fall (s) | model: up, down (s) |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for run in report["runs"]:
+        peak = max(c for _, c in run["profile"])
+        p95 = [w["p95_ms"] for w in run["windows"] if w["clients"] == peak and w["p95_ms"] is not None]
+        rps = [w["throughput_rps"] for w in run["windows"] if w["clients"] == peak]
+        lines.append(f"| {run['label']} | {sum(w['ok'] for w in run['windows'])} | {server_errors(run['windows'])} | "
+                     f"{np.median(p95) if p95 else '-'} | {np.median(rps) if rps else '-'} | {max(s['MnistApi']['running'] for s in run['samples'])} | "
+                     f"{max(s['MnistModel']['running'] for s in run['samples'])} | " +
+                     " | ".join(f"{r['up_s']}, {r['down_s']}" for r in reactions(run).values()) + " |")
+    m = report["machine"]
+    lines += ["", f"Ingress: {report['ingress']}. Autoscaling: `{json.dumps(report['autoscaling_config'])}`",
+              f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), load average {m['loadavg_1m_before']:.2f} before "
+              f"and {m['loadavg_1m_after']:.2f} after.", f"Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def ramp_plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = report["runs"]
+    fig, axes = plt.subplots(2, len(runs), figsize=(6 * len(runs), 7), sharex=True, sharey="row", squeeze=False)
+    for column, run in enumerate(runs):
+        top, bottom = axes[0][column], axes[1][column]
+        t = [s["t"] for s in run["samples"]]
+        for i, name in enumerate(SCALED):
+            top.step(t, [s[name]["running"] for s in run["samples"]], where="post", color=f"C{i}",
+                     linewidth=4 - 2 * i, label=f"{name} replicas")  # wide under narrow: both show
+        load_axis = top.twinx()
+        windows = run["windows"]
+        load_axis.step([w["t"] for w in windows], [w["clients"] for w in windows], where="post", color="grey",
+                       alpha=0.4, label="clients")
+        load_axis.set(ylabel="concurrent clients")
+        top.set(title=run["label"], ylabel="running replicas", ylim=(0, 1 + max(
+            s[name]["running"] for r in runs for s in r["samples"] for name in SCALED)))
+        top.yaxis.get_major_locator().set_params(integer=True)
+        busy = [w for w in windows if w["p95_ms"] is not None]
+        bottom.plot([w["t"] for w in busy], [w["p95_ms"] for w in busy], ".-", color="C3")
+        bottom.set(xlabel="seconds", ylabel="p95 latency per 2-s window (ms)", yscale="log")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="upper left", fontsize="small")
+    fig.suptitle(f"Load ramp, fixed vs autoscaled replicas, {report['machine']['cpus']} CPUs "
+                 f"({report['ingress']}), 127.0.0.1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- main
 
 INGRESS = {"proxy": "Python proxy", "haproxy": "HAProxy"}
@@ -339,7 +598,12 @@ def main(argv=None) -> None:
     parser.add_argument("--floor", action="store_true",
                         help="also measure an empty Serve endpoint: the cost of Serve's HTTP path alone")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for serving.json/.md/.png")
+    parser.add_argument("--ramp", action="store_true",
+                        help="instead: a load ramp, fixed against autoscaled replicas (serving_ramp.*)")
+    parser.add_argument("--ramp-profile", default="10:1,40:16,90:1", help="with --ramp: seconds:clients,...")
     args = parser.parse_args(argv)
+    if args.ramp:
+        return main_ramp(args)
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -349,6 +613,15 @@ def main(argv=None) -> None:
         for name, ratio in by_series.items():
             print(f"clients={level} {name}/plain: throughput {ratio['throughput']}, p50 {ratio['p50']}")
     print(f"wrote {args.out / 'serving.json'}, serving.md, serving.png")
+
+
+def main_ramp(args) -> None:
+    report = run_ramp(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serving_ramp.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "serving_ramp.md").write_text(ramp_markdown(report))
+    ramp_plot(report, args.out / "serving_ramp.png")
+    print(f"wrote {args.out / 'serving_ramp.json'}, serving_ramp.md, serving_ramp.png")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ class ModelServer:
                   user_config=ModelConfig().model_dump(), health_check_period_s=5)
 class MnistModel(ModelServer):
     async def __init__(self, storage: str | None = None):
+        # Serve routes to a replica only after __init__ returns, so one that autoscaling adds
+        # takes no request before the published model is loaded (and probed).
         await self._start_model(storage)
 
 

@@ -66,8 +66,13 @@ def local_config(storage: str | None = None, name: str | None = None, route_pref
 def colocated(api: dict, ui: dict) -> None:
     """API and model in one deployment, MnistService, with the model's settings."""
     model = next(d for d in api["deployments"] if d["name"] == "MnistModel")
+    ingress = next(d for d in api["deployments"] if d["name"] == "MnistApi")
+    service = {**model, "name": "MnistService", "max_ongoing_requests": 256}
+    if "autoscaling_config" in ingress:  # it takes the HTTP requests, so the API's target fits
+        service.pop("num_replicas", None)
+        service["autoscaling_config"] = ingress["autoscaling_config"]
     api["args"]["colocate"] = True
-    api["deployments"] = [{**model, "name": "MnistService", "max_ongoing_requests": 256}]
+    api["deployments"] = [service]
     ui["args"]["model_deployment"] = "MnistService"
 
 
