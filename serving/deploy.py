@@ -35,7 +35,8 @@ def load_config(path: Path = SERVE_CONFIG) -> dict:
 
 
 def local_config(storage: str | None = None, name: str | None = None, route_prefix: str | None = None,
-                 model_replicas: int | None = None, colocate: bool = False, path: Path = SERVE_CONFIG) -> dict:
+                 model_replicas: int | None = None, colocate: bool = False, path: Path = SERVE_CONFIG,
+                 api_replicas: int | None = None) -> dict:
     """The config with an absolute storage root and this checkout on the replicas' PYTHONPATH.
 
     `name` and `route_prefix` rename the API app; the page follows as <name>-ui at <prefix>/ui.
@@ -57,10 +58,17 @@ def local_config(storage: str | None = None, name: str | None = None, route_pref
         api["route_prefix"] = "/" + route_prefix.strip("/")
         ui["route_prefix"] = api["route_prefix"].rstrip("/") + "/ui"
     if model_replicas:
-        model = next(d for d in api["deployments"] if d["name"] == ui["args"]["model_deployment"])
-        model.pop("autoscaling_config", None)
-        model["num_replicas"] = model_replicas
+        pin_replicas(api, ui["args"]["model_deployment"], model_replicas)
+    if api_replicas and not colocate:
+        pin_replicas(api, "MnistApi", api_replicas)
     return config
+
+
+def pin_replicas(app: dict, deployment: str, replicas: int) -> None:
+    """A fixed replica count instead of autoscaling (Serve takes one or the other)."""
+    options = next(d for d in app["deployments"] if d["name"] == deployment)
+    options.pop("autoscaling_config", None)
+    options["num_replicas"] = replicas
 
 
 def colocated(api: dict, ui: dict) -> None:

@@ -50,9 +50,12 @@ class ServeApp:
         return httpx.get(f"{self.url}/model", timeout=30).json()
 
 
-def make_app(name: str, storage: Path, with_ui: bool = True, model_replicas: int | None = None) -> ServeApp:
-    """The config's applications under test names, as `python -m serving deploy` builds them."""
-    config = deploy.local_config(str(storage), name=name, route_prefix=f"/{name}", model_replicas=model_replicas)
+def make_app(name: str, storage: Path, with_ui: bool = True, model_replicas: int | None = None,
+             api_replicas: int | None = None) -> ServeApp:
+    """The config's applications under test names, as `python -m serving deploy` builds them
+    (`*_replicas`: a fixed count instead of the config's autoscaling)."""
+    config = deploy.local_config(str(storage), name=name, route_prefix=f"/{name}", model_replicas=model_replicas,
+                                 api_replicas=api_replicas)
     if not with_ui:
         config["applications"] = [deploy.app_pair(config)[0]]
     return ServeApp(name, f"/{name}", storage, config)

@@ -107,9 +107,10 @@ def serve_app(request, ray_head, serving_storage) -> ServeApp:
     serving version v1 of the test model.
 
     The replicas start while the model trains (both take tens of seconds); the app then picks
-    v1 up from `latest` by itself, as it would after a real training run.
+    v1 up from `latest` by itself, as it would after a real training run. Two replicas of each
+    deployment, pinned (the config autoscales from one): the failover tests kill one of two.
     """
-    app = make_app(f"mnist-test-{os.getpid()}", serving_storage)
+    app = make_app(f"mnist-test-{os.getpid()}", serving_storage, api_replicas=2, model_replicas=2)
     try:
         deploy.deploy(app.config, wait=False)
         models = request.getfixturevalue("served_models")

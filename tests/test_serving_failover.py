@@ -328,7 +328,7 @@ def test_manual_ingress_kill(haproxy, retry, served_models, test_digits, tmp_pat
     local.up(haproxy=haproxy)
     try:
         publish(tmp_path, "v1", served_models["v1"], served_models["accuracy"])
-        app = make_app("mnist-kill", tmp_path, with_ui=False)
+        app = make_app("mnist-kill", tmp_path, with_ui=False, api_replicas=2, model_replicas=2)
         deploy.deploy(app.config, timeout=300)
         wait_for(lambda: __import__("httpx").get(f"{app.url}/healthz", timeout=10).status_code == 200, 60, "v1")
         wait_replicas(app.name, "MnistApi", 2)

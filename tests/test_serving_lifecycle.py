@@ -121,7 +121,7 @@ def test_a_bad_model_leaves_the_old_one_serving(serve_app, served_models, test_d
 def test_killing_a_replica_under_load(serve_app, test_digits):
     """Two model replicas, a bounded load, SIGKILL one: >= 99.9% of requests still succeed (the API
     sends the batches the dead replica held to the other one)."""
-    scaled = make_app(serve_app.name, serve_app.storage, model_replicas=2)
+    scaled = make_app(serve_app.name, serve_app.storage, api_replicas=2, model_replicas=2)
     deploy.deploy(scaled.config, timeout=240)
     try:
         wait_for(lambda: len(replicas(serve_app.name)) == 2, 120, "two running replicas")
