@@ -1,6 +1,6 @@
 """Drawn-digits benchmark: today's model (no augmentation) beside the augmented one, in one run.
 
-    /work/bin/raylock python -m bench.bench_drawn [--storage DIR] [--data-source DIR]
+    python -m bench.bench_drawn [--storage DIR] [--data-source DIR]
     python -m bench.bench_drawn --versions BEFORE AFTER      (evaluate two published models, no Ray)
 
 1. trains both models with `ray job submit ... training/train.py` at the defaults (3 workers,
