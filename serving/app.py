@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serving.api import ApiError, create_api
@@ -31,6 +32,7 @@ from serving.schemas import Limits
 
 log = logging.getLogger("ray.serve")
 RETRIES = 2  # a batch whose model replica died is sent again to another (inference is idempotent)
+RETRY_AFTER = {"retry-after": "1"}
 
 
 class ModelConfig(BaseModel):
@@ -104,8 +106,10 @@ class HandleBackend:
                 return _result(await self.handle.infer.remote(images))
             except RayActorError as error:  # the replica died mid-request: another one takes it
                 if attempt == RETRIES:
-                    raise ApiError(503, "no model replica could answer; try again") from error
+                    raise ApiError(503, "no model replica could answer; try again", RETRY_AFTER) from error
                 log.warning("model replica lost (%s); sending the batch again", type(error).__name__)
+            except BackPressureError:  # the model replicas' queues are full (max_queued_requests): shed
+                raise ApiError(503, "the service is overloaded; try again shortly", RETRY_AFTER) from None
 
     async def status(self) -> dict:
         return await self.handle.status.remote()

@@ -300,6 +300,11 @@ def run(args) -> int:
     # Sized before the splitter runs: Ray's resource view lags, and right after the splitter it
     # could still count the splitter's CPU as taken.
     worker_cpus, threads = size_workers(ray.available_resources().get("CPU", 0), args.workers)
+    from training.storage import claim_run_dir
+    try:  # the check above is for a quick answer; this one is atomic (two jobs, one --run-id)
+        claim_run_dir(storage, run_id)
+    except FileExistsError:
+        raise UserError(f"run {run_id} already exists at {folder}; pick another --run-id") from None
     splitter = ray.remote(write_shards).options(num_cpus=0.5)
     manifest = ray.get(splitter.remote(storage, run_id, args.workers, args.seed, args.subset))
     atomic_torch_save(folder / "init.pt", initial_weights(args.seed))
