@@ -61,7 +61,7 @@ def decode_base64(text: str, where: str) -> bytes:
 async def images_to_mnist(texts: list[str], names: list[str], meter: CpuMeter) -> np.ndarray:
     """Base64 images -> MNIST-format [N, 28, 28], within the work budget (serving/budget.py):
     every header is checked before any image is decoded; refusals carry their CPU time."""
-    blobs = [decode_base64(text, name) for text, name in zip(texts, names)]
+    blobs = meter.timed(lambda: [decode_base64(text, name) for text, name in zip(texts, names)])()
     try:
         return await decode_within_budget(blobs, names, meter)
     except BadImage as error:

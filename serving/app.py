@@ -26,13 +26,13 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from serving.api import ApiError, create_api
+from serving.api import RETRY_AFTER_S, ApiError, create_api
 from serving.model_store import ModelStore, NoModel, follow_latest, storage_root
 from serving.schemas import Limits
 
 log = logging.getLogger("ray.serve")
 RETRIES = 2  # a batch whose model replica died is sent again to another (inference is idempotent)
-RETRY_AFTER = {"retry-after": "1"}
+RETRY_AFTER = {"retry-after": str(RETRY_AFTER_S)}
 
 
 class ModelConfig(BaseModel):
