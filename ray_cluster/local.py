@@ -2,19 +2,21 @@
 
 `ray start --block` runs in a session of its own; `down` sends it SIGTERM (it stops Ray's
 processes in Ray's order), then stops whatever is left in its session: exactly this cluster,
-not other Ray clusters on the machine, as `ray stop` would.
+not other Ray clusters on the machine, as `ray stop` would. The head's pid is kept with its start
+time, so a pid that the system has since given to another process is never signalled.
+Its state folder (pid file, log) is private to the user: $MNIST_RAY_STATE, else
+$XDG_RUNTIME_DIR/mnist-ray, else <tmp>/mnist-ray-<uid>, mode 0700.
 """
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from training.storage import STORAGE_ENV, resolve_storage
+from training.storage import STORAGE_ENV, private_dir, private_state_dir, resolve_storage
 
 HOST = "127.0.0.1"
 GCS_PORT = 6379
@@ -22,7 +24,7 @@ DASHBOARD_PORT = 8265
 CLIENT_PORT = 10001
 SERVE_PORT = 8000
 DASHBOARD_URL = f"http://{HOST}:{DASHBOARD_PORT}"
-STATE_DIR = Path(os.environ.get("MNIST_RAY_STATE", Path(tempfile.gettempdir()) / "mnist-ray"))
+STATE_DIR = Path(os.environ.get("MNIST_RAY_STATE") or private_state_dir("mnist-ray"))
 PID_FILE = STATE_DIR / "head.pid"
 LOG_FILE = STATE_DIR / "head.log"
 
@@ -91,12 +93,34 @@ def ingress_retry_env(haproxy: bool = False) -> dict:
 
 
 def _head_pid() -> int | None:
+    """The pid of the head that `up` started, if that very process still runs: the pid file holds
+    its start time too, and a pid reused by another process (after a reboot, or a crash and a
+    long uptime) has another one."""
     try:
-        pid = int(PID_FILE.read_text())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+        saved = json.loads(PID_FILE.read_text())
+        pid, started = int(saved["pid"]), saved["started"]
+        if not Path("/proc").is_dir():  # no start times to compare (macOS): alive is all we know
+            os.kill(pid, 0)
+            return pid
+        return pid if started is not None and _start_time(pid) == started else None
+    except (OSError, ValueError, KeyError, TypeError):  # missing, the old format, gone
         return None
+
+
+def _start_time(pid: int) -> str | None:
+    """Boot id and start time (clock ticks after boot) of a live process: the pair names one
+    process for good, where a pid is reused. The same as psutil's create_time, from /proc (psutil
+    is not installed with Ray 2.60). None where there is no /proc, or the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else f"{boot}:{fields[19]}"  # field 22 of stat: starttime
+
+
+def _save_head_pid(pid: int) -> None:
+    PID_FILE.write_text(json.dumps({"pid": pid, "started": _start_time(pid)}))
 
 
 def up(num_cpus: int | None = None, timeout: float = 120.0, haproxy: bool = False) -> bool:
@@ -105,7 +129,7 @@ def up(num_cpus: int | None = None, timeout: float = 120.0, haproxy: bool = Fals
     if is_up():
         print(f"Ray is already up: {DASHBOARD_URL}")
         return False
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    private_dir(STATE_DIR)
     bin_dir = Path(sys.executable).parent  # so `python` in job entrypoints is this venv's
     command = [str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
                f"--node-ip-address={HOST}", f"--port={GCS_PORT}",
@@ -115,7 +139,7 @@ def up(num_cpus: int | None = None, timeout: float = 120.0, haproxy: bool = Fals
     with open(LOG_FILE, "wb") as log:
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-    PID_FILE.write_text(str(head.pid))
+    _save_head_pid(head.pid)
     deadline = time.monotonic() + timeout
     while not is_up():
         if head.poll() is not None or time.monotonic() > deadline:

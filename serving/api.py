@@ -7,6 +7,7 @@ request over the time limit, no model replica).
 """
 import base64
 import binascii
+import logging
 import math
 import time
 from typing import Protocol
@@ -15,16 +16,17 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from serving.budget import CpuMeter, OverBudget, decode_within_budget
 from serving.limits import LimitsMiddleware
 from serving.model_store import NoModel
-from serving.preprocess import BadImage, decode_image, from_pixels, preprocess
+from serving.preprocess import BadImage, from_pixels
 from serving.schemas import (MAX_IMAGES, MODEL_NAME, Error, Health, InferenceRequest, InferenceResponse,
                              Limits, ModelInfo, Prediction, PredictRequest, Predictions)
 
-INLINE_BYTES = 64 * 1024  # larger payloads are decoded in a worker thread, off the event loop
+log = logging.getLogger("ray.serve")
+RETRY_AFTER_S = 1  # what a 503 (overloaded, no model yet) tells clients to wait before trying again
 ERRORS = {400: {"model": Error}, 413: {"model": Error}, 415: {"model": Error},
           422: {"model": Error}, 503: {"model": Error}}
 
@@ -39,9 +41,9 @@ class Backend(Protocol):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 # ---------------------------------------------------------------- inputs -> MNIST-format arrays
@@ -56,16 +58,15 @@ def decode_base64(text: str, where: str) -> bytes:
         raise ApiError(422, f"{where} is not valid base64") from None
 
 
-def image_to_mnist(text: str, where: str) -> np.ndarray:
-    data = decode_base64(text, where)
+async def images_to_mnist(texts: list[str], names: list[str], meter: CpuMeter) -> np.ndarray:
+    """Base64 images -> MNIST-format [N, 28, 28], within the work budget (serving/budget.py):
+    every header is checked before any image is decoded; refusals carry their CPU time."""
+    blobs = meter.timed(lambda: [decode_base64(text, name) for text, name in zip(texts, names)])()
     try:
-        return preprocess(decode_image(data))
+        return await decode_within_budget(blobs, names, meter)
     except BadImage as error:
-        raise ApiError(422, f"{where}: {error}") from None
-
-
-def images_to_mnist(texts: list[str], names: list[str]) -> np.ndarray:
-    return np.stack([image_to_mnist(text, name) for text, name in zip(texts, names)])
+        raise ApiError(413 if isinstance(error, OverBudget) else 422, str(error),
+                       server_timing(cpu=meter.seconds)) from None
 
 
 def numeric_array(data, where: str, status: int) -> np.ndarray:
@@ -148,7 +149,8 @@ def v2_metadata(version: str | None) -> dict:
 
 
 def server_timing(**seconds: float) -> dict:
-    """A Server-Timing header (ms): where a request's time went inside the app."""
+    """A Server-Timing header (ms): where a request's time went inside the app. `cpu` is the CPU
+    time spent on the request's images (header checks, decoding, preprocessing), in any thread."""
     return {"server-timing": ", ".join(f"{name};dur={value * 1000:.2f}" for name, value in seconds.items())}
 
 
@@ -177,19 +179,19 @@ def app_path(request: Request) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
-def error_response(status: int, message: str, detail=None) -> JSONResponse:
+def error_response(status: int, message: str, detail=None, headers: dict | None = None) -> JSONResponse:
     body = {"error": message} if detail is None else {"error": message, "detail": detail}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
-        return error_response(error.status, error.message)
+        return error_response(error.status, error.message, headers=error.headers)
 
     @api.exception_handler(NoModel)
     async def no_model(request: Request, error: NoModel):
-        return error_response(503, str(error))
+        return error_response(503, str(error), headers={"retry-after": str(RETRY_AFTER_S)})
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
@@ -204,7 +206,12 @@ def add_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
-        return error_response(error.status_code, str(error.detail), None)
+        return error_response(error.status_code, str(error.detail), None, getattr(error, "headers", None))
+
+    @api.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):  # the cause goes to the log, not the client
+        log.exception("%s %s failed", request.method, app_path(request))
+        return error_response(500, "internal error; it is logged on the server")
 
 
 # ---------------------------------------------------------------- the app
@@ -227,19 +234,17 @@ def create_api(backend: Backend, limits: Limits | None = None, title: str = "MNI
     @api.post("/predict", response_model=Prediction | Predictions, responses=ERRORS,
               summary="Recognise digits in images or an MNIST pixel array")
     async def predict(body: PredictRequest):
-        started = time.perf_counter()
+        started, meter = time.perf_counter(), CpuMeter()
         if body.pixels is not None:
             images = pixels_to_mnist(body.pixels)
         else:
             texts = [body.image] if body.image is not None else body.images
             names = ["image"] if body.image is not None else [f"images[{i}]" for i in range(len(texts))]
-            if sum(map(len, texts)) > INLINE_BYTES:
-                images = await run_in_threadpool(images_to_mnist, texts, names)
-            else:
-                images = images_to_mnist(texts, names)
+            images = await images_to_mnist(texts, names, meter)
         prepared = time.perf_counter()
         probs, version = await backend.infer(images)
-        timing = server_timing(preprocess=prepared - started, model=time.perf_counter() - prepared)
+        timing = server_timing(preprocess=prepared - started, model=time.perf_counter() - prepared,
+                               cpu=meter.seconds)
         if body.images is None:
             return JSONResponse(prediction(probs[0], version), headers=timing)
         return JSONResponse({"predictions": [prediction(p, version) for p in probs], "model_version": version},

@@ -23,14 +23,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from serving.api import ApiError, create_api
+from serving.api import RETRY_AFTER_S, ApiError, create_api
 from serving.model_store import ModelStore, NoModel, follow_latest, storage_root
 from serving.schemas import Limits
 
 log = logging.getLogger("ray.serve")
 RETRIES = 2  # a batch whose model replica died is sent again to another (inference is idempotent)
+RETRY_AFTER = {"retry-after": str(RETRY_AFTER_S)}
 
 
 class ModelConfig(BaseModel):
@@ -106,8 +108,10 @@ class HandleBackend:
                 return _result(await self.handle.infer.remote(images))
             except RayActorError as error:  # the replica died mid-request: another one takes it
                 if attempt == RETRIES:
-                    raise ApiError(503, "no model replica could answer; try again") from error
+                    raise ApiError(503, "no model replica could answer; try again", RETRY_AFTER) from error
                 log.warning("model replica lost (%s); sending the batch again", type(error).__name__)
+            except BackPressureError:  # the model replicas' queues are full (max_queued_requests): shed
+                raise ApiError(503, "the service is overloaded; try again shortly", RETRY_AFTER) from None
 
     async def status(self) -> dict:
         return await self.handle.status.remote()

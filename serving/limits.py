@@ -19,9 +19,10 @@ class BodyTooLarge(HTTPException):
 
 def json_response(status: int, error: str):
     body = json.dumps({"error": error}).encode()
+    retry = [(b"retry-after", b"1")] if status == 503 else []  # a busy replica: try again in a second
     return [
         {"type": "http.response.start", "status": status,
-         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]},
+         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *retry]},
         {"type": "http.response.body", "body": body},
     ]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from training.model import Net, to_input
-from training.storage import STORAGE_ENV, models_dir, read_latest, resolve_storage
+from training.storage import STORAGE_ENV, BadVersionName, models_dir, read_latest, resolve_storage
 
 log = logging.getLogger("ray.serve")
 REPO_STORAGE = Path(__file__).resolve().parents[1] / "storage"  # `make run`'s default root
@@ -29,6 +29,10 @@ def storage_root(storage: str | None = None) -> Path:
 
 class NoModel(RuntimeError):
     """Nothing is published yet (or nothing loadable): serving answers 503 until training publishes."""
+
+
+class Unusable(ValueError):
+    """A published version that cannot serve; the message is safe to show (no paths, no library text)."""
 
 
 @dataclass(frozen=True)
@@ -57,22 +61,29 @@ def _signature(path: Path) -> tuple:
 
 
 def load_version(storage: Path, version: str) -> Loaded:
-    """Load and check one published version; raise with a readable message if it is unusable."""
+    """Load and check one published version; raise Unusable with a message fit for /model (the
+    full cause is chained, for the log)."""
     folder = models_dir(storage) / version
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist")
-    metadata = json.loads((folder / "metadata.json").read_text())
+        raise Unusable("its folder does not exist")
+    try:
+        metadata = json.loads((folder / "metadata.json").read_text())
+    except (OSError, ValueError) as error:
+        raise Unusable("metadata.json is missing or not valid JSON") from error
     if not isinstance(metadata, dict):
-        raise ValueError("metadata.json is not a JSON object")
-    # weights_only: a state_dict needs no pickled code, and a tampered file cannot run any.
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    net = Net()
-    net.load_state_dict(state, strict=True)
+        raise Unusable("metadata.json is not a JSON object")
+    try:
+        # weights_only: a state_dict needs no pickled code, and a tampered file cannot run any.
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        net = Net()
+        net.load_state_dict(state, strict=True)
+    except Exception as error:
+        raise Unusable("model.pt is missing, corrupt, or not this network's weights") from error
     net.eval()
     with torch.inference_mode():
         probe = net(torch.zeros(1, 1, 28, 28))
     if not torch.isfinite(probe).all():
-        raise ValueError("the weights produce non-finite outputs")
+        raise Unusable("the weights produce non-finite outputs")
     return Loaded(version, net, metadata, time.time())
 
 
@@ -88,8 +99,14 @@ class ModelStore:
         """Load the version `latest` names if it is new; True when the model changed."""
         try:
             version = read_latest(self.storage)
+        except BadVersionName as error:  # a path, '..': never joined to the models folder
+            if not (self.error and self.error.version == "?" and "plain" in self.error.error):
+                log.error("`latest` %s; keeping model %s", error, self.current and self.current.version)
+            self.error = LoadError("?", "`latest` does not name a plain version name; it is ignored", time.time())
+            return False
         except OSError as error:
-            self.error = LoadError("?", f"cannot read {models_dir(self.storage) / 'latest'}: {error}", time.time())
+            log.warning("cannot read `latest`: %s", error)
+            self.error = LoadError("?", "`latest` cannot be read", time.time())
             return False
         if version is None or (self.current and self.current.version == version):
             if self.current and self.current.version == version:
@@ -101,7 +118,9 @@ class ModelStore:
         try:
             loaded = load_version(self.storage, version)
         except Exception as error:  # any failure keeps the old model serving; the reason goes to /model
-            self.error = LoadError(version, f"{type(error).__name__}: {error}", time.time(), signature)
+            log.warning("model version %s did not load", version, exc_info=True)
+            reason = str(error) if isinstance(error, Unusable) else "it could not be loaded (see the replica's log)"
+            self.error = LoadError(version, reason, time.time(), signature)
             if self.current is None:  # a (re)started replica has no old model: take the newest good one
                 self.current = self._newest_loadable(exclude=version)
                 return self.current is not None
@@ -131,11 +150,11 @@ class ModelStore:
         return probs.numpy(), loaded.version
 
     def no_model_message(self) -> str:
-        latest = models_dir(self.storage) / "latest"
+        """Public text: no server paths, no library messages (those go to the log)."""
         if self.error:
             return f"no model is loaded: version {self.error.version} failed to load ({self.error.error})"
-        return (f"no model is published yet ({latest} does not exist); train first, e.g. `make run`, "
-                "and this service picks the model up by itself")
+        return ("no model is published yet (no `latest` in the models folder); train first, e.g. "
+                "`make run`, and this service picks the model up by itself")
 
     def status(self) -> dict:
         loaded = self.current
@@ -144,7 +163,6 @@ class ModelStore:
             "model_version": loaded.version if loaded else None,
             "metadata": loaded.metadata if loaded else None,
             "loaded_at": loaded.loaded_at if loaded else None,
-            "storage": str(self.storage),
             "reload_error": ({"version": self.error.version, "error": self.error.error, "at": self.error.at}
                              if self.error else None),
             "message": None if loaded else self.no_model_message(),

@@ -13,10 +13,19 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-MAX_PIXELS = 4096 * 4096  # decoded-size limit: a tiny PNG can hold a huge (bomb) image
+# Work budget per image, checked on the header before anything is decoded (a 20 KB PNG can
+# decode to 16 Mpx and cost 0.7 s; docs/SERVING.md, "Work budget"). What people send: a canvas
+# (280x280 to a full-screen 1920x1080, 2.1 Mpx), a phone screenshot (1290x2796, 3.6 Mpx), a photo
+# of a digit (12-48 Mpx JPEG). Lossless images decode at full size, so they get MAX_PIXELS; JPEG
+# decodes at 1/2, 1/4 or 1/8 scale for the price (PIL's draft), so photos up to MAX_PHOTO_PIXELS
+# are shrunk to at most DRAFT_PIXELS while decoding, never refused.
+MAX_PIXELS = 2048 * 2048          # decoded pixels per image
+MAX_PHOTO_PIXELS = 50_000_000     # a JPEG's header size (a 48 Mpx phone photo fits)
+DRAFT_PIXELS = 1024 * 1024        # a large JPEG is decoded down to about this many pixels
 FORMATS = ("PNG", "JPEG")
+ORIENTATION = 0x0112  # the EXIF tag
 BOX = 20          # MNIST digits fit a 20x20 box ...
 FIELD = 28        # ... centred by mass in a 28x28 field
 CENTRE = 14.0     # where MNIST's centres of mass sit (row and column index, measured: 13.99, 14.01)
@@ -27,6 +36,11 @@ BBOX_INK = 0.2     # ink that counts for the bounding box
 # 5th-95th percentile 1.5-3.7) are brought one pixel towards it. Chosen on bench/bench_drawn.py's
 # drawn set: these bounds change none of the first 200 MNIST test digits and no test accuracy.
 THIN_STROKE, THICK_STROKE = 1.2, 5.0
+
+
+# PNG text chunks are decompressed while the header is read; PIL allows 64 MB of them per image.
+# This service reads no text: 1 MB bounds that work too.
+PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
 
 
 class BadImage(ValueError):
@@ -44,23 +58,50 @@ class Steps:
     result: np.ndarray        # uint8 [28, 28], centred by mass
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """PNG or JPEG bytes -> a loaded PIL image, refusing anything else and oversized images."""
-    too_big = f"over the limit of {MAX_PIXELS} pixels"
+def open_image(data: bytes) -> Image.Image:
+    """PNG or JPEG bytes -> a PIL image whose header (format, size, mode) is read and checked
+    against the per-image budget; nothing is decoded yet. A large JPEG is set to decode smaller."""
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError:  # PIL's own, far higher, limit: still ours to report
-        raise BadImage(f"the image is {too_big}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise BadImage(f"the image is over the limit of {MAX_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         raise BadImage("the bytes are not a PNG or JPEG image") from None
     width, height = image.size
-    if width * height > MAX_PIXELS:  # checked on the header, before decoding
-        raise BadImage(f"the image is {width}x{height} pixels, {too_big}")
+    if image.format == "JPEG" and width * height > DRAFT_PIXELS:
+        if width * height > MAX_PHOTO_PIXELS:
+            raise BadImage(f"the photo is {width}x{height} pixels, over the limit of "
+                           f"{MAX_PHOTO_PIXELS} pixels for a JPEG")
+        scale = next(s for s in (2, 4, 8) if width * height <= DRAFT_PIXELS * s * s or s == 8)
+        image.draft("L" if image.mode in ("L", "RGB") else None, (width // scale, height // scale))
+    if decoded_pixels(image) > MAX_PIXELS:
+        raise BadImage(f"the image is {width}x{height} pixels, over the limit of {MAX_PIXELS} pixels "
+                       f"(2048x2048) per image")
+    return image
+
+
+def decoded_pixels(image: Image.Image) -> int:
+    """Pixels that decoding `image` will produce (after any JPEG draft), from its header."""
+    return image.size[0] * image.size[1]
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Decode an image from `open_image` (its first frame) and turn it upright (EXIF orientation)."""
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise BadImage(f"the image is truncated or corrupt ({error})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        raise BadImage("the image is truncated or corrupt") from None  # no library text in replies
+    try:
+        if image.getexif().get(ORIENTATION, 1) != 1:  # a phone photo taken sideways
+            return ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block: the pixels are still good, unrotated
+        pass
     return image
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """PNG or JPEG bytes -> a loaded PIL image, refusing anything else and anything over budget."""
+    return load_image(open_image(data))
 
 
 def preprocess(image) -> np.ndarray:

@@ -61,8 +61,8 @@ class ModelInfo(BaseModel):
     model_version: str | None
     metadata: dict | None = Field(description="the published metadata.json: test_accuracy, run_id, created_at, ...")
     loaded_at: float | None
-    storage: str
-    reload_error: dict | None = Field(description="the last version that failed to load, and why; "
+    reload_error: dict | None = Field(description="the last version that failed to load, and why (no server "
+                                                  "paths or library text: those are in the replica's log); "
                                                   "the previous model keeps serving")
     message: str | None = None
 

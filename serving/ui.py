@@ -4,19 +4,23 @@ In Ray Serve it is the mnist-ui application's ASGI app, built on the replica (Se
 integration is broken with Gradio 6); the plain server mounts it at /ui. Either way it calls the
 same backend and the same preprocessing as POST /predict.
 """
+import base64
+import binascii
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from serving.api import ApiError
+from serving.budget import check_sources, replica_cpus, run_bounded
 from serving.model_store import NoModel
 from serving.preprocess import BadImage, preprocess
+from training.storage import private_dir, private_state_dir
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network here, and no tracking anyway
-os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "mnist-gradio"))
+if "GRADIO_TEMP_DIR" not in os.environ:  # uploads land here: private to this user, not a shared /tmp name
+    os.environ["GRADIO_TEMP_DIR"] = str(private_dir(private_state_dir("mnist-gradio")))
 
 import gradio as gr  # noqa: E402  (after the environment above)
 
@@ -28,6 +32,8 @@ EXAMPLES = Path(__file__).resolve().parent / "examples"
 CANVAS = (280, 280)   # ten canvas pixels per MNIST pixel
 BRUSH_RADIUS = 12     # a 24 px stroke: about 2.4 px after scaling to MNIST's 20 px box, like MNIST
 ZOOM = 8              # the 28x28 input is shown at 224x224, pixels kept square
+CONCURRENCY = replica_cpus()  # recognitions running at once (their decoding is CPU work) ...
+QUEUE_SIZE = 64               # ... and waiting; more get Gradio's "queue is full" (HTTP 503)
 # Gradio's Sketchpad starts with no tool selected ("select the draw tool to start"): pick the brush.
 SELECT_BRUSH = """() => {
   const started = Date.now();
@@ -70,7 +76,7 @@ class Page:
         if composite is None:
             return None, None, "Draw a digit, then press Recognise."
         try:
-            seen = preprocess(composite)
+            seen = await run_bounded(preprocess, composite)  # CPU work: off Gradio's event loop
         except BadImage as error:
             return None, None, f"{error}".capitalize() + "."
         try:
@@ -99,6 +105,42 @@ def augmentation_text(metadata: dict) -> str:
         return "  \nTrained with augmentation: " + ", ".join(f"{k} {v}" for k, v in settings.items())
 
 
+def within_budget(component, sources):
+    """Gradio decodes an image input itself, at full size, in any format PIL knows: check the
+    headers against the work budget (serving/budget.py) first, and refuse with the limit."""
+    decode = component.preprocess
+
+    def preprocess_checked(payload):
+        if payload is not None:
+            try:
+                check_sources(sources(component, payload))
+            except BadImage as error:
+                raise gr.Error(f"{error}".capitalize() + ".") from None
+        return decode(payload)
+
+    component.preprocess = preprocess_checked
+    return component
+
+
+def editor_sources(component, payload) -> list:
+    """The files of a Sketchpad value: background, layers, composite (uploaded, or sent as blobs)."""
+    data = component.blob_storage.get(payload.id) if payload.id is not None else payload
+    if data is None:
+        return []
+    files = [data.background, *(data.layers or []), data.composite]
+    return [bytes(f) if isinstance(f, (bytes, bytearray, memoryview)) else f.path for f in files if f is not None]
+
+
+def image_sources(component, payload) -> list:
+    """The file of a gr.Image value: an uploaded path, or a data: URL."""
+    if payload.url and payload.url.startswith("data:"):
+        try:
+            return [base64.b64decode(payload.url.partition(",")[2], validate=True)]
+        except (binascii.Error, ValueError):
+            raise BadImage("the data: URL is not valid base64") from None
+    return [payload.path] if payload.path else []
+
+
 def build_ui(backend) -> gr.Blocks:
     page = Page(backend)
     # delete_cache: uploaded sketches older than an hour are removed every hour
@@ -107,10 +149,10 @@ def build_ui(backend) -> gr.Blocks:
                     "The model reads it as it draws; **Recognise** asks again.")
         with gr.Row():
             with gr.Column():
-                pad = gr.Sketchpad(
+                pad = within_budget(gr.Sketchpad(
                     label="Sketchpad", image_mode="L", type="numpy", format="png", canvas_size=CANVAS,
                     fixed_canvas=True, layers=False, transforms=(), elem_id="sketchpad",
-                    brush=gr.Brush(default_size=BRUSH_RADIUS, colors=["#000000"], color_mode="fixed"))
+                    brush=gr.Brush(default_size=BRUSH_RADIUS, colors=["#000000"], color_mode="fixed")), editor_sources)
                 with gr.Row():
                     clear = gr.ClearButton(value="Clear", elem_id="clear")
                     submit = gr.Button("Recognise", variant="primary", elem_id="submit")
@@ -121,14 +163,16 @@ def build_ui(backend) -> gr.Blocks:
                 version = gr.Markdown(elem_id="version", label="Model")
         examples = sorted(str(p) for p in EXAMPLES.glob("*.png"))
         if examples:  # shown and recognised on click (Gradio 6 does not load them into a Sketchpad)
-            example = gr.Image(visible=False, type="numpy", image_mode="L")
+            example = within_budget(gr.Image(visible=False, type="numpy", image_mode="L"), image_sources)
             gr.Examples(examples, inputs=example, outputs=[label, seen, version], fn=page.recognise,
                         run_on_click=True, cache_examples=False, label="Examples", api_name=False)
         clear.add([pad, label, seen])
-        submit.click(page.recognise, pad, [label, seen, version], api_name="predict", concurrency_limit=None)
-        pad.change(page.recognise, pad, [label, seen, version], api_name=False, concurrency_limit=None,
+        recognising = {"concurrency_limit": CONCURRENCY, "concurrency_id": "recognise"}  # one pool for both
+        submit.click(page.recognise, pad, [label, seen, version], api_name="predict", **recognising)
+        pad.change(page.recognise, pad, [label, seen, version], api_name=False, **recognising,
                    trigger_mode="always_last", show_progress="hidden")
         demo.load(page.version_text, None, version, api_name=False)
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
     return demo
 
 
@@ -139,6 +183,13 @@ def mount_ui(app, backend, path: str = "/ui"):
 
 
 def ui_app(backend):
-    """An ASGI app that is only the sketchpad, at its root (Serve mounts it at the route prefix)."""
+    """An ASGI app that is only the sketchpad, at its root (Serve mounts it at the route prefix),
+    inside the API's body limit (no time limit: Gradio keeps event streams open)."""
     from fastapi import FastAPI
-    return mount_ui(FastAPI(docs_url=None, redoc_url=None, openapi_url=None), backend, path="")
+
+    from serving.limits import LimitsMiddleware
+    from serving.schemas import Limits
+    app = mount_ui(FastAPI(docs_url=None, redoc_url=None, openapi_url=None), backend, path="")
+    app.add_middleware(LimitsMiddleware, max_body_bytes=Limits().max_body_bytes,
+                       timeout_s=Limits().request_timeout_s, untimed_prefixes=("",))
+    return app

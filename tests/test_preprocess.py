@@ -161,3 +161,66 @@ def test_from_pixels_scales_floats_and_integers_alike(test_digits):
     digit = test_digits[0][0]
     assert np.array_equal(from_pixels(digit.tolist(), 255), digit)
     assert np.array_equal(from_pixels((digit / 255.0).tolist(), 1.0), digit)
+
+
+# ---------------------------------------------------------------- the work budget (serving/budget.py)
+
+def photo_of(digit: np.ndarray, side: int, exif_orientation: int | None = None) -> bytes:
+    """`digit` (white on black) as a dark-ink-on-paper JPEG photo of `side` x `side` pixels."""
+    image = Image.fromarray(255 - digit).resize((side, side), Image.Resampling.BILINEAR).convert("RGB")
+    buffer = io.BytesIO()
+    options = {}
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        options["exif"] = exif.tobytes()
+    image.save(buffer, "JPEG", quality=85, **options)
+    return buffer.getvalue()
+
+
+def test_a_large_photo_is_decoded_smaller_not_refused(test_digits):
+    from serving.preprocess import DRAFT_PIXELS, MAX_PHOTO_PIXELS
+    digit = test_digits[0][0]
+    big = photo_of(digit, 6000)  # 36 Mpx: over the per-image limit if decoded in full
+    image = decode_image(big)
+    assert image.size[0] * image.size[1] <= DRAFT_PIXELS and image.size[0] >= 6000 // 8
+    reference = preprocess(decode_image(photo_of(digit, 280)))
+    assert np.abs(preprocess(image).astype(int) - reference.astype(int)).mean() < 12
+    side = int(MAX_PHOTO_PIXELS ** 0.5) + 8
+    with pytest.raises(BadImage, match=f"{side}x{side} pixels, over the limit of {MAX_PHOTO_PIXELS}"):
+        decode_image(huge_jpeg_header(side, side))
+
+
+def huge_jpeg_header(width: int, height: int) -> bytes:
+    """A small JPEG's bytes with the frame header's size patched: a bomb's first bytes."""
+    data = bytearray(photo_of(np.zeros((28, 28), np.uint8), 16))
+    at = data.index(b"\xff\xc0") + 5
+    data[at:at + 4] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_exif_orientation_turns_a_photo_upright(test_digits):
+    digit = test_digits[0][0]
+    upright = preprocess(decode_image(photo_of(digit, 280)))
+    # Stored rotated by 90 degrees, with the tag saying how to turn it back (6: rotate 270 to view).
+    stored = np.rot90(digit, 1)
+    turned = preprocess(decode_image(photo_of(stored, 280, exif_orientation=6)))
+    assert np.abs(turned.astype(int) - upright.astype(int)).mean() < 12
+    assert np.abs(preprocess(decode_image(photo_of(stored, 280))).astype(int) - upright.astype(int)).mean() > 12
+
+
+def test_the_request_budget_is_checked_on_headers_before_decoding():
+    from serving.budget import MAX_REQUEST_PIXELS, OverBudget, open_all
+    side = int(MAX_PIXELS ** 0.5)
+    at_limit = huge_png_header(side, side)  # claims 2048x2048; its data is not even there
+    count = MAX_REQUEST_PIXELS // (side * side)
+    open_all([at_limit] * count, ["x"] * count)  # headers only: fine, however broken the data
+    with pytest.raises(OverBudget, match=f"over the limit of {MAX_REQUEST_PIXELS} decoded pixels per request"):
+        open_all([at_limit] * (count + 1), ["x"] * (count + 1))
+
+
+def test_errors_carry_no_library_text():
+    data = png(np.full((64, 64), 200, np.uint8))
+    with pytest.raises(BadImage) as refused:
+        decode_image(data[: len(data) // 2])
+    assert str(refused.value) == "the image is truncated or corrupt"

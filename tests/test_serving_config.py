@@ -111,3 +111,11 @@ def test_body_limit_is_configurable(test_digits):
         response = client.post("/predict", json={"pixels": test_digits[0][0].tolist()})
         assert response.status_code == 413 and "1000 bytes" in response.json()["error"]
         assert client.post("/predict", json={"pixels": [[0]]}).status_code == 422  # small bodies still parsed
+
+
+def test_every_deployment_sheds_load_with_a_503_and_retry_after():
+    """Bounded queues everywhere: past max_ongoing + max_queued, Serve answers 503 + Retry-After at once."""
+    for app in deploy.app_pair(deploy.load_config()):
+        for deployment in app["deployments"]:
+            assert 0 < deployment["max_queued_requests"] and 0 < deployment["max_ongoing_requests"] <= 256
+            assert deployment["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}

@@ -1,11 +1,18 @@
 """Property-based fuzzing of the HTTP API with hypothesis, against the real Serve deployment:
-thousands of generated bodies, never a 5xx, always a JSON error, and the service still answers."""
+thousands of generated bodies and image files, never a 5xx, always a JSON error, and the service
+still answers."""
 import base64
+import io
 import json
+
+import numpy as np
+from PIL import Image
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.bombs import bomb_png
 
 pytest_plugins = ["tests.serving_support"]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -48,6 +55,60 @@ content_types = st.sampled_from(["application/json", "text/plain", "application/
                                  "application/merge-patch+json", ""])
 
 
+MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "I", "I;16", "F", "CMYK", "YCbCr", "HSV"]
+FORMATS = ["PNG"] * 3 + ["JPEG"] * 2 + ["GIF", "WEBP", "BMP", "TIFF"]  # mostly what the API takes
+sides = st.sampled_from([1, 2, 3, 27, 28, 29, 280]) | st.integers(1, 400)
+
+
+def saved(image: Image.Image, fmt: str, **options) -> bytes:
+    """`image` in `fmt`, converted to a mode the format can hold when it cannot hold this one."""
+    for mode in (image.mode, "RGBA" if "A" in image.mode else "RGB", "L"):
+        buffer = io.BytesIO()
+        try:
+            frames = [frame.convert(mode) for frame in options.get("append_images", [])]
+            (image if mode == image.mode else image.convert(mode)).save(
+                buffer, fmt, **{**options, **({"append_images": frames} if frames else {})})
+            return buffer.getvalue()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    raise AssertionError(f"cannot save {image.mode} as {fmt}")
+
+
+@st.composite
+def image_files(draw) -> bytes:
+    """An image file: any PIL mode, 1x1 to 400x400 (or a bomb past the budget), noise or a stroke,
+    maybe animated (GIF, APNG), maybe with an EXIF rotation, maybe truncated or corrupted."""
+    if draw(st.integers(0, 19)) == 0:  # past the per-image budget: must be refused from the header
+        data = bomb_png(draw(st.sampled_from([2049, 3000])), draw(st.sampled_from(["1bit", "palette"])))
+    else:
+        width, height = draw(sides), draw(sides)
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        pixels = np.full((height, width, 3), 255, np.uint8)
+        if draw(st.booleans()):
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        else:
+            pixels[height // 4: 3 * height // 4 + 1, width // 3: width // 3 + max(1, width // 8)] = 0
+        image = Image.fromarray(pixels).convert(draw(st.sampled_from(MODES)))
+        fmt = draw(st.sampled_from(FORMATS))
+        options = {}
+        if fmt in ("PNG", "JPEG") and draw(st.booleans()):
+            exif = Image.Exif()
+            exif[0x0112] = draw(st.integers(0, 9))  # orientation, with invalid values too
+            options["exif"] = exif.tobytes()
+        if fmt in ("PNG", "GIF") and draw(st.booleans()):  # animated: a GIF, or an APNG
+            options.update(save_all=True, append_images=[image.rotate(90)], duration=50, loop=0)
+        data = saved(image, fmt, **options)
+    damage = draw(st.sampled_from(["none", "none", "truncate", "flip"]))
+    if damage == "truncate":
+        data = data[:draw(st.integers(0, max(0, len(data) - 1)))]
+    elif damage == "flip":
+        mutable = bytearray(data)
+        for at in draw(st.lists(st.integers(0, len(data) - 1), min_size=1, max_size=8)):
+            mutable[at] ^= 0xFF
+        data = bytes(mutable)
+    return data
+
+
 @pytest.fixture(scope="module")
 def client(serve_app):
     with serve_app.client() as client:
@@ -79,6 +140,16 @@ def test_fuzz_v2_infer(client, body, model):
 def test_fuzz_raw_bytes(client, data, content_type, path):
     headers = {"content-type": content_type} if content_type else {}
     check(client.post(path, content=data, headers=headers))
+
+
+@settings(FUZZ, max_examples=150)
+@given(files=st.lists(image_files(), min_size=1, max_size=2), batch=st.booleans())
+def test_fuzz_image_files(client, files, batch):
+    body = {"images": [base64.b64encode(f).decode() for f in files]} if batch or len(files) > 1 \
+        else {"image": base64.b64encode(files[0]).decode()}
+    response = client.post("/predict", json=body)
+    check(response)
+    assert response.status_code in (200, 413, 422), (response.status_code, response.text[:300])
 
 
 def test_still_serving_after_the_fuzzing(client, test_digits):

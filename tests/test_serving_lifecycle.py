@@ -110,6 +110,13 @@ def test_a_bad_model_leaves_the_old_one_serving(serve_app, served_models, test_d
     status = wait_for(lambda: model_when(serve_app, lambda m: (m.get("reload_error") or {}).get("version")
                                          == "never-published"), 10, "the missing-version error on /model")
     assert "does not exist" in status["reload_error"]["error"] and status["model_version"] == good
+    assert str(storage) not in json.dumps(status)  # no server paths on the public /model
+
+    for escape in (f"../{good}", str(models_dir(storage) / good)):  # `latest` must name a plain version
+        point_latest(storage, escape)
+        status = wait_for(lambda: model_when(serve_app, lambda m: "plain version" in
+                                             ((m.get("reload_error") or {}).get("error") or "")), 10, "the refusal")
+        assert status["model_version"] == good and status["ready"] and escape not in json.dumps(status)
 
     fixed = f"fixed-{time.time_ns()}"  # the next good publication clears the error
     publish(storage, fixed, served_models["v1"], served_models["accuracy"])

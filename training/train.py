@@ -332,6 +332,11 @@ def run(args) -> int:
     # Sized before the splitter runs: Ray's resource view lags, and right after the splitter it
     # could still count the splitter's CPU as taken.
     worker_cpus, threads = size_workers(free_cpus_per_node(ray), args.workers)
+    from training.storage import claim_run_dir
+    try:  # the check above is for a quick answer; this one is atomic (two jobs, one --run-id)
+        claim_run_dir(storage, run_id)
+    except FileExistsError:
+        raise UserError(f"run {run_id} already exists at {folder}; pick another --run-id") from None
     # The split runs while Ray Train starts its controller and workers (~10 s); they wait for it.
     splitter = ray.remote(write_shards).options(num_cpus=0.5)
     manifest = splitter.remote(storage, run_id, args.workers, args.seed, args.subset)

@@ -1,0 +1,96 @@
+"""Storage rules that serving and concurrent jobs rely on: `latest` names a plain version, a run id
+is claimed atomically, publication is durable and readable by other users. No Ray needed."""
+import json
+import stat
+import threading
+
+import pytest
+
+from serving.model_store import ModelStore
+from training.model import Net
+from training.storage import (BadVersionName, check_version_name, claim_run_dir, models_dir, publish_model,
+                              read_latest)
+import training.storage as storage_module
+
+PLAIN = ["v1", "20261129T142500Z-3fa2", "run_7.b-c", "A" * 128]
+NOT_PLAIN = ["", "..", "../v1", "a/../b", "/etc/passwd", "v1/model.pt", ".hidden", "a..b", "v1\\x", "ü", "A" * 129,
+             "v1\n..", " v1"]
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_plain_version_names_pass(name):
+    assert check_version_name(name) == name
+
+
+@pytest.mark.parametrize("name", NOT_PLAIN)
+def test_anything_else_is_refused(name):
+    with pytest.raises(BadVersionName):
+        check_version_name(name)
+
+
+def metadata(version: str) -> dict:
+    return {"version": version, "test_accuracy": 0.5}
+
+
+def test_latest_naming_a_path_is_refused_and_the_old_model_keeps_serving(tmp_path, caplog):
+    publish_model(tmp_path, "v1", Net().state_dict(), metadata("v1"))
+    store = ModelStore(tmp_path)
+    assert store.refresh() and store.current.version == "v1"
+    for escape in ("../v1", str(models_dir(tmp_path) / "v1"), "v1/../v1"):
+        (models_dir(tmp_path) / "latest").write_text(escape + "\n")
+        with pytest.raises(BadVersionName):
+            read_latest(tmp_path)
+        assert not store.refresh()
+        status = store.status()
+        assert status["model_version"] == "v1" and status["ready"]
+        assert "plain version" in status["reload_error"]["error"]
+        assert str(tmp_path) not in json.dumps(status)  # /model shows no server paths
+    assert "not a plain version name" in caplog.text  # ... the log does say what was refused
+
+
+def test_a_failed_load_shows_no_paths_or_library_text(tmp_path):
+    publish_model(tmp_path, "v1", Net().state_dict(), metadata("v1"))
+    store = ModelStore(tmp_path)
+    store.refresh()
+    publish_model(tmp_path, "v2", Net().state_dict(), metadata("v2"))
+    (models_dir(tmp_path) / "v2" / "model.pt").write_bytes(b"not a torch file")
+    assert not store.refresh()
+    error = store.status()["reload_error"]["error"]
+    assert error == "model.pt is missing, corrupt, or not this network's weights"
+    assert str(tmp_path) not in json.dumps(store.status())
+
+
+def test_a_run_id_is_claimed_by_exactly_one_of_many_at_once(tmp_path):
+    results, barrier = [], threading.Barrier(8)
+
+    def claim():
+        barrier.wait()
+        try:
+            claim_run_dir(tmp_path, "same-id")
+            results.append("claimed")
+        except FileExistsError:
+            results.append("refused")
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(results) == ["claimed"] + ["refused"] * 7
+    with pytest.raises(BadVersionName):
+        claim_run_dir(tmp_path, "../escape")
+
+
+def test_publication_is_readable_by_others_and_fsyncs_the_folders(tmp_path, monkeypatch):
+    synced = []
+    real = storage_module.fsync_dir
+    monkeypatch.setattr(storage_module, "fsync_dir", lambda path: (synced.append(path), real(path)))
+    final = publish_model(tmp_path, "v1", Net().state_dict(), metadata("v1"))
+    root = models_dir(tmp_path)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o755
+    for path in (final / "model.pt", final / "metadata.json", root / "latest"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    # the rename of the staged folder into root, and of `latest`, are both made durable
+    assert synced.count(root) >= 2 and any(p.name.startswith(".v1.") for p in synced)  # and the staged files
+    with pytest.raises(BadVersionName):
+        publish_model(tmp_path, "../v2", Net().state_dict(), metadata("v2"))
