@@ -29,7 +29,8 @@ import torch.nn.functional as F  # noqa: E402
 from training.aggregation import Aggregator, global_path, partial_path, round_dir, worker_path  # noqa: E402
 from training.data import MnistUnavailable, fetch_mnist, load_shard, write_shards  # noqa: E402
 from training.model import Net, initial_weights, to_input, training_precision  # noqa: E402
-from training.storage import (STORAGE_ENV, atomic_torch_save, given_storage, publish_model,  # noqa: E402
+from training.models import POLICIES, TOLERANCE, publish_run  # noqa: E402
+from training.storage import (STORAGE_ENV, atomic_torch_save, given_storage,  # noqa: E402
                               run_dir, sha256_file)
 
 TRAIN_IMAGES = 60_000
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="training arithmetic: bf16 mixed precision (weights, optimizer and evaluation stay fp32) "
                              "or plain fp32; auto = bf16 where the worker's CPU has native bf16 (default auto)")
+    parser.add_argument("--promote", choices=POLICIES, default="auto",
+                        help="make the new version the served one (move `latest`): auto = only a full-data run "
+                             f"(no --subset) at least as accurate as the serving version less {100 * TOLERANCE:.1f} "
+                             "point, or when nothing serves yet; always; never (default auto). The version is "
+                             "published in any case; `python -m training.models promote VERSION` serves it later")
     parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray Train may make (default 2)")
     return parser
 
@@ -332,9 +338,11 @@ def run(args) -> int:
                 "train_seconds": round(train_seconds, 2),
                 "shards_manifest_sha256": sha256_file(folder / "shards" / "manifest.json"),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    path = publish_model(storage, run_id, final, metadata)
+    path, decision = publish_run(storage, run_id, final, metadata, args.promote)
     print_table(rounds)
     print(f"test accuracy {metadata['test_accuracy']:.4f}  model {path}  ({train_seconds:.1f} s)", flush=True)
+    hint = "" if decision.promote else f"; to serve it: python -m training.models promote {run_id}"
+    print(f"{run_id}: {decision.summary}{hint}", flush=True)  # the last line says what serves now
     return 0
 
 
