@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.loadgen import load
 from training import models, train
 from training.models import TOLERANCE, decide, publish_run
 from tests.waiting import wait_for
 from training.storage import (PromotionError, history_path, models_dir, promote_version, publish_model,
                               publish_version, read_history, read_latest, rollback_version, run_dir)
 
+pytest_plugins = ["tests.serving_support"]
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"w": torch.zeros(4)}  # the promotion code never looks inside model.pt
 
@@ -278,3 +280,37 @@ def test_errors_in_the_library_are_promotion_errors(storage):
     with pytest.raises(PromotionError, match="no published version"):
         promote_version(storage, "ghost")
     assert read_latest(storage) == "serving-v"
+
+
+# ---------------------------------------------------------------- against a live Ray Serve deployment
+
+@pytest.mark.ray
+def test_promote_and_rollback_switch_a_live_deployment_under_load_without_a_failed_request(
+        serve_app, served_models, test_digits):
+    storage, before = serve_app.storage, serve_app.model()["model_version"]
+    assert read_latest(storage) == before, "the serving tests should leave latest on the served version"
+    new = f"promoted-{time.time_ns()}"
+    publish_version(storage, new, served_models["v2"], meta(new, served_models["accuracy"]))
+    versions, result = Counter(), {}
+
+    def record(body: bytes) -> bool:
+        versions[json.loads(body)["model_version"]] += 1
+        return True
+
+    bodies = [json.dumps({"pixels": test_digits[0][i].tolist()}).encode() for i in range(8)]
+    loader = threading.Thread(target=lambda: result.setdefault("load", load(
+        f"{serve_app.url}/predict", bodies, clients=4, requests=100_000, time_limit_s=10, check=record)))
+    loader.start()
+    try:
+        time.sleep(1)
+        assert cli(storage, "promote", new).returncode == 0
+        wait_for(lambda: serve_app.model()["model_version"] == new, 10, "/model to show the promoted version")
+        time.sleep(1)
+        rolled = cli(storage, "rollback")
+        assert rolled.stdout.strip() == f"latest: {new} -> {before} (rolled back)", rolled.stderr
+        wait_for(lambda: serve_app.model()["model_version"] == before, 10, "/model to show the version rolled back to")
+    finally:
+        loader.join(30)
+    summary = result["load"].summary()
+    assert summary["requests"] > 50 and summary["success_rate"] == 1.0, summary
+    assert versions[new] > 0 and versions[before] > 0, versions
