@@ -157,6 +157,11 @@ def test_list_shows_versions_which_serves_and_the_rollback_target(storage, monke
     rows = json.loads(cli(storage, "list", "--json").stdout)["versions"]
     assert [r["version"] for r in rows] == ["serving-v", "quick", "newer"]  # by creation time
 
+    history_path(storage).write_text("garbage")
+    listing = cli(storage, "list")
+    assert listing.returncode == 0 and "history.json is not readable JSON" in listing.stderr
+    assert "* newer" in listing.stdout
+
 
 # ---------------------------------------------------------------- bad input: a clear error, nothing moves
 

@@ -107,10 +107,9 @@ def publish_run(storage: Path, version: str, state_dict: dict, metadata: dict, p
 
 # ---------------------------------------------------------------- looking
 
-def version_rows(storage: Path) -> list[dict]:
+def version_rows(storage: Path, history: list[dict]) -> list[dict]:
     """Every version folder, oldest first, with what `list` shows; incomplete ones say why."""
     serving = read_latest(storage)
-    history = read_history(storage)
     promoted = {entry["version"] for entry in history}
     previous = _previous(history, serving)
     rows = []
@@ -165,7 +164,7 @@ def prune(storage: Path, keep: int, dry_run: bool) -> dict:
         serving = read_latest(storage)
         history = read_history(storage)  # malformed: PromotionError before anything is deleted
         protected = {entry["version"] for entry in history} | {serving, _previous(history, serving)}
-        complete = [r for r in version_rows(storage) if not r["problem"]]
+        complete = [r for r in version_rows(storage, history) if not r["problem"]]
         newest = {r["version"] for r in complete[::-1][:keep]}
         doomed = [r for r in complete if r["version"] not in protected | newest]
         kept_runs = {r["run_id"] for r in complete if r not in doomed}
@@ -241,7 +240,12 @@ def main(argv=None) -> int:
         if args.command != "list" and not models_dir(storage).is_dir():
             raise PromotionError(f"no models are published under {models_dir(storage)} (is --storage right?)")
         if args.command == "list":
-            rows = version_rows(storage)
+            try:
+                history = read_history(storage)
+            except PromotionError as error:  # still worth listing; only the rollback column is unknown
+                print(f"warning: {error}", file=sys.stderr)
+                history = []
+            rows = version_rows(storage, history)
             if args.json:
                 print(json.dumps({"storage": str(storage), "serving": read_latest(storage), "versions": rows}, indent=2))
             else:
