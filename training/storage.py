@@ -204,11 +204,19 @@ def point_latest_locked(storage: Path, version: str, note: str) -> None:
     previous entry last, which is still where a rollback should go."""
     history = read_history(storage)
     serving = read_latest(storage)
-    if serving and _head(history) != serving:  # moved by hand or by older code: remember it served
+    if serving and _head(history) != serving and _complete(storage, serving):  # moved by hand or older code
         history.append({"version": serving, "at": _now(), "note": "found serving (moved outside this history)"})
     history.append({"version": version, "at": _now(), "note": note})
     atomic_write_bytes(models_dir(storage) / "latest", f"{version}\n".encode())
     atomic_write_json(history_path(storage), history[-HISTORY_LENGTH:])
+
+
+def _complete(storage: Path, version: str) -> bool:
+    try:
+        version_metadata(storage, version)
+        return True
+    except PromotionError:
+        return False
 
 
 def _head(history: list[dict]) -> str | None:
