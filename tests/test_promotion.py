@@ -303,6 +303,9 @@ def test_promote_and_rollback_switch_a_live_deployment_under_load_without_a_fail
         return True
 
     bodies = [json.dumps({"pixels": test_digits[0][i].tolist()}).encode() for i in range(8)]
+    with serve_app.client() as client:  # each model replica loads `latest` on its own poll: all must serve first
+        wait_for(lambda: all(client.post("/predict", json={"pixels": test_digits[0][0].tolist()}).status_code == 200 for _ in range(8)),
+                 30, "every model replica to serve")
     loader = threading.Thread(target=lambda: result.setdefault("load", load(
         f"{serve_app.url}/predict", bodies, clients=4, requests=100_000, time_limit_s=10, check=record)))
     loader.start()
@@ -317,5 +320,5 @@ def test_promote_and_rollback_switch_a_live_deployment_under_load_without_a_fail
     finally:
         loader.join(30)
     summary = result["load"].summary()
-    assert summary["requests"] > 50 and summary["success_rate"] == 1.0, summary
-    assert versions[new] > 0 and versions[before] > 0, versions
+    assert summary["requests"] > 50 and summary["success_rate"] == 1.0, json.dumps(summary)
+    assert versions[new] > 0 and versions[before] > 0, dict(versions)
