@@ -160,17 +160,16 @@ def preprocessing_variants(models: dict, test_images: np.ndarray, test_labels: n
 
 # ---------------------------------------------------------------- cost per step
 
-def augmentation_cost(storage: Path, steps: int = 60, batch: int = 100) -> dict:
-    """One worker's training step (1 thread, the job's precision) beside augmenting its batch,
+def augmentation_cost(storage: Path, steps: int = 60, batch: int = 100, precision: str = "fp32") -> dict:
+    """One worker's training step (1 thread, `precision`: fp32 is what --precision auto keeps unless
+    bf16 measures faster) beside augmenting its batch,
     interleaved so that both see the same load on the machine. No Ray."""
     sys.path.insert(0, str(ROOT / "training"))
     import train as train_module
     from training.augment import augment_batch
-    from training.model import training_precision
 
     torch.set_num_threads(1)
     images, labels = load_mnist(storage, train=True)
-    precision = training_precision("auto")
     model = Net()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

@@ -35,7 +35,7 @@ from training.aggregation import FedAvg
 from training.data import fetch_mnist, load_mnist
 from training.calibration import calibrate
 from training.model import Net, SeedNet, evaluate, native_bf16, to_input
-from training.storage import models_dir, read_latest, resolve_storage
+from training.storage import models_dir, resolve_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -120,16 +120,15 @@ def ray_job(storage: Path, *train_args: str) -> dict:
     `job_end_seconds`: until Ray recorded the job's end (the CLI's log tail closes a few s later)."""
     from ray.job_submission import JobSubmissionClient
 
-    before = read_latest(storage)
     submission_id = f"bench-{uuid.uuid4().hex[:12]}"
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", local.DASHBOARD_URL,
                "--submission-id", submission_id, "--working-dir", str(ROOT), "--",
-               "python", "training/train.py", "--storage", str(storage), *train_args]
+               "python", "training/train.py", "--storage", str(storage), "--run-id", submission_id, *train_args]
     started_at, started = time.time(), time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
-    version = read_latest(storage)
-    if version == before:
+    version = submission_id  # published whether or not --promote moved `latest` to it
+    if not (models_dir(storage) / version / "metadata.json").is_file():
         raise RuntimeError("the job did not publish a model")
     metadata = json.loads((models_dir(storage) / version / "metadata.json").read_text())
     ended_at = JobSubmissionClient(local.DASHBOARD_URL).get_job_info(submission_id).end_time / 1000

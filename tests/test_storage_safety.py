@@ -45,7 +45,7 @@ def test_latest_naming_a_path_is_refused_and_the_old_model_keeps_serving(tmp_pat
         assert status["model_version"] == "v1" and status["ready"]
         assert "plain version" in status["reload_error"]["error"]
         assert str(tmp_path) not in json.dumps(status)  # /model shows no server paths
-    assert "not a plain version name" in caplog.text  # ... the log does say what was refused
+    assert "is not a version name" in caplog.text  # ... the log does say what was refused
 
 
 def test_a_failed_load_shows_no_paths_or_library_text(tmp_path):

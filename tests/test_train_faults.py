@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # Two rounds of 30 steps with a checkpoint every 4 steps: the kill lands inside round 1, after
 # round 0's checkpoint and after every worker's first mid-round checkpoint.
 KILL_ARGS = ["--subset", "9000", "--workers", "3", "--epochs", "2", "--rounds", "2", "--checkpoint-steps", "4",
-             "--seed", "3"]
+             "--seed", "3", "--promote", "always"]
 # Eight short rounds: a stop after round 0 lands while training is still going.
 STOP_ARGS = ["--subset", "3000", "--workers", "3", "--epochs", "4", "--rounds", "8", "--seed", "3"]
 

@@ -11,8 +11,8 @@ import torch
 from ray_cluster import local
 from training.augment import DEFAULT as DEFAULT_AUGMENTATION
 from training.data import load_mnist
-from training.model import Net, evaluate
-from training.storage import models_dir, read_latest
+from training.model import Net, evaluate, initial_weights
+from training.storage import models_dir, promote_version, publish_version, read_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -24,8 +24,15 @@ def submit(storage: Path, *args: str, timeout: int = 420) -> subprocess.Complete
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+SERVING = f"serving-{uuid.uuid4().hex[:6]}"  # a full-data version that serves while the job runs
+
+
 @pytest.fixture(scope="module")
 def trained(ray_head, mnist_storage):
+    """A quick --subset job under the default --promote auto, while a full-data version serves."""
+    publish_version(mnist_storage, SERVING, initial_weights(0), {
+        "version": SERVING, "run_id": SERVING, "subset": None, "test_accuracy": 0.9934, "created_at": "2026-01-01"})
+    promote_version(mnist_storage, SERVING)
     run_id = f"it-{uuid.uuid4().hex[:6]}"
     result = submit(mnist_storage, "--subset", "3000", "--workers", "3", "--epochs", "2", "--rounds", "2",
                     "--run-id", run_id)
@@ -33,12 +40,17 @@ def trained(ray_head, mnist_storage):
     return mnist_storage, run_id, result.stdout
 
 
-def test_job_publishes_the_model_and_points_latest_at_it(trained):
+def test_job_publishes_the_model_and_auto_keeps_the_serving_one_for_a_subset_run(trained):
     storage, run_id, output = trained
-    assert read_latest(storage) == run_id
+    assert read_latest(storage) == SERVING
     folder = models_dir(storage) / run_id
     assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "model.pt"]
-    assert f"model {folder}" in output.splitlines()[-1] or f"model {folder}" in output
+    assert f"model {folder}" in output
+    lines = output.splitlines()
+    last = lines[next(i for i, line in enumerate(lines) if f"model {folder}" in line) + 1]  # the driver's last
+    assert last.startswith(f"{run_id}: kept {SERVING} (99.34%) because this run trained on --subset 3000"), last
+    promotion = json.loads((folder / "metadata.json").read_text())["promotion"]
+    assert promotion["promoted"] is False and promotion["policy"] == "auto" and promotion["serving_before"] == SERVING
 
 
 def test_metadata_describes_the_run(trained):
@@ -88,7 +100,7 @@ def test_a_failed_run_publishes_nothing(trained):
     result = submit(storage, "--subset", "300", "--run-id", run_id)  # the run id is taken
     assert result.returncode != 0
     assert f"run {run_id} already exists" in result.stdout + result.stderr
-    assert read_latest(storage) == run_id
+    assert read_latest(storage) == SERVING
 
 
 def test_two_runs_at_once_keep_to_their_own_files(ray_head, mnist_source, tmp_path):

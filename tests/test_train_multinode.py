@@ -44,7 +44,7 @@ def test_losing_a_worker_node_mid_training_still_publishes_a_correct_model(clust
     client = wait_for(lambda: _client(), 60, "the test cluster's job server")
     run_id = f"nodes-{uuid.uuid4().hex[:6]}"
     entrypoint = (f"{sys.executable} training/train.py --storage {mnist_storage} --run-id {run_id} "
-                  "--subset 3000 --workers 3 --epochs 4 --rounds 8")  # short rounds: the kill lands mid-training
+                  "--subset 3000 --workers 3 --epochs 4 --rounds 8 --promote always")  # short rounds: the kill lands mid-training
     job = wait_for(lambda: _submit(client, entrypoint), 60, "a job agent on the new cluster")
     # Round 1's average exists only after round 0's checkpoint was reported: a restart resumes from it.
     wait_for(lambda: global_path(mnist_storage, run_id, 1).exists(), 300, "round 1")

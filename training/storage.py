@@ -5,6 +5,7 @@
 <storage>/runs/<run_id>/rounds/      worker and averaged weights per round
 <storage>/models/mnist/<version>/    published model.pt + metadata.json
 <storage>/models/mnist/latest        one line: the version serving should load
+<storage>/models/mnist/history.json  the last promotions, oldest first: where `rollback` goes
 
 Every file is written under a temporary name and renamed into place, so a crash never
 leaves a half-written file that looks complete; the folder is fsynced after the rename, so the
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 STORAGE_ENV = "MNIST_STORAGE"
@@ -29,15 +31,19 @@ FILE_MODE, DIR_MODE = 0o644, 0o755
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-class BadVersionName(ValueError):
+class PromotionError(ValueError):
+    """A promotion, rollback or prune that cannot be done; nothing was moved or deleted."""
+
+
+class BadVersionName(PromotionError):
     """`latest` (or a caller) names something that is not a plain version name."""
 
 
 def check_version_name(name: str) -> str:
     """`name` if it is a plain version name (letters, digits, '.', '_', '-'; no separators, no '..',
     not starting with '.'), else BadVersionName."""
-    if not VERSION_NAME.fullmatch(name) or ".." in name:
-        raise BadVersionName(f"{name[:80]!r} is not a plain version name")
+    if not VERSION_NAME.fullmatch(name) or ".." in name or name in ("latest", "history.json"):
+        raise BadVersionName(f"{name[:80]!r} is not a version name (a plain folder name under models/{MODEL_NAME}/)")
     return name
 
 
@@ -128,7 +134,14 @@ def claim_run_dir(storage: Path, run_id: str) -> Path:
 
 
 def publish_model(storage: Path, version: str, state_dict: dict, metadata: dict) -> Path:
-    """Write <version>/ completely under a temporary name, rename it, then point `latest` at it."""
+    """Publish <version>/ and point `latest` at it (training itself promotes by a policy: training/models.py)."""
+    final = publish_version(storage, version, state_dict, metadata)
+    promote_version(storage, version, note="published")
+    return final
+
+
+def publish_version(storage: Path, version: str, state_dict: dict, metadata: dict) -> Path:
+    """Write <version>/ completely under a temporary name and rename it; `latest` does not move."""
     root = models_dir(storage)
     final = root / check_version_name(version)
     if final.exists():
@@ -143,7 +156,6 @@ def publish_model(storage: Path, version: str, state_dict: dict, metadata: dict)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     fsync_dir(root)
-    atomic_write_bytes(root / "latest", f"{version}\n".encode())  # fsyncs root again
     return final
 
 
@@ -175,3 +187,144 @@ def private_state_dir(name: str) -> Path:
     if runtime and Path(runtime).is_dir():
         return Path(runtime) / name
     return Path(tempfile.gettempdir()) / f"{name}-{os.getuid()}"
+
+
+# ---------------------------------------------------------------- promotion: moving `latest`
+
+HISTORY_LENGTH = 20  # promotions kept in history.json: enough to roll back several times
+
+
+
+def history_path(storage: Path) -> Path:
+    return models_dir(storage) / "history.json"
+
+
+@contextmanager
+def promotion_lock(storage: Path):
+    """Serialise every move of `latest` (the CLI, finishing runs) across processes and pods.
+
+    flock on a file beside `latest`: Linux's NFS client maps it to an NFS lock, so it holds on
+    the shared volume too. Not reentrant: the *_locked functions expect it held."""
+    import fcntl
+
+    lock = _mkdir(models_dir(storage)) / ".promotion.lock"
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+
+def version_metadata(storage: Path, version: str) -> dict:
+    """The metadata of a complete published version; PromotionError says what is wrong otherwise."""
+    folder = models_dir(storage) / check_version_name(version)
+    if not folder.is_dir():
+        known = ", ".join(published_versions(storage)[-5:]) or "none"
+        raise PromotionError(f"no published version '{version}' under {models_dir(storage)} (latest ones: {known})")
+    try:
+        metadata = json.loads((folder / "metadata.json").read_text())
+    except FileNotFoundError:
+        raise PromotionError(f"version '{version}' is incomplete: {folder} has no metadata.json") from None
+    except (OSError, ValueError) as error:
+        raise PromotionError(f"version '{version}': cannot read {folder / 'metadata.json'} ({error})") from None
+    if not isinstance(metadata, dict):
+        raise PromotionError(f"version '{version}': {folder / 'metadata.json'} is not a JSON object")
+    if not (folder / "model.pt").is_file():
+        raise PromotionError(f"version '{version}' is incomplete: {folder} has no model.pt")
+    return metadata
+
+
+def published_versions(storage: Path) -> list[str]:
+    """Names of the version folders (complete or not), sorted; staging folders start with '.'."""
+    root = models_dir(storage)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_history(storage: Path) -> list[dict]:
+    """Past promotions, oldest first: [{"version", "at", "note", maybe "rolled_back_at"}]; [] at first."""
+    path = history_path(storage)
+    try:
+        history = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as error:
+        raise PromotionError(f"{path} is not readable JSON ({error}); fix or delete it (it only guides rollback)") from None
+    if not (isinstance(history, list) and all(isinstance(e, dict) and isinstance(e.get("version"), str) for e in history)):
+        raise PromotionError(f"{path} is malformed: expected a list of {{\"version\": ...}} entries; "
+                             "fix or delete it (it only guides rollback)")
+    return history
+
+
+def point_latest_locked(storage: Path, version: str, note: str) -> None:
+    """Move `latest` to a complete version and record it in the history (hold promotion_lock).
+
+    `latest` is renamed into place first: a crash before the history is written leaves the
+    previous entry last, which is still where a rollback should go."""
+    history = read_history(storage)
+    serving = read_latest(storage)
+    if serving and _head(history) != serving and _complete(storage, serving):  # moved by hand or older code
+        history.append({"version": serving, "at": _now(), "note": "found serving (moved outside this history)"})
+    history.append({"version": version, "at": _now(), "note": note})
+    atomic_write_bytes(models_dir(storage) / "latest", f"{version}\n".encode())
+    atomic_write_json(history_path(storage), history[-HISTORY_LENGTH:])
+
+
+def _complete(storage: Path, version: str) -> bool:
+    try:
+        version_metadata(storage, version)
+        return True
+    except PromotionError:
+        return False
+
+
+def _head(history: list[dict]) -> str | None:
+    """The version the history says serves: its last entry not rolled back."""
+    return next((e["version"] for e in reversed(history) if not e.get("rolled_back_at")), None)
+
+
+def promote_version(storage: Path, version: str, note: str = "promoted by hand") -> str | None:
+    """Point `latest` at a complete version; returns the version that served before."""
+    with promotion_lock(storage):
+        version_metadata(storage, version)
+        read_history(storage)  # a malformed history stops us before anything moves
+        before = read_latest(storage)
+        if before != version:
+            point_latest_locked(storage, version, note)
+    return before
+
+
+def rollback_target(history: list[dict], serving: str | None) -> tuple[str, list[dict]]:
+    """The version that served before `serving`, and the history with the entries rolled back
+    from marked (kept, so the list of versions that once served stays whole)."""
+    marked = [dict(entry) for entry in history]
+    index = len(marked)
+    while index and (marked[index - 1]["version"] == serving or marked[index - 1].get("rolled_back_at")):
+        marked[index - 1].setdefault("rolled_back_at", _now())
+        index -= 1
+    if not index:
+        raise PromotionError(f"nothing to roll back to: the history has no version that served before '{serving}'")
+    return marked[index - 1]["version"], marked
+
+
+def rollback_version(storage: Path) -> tuple[str | None, str]:
+    """Point `latest` back at the version that served before; returns (from, to).
+
+    The rolled-back entries are marked, so a second rollback goes one further back."""
+    with promotion_lock(storage):
+        serving = read_latest(storage)
+        target, kept = rollback_target(read_history(storage), serving)
+        version_metadata(storage, target)
+        # History first: a crash before `latest` moves leaves the target last, so rolling back again still goes there.
+        atomic_write_json(history_path(storage), kept)
+        atomic_write_bytes(models_dir(storage) / "latest", f"{target}\n".encode())
+    return serving, target
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -32,7 +32,8 @@ from training.aggregation import Aggregator, global_path, partial_path, round_di
 from training.data import MnistUnavailable, fetch_mnist, load_shard, write_shards  # noqa: E402
 from training.calibration import calibrate, candidates  # noqa: E402
 from training.model import Net, initial_weights, to_input  # noqa: E402
-from training.storage import (STORAGE_ENV, atomic_torch_save, given_storage, publish_model,  # noqa: E402
+from training.models import POLICIES, TOLERANCE, publish_run  # noqa: E402
+from training.storage import (STORAGE_ENV, atomic_torch_save, given_storage,  # noqa: E402
                               run_dir, sha256_file)
 
 TRAIN_IMAGES = 60_000
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random rotation, shear, scale, shift and stroke width on every training batch, "
                              "seeded per shard and step (default on; --no-augment trains on the digits as they are)")
+    parser.add_argument("--promote", choices=POLICIES, default="auto",
+                        help="make the new version the served one (move `latest`): auto = only a full-data run "
+                             f"(no --subset) at least as accurate as the serving version less {100 * TOLERANCE:.1f} "
+                             "point, or when nothing serves yet; always; never (default auto). The version is "
+                             "published in any case; `python -m training.models promote VERSION` serves it later")
     parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray Train may make (default 2)")
     return parser
 
@@ -380,9 +386,11 @@ def run(args) -> int:
                 "augmentation": augmentation(args),
                 "shards_manifest_sha256": sha256_file(folder / "shards" / "manifest.json"),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    path = publish_model(storage, run_id, final, metadata)
+    path, decision = publish_run(storage, run_id, final, metadata, args.promote)
     print_table(rounds)
     print(f"test accuracy {metadata['test_accuracy']:.4f}  model {path}  ({train_seconds:.1f} s)", flush=True)
+    hint = "" if decision.promote else f"; to serve it: python -m training.models promote {run_id}"
+    print(f"{run_id}: {decision.summary}{hint}", flush=True)  # the last line says what serves now
     return 0
 
 
