@@ -128,9 +128,14 @@ def v2_tensor(request: InferenceRequest, binary: dict[int, np.ndarray] | None = 
     if data.min() < 0 or data.max() > full:
         raise ApiError(400, f"input '{tensor.name}': values must be in 0..{full:g} "
                             f"({'MNIST pixels / 255' if full == 1.0 else 'MNIST pixels'})")
-    if full == 255:  # raw MNIST bytes: exactly what /predict makes of integer pixels
+    # MNIST bytes, as /predict makes them of `pixels`: the same image gets the same answer on both routes
+    return from_pixels_batch(data, full)
+
+
+def from_pixels_batch(data: np.ndarray, full: float) -> np.ndarray:
+    if full == 255:
         return data.astype(np.uint8).reshape(-1, 28, 28)
-    return data.astype(np.float32).reshape(-1, 28, 28) * 255.0
+    return np.rint(data.astype(np.float32).reshape(-1, 28, 28) * np.float32(255.0 / full)).astype(np.uint8)
 
 
 def v2_decode(body: bytes, headers) -> tuple[InferenceRequest, dict, np.ndarray]:
