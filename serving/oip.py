@@ -64,7 +64,7 @@ def parse_body(body: bytes, content_type: str | None, header_length: str | None)
     header_bytes, rest = split_body(body, header_length)
     try:
         header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, an over-long integer, nesting too deep
         where = "the JSON header (Inference-Header-Content-Length bytes)" if rest or header_length else "the body"
         raise BadBody(f"{where} is not valid JSON") from None
     if not isinstance(header, dict):
@@ -77,7 +77,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
     text = header_length.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²".isdigit() is true, int("²") fails
         raise BadBody(f"Inference-Header-Content-Length must be a byte count, not {header_length[:40]!r}")
     length = int(text)
     if length > len(body):
@@ -122,7 +122,7 @@ def binary_size(tensor, where: str) -> int | None:
 
 def tensor_layout(tensor: dict, name: str) -> tuple[np.dtype, list[int]]:
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
-    if datatype not in DTYPES:
+    if not isinstance(datatype, str) or datatype not in DTYPES:
         raise BadBody(f"{name}: datatype {str(datatype)[:20]!r} cannot be sent as binary data here "
                       f"(one of {', '.join(DTYPES)})")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
@@ -137,11 +137,12 @@ def binary_outputs_wanted(header: dict, names: list[str]) -> list[bool]:
     otherwise the request's `binary_data_output` (default false: JSON)."""
     parameters = header.get("parameters")
     default = isinstance(parameters, dict) and parameters.get("binary_data_output") is True
-    requested = {}
-    for output in header.get("outputs") or []:
+    requested, outputs = {}, header.get("outputs")
+    for output in outputs if isinstance(outputs, list) else []:
         output_parameters = output.get("parameters") if isinstance(output, dict) else None
-        if isinstance(output_parameters, dict) and isinstance(output_parameters.get("binary_data"), bool):
-            requested[output.get("name")] = output_parameters["binary_data"]
+        if isinstance(output_parameters, dict) and isinstance(output_parameters.get("binary_data"), bool) \
+                and isinstance(output.get("name"), str):
+            requested[output["name"]] = output_parameters["binary_data"]
     return [requested.get(name, default) for name in names]
 
 

@@ -82,6 +82,9 @@ BAD_BODIES = {
     "header-not-json": (b"{inputs: oops}" + PIXELS, "14", "not valid JSON"),
     "header-not-utf8": (b"\xff\xfe{}" + PIXELS, "4", "not valid JSON"),
     "header-not-an-object": (b"[1, 2]" + PIXELS, "6", "JSON object"),
+    "header-nested-too-deep": (b"[" * 100_000 + PIXELS, "100000", "not valid JSON"),
+    "header-length-unicode-digit": (*header_and(BINARY, PIXELS, "\u00b2")[:1], "\u00b2", "byte count"),
+    "datatype-not-a-string": (*header_and({**BINARY, "datatype": ["FP32"]}, PIXELS), "cannot be sent as binary"),
 }
 
 
@@ -133,6 +136,8 @@ def test_binary_outputs_follow_the_header_in_output_order():
 
 
 @pytest.mark.parametrize("parameters, outputs, expected", [
+    (None, {"not": "a list"}, [False, False]),
+    (None, [{"name": ["x"], "parameters": {"binary_data": True}}, "digit"], [False, False]),
     (None, None, [False, False]),
     ({"binary_data_output": True}, None, [True, True]),
     ({"binary_data_output": True}, [{"name": "digit", "parameters": {"binary_data": False}}], [False, True]),
