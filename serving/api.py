@@ -23,8 +23,8 @@ from serving import oip
 from serving.limits import LimitsMiddleware
 from serving.model_store import NoModel
 from serving.preprocess import BadImage, decode_image, from_pixels, preprocess
-from serving.schemas import (MAX_IMAGES, MAX_TENSOR_IMAGES, MODEL_NAME, Error, Health, InferenceRequest,
-                             InferenceResponse, Limits, ModelInfo, Prediction, PredictRequest, Predictions)
+from serving.schemas import (MAX_TENSOR_IMAGES, MODEL_NAME, Error, Health, InferenceRequest, InferenceResponse,
+                             Limits, ModelInfo, Prediction, PredictRequest, Predictions)
 
 INLINE_BYTES = 64 * 1024  # larger payloads are decoded in a worker thread, off the event loop
 ERRORS = {400: {"model": Error}, 413: {"model": Error}, 415: {"model": Error},
