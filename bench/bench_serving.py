@@ -312,10 +312,18 @@ def oip_codec_ms(images: np.ndarray, datatype: str, binary: bool, answer: tuple[
                 content, header_length=None if length is None else int(length)).as_numpy("probabilities"))}
 
 
-def fetch_answer(url: str, body: bytes, headers: dict) -> tuple[bytes, dict]:
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return response.read(), {k.lower(): v for k, v in response.headers.items()}
+def fetch_answer(url: str, body: bytes, headers: dict, timeout: float = 60) -> tuple[bytes, dict]:
+    """One answer; 503 is waited out (a second model replica may still be loading the model)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.read(), {k.lower(): v for k, v in response.headers.items()}
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or time.monotonic() > deadline:
+                raise RuntimeError(f"{url}: {error.code} {error.read()[:300]!r}") from None
+            time.sleep(0.5)
 
 
 def measure_oip(url: str, images: np.ndarray, args) -> list[dict]:
@@ -330,6 +338,8 @@ def measure_oip(url: str, images: np.ndarray, args) -> list[dict]:
             datatype, binary = OIP_FORMS[form]
             bodies = [oip_request(b, datatype, binary) for b in batches]
             answer = fetch_answer(url, *bodies[0])  # also fails loudly if the server refuses the form
+            for body in bodies[1:]:  # and every batch comes back
+                fetch_answer(url, *body)
             load(url, bodies, clients, min(5, requests), args.time_limit)  # warm-up
             summary = load(url, bodies, clients, requests, args.time_limit).summary()
             row = {"form": form, "batch": batch, "body_bytes": int(np.mean([len(b) for b, _ in bodies])),
