@@ -316,7 +316,8 @@ def fetch_answer(url: str, body: bytes, headers: dict, timeout: float = 60) -> t
     """One answer; 503 is waited out (a second model replica may still be loading the model)."""
     deadline = time.monotonic() + timeout
     while True:
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        kind = "application/octet-stream" if headers else "application/json"  # urllib would send a form type
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": kind, **headers}, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.read(), {k.lower(): v for k, v in response.headers.items()}
