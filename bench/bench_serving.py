@@ -4,6 +4,7 @@ serves the same model with the same code (serving/plain.py), in the same run, on
     python -m bench.bench_serving [--storage DIR] [--clients 1,8,32] [--requests 400,2000,4000]
                                   [--ingress proxy,haproxy] [--colocated] [--floor]
     python -m bench.bench_serving --ramp [--ramp-profile 10:1,40:16,90:1]   # fixed vs autoscaled
+    python -m bench.bench_serving --oip [--oip-clients 1,4] [--oip-requests 40,80] [--oip-batch 256]
 
 For each Serve ingress mode (Serve's Python proxy; HAProxy) it starts a fresh local cluster and
 deploys the API. Each level runs a bounded load (fixed request count, time limit) against Serve
@@ -11,9 +12,16 @@ and the plain server, in alternating order. Payload: MNIST test digits re-drawn 
 canvas PNGs (the common case). Writes bench/results/serving.{json,md,png}: p50/p95/p99 latency, throughput, Serve/plain
 ratios, and where the CPU goes (per process and per request). Both servers run at Ray's worker
 niceness, so background load on the machine affects them alike.
+
+--oip measures only the Open Inference Protocol route, /v2/models/mnist/infer, with batches of
+MNIST test images encoded as tritonclient.http encodes them: JSON (binary_data=False, JSON
+outputs) against the binary tensor extension (the client's defaults), FP32 and UINT8. It adds
+requests/s and images/s side by side, and the in-process cost of encoding and parsing one batch,
+to serving.json and serving.md (keeping the rest of the report).
 """
 import argparse
 import base64
+import importlib.metadata
 import json
 import os
 import platform
@@ -443,6 +451,116 @@ def run_ramp(args) -> dict:
     return report
 
 
+# ---------------------------------------------------------------- OIP: JSON against binary tensors
+
+OIP_FORMS = {"JSON FP32": ("FP32", False), "binary FP32": ("FP32", True),
+             "JSON UINT8": ("UINT8", False), "binary UINT8": ("UINT8", True)}
+
+
+def oip_tensor(images: np.ndarray, datatype: str) -> np.ndarray:
+    return (images if datatype == "UINT8" else images.astype(np.float32) / np.float32(255)).reshape(len(images), 784)
+
+
+def oip_request(images: np.ndarray, datatype: str, binary: bool) -> tuple[bytes, dict]:
+    """The body and headers tritonclient.http sends for one batch: with binary=False the tensor and
+    both outputs as JSON, else its defaults (binary tensor, binary outputs)."""
+    import tritonclient.http as triton
+    from tritonclient.http._utils import _get_inference_request
+    tensor = triton.InferInput("input", [len(images), 784], datatype)
+    tensor.set_data_from_numpy(oip_tensor(images, datatype), binary_data=binary)
+    outputs = None if binary else [triton.InferRequestedOutput(n, binary_data=False) for n in ("probabilities", "digit")]
+    body, header_length = _get_inference_request([tensor], "", outputs, 0, False, False, 0, None, None)
+    headers = {"Inference-Header-Content-Length": str(header_length)} if header_length is not None else {}
+    return body, headers  # no Content-Type, as the client sends it
+
+
+def oip_codec_ms(images: np.ndarray, datatype: str, binary: bool, answer: tuple[bytes, dict]) -> dict:
+    """In-process cost of one batch (ms): the client's encoding, the server's parsing and
+    validation (serving.api.v2_decode), the client's decoding of the answer."""
+    import tritonclient.http as triton
+    from serving.api import v2_decode
+
+    def timed(fn, repeat: int = 5) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return round((time.perf_counter() - start) / repeat * 1000, 2)
+
+    body, headers = oip_request(images, datatype, binary)
+    lowered = {k.lower(): v for k, v in headers.items()}
+    content, response_headers = answer
+    length = response_headers.get("inference-header-content-length")
+    return {"client_encode_ms": timed(lambda: oip_request(images, datatype, binary)),
+            "server_parse_ms": timed(lambda: v2_decode(body, lowered)),
+            "client_decode_ms": timed(lambda: triton.InferResult.from_response_body(
+                content, header_length=None if length is None else int(length)).as_numpy("probabilities"))}
+
+
+def fetch_answer(url: str, body: bytes, headers: dict, timeout: float = 60) -> tuple[bytes, dict]:
+    """One answer; 503 is waited out (a second model replica may still be loading the model)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kind = "application/octet-stream" if headers else "application/json"  # urllib would send a form type
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": kind, **headers}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.read(), {k.lower(): v for k, v in response.headers.items()}
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or time.monotonic() > deadline:
+                raise RuntimeError(f"{url}: {error.code} {error.read()[:300]!r}") from None
+            time.sleep(0.5)
+
+
+def measure_oip(url: str, images: np.ndarray, args) -> list[dict]:
+    """Each form at each client level, the forms alternating in order against drift."""
+    batch = args.oip_batch
+    batches = [images[i * batch:(i + 1) * batch] for i in range(len(images) // batch)]
+    rows = []
+    levels = list(zip([int(c) for c in args.oip_clients.split(",")], [int(n) for n in args.oip_requests.split(",")]))
+    for level, (clients, requests) in enumerate(levels):
+        forms = list(OIP_FORMS) if level % 2 == 0 else list(OIP_FORMS)[::-1]
+        for form in forms:
+            datatype, binary = OIP_FORMS[form]
+            bodies = [oip_request(b, datatype, binary) for b in batches]
+            answer = fetch_answer(url, *bodies[0])  # also fails loudly if the server refuses the form
+            for body in bodies[1:]:  # and every batch comes back
+                fetch_answer(url, *body)
+            load(url, bodies, clients, min(5, requests), args.time_limit)  # warm-up
+            summary = load(url, bodies, clients, requests, args.time_limit).summary()
+            row = {"form": form, "batch": batch, "body_bytes": int(np.mean([len(b) for b, _ in bodies])),
+                   "answer_bytes": len(answer[0]), "images_per_s": round(summary["throughput_rps"] * batch, 1),
+                   **summary, **(oip_codec_ms(batches[0], datatype, binary, answer) if level == 0 else {})}
+            rows.append(row)
+            print(f"{form:13} clients={clients} {row['throughput_rps']:6.1f} req/s {row['images_per_s']:8.1f} img/s "
+                  f"p50 {row['p50_ms']:7.1f} ms  body {row['body_bytes']} B  ok {row['ok']}/{row['requests']}", flush=True)
+    return rows
+
+
+def run_oip(args) -> dict:
+    storage = resolve_storage(args.storage)
+    if read_latest(storage) is None:
+        raise SystemExit(f"no model is published in {storage}; train first (`make run`)")
+    mnist = resolve_storage(args.mnist_storage or storage)
+    fetch_mnist(mnist, args.data_source)
+    images = load_mnist(mnist, train=False)[0].numpy()[:4 * args.oip_batch]
+    report = {"command": " ".join(["python -m bench.bench_serving", *sys.argv[1:]]), "machine": machine(),
+              "tritonclient": importlib.metadata.version("tritonclient")}
+    if args.serve_url:
+        report["rows"] = measure_oip(f"{args.serve_url}/v2/models/mnist/infer", images, args)
+    else:
+        if local.is_up():
+            raise SystemExit("a local Ray cluster is running; stop it, or measure a running app with --serve-url")
+        local.up()
+        try:
+            (predict_url, _), = deploy_serve(storage, floor=False, colocated=False).values()
+            report["rows"] = measure_oip(predict_url.removesuffix("/predict") + "/v2/models/mnist/infer", images, args)
+        finally:
+            local.down()
+    report["machine"]["loadavg_1m_after"] = os.getloadavg()[0]
+    return report
+
+
 def reactions(run: dict) -> dict[str, dict]:
     """Per deployment: seconds from the load's rise to the first added replica running, and from
     its fall to the last removed one gone (None where it did not happen)."""
@@ -515,6 +633,38 @@ def ramp_plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def oip_markdown(oip: dict) -> str:
+    lines = ["## Open Inference Protocol: JSON against binary tensors (`--oip`)", "",
+             "| form | images/request | body bytes | clients | requests | ok | requests/s | images/s | p50 ms | "
+             "p95 ms | client encode ms | server parse ms | client decode ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(oip["rows"], key=lambda r: (r["clients"], list(OIP_FORMS).index(r["form"]))):
+        codec = [str(r.get(k, "")) for k in ("client_encode_ms", "server_parse_ms", "client_decode_ms")]
+        lines.append(f"| {r['form']} | {r['batch']} | {r['body_bytes']} | {r['clients']} | {r['requests']} | {r['ok']} | "
+                     f"{r['throughput_rps']} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | " + " | ".join(codec) + " |")
+    m = oip["machine"]
+    lines += ["", f"Bodies as tritonclient.http {oip['tritonclient']} builds them (JSON: `binary_data=False` and JSON outputs; "
+                  "binary: the client's defaults). Encode/parse/decode: one batch, in-process. "
+                  f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), load average {m['loadavg_1m_before']:.2f} before and "
+                  f"{m['loadavg_1m_after']:.2f} after.", f"Command: `{oip['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def write_oip(report: dict, out: Path) -> None:
+    """Add the OIP rows to an existing serving.json/.md (the main benchmark's figures stay)."""
+    path = out / "serving.json"
+    full = json.loads(path.read_text()) if path.is_file() else {}
+    full["oip"] = report
+    write_atomic(path, json.dumps(full, indent=2) + "\n")
+    write_atomic(out / "serving.md", (markdown(full) + "\n" if "results" in full else "") + oip_markdown(report))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 # ---------------------------------------------------------------- main
@@ -601,13 +751,25 @@ def main(argv=None) -> None:
     parser.add_argument("--ramp", action="store_true",
                         help="instead: a load ramp, fixed against autoscaled replicas (serving_ramp.*)")
     parser.add_argument("--ramp-profile", default="10:1,40:16,90:1", help="with --ramp: seconds:clients,...")
+    parser.add_argument("--oip", action="store_true",
+                        help="measure only /v2/models/mnist/infer: JSON against binary tensors (see above)")
+    parser.add_argument("--oip-clients", default="1,4")
+    parser.add_argument("--oip-requests", default="40,80", help="request count per level and form")
+    parser.add_argument("--oip-batch", type=int, default=256, help="images per request")
     args = parser.parse_args(argv)
     if args.ramp:
         return main_ramp(args)
-    report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.oip:
+        write_oip(run_oip(args), args.out)
+        print(f"wrote the OIP rows into {args.out / 'serving.json'} and serving.md")
+        return
+    report = run(args)
+    previous = args.out / "serving.json"
+    if previous.is_file() and "oip" in (old := json.loads(previous.read_text())):
+        report["oip"] = old["oip"]  # an --oip run's rows stay until the next one
     (args.out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "serving.md").write_text(markdown(report))
+    (args.out / "serving.md").write_text(markdown(report) + ("\n" + oip_markdown(report["oip"]) if "oip" in report else ""))
     plot(report, args.out / "serving.png")
     for level, by_series in report["ratios"].items():
         for name, ratio in by_series.items():

@@ -37,12 +37,14 @@ class LoadResult:
                 "p99_ms": round(float(np.percentile(lat, 99)), 2), "mean_ms": round(float(lat.mean()), 2)}
 
 
-def build_request(url: str, body: bytes) -> tuple[str, int, bytes]:
+def build_request(url: str, body: bytes, headers: dict | None = None) -> tuple[str, int, bytes]:
+    """`headers` replace the default `Content-Type: application/json` (e.g. a binary OIP body's)."""
     parts = urlsplit(url)
     if parts.hostname not in ("127.0.0.1", "localhost"):
         raise ValueError(f"the load generator only targets 127.0.0.1, not {parts.hostname}")
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {"Content-Type": "application/json"}).items())
     head = (f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+            f"{extra}Content-Length: {len(body)}\r\n\r\n")
     return "127.0.0.1", parts.port or 80, head.encode() + body
 
 
@@ -91,10 +93,10 @@ async def _client(host, port, payloads, budget, deadline, result: LoadResult, ch
         conn[1].close()
 
 
-async def run_load(url: str, bodies: list[bytes], clients: int, requests: int, time_limit_s: float,
+async def run_load(url: str, bodies: list[bytes | tuple[bytes, dict]], clients: int, requests: int, time_limit_s: float,
                    check=None) -> LoadResult:
     """`clients` concurrent keep-alive connections send `requests` POSTs in all (or stop at the limit)."""
-    built = [build_request(url, body) for body in bodies]
+    built = [build_request(url, *body) if isinstance(body, tuple) else build_request(url, body) for body in bodies]
     host, port = built[0][0], built[0][1]
     payloads = [b for _, _, b in built]
     result = LoadResult(clients)

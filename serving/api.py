@@ -15,17 +15,21 @@ from typing import Protocol
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from serving import oip
 from serving.budget import CpuMeter, OverBudget, decode_within_budget
 from serving.limits import LimitsMiddleware
 from serving.model_store import NoModel
 from serving.preprocess import BadImage, from_pixels
-from serving.schemas import (MAX_IMAGES, MODEL_NAME, Error, Health, InferenceRequest, InferenceResponse,
+from serving.schemas import (MAX_TENSOR_IMAGES, MODEL_NAME, Error, Health, InferenceRequest, InferenceResponse,
                              Limits, ModelInfo, Prediction, PredictRequest, Predictions)
 
 log = logging.getLogger("ray.serve")
+V2_INLINE_BYTES = 64 * 1024  # larger tensor bodies are parsed in a worker thread, off the event loop
 RETRY_AFTER_S = 1  # what a 503 (overloaded, no model yet) tells clients to wait before trying again
 ERRORS = {400: {"model": Error}, 413: {"model": Error}, 415: {"model": Error},
           422: {"model": Error}, 503: {"model": Error}}
@@ -41,9 +45,9 @@ class Backend(Protocol):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
+    def __init__(self, status: int, message: str, detail=None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+        self.status, self.message, self.detail, self.headers = status, message, detail, headers
 
 
 # ---------------------------------------------------------------- inputs -> MNIST-format arrays
@@ -66,7 +70,7 @@ async def images_to_mnist(texts: list[str], names: list[str], meter: CpuMeter) -
         return await decode_within_budget(blobs, names, meter)
     except BadImage as error:
         raise ApiError(413 if isinstance(error, OverBudget) else 422, str(error),
-                       server_timing(cpu=meter.seconds)) from None
+                       headers=server_timing(cpu=meter.seconds)) from None
 
 
 def numeric_array(data, where: str, status: int) -> np.ndarray:
@@ -93,25 +97,61 @@ def pixels_to_mnist(pixels) -> np.ndarray:
     return from_pixels(array, full)[None]
 
 
-def v2_tensor(request: InferenceRequest) -> np.ndarray:
-    """The one FP32 input of a v2 request, values 0..1, as MNIST-format [N, 28, 28] 0..255."""
+V2_FULL_INK = {"FP32": 1.0, "UINT8": 255}  # input datatypes and the value of full ink
+
+
+def v2_tensor(request: InferenceRequest, binary: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """The one input of a v2 request (FP32 0..1 or UINT8 0..255, as JSON `data` or a binary
+    tensor) as MNIST-format [N, 28, 28] 0..255."""
     tensor = request.inputs[0]
-    if tensor.datatype != "FP32":
-        raise ApiError(400, f"input '{tensor.name}': datatype must be FP32, not {tensor.datatype}")
+    if tensor.datatype not in V2_FULL_INK:
+        raise ApiError(400, f"input '{tensor.name}': datatype must be FP32 (0..1) or UINT8 (0..255), "
+                            f"not {tensor.datatype}")
     shape = tensor.shape
     if not (shape[1:] in ([1, 28, 28], [784]) and len(shape) in (2, 4)):
         raise ApiError(400, f"input '{tensor.name}': shape must be [N, 1, 28, 28] or [N, 784], not {shape}")
-    if not 1 <= shape[0] <= MAX_IMAGES:
-        raise ApiError(400, f"input '{tensor.name}': N must be 1..{MAX_IMAGES}, not {shape[0]}")
-    data = numeric_array(tensor.data, f"input '{tensor.name}' data", 400)
+    if not 1 <= shape[0] <= MAX_TENSOR_IMAGES:
+        raise ApiError(400, f"input '{tensor.name}': N must be 1..{MAX_TENSOR_IMAGES}, not {shape[0]}")
+    if binary and 0 in binary:  # already checked against shape and datatype by oip.binary_inputs
+        data = binary[0]
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise ApiError(400, f"input '{tensor.name}' data must be finite (no NaN or Infinity)")
+    elif tensor.data is None:
+        raise ApiError(400, f"input '{tensor.name}' has neither `data` nor `parameters.binary_data_size`")
+    else:
+        data = numeric_array(tensor.data, f"input '{tensor.name}' data", 400)
     if data.ndim > 1 and list(data.shape) != shape:
         raise ApiError(400, f"input '{tensor.name}': nested data has shape {list(data.shape)}, not {shape}")
     if data.size != math.prod(shape):
         raise ApiError(400, f"input '{tensor.name}': {data.size} values for shape {shape} "
                             f"({math.prod(shape)} expected)")
-    if data.min() < 0 or data.max() > 1:
-        raise ApiError(400, f"input '{tensor.name}': values must be in 0..1 (MNIST pixels / 255)")
-    return data.astype(np.float32).reshape(-1, 28, 28) * 255.0
+    full = V2_FULL_INK[tensor.datatype]
+    if full == 255 and data.dtype.kind == "f":
+        raise ApiError(400, f"input '{tensor.name}': UINT8 data must be integers 0..255")
+    if data.min() < 0 or data.max() > full:
+        raise ApiError(400, f"input '{tensor.name}': values must be in 0..{full:g} "
+                            f"({'MNIST pixels / 255' if full == 1.0 else 'MNIST pixels'})")
+    # MNIST bytes, as /predict makes them of `pixels`: the same image gets the same answer on both routes
+    return from_pixels_batch(data, full)
+
+
+def from_pixels_batch(data: np.ndarray, full: float) -> np.ndarray:
+    if full == 255:
+        return data.astype(np.uint8).reshape(-1, 28, 28)
+    return np.rint(data.astype(np.float32).reshape(-1, 28, 28) * np.float32(255.0 / full)).astype(np.uint8)
+
+
+def v2_decode(body: bytes, headers) -> tuple[InferenceRequest, dict, np.ndarray]:
+    """A v2 infer body (JSON, or the binary tensor extension) -> the request, its JSON header, images."""
+    try:
+        parsed = oip.parse_body(body, headers.get("content-type"), headers.get(oip.HEADER_LENGTH))
+    except oip.BadBody as error:
+        raise ApiError(error.status, error.message) from None
+    try:
+        request = InferenceRequest.model_validate(parsed.header)
+    except ValidationError as error:
+        raise ApiError(400, *describe(error.errors())) from None
+    return request, parsed.header, v2_tensor(request, parsed.binary)
 
 
 # ---------------------------------------------------------------- responses
@@ -131,17 +171,19 @@ def v2_output_names(request: InferenceRequest) -> list[str]:
     return names
 
 
-def v2_outputs(names: list[str], probs: np.ndarray) -> list[dict]:
+def v2_outputs(names: list[str], probs: np.ndarray) -> list[tuple[dict, np.ndarray]]:
+    """(output object without its data, the tensor) per requested output, in request order."""
     available = {
-        "probabilities": {"name": "probabilities", "shape": list(probs.shape), "datatype": "FP32",
-                          "data": probs.ravel().tolist()},
-        "digit": {"name": "digit", "shape": [len(probs)], "datatype": "INT64",
-                  "data": probs.argmax(axis=1).tolist()},
+        "probabilities": ({"name": "probabilities", "shape": list(probs.shape), "datatype": "FP32"},
+                          probs.astype(np.float32)),
+        "digit": ({"name": "digit", "shape": [len(probs)], "datatype": "INT64"}, probs.argmax(axis=1)),
     }
     return [available[name] for name in names]
 
 
 def v2_metadata(version: str | None) -> dict:
+    """`versions`: the one version that can be asked for by name (/v2/models/mnist/versions/<v>),
+    the one loaded now. Inputs: FP32 0..1 here; UINT8 0..255 is taken too."""
     return {"name": MODEL_NAME, "versions": [version] if version else [], "platform": "pytorch",
             "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
             "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
@@ -187,7 +229,7 @@ def error_response(status: int, message: str, detail=None, headers: dict | None 
 def add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
-        return error_response(error.status, error.message, headers=error.headers)
+        return error_response(error.status, error.message, error.detail, headers=error.headers)
 
     @api.exception_handler(NoModel)
     async def no_model(request: Request, error: NoModel):
@@ -275,7 +317,7 @@ def add_v2_routes(api: FastAPI, backend: Backend) -> None:
 
     @api.get("/v2", tags=["v2"], summary="Server metadata")
     async def server_metadata():
-        return {"name": "mnist-ray-serve", "version": "1.0", "extensions": []}
+        return {"name": "mnist-ray-serve", "version": "1.0", "extensions": oip.EXTENSIONS}
 
     @api.get("/v2/health/live", tags=["v2"])
     async def live():
@@ -286,23 +328,46 @@ def add_v2_routes(api: FastAPI, backend: Backend) -> None:
         status = await backend.status()
         return JSONResponse({"ready": status["ready"]}, status_code=200 if status["ready"] else 400)
 
+    def loaded(version: str | None, model_version: str | None) -> None:
+        """A version asked for by name must be the one loaded (the `versions` of the metadata)."""
+        if model_version is not None and model_version != version:
+            raise ApiError(404, f"version '{model_version}' of '{MODEL_NAME}' is not loaded (serving {version})")
+
     @api.get("/v2/models/{model_name}", tags=["v2"], summary="Model metadata")
-    async def model_metadata(model_name: str):
+    @api.get("/v2/models/{model_name}/versions/{model_version}", tags=["v2"], include_in_schema=False)
+    async def model_metadata(model_name: str, model_version: str | None = None):
         known(model_name)
-        return v2_metadata((await backend.status())["model_version"])
+        version = (await backend.status())["model_version"]
+        loaded(version, model_version)
+        return v2_metadata(version)
 
     @api.get("/v2/models/{model_name}/ready", tags=["v2"])
-    async def model_ready(model_name: str):
+    @api.get("/v2/models/{model_name}/versions/{model_version}/ready", tags=["v2"], include_in_schema=False)
+    async def model_ready(model_name: str, model_version: str | None = None):
         known(model_name)
         status = await backend.status()
+        loaded(status["model_version"], model_version)
         return JSONResponse({"name": MODEL_NAME, "ready": status["ready"]},
                             status_code=200 if status["ready"] else 400)
 
     @api.post("/v2/models/{model_name}/infer", tags=["v2"], response_model=InferenceResponse,
-              responses=ERRORS, summary="Inference on an FP32 tensor [N, 1, 28, 28] or [N, 784], values 0..1")
-    async def v2_infer(model_name: str, body: InferenceRequest):
+              responses=ERRORS, openapi_extra=oip.openapi_body(InferenceRequest),
+              summary="Inference on a tensor [N, 1, 28, 28] or [N, 784]: FP32 0..1 or UINT8 0..255, "
+                      "as JSON or binary (the binary tensor data extension)")
+    @api.post("/v2/models/{model_name}/versions/{model_version}/infer", tags=["v2"], include_in_schema=False)
+    async def v2_infer(model_name: str, request: Request, model_version: str | None = None):
         known(model_name)
-        images, names = v2_tensor(body), v2_output_names(body)
+        body = await request.body()
+        if len(body) > V2_INLINE_BYTES:  # parsing a large batch would hold up the event loop
+            parsed, header, images = await run_in_threadpool(v2_decode, body, request.headers)
+        else:
+            parsed, header, images = v2_decode(body, request.headers)
+        names = v2_output_names(parsed)
         probs, version = await backend.infer(images)
-        return JSONResponse({"model_name": MODEL_NAME, "model_version": version, "id": body.id,
-                             "outputs": v2_outputs(names, probs)})
+        loaded(version, model_version)
+        outputs = v2_outputs(names, probs)
+        content, headers = oip.encode_response(
+            {"model_name": MODEL_NAME, "model_version": version, "id": parsed.id,
+             "outputs": [output for output, _ in outputs]},
+            [tensor for _, tensor in outputs], oip.binary_outputs_wanted(header, names))
+        return Response(content, headers=headers)

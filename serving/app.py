@@ -108,10 +108,10 @@ class HandleBackend:
                 return _result(await self.handle.infer.remote(images))
             except RayActorError as error:  # the replica died mid-request: another one takes it
                 if attempt == RETRIES:
-                    raise ApiError(503, "no model replica could answer; try again", RETRY_AFTER) from error
+                    raise ApiError(503, "no model replica could answer; try again", headers=RETRY_AFTER) from error
                 log.warning("model replica lost (%s); sending the batch again", type(error).__name__)
             except BackPressureError:  # the model replicas' queues are full (max_queued_requests): shed
-                raise ApiError(503, "the service is overloaded; try again shortly", RETRY_AFTER) from None
+                raise ApiError(503, "the service is overloaded; try again shortly", headers=RETRY_AFTER) from None
 
     async def status(self) -> dict:
         return await self.handle.status.remote()

@@ -10,7 +10,7 @@ from PIL import Image
 
 from bench.drawings import encode, redraw, redrawn_set
 from serving.preprocess import MAX_PIXELS
-from serving.schemas import MAX_IMAGES
+from serving.schemas import MAX_IMAGES, MAX_TENSOR_IMAGES
 
 pytest_plugins = ["tests.serving_support"]
 pytestmark = pytest.mark.ray
@@ -210,8 +210,8 @@ BAD_REQUESTS = {
     "v2-nan": ("/v2/models/mnist/infer",
                b'{"inputs": [{"name": "i", "shape": [1, 784], "datatype": "FP32", "data": [NaN]}]}',
                "application/json", 400, "finite"),
-    "v2-too-large-batch": ("/v2/models/mnist/infer", {"inputs": [{**GOOD_V2, "shape": [MAX_IMAGES + 1, 784]}]},
-                           "application/json", 400, f"1..{MAX_IMAGES}"),
+    "v2-too-large-batch": ("/v2/models/mnist/infer", {"inputs": [{**GOOD_V2, "shape": [MAX_TENSOR_IMAGES + 1, 784]}]},
+                           "application/json", 400, f"1..{MAX_TENSOR_IMAGES}"),
     "v2-no-inputs": ("/v2/models/mnist/infer", {"inputs": []}, "application/json", 400, "inputs"),
     "v2-unknown-output": ("/v2/models/mnist/infer", {"inputs": [GOOD_V2], "outputs": [{"name": "logits"}]},
                           "application/json", 400, "unknown outputs"),

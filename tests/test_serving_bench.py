@@ -19,3 +19,15 @@ def test_bench_serving_runs(serve_app, mnist_storage, tmp_path):
         assert [r["ok"] for r in report["results"][server].values()] == [20, 20]
     assert set(report["ratios"]) == {"1", "2"} and set(report["ratios"]["1"]) == {"serve"}
     assert (tmp_path / "serving.png").stat().st_size > 0 and "throughput / plain" in (tmp_path / "serving.md").read_text()
+
+
+def test_bench_serving_oip_runs(serve_app, mnist_storage, tmp_path):
+    """--oip: JSON and binary tensors side by side, added to an existing report (kept)."""
+    (tmp_path / "serving.json").write_text(json.dumps({"kept": True}))
+    bench_serving.main(["--oip", "--storage", str(serve_app.storage), "--mnist-storage", str(mnist_storage),
+                        "--serve-url", serve_app.url, "--oip-clients", "1", "--oip-requests", "4",
+                        "--oip-batch", "32", "--time-limit", "20", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "serving.json").read_text())
+    assert report["kept"] and [r["form"] for r in report["oip"]["rows"]] == list(bench_serving.OIP_FORMS)
+    assert all(r["ok"] == 4 and r["server_parse_ms"] > 0 for r in report["oip"]["rows"])
+    assert "binary UINT8" in (tmp_path / "serving.md").read_text()

@@ -109,6 +109,36 @@ def image_files(draw) -> bytes:
     return data
 
 
+binary_tensors = st.fixed_dictionaries(
+    {"name": st.just("input"),
+     "shape": st.sampled_from([[1, 784], [2, 1, 28, 28], [1, 28, 28], [0, 784], [300, 784]])
+     | st.lists(st.integers(-2, 3000), max_size=4),
+     "datatype": st.sampled_from(["FP32", "UINT8", "INT64", "FP16", "BOOL", "BYTES", "fp32"]) | st.text(max_size=4)
+     | values,
+     "parameters": st.fixed_dictionaries({"binary_data_size": st.sampled_from([784, 1568, 3136, 0, -1])
+                                          | st.integers(-10, 10_000) | values})},
+    optional={"data": values})
+
+
+@st.composite
+def binary_bodies(draw):
+    """The binary tensor extension: a JSON header, raw bytes, and a header length that is right,
+    off, past the body, or not a number."""
+    header = draw(st.fixed_dictionaries({"inputs": st.lists(binary_tensors, min_size=1, max_size=2)},
+                                        optional={"outputs": st.lists(st.fixed_dictionaries(
+                                            {"name": st.sampled_from(["digit", "probabilities", "x"]),
+                                             "parameters": st.fixed_dictionaries({"binary_data": values})}),
+                                            max_size=3),
+                                            "parameters": st.fixed_dictionaries({"binary_data_output": values})}))
+    encoded = draw(st.sampled_from([json.dumps(header).encode(), json.dumps(header).encode()[:-1], b"not json"]))
+    sizes = [t["parameters"]["binary_data_size"] for t in header["inputs"]]
+    exact = sum(s for s in sizes if type(s) is int and 0 <= s <= 10_000)
+    data = draw(st.sampled_from([bytes(exact), bytes(exact)[:-1], bytes(exact) + b"x"]) | st.binary(max_size=4000))
+    length = draw(st.sampled_from([str(len(encoded))] * 3 + [str(len(encoded) + len(data) + 1), "0", "-1", "x"])
+                  | st.integers(0, 6000).map(str))
+    return encoded + data, length
+
+
 @pytest.fixture(scope="module")
 def client(serve_app):
     with serve_app.client() as client:
@@ -132,6 +162,14 @@ def test_fuzz_predict(client, body):
 def test_fuzz_v2_infer(client, body, model):
     check(client.post(f"/v2/models/{model}/infer", content=json.dumps(body).encode(),
                       headers={"content-type": "application/json"}))
+
+
+@settings(FUZZ, max_examples=400)
+@given(case=binary_bodies(), content_type=st.sampled_from(["application/octet-stream", "", "application/json"]))
+def test_fuzz_v2_binary_bodies(client, case, content_type):
+    body, length = case
+    headers = {"inference-header-content-length": length, **({"content-type": content_type} if content_type else {})}
+    check(client.post("/v2/models/mnist/infer", content=body, headers=headers))
 
 
 @settings(FUZZ, max_examples=400)
