@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from training.storage import (PromotionError, models_dir, promote_version, promotion_lock, published_versions,
-                              publish_version, point_latest_locked, read_history, read_latest, resolve_storage,
+                              publish_version, point_latest_locked, read_history, resolve_storage, serving_version,
                               rollback_target, rollback_version, run_dir, version_metadata)
 
 POLICIES = ("auto", "always", "never")
@@ -90,7 +90,7 @@ def publish_run(storage: Path, version: str, state_dict: dict, metadata: dict, p
     goes into its metadata.json under "promotion". Under the promotion lock, so a concurrent
     `promote` cannot slip in between the decision and the move."""
     with promotion_lock(storage):
-        serving = read_latest(storage)
+        serving = serving_version(storage)
         before = serving_metadata(storage, serving)
         decision = decide(policy, metadata, serving, before)
         if decision.promote:
@@ -110,7 +110,7 @@ def publish_run(storage: Path, version: str, state_dict: dict, metadata: dict, p
 
 def version_rows(storage: Path, history: list[dict]) -> list[dict]:
     """Every version folder, oldest first, with what `list` shows; incomplete ones say why."""
-    serving = read_latest(storage)
+    serving = serving_version(storage)
     promoted = {entry["version"] for entry in history}
     previous = _previous(history, serving)
     rows = []
@@ -162,7 +162,7 @@ def prune(storage: Path, keep: int, dry_run: bool) -> dict:
     among them; both are protected again explicitly, in case the history was trimmed), nor a
     folder without metadata (not known to be a finished version). Dry run: report only."""
     with promotion_lock(storage):
-        serving = read_latest(storage)
+        serving = serving_version(storage)
         history = read_history(storage)  # malformed: PromotionError before anything is deleted
         protected = {entry["version"] for entry in history} | {serving, _previous(history, serving)}
         complete = [r for r in version_rows(storage, history) if not r["problem"]]
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
                 history = []
             rows = version_rows(storage, history)
             if args.json:
-                print(json.dumps({"storage": str(storage), "serving": read_latest(storage), "versions": rows}, indent=2))
+                print(json.dumps({"storage": str(storage), "serving": serving_version(storage), "versions": rows}, indent=2))
             else:
                 print(format_rows(rows) if rows else f"no versions published under {models_dir(storage)}")
         elif args.command == "promote":

@@ -124,6 +124,15 @@ def read_latest(storage: Path) -> str | None:
     return check_version_name(text) if text else None
 
 
+def serving_version(storage: Path) -> str | None:
+    """read_latest for promotion: a `latest` that names no plain version counts as nothing serving
+    (serving refuses it and keeps its model), so promoting a good version repairs it."""
+    try:
+        return read_latest(storage)
+    except BadVersionName:
+        return None
+
+
 def claim_run_dir(storage: Path, run_id: str) -> Path:
     """Create runs/<run_id>/ for this run alone: FileExistsError if it exists, so two jobs given
     the same --run-id cannot both write into it (mkdir is atomic, also on NFS)."""
@@ -265,7 +274,7 @@ def point_latest_locked(storage: Path, version: str, note: str) -> None:
     `latest` is renamed into place first: a crash before the history is written leaves the
     previous entry last, which is still where a rollback should go."""
     history = read_history(storage)
-    serving = read_latest(storage)
+    serving = serving_version(storage)
     if serving and _head(history) != serving and _complete(storage, serving):  # moved by hand or older code
         history.append({"version": serving, "at": _now(), "note": "found serving (moved outside this history)"})
     history.append({"version": version, "at": _now(), "note": note})
@@ -291,7 +300,7 @@ def promote_version(storage: Path, version: str, note: str = "promoted by hand")
     with promotion_lock(storage):
         version_metadata(storage, version)
         read_history(storage)  # a malformed history stops us before anything moves
-        before = read_latest(storage)
+        before = serving_version(storage)
         if before != version:
             point_latest_locked(storage, version, note)
     return before
@@ -315,7 +324,7 @@ def rollback_version(storage: Path) -> tuple[str | None, str]:
 
     The rolled-back entries are marked, so a second rollback goes one further back."""
     with promotion_lock(storage):
-        serving = read_latest(storage)
+        serving = serving_version(storage)
         target, kept = rollback_target(read_history(storage), serving)
         version_metadata(storage, target)
         # History first: a crash before `latest` moves leaves the target last, so rolling back again still goes there.
