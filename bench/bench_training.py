@@ -14,12 +14,16 @@
               published by then); also with --precision fp32, the baseline's arithmetic
 4. --sweeps   the Ray job over rounds (1, 2, 4, 8) and workers (1, 2, 3, 4) at 2 epochs
 --profile-job  only one job: when each step of it shows in its log (fixed costs)
+--repeats N   N pairs in turn (baseline, Net plain, the default job, the job --no-augment), reported as
+              medians of the per-pair ratios; the seed scheme and the fp32 job run once
 
 Writes bench/results/training.{json,md} and PNG plots, and prints the ratio job/baseline.
+
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -187,7 +191,8 @@ def write_report(results: dict, out: Path) -> None:
     base = results["baseline"]["seconds"]
     lines = ["| scheme | test accuracy | wall time (s) | time / baseline | until Ray marked the job done (s) |",
              "|---|---|---|---|---|"]
-    for run in [results["baseline"], results["net_plain"], results["seed"], results["job"], results["job_fp32"],
+    for run in [results["baseline"], results["net_plain"], results["seed"], results["job"],
+                *([results["job_no_augment"]] if "job_no_augment" in results else []), results["job_fp32"],
                 *results.get("sweeps", [])]:
         accuracy, job_end = run.get("test_accuracy"), run.get("job_end_seconds")
         lines.append(f"| {run['scheme']} | {'' if accuracy is None else f'{100 * accuracy:.2f}%'} "
@@ -195,9 +200,43 @@ def write_report(results: dict, out: Path) -> None:
     plain = results["net_plain"]["seconds"]
     lines.append(f"\nDefault job / Net plain: {results['job']['seconds'] / plain:.2f}x "
                  f"(fp32 job: {results['job_fp32']['seconds'] / plain:.2f}x)")
+    repeats = results.get("repeats", [])
+    if repeats:
+        lines.append(f"\n{len(repeats)} pairs, taken in turn (the rows above are pair 1); ratios per pair and their median:\n")
+        lines.append("| pair | baseline (s) | Net plain (s) | job (s) | job --no-augment (s) | job / baseline "
+                     "| job / Net plain | job / job --no-augment |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for i, pair in enumerate(repeats, 1):
+            lines.append(f"| {i} | {pair['baseline']['seconds']:.1f} | {pair['net_plain']['seconds']:.1f} "
+                         f"| {pair['job']['seconds']:.1f} | {pair['job_no_augment']['seconds']:.1f} | "
+                         + " | ".join(f"{r:.2f}x" for r in pair_ratios(pair).values()) + " |")
+        medians = median_ratios(repeats)
+        lines.append("| **median** | | | | | " + " | ".join(f"**{r:.2f}x**" for r in medians.values()) + " |")
+        accuracies = [100 * pair["job"]["test_accuracy"] for pair in repeats]
+        lines.append(f"\nDefault job test accuracy over the pairs: {min(accuracies):.2f}-{max(accuracies):.2f}%")
     lines.append(f"\nMachine: {results['machine']}")
     (out / "training.md").write_text("\n".join(lines) + "\n")
     plot(results, out)
+
+
+def pair_ratios(pair: dict) -> dict:
+    job = pair["job"]["seconds"]
+    return {"job / baseline": job / pair["baseline"]["seconds"], "job / Net plain": job / pair["net_plain"]["seconds"],
+            "job / job --no-augment": job / pair["job_no_augment"]["seconds"]}
+
+
+def median_ratios(repeats: list[dict]) -> dict:
+    ratios = [pair_ratios(pair) for pair in repeats]
+    return {key: statistics.median(r[key] for r in ratios) for key in ratios[0]}
+
+
+def run_pair(storage: Path, train, test, job_args: list[str]) -> dict:
+    """One pair, side by side: both baselines, then the default job with and without augmentation."""
+    pair = {"baseline": baseline(train, test), "net_plain": net_plain(train, test)}
+    torch.set_num_threads(os.cpu_count() or 1)
+    pair["job"] = ray_job(storage, *job_args)
+    pair["job_no_augment"] = ray_job(storage, *job_args, "--no-augment")
+    return pair
 
 
 def plot(results: dict, out: Path) -> None:
@@ -267,6 +306,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-job", action="store_true",
                         help="only submit one job (--job-args) and print when each step of it showed in its log")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default bench/results)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="pairs to take in turn; ratios are reported as medians over them (default 1)")
     args = parser.parse_args(argv)
     storage = resolve_storage(args.storage or args.out / "storage")
     fetch_mnist(storage, args.data_source)
@@ -286,11 +327,16 @@ def main(argv=None) -> int:
         return 0
     try:
         results = {"machine": machine()}
-        results["baseline"] = baseline(train, test)
-        results["net_plain"] = net_plain(train, test)
+        if args.repeats > 1:
+            results["repeats"] = [run_pair(storage, train, test, args.job_args.split()) for _ in range(args.repeats)]
+            results.update(results["repeats"][0])
+        else:
+            results["baseline"] = baseline(train, test)
+            results["net_plain"] = net_plain(train, test)
+            torch.set_num_threads(os.cpu_count() or 1)
+            results["job"] = ray_job(storage, *args.job_args.split())
         torch.set_num_threads(os.cpu_count() or 1)
         results["seed"] = seed_scheme(train, test)
-        results["job"] = ray_job(storage, *args.job_args.split())
         results["job_fp32"] = ray_job(storage, *args.job_args.split(), "--precision", "fp32")
         if args.sweeps:
             results["sweeps"] = sweeps(storage)
@@ -303,6 +349,8 @@ def main(argv=None) -> int:
         job = results[key]
         print(f"{job['scheme']}: job / baseline wall time {job['seconds'] / results['baseline']['seconds']:.2f}x, "
               f"/ Net plain {job['seconds'] / results['net_plain']['seconds']:.2f}x, accuracy {100 * job['test_accuracy']:.2f}%")
+    if results.get("repeats"):
+        print("medians over", len(results["repeats"]), "pairs:", {k: round(v, 2) for k, v in median_ratios(results["repeats"]).items()})
     return 0
 
 
