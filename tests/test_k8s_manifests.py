@@ -721,9 +721,17 @@ def test_the_create_script(tmp_path):
     assert "--enable-dataplane-v2" in create and "--location europe-west4-a" in create
     assert "--workload-pool proj.svc.id.goog --workload-metadata GKE_METADATA" in create
     assert "--addons" not in out  # would turn off every default add-on it does not list
-    assert "node-pools create ray" in out and "--num-nodes 3" in out
+    assert "node-pools create ray" in out and "--autoscaling-profile optimize-utilization" in create
     pool = next(line for line in out.splitlines() if "node-pools create" in line)
     assert "--workload-metadata GKE_METADATA" in pool
+    assert "--num-nodes 2 --disk-size 100 --enable-autoscaling --min-nodes 2 --max-nodes 4" in pool
+    resized = subprocess.run(["bash", str(script)], env={**env, "RAY_MIN_NODES": "1", "RAY_MAX_NODES": "6"},
+                             capture_output=True, text=True, check=True).stdout
+    assert "--num-nodes 1 --disk-size 100 --enable-autoscaling --min-nodes 1 --max-nodes 6" in resized
+    for low, high in (("5", "4"), ("x", "4"), ("0", "0")):
+        bad = subprocess.run(["bash", str(script)], env={**env, "RAY_MIN_NODES": low, "RAY_MAX_NODES": high},
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and "min <= max" in bad.stderr, (low, high)
     # one region for the cluster and the registry, so the image push lands where nodes pull
     assert "artifacts repositories create mnist --project proj --location europe-west4 " in out
     assert "--role roles/artifactregistry.reader" in out and "-compute@developer.gserviceaccount.com" in out
@@ -1069,3 +1077,50 @@ def test_the_training_worker_count_is_set_in_one_place(rendered):
     entrypoint = shlex.split(job["spec"]["entrypoint"])
     assert int(entrypoint[entrypoint.index("--workers") + 1]) == cluster["spec"]["workerGroupSpecs"][0]["replicas"]
     assert Options(worker_pods=5).train_workers == 5 and Options(worker_pods=5, workers=2).train_workers == 2
+
+
+# e2-standard-8, the script's Ray node: 7.91 CPUs allocatable after GKE's reservation, less about
+# 0.4 for GKE's own DaemonSets (Dataplane V2, logging, the metadata server; an estimate, not measured
+# here). The autoscaler sidecar's 0.5 CPU comes with the serving head (KubeRay injects it).
+NODE_CPUS_FOR_PODS = 7.5
+
+
+def pod_cpus(template: dict) -> float:
+    """A pod's CPU request as the scheduler counts it: its containers' sum, or its largest init container."""
+    def cpu(container):
+        text = str(container["resources"]["requests"]["cpu"])
+        return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    return max(sum(cpu(c) for c in template["spec"]["containers"]),
+               max((cpu(c) for c in template["spec"].get("initContainers", [])), default=0))
+
+
+def test_the_node_pool_holds_the_ray_pods_at_rest_and_at_the_ceiling():
+    """create-gke-cluster.sh's --min-nodes holds every Ray pod of the default manifests at rest,
+    and --max-nodes holds them with the serving group at maxReplicas plus a RayService upgrade's
+    second cluster (its head and minReplicas workers), packed whole into nodes."""
+    env = {**os.environ, "DRY_RUN": "1", "PROJECT": "proj", "REGION": "europe-west4"}
+    out = subprocess.run(["bash", str(ROOT / "k8s" / "create-gke-cluster.sh")], env=env, capture_output=True, text=True, check=True).stdout
+    pool = shlex.split(next(line for line in out.splitlines() if "node-pools create ray" in line)[2:])
+    flag = lambda name: pool[pool.index(name) + 1]
+    assert flag("--machine-type") == "e2-standard-8"
+    objects = kustomize("overlays/filestore")
+    fixed, serving_at = [], {}
+    for name, spec in ray_clusters(objects):
+        fixed.append(pod_cpus(head_pod_as_kuberay_builds_it(name, spec)))
+        (group,) = spec["workerGroupSpecs"]
+        worker = pod_cpus(group["template"])
+        if spec.get("enableInTreeAutoscaling"):
+            serving_head = fixed[-1]
+            serving_at = {level: [worker] * group[f"{level}Replicas"] for level in ("min", "max")}
+        else:
+            fixed += [worker] * group["replicas"]
+    assert serving_head == 2.5  # 2 CPUs and the sidecar's 0.5
+    at_rest = fixed + serving_at["min"]
+    at_ceiling = fixed + serving_at["max"] + [serving_head] + serving_at["min"]
+    assert manifests.pods_needed(at_rest, NODE_CPUS_FOR_PODS) <= int(flag("--min-nodes"))
+    assert manifests.pods_needed(at_ceiling, NODE_CPUS_FOR_PODS) <= int(flag("--max-nodes"))
+
+
+def test_ray_pods_are_not_evicted_by_the_cluster_autoscaler(objects):
+    for template in ray_pod_templates(objects):
+        assert template["metadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
