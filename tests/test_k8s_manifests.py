@@ -792,8 +792,13 @@ def test_the_guide_covers_the_steps_a_first_user_needs():
         assert needle in guide, needle
     assert "${REGION:-" not in guide and "ZONE%-*" not in guide  # one region, set once
     not_verified = guide.split("## Not verified here", 1)[1]
-    for needle in ("Token authentication", "digest", "NetworkPolicies", "Workload Identity", "Memorystore"):
+    for needle in ("Token authentication", "digest", "NetworkPolicies", "Workload Identity", "Memorystore",
+                   "Autoscaling end to end", "cluster autoscaler", "safe-to-evict"):
         assert needle in not_verified, needle
+    scaling = guide.split("### Scaling with load", 1)[1].split("\n### ", 1)[0]
+    for needle in ("enableInTreeAutoscaling: true", "maxReplicas: 4", "idleTimeoutSeconds", "Growing.", "Shrinking.",
+                   "--enable-autoscaling", "What it costs"):
+        assert needle in scaling, needle
 
 
 # ---------------------------------------------------------------- autoscaling (KubeRay v1.7.0)
