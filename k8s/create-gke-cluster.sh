@@ -4,10 +4,15 @@
 #
 #   export PROJECT=my-project REGION=us-central1      # once, for this script and docs/GKE.md
 #   ./k8s/create-gke-cluster.sh
-#   SHARED_STORAGE=filestore RAY_OPERATOR=addon RAY_NODES=4 ./k8s/create-gke-cluster.sh
+#   SHARED_STORAGE=filestore RAY_OPERATOR=addon RAY_MAX_NODES=6 ./k8s/create-gke-cluster.sh
 #
-# Node pools: "default" for system pods and the NFS server; "ray" for the Ray pods. The defaults
-# fit the default manifests: training head + 3 workers and serving head + 1 worker, 2 CPUs each.
+# Node pools: "default" for system pods and the NFS server; "ray" for the Ray pods, grown and
+# shrunk by GKE's cluster autoscaler between RAY_MIN_NODES and RAY_MAX_NODES (docs/GKE.md,
+# "Scaling with load"). An e2-standard-8 node holds three Ray pods (2 CPUs each, 2.5 for the
+# serving head with its autoscaler sidecar). The default manifests ask for 6 pods at rest
+# (training head + 3 workers, serving head + 1 worker: 2 nodes) and 9 at Serve's ceiling (serving
+# workers 1 -> 4: 3 nodes); the 4th node is room for a RayService upgrade, which starts a second
+# serving cluster beside the first.
 # Any failing command stops the script (set -e); nothing is silenced.
 set -euo pipefail
 
@@ -22,7 +27,12 @@ RELEASE_CHANNEL="${RELEASE_CHANNEL:-regular}"
 SYSTEM_MACHINE="${SYSTEM_MACHINE:-e2-standard-4}"
 SYSTEM_NODES="${SYSTEM_NODES:-1}"
 RAY_MACHINE="${RAY_MACHINE:-e2-standard-8}"
-RAY_NODES="${RAY_NODES:-3}"
+RAY_MIN_NODES="${RAY_MIN_NODES:-2}"     # the floor: what an idle service pays for
+RAY_MAX_NODES="${RAY_MAX_NODES:-4}"     # the cap on the bill, whatever the autoscalers ask
+if ! [[ "$RAY_MIN_NODES" =~ ^[0-9]+$ && "$RAY_MAX_NODES" =~ ^[1-9][0-9]*$ ]] || (( RAY_MIN_NODES > RAY_MAX_NODES )); then
+  echo "RAY_MIN_NODES ($RAY_MIN_NODES) and RAY_MAX_NODES ($RAY_MAX_NODES) must be whole numbers, min <= max, max >= 1" >&2; exit 2
+fi
+AUTOSCALING_PROFILE="${AUTOSCALING_PROFILE:-optimize-utilization}"  # or balanced (GKE's default: slower scale-down)
 RAY_DISK_GB="${RAY_DISK_GB:-100}"        # the project image is several GB
 SHARED_STORAGE="${SHARED_STORAGE:-nfs}"  # nfs | filestore (enables the Filestore CSI driver)
 RAY_OPERATOR="${RAY_OPERATOR:-helm}"     # helm (KubeRay v1.7.0, docs/GKE.md) | addon (GKE-managed)
@@ -55,16 +65,23 @@ run gcloud container clusters create "$CLUSTER" \
   --project "$PROJECT" --location "$ZONE" --release-channel "$RELEASE_CHANNEL" \
   --machine-type "$SYSTEM_MACHINE" --num-nodes "$SYSTEM_NODES" \
   --enable-dataplane-v2 --enable-shielded-nodes --shielded-secure-boot \
-  --workload-pool "$PROJECT.svc.id.goog" --workload-metadata GKE_METADATA
+  --workload-pool "$PROJECT.svc.id.goog" --workload-metadata GKE_METADATA \
+  --autoscaling-profile "$AUTOSCALING_PROFILE"
 
 for addon in "${extra_addons[@]}"; do
   run gcloud container clusters update "$CLUSTER" --project "$PROJECT" --location "$ZONE" \
     --update-addons "$addon"
 done
 
+# The cluster autoscaler adds a node when a Ray pod stays Pending for lack of one (KubeRay's
+# autoscaler asked for it), and removes a node that Ray's autoscaler has emptied. The Ray pods
+# carry cluster-autoscaler.kubernetes.io/safe-to-evict: "false", so GKE never evicts one to pack
+# nodes tighter: which pods come and go is Ray's decision. The cluster is zonal, so the per-zone
+# --min-nodes/--max-nodes are the pool's totals.
 run gcloud container node-pools create ray \
   --project "$PROJECT" --cluster "$CLUSTER" --location "$ZONE" \
-  --machine-type "$RAY_MACHINE" --num-nodes "$RAY_NODES" --disk-size "$RAY_DISK_GB" \
+  --machine-type "$RAY_MACHINE" --num-nodes "$RAY_MIN_NODES" --disk-size "$RAY_DISK_GB" \
+  --enable-autoscaling --min-nodes "$RAY_MIN_NODES" --max-nodes "$RAY_MAX_NODES" \
   --shielded-secure-boot --workload-metadata GKE_METADATA
 
 # The image registry, in the same region; created only if absent (any other error stops here).

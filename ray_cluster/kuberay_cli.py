@@ -66,13 +66,16 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     add("--image", default=os.environ.get("MNIST_IMAGE"),
         help=f"project image pushed to a registry, tag {manifests.image_tag_prefix()}[-...] "
              "(default $MNIST_IMAGE)")
-    add("--worker-pods", type=int, default=d.worker_pods, help=f"RayCluster worker pods (default {d.worker_pods})")
+    add("--worker-pods", type=int, default=d.worker_pods,
+        help=f"RayCluster worker pods, one Train worker each unless --workers says otherwise (default {d.worker_pods})")
     add("--worker-cpus", type=int, default=d.worker_cpus, help=f"CPUs per worker pod (default {d.worker_cpus})")
     add("--worker-memory", default=d.worker_memory, help=f"memory per worker pod (default {d.worker_memory})")
     add("--head-cpus", type=int, default=d.head_cpus, help=f"default {d.head_cpus}")
     add("--head-memory", default=d.head_memory, help=f"default {d.head_memory}")
-    add("--serve-worker-pods", type=int, default=d.serve_worker_pods,
-        help=f"worker pods of the RayService's cluster (default {d.serve_worker_pods})")
+    add("--serve-min-pods", type=int, default=d.serve_min_pods,
+        help=f"the fewest worker pods of the RayService's cluster, kept when idle (default {d.serve_min_pods})")
+    add("--serve-max-pods", type=int, default=d.serve_max_pods,
+        help=f"the most worker pods KubeRay's autoscaler adds for Serve's replicas (default {d.serve_max_pods})")
     add("--shared-storage", default=d.shared_storage, help="nfs (an NFS server on a GKE disk, default) or filestore")
     add("--storage-size", help="default 10Gi for nfs, 1Ti (the minimum) for filestore")
     add("--nfs-server", help="NFS server address for the volume (default: `up` reads the NFS Service's IP; "
@@ -82,7 +85,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     add("--lb-source-range", dest="lb_source_ranges", action="append",
         help="a CIDR range allowed to reach the LoadBalancer (repeatable; default 0.0.0.0/0, everyone)")
     add("--internal-lb", action="store_true", help="a VPC-internal LoadBalancer instead of a public address")
-    add("--workers", type=int, default=d.workers, help=f"Ray Train workers (default {d.workers})")
+    add("--workers", type=int, help="Ray Train workers (default: one per worker pod; `train`: per pod of the live RayCluster)")
     add("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     add("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     add("--rounds", type=int, help="averaging rounds (default: train.py's)")
@@ -206,6 +209,8 @@ def train(args, o: manifests.Options) -> int:
     except kuberay.NotFound:
         raise kuberay.NotFound(f"RayCluster {o.namespace}/{o.name} not found: run "
                                "`python -m ray_cluster kuberay up` first") from None
+    if o.workers is None:  # the live cluster's size is the count, whatever options made it
+        o = dataclasses.replace(o, workers=manifests.worker_pods(live))
     slots = manifests.worker_slots(live)
     if o.workers > slots:
         raise manifests.InvalidOptions([f"--workers {o.workers} is more than RayCluster {o.name} holds "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import re
 import shlex
 import tomllib
@@ -80,16 +81,17 @@ class Options:
     name: str = "mnist"                # RayCluster name; the RayService is <name>-serve
     namespace: str = "mnist"
     image: str | None = None           # default mnist-ray:<ray>-py311 (push it to a registry)
-    worker_pods: int = 3               # pods in the RayCluster's worker group
+    worker_pods: int = 3               # pods in the RayCluster's worker group: the one training count
     worker_cpus: int = 2               # CPUs per worker pod (requests = limits)
     worker_memory: str = "4Gi"
     head_cpus: int = 2
     head_memory: str = "4Gi"
-    serve_worker_pods: int = 1         # worker pods of the RayService's own Ray cluster
+    serve_min_pods: int = 1            # the RayService's worker pods, which KubeRay's autoscaler
+    serve_max_pods: int = 4            # keeps between these two (minReplicas, maxReplicas)
     shared_storage: str = "nfs"        # nfs | filestore
     storage_size: str | None = None    # default 10Gi (nfs disk) or 1Ti (Filestore's minimum)
     nfs_server: str | None = None      # the NFS Service's ClusterIP (nfs volume); `up` reads it
-    workers: int = 3                   # Ray Train workers of the RayJob (train.py --workers)
+    workers: int | None = None         # Ray Train workers of the RayJob; default one per worker pod
     epochs: int = 2
     batch_size: int = 100
     rounds: int | None = None
@@ -100,6 +102,12 @@ class Options:
     lb_source_ranges: tuple[str, ...] = ("0.0.0.0/0",)  # who may reach the LoadBalancer's port 8000
     internal_lb: bool = False          # a VPC-internal LoadBalancer instead of a public address
     node_range: str = "10.128.0.0/9"   # the nodes' addresses, admitted to the NFS server (they mount it)
+
+    @property
+    def train_workers(self) -> int:
+        """train.py --workers: one per worker pod unless set (train.py then gives each worker its
+        pod's CPUs and spreads them, one per pod), so the cluster's size is the one number to set."""
+        return self.workers if self.workers is not None else self.worker_pods
 
     @property
     def image_ref(self) -> str:
@@ -171,15 +179,17 @@ def problems(o: Options) -> list[str]:
         found.append(f"--namespace {o.namespace!r} must be lowercase letters, digits and '-', "
                      "at most 59 characters (the NFS server uses <namespace>-nfs)")
     for flag, value in (("--worker-pods", o.worker_pods), ("--worker-cpus", o.worker_cpus),
-                        ("--head-cpus", o.head_cpus), ("--serve-worker-pods", o.serve_worker_pods),
-                        ("--workers", o.workers), ("--epochs", o.epochs), ("--batch-size", o.batch_size)):
-        if value < 1:
+                        ("--head-cpus", o.head_cpus), ("--serve-min-pods", o.serve_min_pods),
+                        ("--workers", o.train_workers), ("--epochs", o.epochs), ("--batch-size", o.batch_size)):
+        if value < 1:  # a Serve floor of 0 pods would leave its replicas nowhere to run (the head has 0 CPUs)
             found.append(f"{flag} must be at least 1 (got {value})")
+    if o.serve_max_pods < o.serve_min_pods:  # KubeRay refuses minReplicas > maxReplicas
+        found.append(f"--serve-max-pods {o.serve_max_pods} is below --serve-min-pods {o.serve_min_pods}")
     if o.rounds is not None and o.rounds < 1:
         found.append(f"--rounds must be at least 1 (got {o.rounds})")
     slots = o.worker_pods * o.worker_cpus
-    if o.worker_pods >= 1 and o.worker_cpus >= 1 and o.workers > slots:
-        found.append(f"--workers {o.workers} is more than the worker group holds: {o.worker_pods} pods x "
+    if o.worker_pods >= 1 and o.worker_cpus >= 1 and o.train_workers > slots:
+        found.append(f"--workers {o.train_workers} is more than the worker group holds: {o.worker_pods} pods x "
                      f"{o.worker_cpus} CPUs = {slots} Train workers at most (raise --worker-pods or --worker-cpus)")
     for flag, value in (("--worker-memory", o.worker_memory), ("--head-memory", o.head_memory)):
         if not quantity_bytes(value):
@@ -355,17 +365,19 @@ def _ray_env(o: Options) -> list[dict]:
 
 
 def _raycluster(o: Options) -> list[dict]:
+    """The training cluster: a fixed worker group (a Train run asks for all its workers at once)."""
     cluster = _one(_objects("base/raycluster.yaml"), "RayCluster")
     _place(cluster, o.name, o.namespace)
-    _cluster_spec(cluster["spec"], o, instance=o.name, worker_pods=o.worker_pods)
+    _cluster_spec(cluster["spec"], o, instance=o.name, min_pods=o.worker_pods, max_pods=o.worker_pods)
     return [cluster]
 
 
-def _cluster_spec(spec: dict, o: Options, instance: str, worker_pods: int) -> None:
+def _cluster_spec(spec: dict, o: Options, instance: str, min_pods: int, max_pods: int) -> None:
     spec["rayVersion"] = pinned_ray_version()
     _pod(spec["headGroupSpec"]["template"], o, instance, o.head_cpus, o.head_memory)
     (group,) = spec["workerGroupSpecs"]
-    group.update(replicas=worker_pods, minReplicas=worker_pods, maxReplicas=worker_pods)
+    # replicas starts at the floor; with the autoscaler on, the autoscaler moves it within the bounds.
+    group.update(replicas=min_pods, minReplicas=min_pods, maxReplicas=max_pods)
     _pod(group["template"], o, instance, o.worker_cpus, o.worker_memory)
 
 
@@ -390,7 +402,7 @@ def _guaranteed(cpu: str, memory: str) -> dict:
 
 def train_command(o: Options, script: str = f"{APP_DIR}/training/train.py") -> list[str]:
     """The training command line (the RayJob's entrypoint; the CLI prints it for `ray job submit`)."""
-    command = ["python", script, "--workers", str(o.workers), "--epochs", str(o.epochs),
+    command = ["python", script, "--workers", str(o.train_workers), "--epochs", str(o.epochs),
                "--batch-size", str(o.batch_size), "--storage", MOUNT_PATH]
     if o.rounds is not None:
         command += ["--rounds", str(o.rounds)]
@@ -413,7 +425,11 @@ def _rayservice(o: Options) -> list[dict]:
     service = _one(_objects("base/rayservice.yaml"), "RayService")
     _place(service, o.service_name, o.namespace)
     service["spec"]["serveConfigV2"] = serve_config_v2(o.serve_config)
-    _cluster_spec(service["spec"]["rayClusterConfig"], o, instance=o.service_name, worker_pods=o.serve_worker_pods)
+    _cluster_spec(service["spec"]["rayClusterConfig"], o, instance=o.service_name,
+                  min_pods=o.serve_min_pods, max_pods=o.serve_max_pods)
+    found = serve_fit_problems(yaml.safe_load(service["spec"]["serveConfigV2"]), o, o.serve_config)
+    if found:
+        raise InvalidOptions(found)
     exposed = service["spec"]["serveService"]
     exposed["spec"]["loadBalancerSourceRanges"] = list(o.lb_source_ranges)
     if o.internal_lb:
@@ -467,6 +483,64 @@ def _cluster_app_problems(app: dict, path: Path) -> list[str]:
     return found
 
 
+# ---------------------------------------------------------------- Serve demand against the pods
+
+def serve_replica_cpus(config: dict) -> dict[str, list[float]]:
+    """The CPUs each Serve replica asks for, at every deployment's floor ("min") and ceiling
+    ("max"): min_replicas / max_replicas with autoscaling_config, num_replicas without. Only what
+    the config states is known here: a deployment that names no num_cpus is counted at 1 CPU
+    (Serve's default; its decorator may ask for less), so the estimate errs on the large side."""
+    demand = {"min": [], "max": []}
+    for app in config.get("applications") or []:
+        for deployment in app.get("deployments") or []:
+            cpus = float(((deployment.get("ray_actor_options") or {}).get("num_cpus", 1)))
+            scaling = deployment.get("autoscaling_config")
+            if scaling is None and deployment.get("num_replicas") == "auto":
+                scaling = {"min_replicas": 1, "max_replicas": 100}  # Serve's "auto" defaults
+            if scaling is not None:
+                low, high = int(scaling.get("min_replicas", 1)), int(scaling.get("max_replicas", 1))
+            else:
+                low = high = int(deployment.get("num_replicas", 1))
+            demand["min"] += [cpus] * low
+            demand["max"] += [cpus] * high
+    return demand
+
+
+def pods_needed(replica_cpus: list[float], pod_cpus: float) -> float:
+    """Worker pods of pod_cpus CPUs that hold these replicas, packed first-fit by decreasing size
+    (each replica inside one pod, as Ray places an actor; 0-CPU replicas fit anywhere). math.inf
+    when a replica is larger than a pod."""
+    free: list[float] = []
+    for cpus in sorted((c for c in replica_cpus if c > 0), reverse=True):
+        if cpus > pod_cpus:
+            return math.inf
+        for index, left in enumerate(free):
+            if cpus <= left + 1e-9:
+                free[index] = left - cpus
+                break
+        else:
+            free.append(pod_cpus - cpus)
+    return len(free)
+
+
+def serve_fit_problems(config: dict, o: Options, path: Path) -> list[str]:
+    """The serving worker group must hold every replica at Serve's ceiling within maxReplicas pods
+    (else replicas stay pending while Serve thinks it scaled) and at its floor within minReplicas
+    (else the idle service needs a pod the autoscaler must first add). The head has 0 CPUs."""
+    demand, found = serve_replica_cpus(config), []
+    for level, pods, flag in (("max", o.serve_max_pods, "--serve-max-pods"), ("min", o.serve_min_pods, "--serve-min-pods")):
+        needed = pods_needed(demand[level], o.worker_cpus)
+        if needed == math.inf:
+            found.append(f"{path}: a replica asks for {max(demand[level]):g} CPUs, more than a worker pod has "
+                         f"({o.worker_cpus}, --worker-cpus)")
+            break
+        if needed > pods:
+            found.append(f"{path}: at {level}_replicas Serve asks for {sum(demand[level]):g} CPUs "
+                         f"({needed} worker pods of {o.worker_cpus} CPUs), but the serving worker group "
+                         f"holds {pods} ({flag}); raise {flag} or lower {level}_replicas / num_cpus")
+    return found
+
+
 def worker_slots(raycluster: dict) -> int:
     """Train workers a live RayCluster holds: worker pods x whole CPUs each, over its groups."""
     slots = 0
@@ -476,3 +550,8 @@ def worker_slots(raycluster: dict) -> int:
         cpus = int(cpu[:-1]) // 1000 if cpu.endswith("m") else int(float(cpu))
         slots += int(group.get("replicas", 0)) * cpus
     return slots
+
+
+def worker_pods(raycluster: dict) -> int:
+    """Worker pods a live RayCluster asks for (replicas over its groups): `train`'s default --workers."""
+    return sum(int(group.get("replicas", 0)) for group in raycluster.get("spec", {}).get("workerGroupSpecs", []))

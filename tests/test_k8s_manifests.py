@@ -8,6 +8,7 @@ reliability issue are checked on the rendered YAML.
 """
 import copy
 import functools
+import math
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ NFS_IP = "10.8.0.12"
 PARAMETER_SETS = {
     "defaults": dict(nfs_server=NFS_IP),
     "big": dict(worker_pods=8, worker_cpus=4, worker_memory="16Gi", head_cpus=4, head_memory="8Gi",
-                workers=32, epochs=5, batch_size=64, rounds=5, run_id="run-42", serve_worker_pods=2,
+                workers=32, epochs=5, batch_size=64, rounds=5, run_id="run-42", serve_min_pods=2, serve_max_pods=6,
                 storage_size="100Gi", image=f"{PUSHED}:2.60.0-py311-abc123", nfs_server=NFS_IP,
                 lb_source_ranges=("203.0.113.0/24", "2001:db8::/32"), internal_lb=True, node_range="10.0.0.0/16"),
     "filestore": dict(shared_storage="filestore", name="digits", namespace="ml-team", worker_pods=1,
@@ -295,7 +296,9 @@ def test_the_rayjob_fits_its_cluster(objects):
     (group,) = cluster["spec"]["workerGroupSpecs"]
     cpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert 1 <= workers <= group["replicas"] * cpus == manifests.worker_slots(cluster)
+    # a Train run asks for all its workers at once: the training group does not autoscale
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"]
+    assert not cluster["spec"].get("enableInTreeAutoscaling") and "autoscalerOptions" not in cluster["spec"]
     assert "runtimeEnvYAML" not in job["spec"]  # dependencies are in the image
 
 
@@ -468,6 +471,11 @@ def test_the_serving_cluster_is_the_training_cluster_but_read_only(rendered):
     objects = rendered["defaults"]
     training = copy.deepcopy(one(objects, "RayCluster")["spec"])
     serving = copy.deepcopy(one(objects, "RayService")["spec"]["rayClusterConfig"])
+    # the autoscaler (test_the_serving_cluster_autoscales) and the token only its sidecar mounts
+    assert not {"enableInTreeAutoscaling", "autoscalerOptions"} & set(training)
+    serving.pop("enableInTreeAutoscaling"), serving.pop("autoscalerOptions")
+    volumes = serving["headGroupSpec"]["template"]["spec"]["volumes"]
+    volumes[:] = [v for v in volumes if v["name"] != "autoscaler-kube-api"]
     for spec in (training, serving):
         group = spec["workerGroupSpecs"][0]
         for key in ("replicas", "minReplicas", "maxReplicas"):
@@ -713,9 +721,17 @@ def test_the_create_script(tmp_path):
     assert "--enable-dataplane-v2" in create and "--location europe-west4-a" in create
     assert "--workload-pool proj.svc.id.goog --workload-metadata GKE_METADATA" in create
     assert "--addons" not in out  # would turn off every default add-on it does not list
-    assert "node-pools create ray" in out and "--num-nodes 3" in out
+    assert "node-pools create ray" in out and "--autoscaling-profile optimize-utilization" in create
     pool = next(line for line in out.splitlines() if "node-pools create" in line)
     assert "--workload-metadata GKE_METADATA" in pool
+    assert "--num-nodes 2 --disk-size 100 --enable-autoscaling --min-nodes 2 --max-nodes 4" in pool
+    resized = subprocess.run(["bash", str(script)], env={**env, "RAY_MIN_NODES": "1", "RAY_MAX_NODES": "6"},
+                             capture_output=True, text=True, check=True).stdout
+    assert "--num-nodes 1 --disk-size 100 --enable-autoscaling --min-nodes 1 --max-nodes 6" in resized
+    for low, high in (("5", "4"), ("x", "4"), ("0", "0")):
+        bad = subprocess.run(["bash", str(script)], env={**env, "RAY_MIN_NODES": low, "RAY_MAX_NODES": high},
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and "min <= max" in bad.stderr, (low, high)
     # one region for the cluster and the registry, so the image push lands where nodes pull
     assert "artifacts repositories create mnist --project proj --location europe-west4 " in out
     assert "--role roles/artifactregistry.reader" in out and "-compute@developer.gserviceaccount.com" in out
@@ -776,5 +792,340 @@ def test_the_guide_covers_the_steps_a_first_user_needs():
         assert needle in guide, needle
     assert "${REGION:-" not in guide and "ZONE%-*" not in guide  # one region, set once
     not_verified = guide.split("## Not verified here", 1)[1]
-    for needle in ("Token authentication", "digest", "NetworkPolicies", "Workload Identity", "Memorystore"):
+    for needle in ("Token authentication", "digest", "NetworkPolicies", "Workload Identity", "Memorystore",
+                   "Autoscaling end to end", "cluster autoscaler", "safe-to-evict"):
         assert needle in not_verified, needle
+    scaling = guide.split("### Scaling with load", 1)[1].split("\n### ", 1)[0]
+    for needle in ("enableInTreeAutoscaling: true", "maxReplicas: 4", "idleTimeoutSeconds", "Growing.", "Shrinking.",
+                   "--enable-autoscaling", "What it costs"):
+        assert needle in scaling, needle
+
+
+# ---------------------------------------------------------------- autoscaling (KubeRay v1.7.0)
+
+AUTOSCALER_V2_ENV = "RAY_enable_autoscaler_v2"
+TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def kuberay_rule_violations(spec: dict) -> list[str]:
+    """The rules of KubeRay v1.7.0's ValidateRayClusterSpec (ray-operator/controllers/ray/utils/
+    validation.go) that the worker groups and autoscaler options meet, plus the one its reconciler
+    applies silently (GetWorkerGroupDesiredReplicas clamps replicas into [min, max]: a value
+    outside would be rewritten, so we refuse it). The operator refuses a spec that breaks one."""
+    found = []
+    autoscaling = bool(spec.get("enableInTreeAutoscaling"))
+    options = spec.get("autoscalerOptions") or {}
+    head = spec["headGroupSpec"]["template"]["spec"]
+    head_env = {e["name"]: e.get("value") for e in head["containers"][0].get("env", [])}
+    v2 = options.get("version") == "v2"
+    for group in spec.get("workerGroupSpecs", []):
+        name, low, high = group["groupName"], group.get("minReplicas"), group.get("maxReplicas")
+        if not autoscaling and (low is None or high is None):
+            found.append(f"{name}: minReplicas and maxReplicas are required without the autoscaler")
+        if (low is not None and low < 0) or (high is not None and high < 0):
+            found.append(f"{name}: negative minReplicas or maxReplicas")
+        if low is not None and high is not None and low > high:
+            found.append(f"{name}: minReplicas {low} greater than maxReplicas {high}")
+        if not (low or 0) <= group.get("replicas", 0) <= (high if high is not None else float("inf")):
+            found.append(f"{name}: replicas {group.get('replicas')} outside [{low}, {high}]")
+        if autoscaling and group.get("suspend"):
+            found.append(f"{name}: cannot be suspended with the autoscaler")
+        if group.get("idleTimeoutSeconds") is not None and (group["idleTimeoutSeconds"] < 0 or not v2):
+            found.append(f"{name}: idleTimeoutSeconds needs autoscaler v2 and must be non-negative")
+        if group.get("priority") and not v2:
+            found.append(f"{name}: priority needs autoscaler v2")
+        if autoscaling and v2 and group["template"]["spec"].get("restartPolicy", "Never") != "Never":
+            found.append(f"{name}: restartPolicy must be Never or unset with autoscaler v2")
+    if autoscaling and options.get("version") and AUTOSCALER_V2_ENV in head_env:
+        found.append(f"both autoscalerOptions.version and {AUTOSCALER_V2_ENV} are set")
+    if autoscaling and v2 and head.get("restartPolicy", "Never") != "Never":
+        found.append("head restartPolicy must be Never or unset with autoscaler v2")
+    if not autoscaling and head_env.get(AUTOSCALER_V2_ENV) in ("1", "true"):
+        found.append(f"{AUTOSCALER_V2_ENV} set without enableInTreeAutoscaling")
+    if options.get("idleTimeoutSeconds", 0) < 0:
+        found.append("autoscalerOptions.idleTimeoutSeconds must be non-negative")
+    if "KUBERAY_GEN_AUTOSCALER_START_CMD" in {e["name"] for e in options.get("env", [])}:
+        found.append("autoscalerOptions.env must not set KUBERAY_GEN_AUTOSCALER_START_CMD")
+    return found
+
+
+def head_pod_as_kuberay_builds_it(cluster_name: str, spec: dict) -> dict:
+    """The head pod template after KubeRay v1.7.0 injects the autoscaler (common/pod.go:
+    BuildAutoscalerContainer, mergeAutoscalerOverrides, the ray-logs emptyDir, the service
+    account named like the cluster, restartPolicy Never and the env var for v2)."""
+    template = copy.deepcopy(spec["headGroupSpec"]["template"])
+    if not spec.get("enableInTreeAutoscaling"):
+        return template
+    options, pod = spec.get("autoscalerOptions") or {}, template["spec"]
+    sidecar = {
+        "name": "autoscaler", "image": options.get("image", pod["containers"][0]["image"]),
+        "imagePullPolicy": "IfNotPresent",
+        "env": [{"name": "RAY_CLUSTER_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['ray.io/cluster']"}}},
+                {"name": "RAY_CLUSTER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "KUBERAY_CRD_VER", "value": "v1"}] + options.get("env", []),
+        "command": ["/bin/bash", "-c", "--"],
+        "args": ["ray kuberay-autoscaler --cluster-name $(RAY_CLUSTER_NAME) --cluster-namespace $(RAY_CLUSTER_NAMESPACE)"],
+        "resources": options.get("resources", {"requests": {"cpu": "500m", "memory": "512Mi"},
+                                               "limits": {"cpu": "500m", "memory": "512Mi"}}),
+        "volumeMounts": options.get("volumeMounts", []) + [{"name": "ray-logs", "mountPath": "/tmp/ray"}],
+    }
+    if "securityContext" in options:
+        sidecar["securityContext"] = options["securityContext"]
+    pod["containers"].append(sidecar)
+    pod["containers"][0].setdefault("volumeMounts", []).append({"name": "ray-logs", "mountPath": "/tmp/ray"})
+    pod["volumes"].append({"name": "ray-logs", "emptyDir": {}})
+    pod["serviceAccountName"] = pod.get("serviceAccountName") or cluster_name
+    if options.get("version") == "v2":
+        pod["restartPolicy"] = "Never"
+        pod["containers"][0]["env"].append({"name": AUTOSCALER_V2_ENV, "value": "true"})
+    return template
+
+
+def ray_clusters(objects) -> list[tuple[str, dict]]:
+    return [(o["metadata"]["name"], s) for o in objects if o["kind"] != "RayJob" for s in ray_cluster_specs(o)]
+
+
+def assert_serving_autoscales(service: dict) -> None:
+    spec = service["spec"]["rayClusterConfig"]
+    assert spec["enableInTreeAutoscaling"] is True
+    options = spec["autoscalerOptions"]
+    assert options["version"] == "v2" and options["upscalingMode"] == "Default"
+    assert options["idleTimeoutSeconds"] == 300
+    assert options["resources"]["requests"] == options["resources"]["limits"]  # the head pod stays Guaranteed
+    context = options["securityContext"]
+    assert context["runAsNonRoot"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]} and context["seccompProfile"] == {"type": "RuntimeDefault"}
+    (group,) = spec["workerGroupSpecs"]
+    assert 1 <= group["minReplicas"] == group["replicas"] < group["maxReplicas"]
+    # Serve replicas go to the workers only: the head advertises no CPU to Ray
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    # The token: a projected service-account token, mounted into the autoscaler sidecar only
+    head = spec["headGroupSpec"]["template"]["spec"]
+    assert head["automountServiceAccountToken"] is False and "serviceAccountName" not in head  # KubeRay names it
+    (mount,) = options["volumeMounts"]
+    assert mount == {"name": "autoscaler-kube-api", "mountPath": TOKEN_DIR, "readOnly": True}
+    (volume,) = [v for v in head["volumes"] if v["name"] == mount["name"]]
+    sources = {key for source in volume["projected"]["sources"] for key in source}
+    assert sources == {"serviceAccountToken", "configMap", "downwardAPI"}
+    for container in containers(spec["headGroupSpec"]["template"]):
+        assert not [m for m in container.get("volumeMounts", []) if m["name"] == mount["name"]], container["name"]
+
+
+def test_the_serving_cluster_autoscales_and_training_does_not(objects):
+    assert_serving_autoscales(one(objects, "RayService"))
+
+
+@pytest.mark.parametrize("relative", ["overlays/filestore", "overlays/nfs"])
+def test_kustomize_output_carries_the_autoscaling_fields(relative):
+    objects = kustomize(relative)
+    assert_serving_autoscales(one(objects, "RayService"))
+    (group,) = one(objects, "RayCluster")["spec"]["workerGroupSpecs"]
+    assert not one(objects, "RayCluster")["spec"].get("enableInTreeAutoscaling")
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (3, 3, 3)
+    (serving,) = one(objects, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert (serving["replicas"], serving["minReplicas"], serving["maxReplicas"]) == (1, 1, 4)
+
+
+def test_every_ray_cluster_meets_kuberays_validation_rules(objects):
+    for name, spec in ray_clusters(objects):
+        assert kuberay_rule_violations(spec) == [], name
+
+
+KUBERAY_RULE_BREAKS = {
+    "min above max": (lambda s: s["workerGroupSpecs"][0].update(minReplicas=5), "greater than maxReplicas"),
+    "replicas above max": (lambda s: s["workerGroupSpecs"][0].update(replicas=9), "outside"),
+    "replicas below min": (lambda s: s["workerGroupSpecs"][0].update(replicas=0), "outside"),
+    "negative max": (lambda s: s["workerGroupSpecs"][0].update(maxReplicas=-1), "negative"),
+    "suspended group": (lambda s: s["workerGroupSpecs"][0].update(suspend=True), "suspended"),
+    "env and version": (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].append(
+        {"name": AUTOSCALER_V2_ENV, "value": "true"}), "both autoscalerOptions.version"),
+    "head restarts": (lambda s: s["headGroupSpec"]["template"]["spec"].update(restartPolicy="Always"), "head restartPolicy"),
+    "worker restarts": (lambda s: s["workerGroupSpecs"][0]["template"]["spec"].update(restartPolicy="OnFailure"), "cpu: restartPolicy"),
+    "group idle timeout on v1": (lambda s: (s["autoscalerOptions"].update(version="v1"),
+                                            s["workerGroupSpecs"][0].update(idleTimeoutSeconds=60)), "needs autoscaler v2"),
+    "negative idle timeout": (lambda s: s["autoscalerOptions"].update(idleTimeoutSeconds=-1), "non-negative"),
+    "generated command env": (lambda s: s["autoscalerOptions"]["env"].append(
+        {"name": "KUBERAY_GEN_AUTOSCALER_START_CMD", "value": "x"}), "KUBERAY_GEN_AUTOSCALER_START_CMD"),
+    "no bounds without autoscaler": (lambda s: (s.pop("enableInTreeAutoscaling"), s["workerGroupSpecs"][0].pop("maxReplicas")),
+                                     "required without the autoscaler"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KUBERAY_RULE_BREAKS))
+def test_the_kuberay_rules_catch_each_break(rendered, case):
+    """Each rule fails on a spec that breaks it, so a passing check means something."""
+    spec = copy.deepcopy(one(rendered["defaults"], "RayService")["spec"]["rayClusterConfig"])
+    assert kuberay_rule_violations(spec) == []
+    breaks, message = KUBERAY_RULE_BREAKS[case]
+    breaks(spec)
+    assert any(message in problem for problem in kuberay_rule_violations(spec)), kuberay_rule_violations(spec)
+
+
+def test_the_head_pod_kuberay_builds_passes_pod_security_and_the_schemas(objects):
+    """With the autoscaler sidecar injected, the head pod is still "restricted" (the namespace
+    enforces it on every container), Guaranteed, valid Kubernetes, and only the sidecar holds the
+    API token."""
+    for name, spec in ray_clusters(objects):
+        template = head_pod_as_kuberay_builds_it(name, spec)
+        assert_restricted(template, f"head of {name}")
+        k8s_validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
+                     K8S_VERSIONS[-1])
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        for container in containers(template):
+            assert container["resources"]["requests"] == container["resources"]["limits"], container["name"]
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes, (name, container["name"], mount["name"])  # else the pod never starts
+                holds_token = any("serviceAccountToken" in s for s in volumes[mount["name"]].get("projected", {}).get("sources", []))
+                assert holds_token == (container["name"] == "autoscaler" and mount["mountPath"] == TOKEN_DIR)
+        if spec.get("enableInTreeAutoscaling"):
+            assert [c["name"] for c in template["spec"]["containers"]] == ["ray-head", "autoscaler"]
+
+
+def test_the_autoscaler_reaches_the_api_server(objects):
+    """The sidecar calls the Kubernetes API (443): no NetworkPolicy may restrict the serving head's
+    egress without allowing it. Ours restrict ingress only."""
+    service = one(objects, "RayService")
+    labels = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    for policy in [o for o in objects if o["kind"] == "NetworkPolicy"]:
+        if policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items():
+            assert "Egress" not in policy["spec"]["policyTypes"], policy["metadata"]["name"]
+
+
+# ---------------------------------------------------------------- Serve's demand fits the pods
+
+def serve_cpus_at(config: dict, level: str) -> float:
+    """The CPUs Serve's replicas ask for when every deployment is at min_replicas or max_replicas
+    (num_replicas when not autoscaled): the sum of replicas x ray_actor_options.num_cpus."""
+    total = 0.0
+    for app in config["applications"]:
+        for deployment in app.get("deployments", []):
+            cpus = float((deployment.get("ray_actor_options") or {}).get("num_cpus", 1))
+            scaling = deployment.get("autoscaling_config")
+            replicas = scaling.get(f"{level}_replicas", 1) if scaling else deployment.get("num_replicas", 1)
+            total += int(replicas) * cpus
+    return total
+
+
+@pytest.mark.parametrize("source", ["renderer", "overlays/filestore", "overlays/nfs"])
+def test_the_serving_worker_group_holds_serves_replicas(source):
+    """serving/serve_config.yaml, as the RayService runs it: at max_replicas every replica fits in
+    maxReplicas worker pods, and at min_replicas in minReplicas pods (the head has no CPUs for them)."""
+    if not manifests.SERVE_CONFIG.is_file():
+        missing(f"{manifests.SERVE_CONFIG} does not exist yet")
+    objects = manifests.render(Options(), ["service"]) if source == "renderer" else kustomize(source)
+    spec = one(objects, "RayService")["spec"]
+    config = yaml.safe_load(spec["serveConfigV2"])
+    (group,) = spec["rayClusterConfig"]["workerGroupSpecs"]
+    pod_cpus = float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert spec["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    for level, pods in (("max", group["maxReplicas"]), ("min", group["minReplicas"])):
+        assert serve_cpus_at(config, level) <= pods * pod_cpus, (level, serve_cpus_at(config, level), pods, pod_cpus)
+        # and packed as Ray places actors: each replica inside one pod
+        assert manifests.pods_needed(manifests.serve_replica_cpus(config)[level], pod_cpus) <= pods, level
+
+
+GKE_SIZED_SERVE_CONFIG = """\
+applications:
+  - name: mnist
+    import_path: serving.app:build_app
+    deployments:
+      - name: MnistApi
+        autoscaling_config: {min_replicas: 2, max_replicas: 8}
+        ray_actor_options: {num_cpus: 0.5}
+      - name: MnistModel
+        autoscaling_config: {min_replicas: 1, max_replicas: 4}
+        ray_actor_options: {num_cpus: 1}
+  - name: mnist-ui
+    route_prefix: /ui
+    import_path: serving.app:build_ui
+    deployments:
+      - {name: MnistUI, num_replicas: 1, ray_actor_options: {num_cpus: 0}}
+"""
+
+
+def test_the_renderer_refuses_a_serve_config_the_pods_cannot_hold(tmp_path):
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(GKE_SIZED_SERVE_CONFIG)  # 2 x 0.5 + 1 x 1 = 2 CPUs at the floor, 8 at the ceiling
+    (service,) = manifests.render(Options(serve_config=path), ["service"])  # 1 to 4 pods of 2 CPUs: fits
+    assert serve_cpus_at(yaml.safe_load(service["spec"]["serveConfigV2"]), "max") == 8
+    with pytest.raises(InvalidOptions, match=r"at max_replicas Serve asks for 8 CPUs \(4 worker pods of 2 CPUs\).*holds 3 \(--serve-max-pods\)"):
+        manifests.render(Options(serve_config=path, serve_max_pods=3), ["service"])
+    with pytest.raises(InvalidOptions, match=r"at min_replicas Serve asks for 2 CPUs.*holds 1 \(--serve-min-pods\)"):
+        manifests.render(Options(serve_config=path, worker_cpus=1), ["service"])
+    path.write_text(GKE_SIZED_SERVE_CONFIG.replace("num_cpus: 1}", "num_cpus: 3}"))  # a replica larger than a pod
+    with pytest.raises(InvalidOptions, match=r"a replica asks for 3 CPUs, more than a worker pod has \(2, --worker-cpus\)"):
+        manifests.render(Options(serve_config=path, serve_max_pods=20), ["service"])
+
+
+def test_replicas_are_packed_whole_into_pods():
+    assert manifests.pods_needed([], 2) == 0
+    assert manifests.pods_needed([0, 0, 0], 2) == 0  # 0-CPU replicas fit anywhere
+    assert manifests.pods_needed([0.5] * 4, 2) == 1
+    assert manifests.pods_needed([1.5, 1.5], 2) == 2  # 3 CPUs, but no pod takes both
+    assert manifests.pods_needed([0.75] * 3, 2) == 2  # 2.25 CPUs: two per pod
+    assert manifests.pods_needed([3], 2) == math.inf
+    config = yaml.safe_load(GKE_SIZED_SERVE_CONFIG)
+    assert manifests.serve_replica_cpus(config) == {"min": [0.5, 0.5, 1.0, 0.0], "max": [0.5] * 8 + [1.0] * 4 + [0.0]}
+    auto = {"applications": [{"deployments": [{"name": "a", "num_replicas": "auto"}]}]}  # Serve's default: 1 CPU
+    assert len(manifests.serve_replica_cpus(auto)["max"]) == 100
+
+
+def test_the_training_worker_count_is_set_in_one_place(rendered):
+    """The worker group's size is the count: train.py --workers follows it (one worker per pod)
+    unless --workers is given; the committed RayJob says what the committed RayCluster holds."""
+    for name in ("defaults", "longest-names", "nfs-by-ip"):  # option sets that leave --workers unset
+        objects = rendered[name]
+        entrypoint = shlex.split(one(objects, "RayJob")["spec"]["entrypoint"])
+        (group,) = one(objects, "RayCluster")["spec"]["workerGroupSpecs"]
+        assert int(entrypoint[entrypoint.index("--workers") + 1]) == group["replicas"]
+    (job,), (cluster,) = kustomize("train"), [o for o in kustomize("overlays/filestore") if o["kind"] == "RayCluster"]
+    entrypoint = shlex.split(job["spec"]["entrypoint"])
+    assert int(entrypoint[entrypoint.index("--workers") + 1]) == cluster["spec"]["workerGroupSpecs"][0]["replicas"]
+    assert Options(worker_pods=5).train_workers == 5 and Options(worker_pods=5, workers=2).train_workers == 2
+
+
+# e2-standard-8, the script's Ray node: 7.91 CPUs allocatable after GKE's reservation, less about
+# 0.4 for GKE's own DaemonSets (Dataplane V2, logging, the metadata server; an estimate, not measured
+# here). The autoscaler sidecar's 0.5 CPU comes with the serving head (KubeRay injects it).
+NODE_CPUS_FOR_PODS = 7.5
+
+
+def pod_cpus(template: dict) -> float:
+    """A pod's CPU request as the scheduler counts it: its containers' sum, or its largest init container."""
+    def cpu(container):
+        text = str(container["resources"]["requests"]["cpu"])
+        return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    return max(sum(cpu(c) for c in template["spec"]["containers"]),
+               max((cpu(c) for c in template["spec"].get("initContainers", [])), default=0))
+
+
+def test_the_node_pool_holds_the_ray_pods_at_rest_and_at_the_ceiling():
+    """create-gke-cluster.sh's --min-nodes holds every Ray pod of the default manifests at rest,
+    and --max-nodes holds them with the serving group at maxReplicas plus a RayService upgrade's
+    second cluster (its head and minReplicas workers), packed whole into nodes."""
+    env = {**os.environ, "DRY_RUN": "1", "PROJECT": "proj", "REGION": "europe-west4"}
+    out = subprocess.run(["bash", str(ROOT / "k8s" / "create-gke-cluster.sh")], env=env, capture_output=True, text=True, check=True).stdout
+    pool = shlex.split(next(line for line in out.splitlines() if "node-pools create ray" in line)[2:])
+    flag = lambda name: pool[pool.index(name) + 1]
+    assert flag("--machine-type") == "e2-standard-8"
+    objects = kustomize("overlays/filestore")
+    fixed, serving_at = [], {}
+    for name, spec in ray_clusters(objects):
+        fixed.append(pod_cpus(head_pod_as_kuberay_builds_it(name, spec)))
+        (group,) = spec["workerGroupSpecs"]
+        worker = pod_cpus(group["template"])
+        if spec.get("enableInTreeAutoscaling"):
+            serving_head = fixed[-1]
+            serving_at = {level: [worker] * group[f"{level}Replicas"] for level in ("min", "max")}
+        else:
+            fixed += [worker] * group["replicas"]
+    assert serving_head == 2.5  # 2 CPUs and the sidecar's 0.5
+    at_rest = fixed + serving_at["min"]
+    at_ceiling = fixed + serving_at["max"] + [serving_head] + serving_at["min"]
+    assert manifests.pods_needed(at_rest, NODE_CPUS_FOR_PODS) <= int(flag("--min-nodes"))
+    assert manifests.pods_needed(at_ceiling, NODE_CPUS_FOR_PODS) <= int(flag("--max-nodes"))
+
+
+def test_ray_pods_are_not_evicted_by_the_cluster_autoscaler(objects):
+    for template in ray_pod_templates(objects):
+        assert template["metadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}

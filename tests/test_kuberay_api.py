@@ -439,6 +439,8 @@ def cli(api, tmp_path, monkeypatch):
 
 BAD_CLI_OPTIONS = [
     (["--workers", "0"], "--workers must be at least 1"),
+    (["--serve-min-pods", "0"], "--serve-min-pods must be at least 1"),
+    (["--serve-min-pods", "3", "--serve-max-pods", "2"], "--serve-max-pods 2 is below --serve-min-pods 3"),
     (["--worker-pods", "0"], "--worker-pods must be at least 1"),
     (["--workers", "7"], "more than the worker group holds"),
     (["--name", "n" * 54], "KubeRay allows at most 53"),
@@ -534,6 +536,16 @@ def test_cli_train_reports_a_failed_job(api, cli, capsys):
     assert "RayJob mnist/mnist-train failed: jobDeploymentStatus=Complete, jobStatus=FAILED (exit code 2)" in capsys.readouterr().err
 
 
+def test_cli_train_runs_one_worker_per_pod_of_the_live_cluster(api, cli, capsys):
+    """Without --workers the live RayCluster's size is the count: whatever options created it,
+    the job asks for one Train worker per worker pod it has now."""
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster(pods=5, cpus="2"))
+    api.script("rayjobs", "mnist-train", JOB_SUCCEEDED)
+    assert cli("train") == 0  # the options' --worker-pods is 3: the live cluster's 5 win
+    (post,) = api.sent("POST")
+    assert " --workers 5 " in post["body"]["spec"]["entrypoint"]
+
+
 def test_cli_train_checks_the_live_cluster_first(api, cli, capsys):
     assert cli("train") == 1
     assert "RayCluster mnist/mnist not found: run `python -m ray_cluster kuberay up` first" in capsys.readouterr().err
@@ -562,9 +574,11 @@ def test_cli_serve_creates_then_updates_and_prints_the_address(api, cli, capsys,
     (post,) = api.sent("POST")
     assert post["body"]["spec"]["serveConfigV2"] == serve_config.read_text()  # the file as it is
     assert f"Serving at http://{EXTERNAL_IP}:8000/" in capsys.readouterr().out
-    assert cli("serve", "--serve-worker-pods", "2") == 0
+    assert cli("serve", "--serve-min-pods", "2", "--serve-max-pods", "3") == 0
     (patch,) = api.sent("PATCH")
-    assert patch["body"]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2
+    (group,) = patch["body"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 3)
+    assert patch["body"]["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
 
 
 def test_cli_status_and_down(api, cli, capsys):
@@ -761,7 +775,7 @@ def test_serve_on_an_existing_service_waits_for_the_operator_to_see_the_patch(ap
     api.script("rayservices", "mnist-serve", {**SERVICE_READY, "observedGeneration": 1}, upgrading,
                {**SERVICE_READY, "observedGeneration": 2})
     api.reads.clear()
-    assert cli("serve", "--serve-worker-pods", "2") == 0
+    assert cli("serve", "--serve-min-pods", "2") == 0
     assert api.get(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices", "mnist-serve")["metadata"]["generation"] == 2
     assert api.reads[("rayservices", "mnist-serve")] == 3
     out = capsys.readouterr().out
