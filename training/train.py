@@ -3,6 +3,11 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python training/train.py --workers 3 --epochs 2 --batch-size 100
 
+This is the CLI and the driver: it checks the flags, the storage root and the cluster, fetches
+MNIST, claims runs/<run_id>/, starts the splitter task (the shards) and the run's aggregator
+actor, runs training/worker.py's train_func on --workers Ray Train workers, reads each round's
+metrics back from Ray Train's result, kills the aggregator, and publishes the last average.
+
 Rounds and epochs: each worker makes --epochs passes over its own shard in all. Those
 passes are cut into --rounds rounds of (nearly) equal numbers of steps; after every round
 the aggregator averages the workers' weights (FedAvg), evaluates the average on the test

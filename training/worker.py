@@ -115,14 +115,15 @@ class WorkerState:
                 self.model.load_state_dict(torch.load(Path(folder, CHECKPOINT_MODEL), weights_only=True)["state_dict"])
                 self.round = int(Path(folder, CHECKPOINT_ROUND).read_text()) + 1
             print(f"worker {self.rank}: resuming after round {self.round - 1} from {checkpoint.path}", flush=True)
-        own = [(self.round, worker_path), (self.round, partial_path), (self.round - 1, worker_path)]
-        for round_index, path_of in own[:3 if self.round else 2]:
-            path = path_of(storage, self.run_id, round_index, self.rank)
-            if path.exists():
-                self.restore(path, round_index)
-                return
+        newest_first = [(self.round, worker_path), (self.round, partial_path), (self.round - 1, worker_path)]
+        own = [(r, path_of(storage, self.run_id, r, self.rank)) for r, path_of in newest_first if r >= 0]
+        found = next(((r, path) for r, path in own if path.exists()), None)
+        if found:
+            self.restore(*found)
+        elif self.round:  # the optimizer and schedule must go on from where round r left them
+            raise RuntimeError(f"worker {self.rank} cannot resume after round {self.round - 1}: {own[-1][1]} is missing")
 
-    def restore(self, path: Path, round_index: int) -> None:
+    def restore(self, round_index: int, path: Path) -> None:
         saved = torch.load(path, weights_only=True)
         if (saved.get("run_id"), saved.get("round"), saved.get("rank")) != (self.run_id, round_index, self.rank):
             raise RuntimeError(f"{path} is not worker {self.rank}'s file of round {round_index} of run {self.run_id}")
