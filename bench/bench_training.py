@@ -71,7 +71,7 @@ def baseline(train, test) -> dict:
 
 def net_plain(train, test, epochs: int = 2, batch_size: int = 100, lr: float = 5e-3, threads: int = 2) -> dict:
     """This project's Net, one process, the job's optimiser, schedule and loss, best precision."""
-    from training.train import new_progress, train_step
+    from training.worker import new_progress, train_step
 
     images, labels = train
     torch.set_num_threads(threads)

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import yaml
 
+from training.storage import RUN_ID_RULE, STORAGE_ENV, is_run_id
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = ROOT / "k8s"
 PYPROJECT = ROOT / "pyproject.toml"
 SERVE_CONFIG = ROOT / "serving" / "serve_config.yaml"
 
 MOUNT_PATH = "/mnt/shared"     # the storage root in every pod ($MNIST_STORAGE, --storage)
-STORAGE_ENV = "MNIST_STORAGE"
 STORAGE_ARGS = ("storage", "storage_root", "storage_path")  # Serve app args that name the root
 APP_DIR = "/home/ray/mnist"    # WORKDIR of k8s/Dockerfile: the project inside the image
 PYTHON_TAG = "py311"
@@ -43,7 +44,6 @@ INTERNAL_LB_ANNOTATION = "networking.gke.io/load-balancer-type"
 
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,62}")  # as training/train.py accepts
 _QUANTITY = re.compile(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?")
 _UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
@@ -215,8 +215,8 @@ def problems(o: Options) -> list[str]:
                 found.append(f"{flag} {cidr!r} is not a CIDR range such as 203.0.113.0/24")
     if not o.lb_source_ranges:
         found.append("--lb-source-range: give at least one range (0.0.0.0/0 admits everyone)")
-    if o.run_id is not None and not _RUN_ID.fullmatch(o.run_id):
-        found.append(f"--run-id {o.run_id!r}: use 1-63 letters, digits, '-', '_' or '.' (not starting with '.')")
+    if o.run_id is not None and not is_run_id(o.run_id):
+        found.append(f"--run-id {o.run_id!r}: {RUN_ID_RULE}")
     return found
 
 

@@ -6,6 +6,7 @@ import sys
 import yaml
 
 from serving import deploy
+from training.storage import STORAGE_ENV
 
 
 def main(argv=None) -> int:
@@ -15,7 +16,7 @@ def main(argv=None) -> int:
     for name, text in [("deploy", "deploy the app on the local Ray cluster and print its URLs"),
                        ("config", "print the localised Serve config (for `serve deploy FILE`)")]:
         command = commands.add_parser(name, help=text)
-        command.add_argument("--storage", help="storage root (default $MNIST_STORAGE, else ./storage)")
+        command.add_argument("--storage", help=f"storage root (default ${STORAGE_ENV}, else ./storage)")
         command.add_argument("--name", help="API application name (default mnist; the page is <name>-ui)")
         command.add_argument("--route-prefix", help="API route prefix (default /; the page is <prefix>/ui)")
         command.add_argument("--model-replicas", type=int, help="fixed number of model replicas")
@@ -48,7 +49,7 @@ def run(args) -> int:
         return 0
     api, ui = deploy.app_pair(config)
     print(f"Deploying {api['name']!r} and {ui['name']!r} "
-          f"(storage {api['runtime_env']['env_vars']['MNIST_STORAGE']}) ...")
+          f"(storage {api['runtime_env']['env_vars'][STORAGE_ENV]}) ...")
     deploy.deploy(config)
     links = deploy.urls(api["route_prefix"])
     state = deploy.health(links["health"])

@@ -20,6 +20,7 @@ import yaml
 
 from ray_cluster.local import DASHBOARD_URL, HOST, SERVE_PORT
 from serving.model_store import storage_root
+from training.storage import STORAGE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = Path(__file__).resolve().parent / "serve_config.yaml"
@@ -50,7 +51,7 @@ def local_config(storage: str | None = None, name: str | None = None, route_pref
         env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
         env["PYTHONPATH"] = str(ROOT)  # the replicas import serving/ and training/ from this checkout
         env["MNIST_CODE_HASH"] = code_hash()  # Serve redeploys when the config changes, so edits count
-    api["runtime_env"]["env_vars"]["MNIST_STORAGE"] = str(storage_root(storage))
+    api["runtime_env"]["env_vars"][STORAGE_ENV] = str(storage_root(storage))
     if name:
         api["name"], ui["name"] = name, f"{name}-ui"
         ui.setdefault("args", {})["model_app"] = name

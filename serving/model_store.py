@@ -6,7 +6,6 @@ Both the Ray Serve model deployment and the plain uvicorn baseline use this clas
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,15 +15,15 @@ import numpy as np
 import torch
 
 from training.model import Net, to_input
-from training.storage import STORAGE_ENV, BadVersionName, models_dir, read_latest, resolve_storage
+from training.storage import BadVersionName, models_dir, read_latest, resolve_storage
 
 log = logging.getLogger("ray.serve")
-REPO_STORAGE = Path(__file__).resolve().parents[1] / "storage"  # `make run`'s default root
 
 
 def storage_root(storage: str | None = None) -> Path:
-    """The `storage` arg, else $MNIST_STORAGE (set by the config's runtime_env), else <repo>/storage."""
-    return resolve_storage(storage or os.environ.get(STORAGE_ENV) or REPO_STORAGE)
+    """The `storage` arg, else $MNIST_STORAGE (set by the config's runtime_env and the local head),
+    else ./storage: training.storage's one rule."""
+    return resolve_storage(storage)
 
 
 class NoModel(RuntimeError):

@@ -14,6 +14,7 @@ import uvicorn
 from serving.api import create_api
 from serving.model_store import ModelStore, follow_latest, storage_root
 from serving.schemas import Limits
+from training.storage import STORAGE_ENV
 
 
 class LocalBackend:
@@ -51,7 +52,7 @@ def create_plain_app(storage: str | None = None, limits: Limits | None = None, u
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--storage", help="storage root (default $MNIST_STORAGE, else <repo>/storage)")
+    parser.add_argument("--storage", help=f"storage root (default ${STORAGE_ENV}, else ./storage)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as a Serve replica)")

@@ -4,10 +4,10 @@ import uuid
 import pytest
 import torch
 
-from training.aggregation import (AggregationError, FedAvg, aggregate_round, global_path, load_worker_results,
-                                  worker_path)
+from training.aggregation import AggregationError, FedAvg, aggregate_round, load_worker_results
 from training.data import write_shards
 from training.model import Net
+from training.storage import global_path, worker_path
 
 
 def random_state(seed: int) -> dict:

@@ -1,8 +1,5 @@
 """--precision auto decides by timing: the decision logic with injected timings (no torch, no Ray),
 and one real calibration of Net on this CPU."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -94,8 +91,7 @@ def test_a_single_candidate_costs_no_steps():
 
 
 def test_real_calibration_of_net_on_this_cpu_leaves_the_model_untouched():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-    import train  # noqa: E402  (the entrypoint is a script, as Ray runs it)
+    from training import worker as train  # the worker half of train.py, where calibrate_worker now lives
 
     torch.manual_seed(0)
     model = train.Net()

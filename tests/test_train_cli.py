@@ -47,13 +47,6 @@ def test_default_rounds_shrink_to_fit_a_tiny_subset():
     assert train.parse_args(["--subset", "300", "--workers", "3"]).rounds == 2  # 1 step per epoch
 
 
-def test_rounds_split_steps_evenly():
-    bounds = [train.round_bounds(401, 4, r) for r in range(4)]
-    assert bounds[0][0] == 0 and bounds[-1][1] == 401
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
-    assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
-
-
 @pytest.mark.parametrize("free_per_node, workers, expected", [
     ([2.0], 3, (0.66, 1)),             # this machine: one node of 2 CPUs
     ([8.0], 3, (2.66, 2)),             # one big node: its CPUs shared out, threads to match
@@ -69,28 +62,6 @@ def test_worker_cpus_fit_into_the_nodes_free_cpus(free_per_node, workers, expect
     assert (cpus, threads) == expected
     assert sum(int(100 * free + 1e-6) // int(round(100 * cpus)) for free in free_per_node) >= workers  # all fit
     assert threads <= max(1, int(cpus))
-
-
-@pytest.mark.parametrize("every, expected", [(0, []), (4, [4, 8]), (10, []), (3, [3, 6, 9])])
-def test_mid_round_checkpoints_fall_strictly_inside_the_round(every, expected):
-    assert [step for step in range(1, 11) if train.checkpoint_due(step, 10, every)] == expected
-
-
-@pytest.mark.parametrize("precision, compute_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_train_step_computes_in_the_asked_precision_and_keeps_fp32_weights(precision, compute_dtype):
-    torch.manual_seed(0)
-    net = model.Net()
-    seen = []
-    net.features[0][0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=2)
-    before = net.fc2.weight.detach().clone()
-    progress = train.new_progress()
-    train.train_step(net, optimizer, schedule, torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8),
-                     torch.randint(0, 10, (8,)), progress, precision)
-    assert seen == [compute_dtype]
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in net.parameters())
-    assert not torch.equal(net.fc2.weight, before) and progress["seen"] == 8
 
 
 def test_relative_storage_is_refused_inside_rays_copy_of_the_working_dir(tmp_path, monkeypatch):

@@ -13,8 +13,7 @@ from ray.util.state import list_actors
 
 from ray_cluster import local
 from tests.waiting import wait_for, wait_for_job
-from training.aggregation import global_path, partial_path
-from training.storage import models_dir, read_latest
+from training.storage import global_path, models_dir, partial_path, read_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -109,7 +109,7 @@ def test_two_runs_at_once_keep_to_their_own_files(ray_head, mnist_source, tmp_pa
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from tests.waiting import wait_for_job
-    from training.aggregation import global_path
+    from training.storage import global_path
     from training.data import fetch_mnist
 
     storage = tmp_path / "storage"

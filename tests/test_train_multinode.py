@@ -13,10 +13,9 @@ from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from tests.waiting import wait_for
-from training.aggregation import global_path, worker_path
 from training.data import load_mnist
 from training.model import Net, evaluate
-from training.storage import models_dir, read_latest
+from training.storage import global_path, models_dir, read_latest, worker_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_PORT = 8275

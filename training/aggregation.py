@@ -1,7 +1,10 @@
-"""Federated averaging: a small strategy class and the per-round aggregator job.
+"""Federated averaging: a small strategy class and the run's aggregator (a Ray actor).
 
 FedAvg (McMahan et al., 2017): the new global model is the mean of the workers' models,
-each weighted by the number of examples it trained on.
+each weighted by the number of examples it trained on. The driver (training/train.py) starts
+one aggregator per run and hands it to the workers; after each round every worker asks it for
+that round's average, which it computes once, saves as global.pt and returns with the round's
+metrics (the workers report those to Ray Train).
 """
 import os
 import time
@@ -11,7 +14,7 @@ import torch
 
 from training.data import load_mnist
 from training.model import Net, evaluate
-from training.storage import atomic_torch_save, atomic_write_json, run_dir
+from training.storage import atomic_torch_save, global_path, worker_path
 
 
 class AggregationError(RuntimeError):
@@ -40,23 +43,6 @@ class FedAvg:
         mean = sum(t.to(torch.float64) * (count / total) for t, count in tensors)
         like = tensors[0][0]
         return mean.round().to(like.dtype) if not like.is_floating_point() else mean.to(like.dtype)
-
-
-def round_dir(storage: Path, run_id: str, round_index: int) -> Path:
-    return run_dir(storage, run_id) / "rounds" / f"round-{round_index:03d}"
-
-
-def worker_path(storage: Path, run_id: str, round_index: int, rank: int) -> Path:
-    return round_dir(storage, run_id, round_index) / f"worker-{rank:03d}.pt"
-
-
-def partial_path(storage: Path, run_id: str, round_index: int, rank: int) -> Path:
-    """A worker's mid-round checkpoint; never read by the aggregator, removed at the round's end."""
-    return round_dir(storage, run_id, round_index) / f"worker-{rank:03d}.partial.pt"
-
-
-def global_path(storage: Path, run_id: str, round_index: int) -> Path:
-    return round_dir(storage, run_id, round_index) / "global.pt"
 
 
 def load_worker_results(storage: Path, run_id: str, round_index: int, manifest: dict) -> list[dict]:
@@ -98,19 +84,37 @@ def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict,
                             "calibration": r.get("calibration")}
                            for r in results],
                "aggregate_seconds": time.perf_counter() - started}
-    atomic_write_json(round_dir(storage, run_id, round_index) / "metrics.json", metrics)
     print(f"[aggregator] round {round_index}: test accuracy {test['accuracy']:.4f}", flush=True)
     return metrics
 
 
 class Aggregator:
-    """A run's aggregator as a Ray actor, started once by rank 0: the process, torch and the
-    test images stay loaded between rounds, so a round pays only for averaging and evaluation
-    (a fresh task per round spent ~2.5 s more starting a process and reading the test set)."""
+    """A run's aggregator as a Ray actor: the process, torch and the test images stay loaded
+    between rounds, so a round pays only for averaging and evaluation (a fresh task per round
+    spent ~2.5 s more starting a process and reading the test set).
+
+    Every worker calls aggregate(r) once round r's worker files are all written; the first call
+    averages, the others get the same metrics back. Averaging is idempotent, so a restarted
+    actor (its memory lost) simply averages again."""
 
     def __init__(self, storage: str, run_id: str, manifest: dict):
         self.storage, self.run_id, self.manifest = storage, run_id, manifest
         self.test_set = load_mnist(Path(storage), train=False)
+        self.rounds: dict[int, dict] = {}
 
     def aggregate(self, round_index: int) -> dict:
-        return aggregate_round(self.storage, self.run_id, round_index, self.manifest, test_set=self.test_set)
+        if round_index not in self.rounds:
+            self.rounds[round_index] = aggregate_round(self.storage, self.run_id, round_index, self.manifest,
+                                                       test_set=self.test_set)
+        return self.rounds[round_index]
+
+
+def start_aggregator(storage: Path, run_id: str, manifest):
+    """The run's aggregator actor (`manifest` may be the splitter's ObjectRef: Ray waits for it).
+
+    It asks for no CPU: it works only while every worker waits for it, and so a second run on a
+    full cluster can never leave it unscheduled. Ray may restart it (say, on another node)."""
+    import ray
+
+    actor = ray.remote(Aggregator).options(num_cpus=0, max_restarts=2, max_task_retries=2)
+    return actor.remote(str(storage), run_id, manifest)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.storage import (atomic_write_bytes, atomic_write_json, dataset_dir, resolve_storage,
-                              run_dir, sha256_file)
+from training.storage import (atomic_write_bytes, atomic_write_json, dataset_dir, manifest_path, resolve_storage,
+                              sha256_file, shard_name, shard_path)
 
 SOURCE_ENV = "MNIST_SOURCE_DIR"
 
@@ -194,38 +194,35 @@ def stratified_shards(labels: np.ndarray, num_shards: int, seed: int) -> list[np
     return [rng.permutation(by_class[i::num_shards]) for i in range(num_shards)]
 
 
-def shard_name(rank: int) -> str:
-    return f"shard-{rank:03d}.npz"
-
-
 def write_shards(storage: Path, run_id: str, num_shards: int, seed: int, subset: int | None = None) -> dict:
-    """Split the training set into shards under <run>/shards/ and return the manifest."""
+    """Split the training set into one shard per worker (training.storage.shard_path) and return the
+    manifest, also written beside them."""
     images, labels = load_mnist(storage, train=True)
     images, labels = images.numpy(), labels.numpy()
     pool = np.arange(len(labels))
     if subset:
         pool = np.sort(np.random.default_rng(seed).permutation(len(labels))[:subset])
-    folder = run_dir(storage, run_id) / "shards"
     entries = []
     for rank, local in enumerate(tqdm(stratified_shards(labels[pool], num_shards, seed), desc="writing shards")):
         indices = pool[local]
         buffer = io.BytesIO()
         np.savez(buffer, images=images[indices], labels=labels[indices], indices=indices)
-        atomic_write_bytes(folder / shard_name(rank), buffer.getvalue())
+        path = shard_path(storage, run_id, rank)
+        atomic_write_bytes(path, buffer.getvalue())
         entries.append({"file": shard_name(rank), "count": int(len(indices)),
                         "class_histogram": np.bincount(labels[indices], minlength=10).tolist(),
-                        "sha256": sha256_file(folder / shard_name(rank))})
+                        "sha256": sha256_file(path)})
     manifest = {"run_id": run_id, "num_shards": num_shards, "seed": seed, "total": int(len(pool)),
                 "source_sha256": {k: v for k, v in MNIST_SHA256.items() if k.startswith("train")},
                 "shards": entries}
-    atomic_write_json(folder / "manifest.json", manifest)
+    atomic_write_json(manifest_path(storage, run_id), manifest)
     return manifest
 
 
 def load_shard(storage: Path, run_id: str, rank: int, manifest: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Worker `rank`'s shard, after checking its sha256 against the manifest."""
     entry = manifest["shards"][rank]
-    path = run_dir(storage, run_id) / "shards" / entry["file"]
+    path = shard_path(storage, run_id, rank)
     if sha256_file(path) != entry["sha256"]:
         raise ShardCorrupt(f"{path} does not match its manifest sha256; rerun with a new --run-id")
     with np.load(path) as shard:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from training.storage import (PromotionError, models_dir, promote_version, promotion_lock, published_versions,
-                              publish_version, point_latest_locked, read_history, resolve_storage, serving_version,
-                              rollback_target, rollback_version, run_dir, version_metadata)
+from training.storage import (PromotionError, is_version_name, models_dir, promote_version, promotion_lock,
+                              published_versions, publish_version, point_latest_locked, read_history, resolve_storage,
+                              serving_version, rollback_target, rollback_version, run_dir, version_metadata)
 
 POLICIES = ("auto", "always", "never")
 # auto promotes a full-data run scoring at least the serving model's test accuracy less this:
@@ -186,7 +186,7 @@ def prune(storage: Path, keep: int, dry_run: bool) -> dict:
 
 
 def _run_folder(storage: Path, run_id) -> Path | None:
-    if not isinstance(run_id, str) or not run_id or "/" in run_id or run_id.startswith("."):
+    if not isinstance(run_id, str) or not is_version_name(run_id):
         return None  # not a plain folder name: never follow it
     folder = run_dir(storage, run_id)
     return folder if folder.is_dir() else None

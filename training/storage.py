@@ -1,11 +1,23 @@
-"""The storage root's layout and crash-safe writes.
+"""The storage root: its one layout, the rules for its names, and crash-safe writes.
 
-<storage>/datasets/mnist/            verified IDX files
-<storage>/runs/<run_id>/shards/      one .npz per worker + manifest.json
-<storage>/runs/<run_id>/rounds/      worker and averaged weights per round
-<storage>/models/mnist/<version>/    published model.pt + metadata.json
-<storage>/models/mnist/latest        one line: the version serving should load
-<storage>/models/mnist/history.json  the last promotions, oldest first: where `rollback` goes
+Every path below is built here and nowhere else (training, serving, ray_cluster, bench and the
+tests import these functions):
+
+<storage>/datasets/mnist/                     verified IDX files                     dataset_dir
+<storage>/runs/<run_id>/                      one training run (claimed atomically)  run_dir, claim_run_dir
+<storage>/runs/<run_id>/shards/               shard-RRR.npz per worker + manifest.json  shard_path, manifest_path
+<storage>/runs/<run_id>/init.pt               the seeded initial weights             init_path
+<storage>/runs/<run_id>/rounds/round-NNN/     worker-RRR.pt, global.pt (+ worker-RRR.partial.pt
+                                              while the round runs)                  worker_path, partial_path, global_path
+<storage>/runs/<run_id>/ray/                  Ray Train's run state and checkpoints  ray_dir
+<storage>/models/mnist/<version>/             published model.pt + metadata.json     version_dir
+<storage>/models/mnist/latest                 one line: the version serving loads    latest_path
+<storage>/models/mnist/history.json           the last promotions, oldest first      history_path
+
+The root is --storage, else $MNIST_STORAGE, else ./storage of the working directory, made
+absolute where it is read (resolve_storage); processes that another one starts (Ray jobs, Serve
+replicas, pods) get it absolute through $MNIST_STORAGE. A run id is also its model's version name:
+one rule (check_run_id, check_version_name) for both.
 
 Every file is written under a temporary name and renamed into place, so a crash never
 leaves a half-written file that looks complete; the folder is fsynced after the rename, so the
@@ -19,16 +31,20 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 STORAGE_ENV = "MNIST_STORAGE"
-DEFAULT_STORAGE = "storage"
+DEFAULT_STORAGE = "storage"  # relative to the working directory of the process that reads the root
 MODEL_NAME = "mnist"
 FILE_MODE, DIR_MODE = 0o644, 0o755
 # A version (= run id) is one plain path component: `latest` is read by every serving replica,
 # and whatever it names is joined to the models folder.
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RUN_ID_LENGTH = 63  # a run id also names Ray Train's run and the Kubernetes objects of a job
+LATEST, HISTORY = "latest", "history.json"
 
 
 class PromotionError(ValueError):
@@ -39,13 +55,41 @@ class BadVersionName(PromotionError):
     """`latest` (or a caller) names something that is not a plain version name."""
 
 
+# ---------------------------------------------------------------- names
+
+def is_version_name(name: str) -> bool:
+    """A plain version name: letters, digits, '.', '_', '-'; no separators, no '..', not starting with '.'."""
+    return bool(VERSION_NAME.fullmatch(name)) and ".." not in name and name not in (LATEST, HISTORY)
+
+
 def check_version_name(name: str) -> str:
-    """`name` if it is a plain version name (letters, digits, '.', '_', '-'; no separators, no '..',
-    not starting with '.'), else BadVersionName."""
-    if not VERSION_NAME.fullmatch(name) or ".." in name or name in ("latest", "history.json"):
+    """`name` if it is a plain version name, else BadVersionName."""
+    if not is_version_name(name):
         raise BadVersionName(f"{name[:80]!r} is not a version name (a plain folder name under models/{MODEL_NAME}/)")
     return name
 
+
+RUN_ID_RULE = f"use 1-{RUN_ID_LENGTH} letters, digits, '-', '_' or '.' (starting with a letter or digit, no '..')"
+
+
+def is_run_id(text: str) -> bool:
+    """Can `text` name a run and, later, its model version? (The CLIs refuse it otherwise.)"""
+    return len(text) <= RUN_ID_LENGTH and is_version_name(text)
+
+
+def check_run_id(run_id: str) -> str:
+    """`run_id` if is_run_id, else BadVersionName."""
+    if not is_run_id(run_id):
+        raise BadVersionName(f"{run_id[:80]!r} is not a run id: {RUN_ID_RULE}")
+    return run_id
+
+
+def new_run_id() -> str:
+    """The default run id: UTC time + a random suffix, so ids sort by start and never collide."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+
+
+# ---------------------------------------------------------------- the root
 
 def given_storage(path: str | os.PathLike | None = None) -> Path:
     """The storage root as given, maybe relative: the argument, else $MNIST_STORAGE, else ./storage."""
@@ -53,9 +97,11 @@ def given_storage(path: str | os.PathLike | None = None) -> Path:
 
 
 def resolve_storage(path: str | os.PathLike | None = None) -> Path:
-    """The storage root as an absolute path."""
+    """The storage root as an absolute path (a relative one against the working directory)."""
     return given_storage(path).resolve()
 
+
+# ---------------------------------------------------------------- the layout
 
 def dataset_dir(storage: Path) -> Path:
     return storage / "datasets" / "mnist"
@@ -65,8 +111,65 @@ def run_dir(storage: Path, run_id: str) -> Path:
     return storage / "runs" / run_id
 
 
+def shards_dir(storage: Path, run_id: str) -> Path:
+    return run_dir(storage, run_id) / "shards"
+
+
+def shard_name(rank: int) -> str:
+    return f"shard-{rank:03d}.npz"
+
+
+def shard_path(storage: Path, run_id: str, rank: int) -> Path:
+    return shards_dir(storage, run_id) / shard_name(rank)
+
+
+def manifest_path(storage: Path, run_id: str) -> Path:
+    return shards_dir(storage, run_id) / "manifest.json"
+
+
+def init_path(storage: Path, run_id: str) -> Path:
+    return run_dir(storage, run_id) / "init.pt"
+
+
+def ray_dir(storage: Path, run_id: str) -> Path:
+    """Ray Train's storage_path for the run (absolute, as Ray requires)."""
+    return run_dir(storage, run_id) / "ray"
+
+
+def round_dir(storage: Path, run_id: str, round_index: int) -> Path:
+    return run_dir(storage, run_id) / "rounds" / f"round-{round_index:03d}"
+
+
+def worker_path(storage: Path, run_id: str, round_index: int, rank: int) -> Path:
+    """A worker's state at the end of a round: what the aggregator averages."""
+    return round_dir(storage, run_id, round_index) / f"worker-{rank:03d}.pt"
+
+
+def partial_path(storage: Path, run_id: str, round_index: int, rank: int) -> Path:
+    """A worker's mid-round state; only the worker reads it (after a restart); removed at the round's end."""
+    return round_dir(storage, run_id, round_index) / f"worker-{rank:03d}.partial.pt"
+
+
+def global_path(storage: Path, run_id: str, round_index: int) -> Path:
+    """The round's averaged model."""
+    return round_dir(storage, run_id, round_index) / "global.pt"
+
+
 def models_dir(storage: Path) -> Path:
     return storage / "models" / MODEL_NAME
+
+
+def version_dir(storage: Path, version: str) -> Path:
+    """A published version's folder: model.pt + metadata.json."""
+    return models_dir(storage) / check_version_name(version)
+
+
+def latest_path(storage: Path) -> Path:
+    return models_dir(storage) / LATEST
+
+
+def history_path(storage: Path) -> Path:
+    return models_dir(storage) / HISTORY
 
 
 def sha256_file(path: Path) -> str:
@@ -118,7 +221,7 @@ def read_latest(storage: Path) -> str | None:
     """The published version that `latest` names, or None before the first publication.
     BadVersionName if it names anything but a plain version name (a path, '..')."""
     try:
-        text = (models_dir(storage) / "latest").read_text(errors="replace").strip()
+        text = latest_path(storage).read_text(errors="replace").strip()
     except FileNotFoundError:
         return None
     return check_version_name(text) if text else None
@@ -136,7 +239,7 @@ def serving_version(storage: Path) -> str | None:
 def claim_run_dir(storage: Path, run_id: str) -> Path:
     """Create runs/<run_id>/ for this run alone: FileExistsError if it exists, so two jobs given
     the same --run-id cannot both write into it (mkdir is atomic, also on NFS)."""
-    folder = run_dir(storage, check_version_name(run_id))
+    folder = run_dir(storage, check_run_id(run_id))
     folder.parent.mkdir(parents=True, exist_ok=True)
     folder.mkdir()
     return folder
@@ -152,7 +255,7 @@ def publish_model(storage: Path, version: str, state_dict: dict, metadata: dict)
 def publish_version(storage: Path, version: str, state_dict: dict, metadata: dict) -> Path:
     """Write <version>/ completely under a temporary name and rename it; `latest` does not move."""
     root = models_dir(storage)
-    final = root / check_version_name(version)
+    final = version_dir(storage, version)
     if final.exists():
         raise FileExistsError(f"model version {version} is already published at {final}")
     staging = Path(tempfile.mkdtemp(dir=root if root.exists() else _mkdir(root), prefix=f".{version}."))
@@ -203,11 +306,6 @@ def private_state_dir(name: str) -> Path:
 HISTORY_LENGTH = 20  # promotions kept in history.json: enough to roll back several times
 
 
-
-def history_path(storage: Path) -> Path:
-    return models_dir(storage) / "history.json"
-
-
 @contextmanager
 def promotion_lock(storage: Path):
     """Serialise every move of `latest` (the CLI, finishing runs) across processes and pods.
@@ -228,7 +326,7 @@ def promotion_lock(storage: Path):
 
 def version_metadata(storage: Path, version: str) -> dict:
     """The metadata of a complete published version; PromotionError says what is wrong otherwise."""
-    folder = models_dir(storage) / check_version_name(version)
+    folder = version_dir(storage, version)
     if not folder.is_dir():
         known = ", ".join(published_versions(storage)[-5:]) or "none"
         raise PromotionError(f"no published version '{version}' under {models_dir(storage)} (latest ones: {known})")
@@ -278,7 +376,7 @@ def point_latest_locked(storage: Path, version: str, note: str) -> None:
     if serving and _head(history) != serving and _complete(storage, serving):  # moved by hand or older code
         history.append({"version": serving, "at": _now(), "note": "found serving (moved outside this history)"})
     history.append({"version": version, "at": _now(), "note": note})
-    atomic_write_bytes(models_dir(storage) / "latest", f"{version}\n".encode())
+    atomic_write_bytes(latest_path(storage), f"{version}\n".encode())
     atomic_write_json(history_path(storage), history[-HISTORY_LENGTH:])
 
 
@@ -329,11 +427,9 @@ def rollback_version(storage: Path) -> tuple[str | None, str]:
         version_metadata(storage, target)
         # History first: a crash before `latest` moves leaves the target last, so rolling back again still goes there.
         atomic_write_json(history_path(storage), kept)
-        atomic_write_bytes(models_dir(storage) / "latest", f"{target}\n".encode())
+        atomic_write_bytes(latest_path(storage), f"{target}\n".encode())
     return serving, target
 
 
 def _now() -> str:
-    from datetime import datetime, timezone
-
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

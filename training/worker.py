@@ -1,0 +1,239 @@
+"""One Ray Train worker of a run: train_func, which TorchTrainer runs once per worker (see train.py).
+
+    set up   verify and load shard `rank`, time the training step (precision and torch threads)
+    resume   from Ray Train's last checkpoint (the last averaged round, else init.pt) and this
+             worker's own newest saved state: a WorkerState
+    rounds   train the round's steps (saving the state every --checkpoint-steps), save it for the
+             aggregator, take the run's average from the aggregator the driver started, and
+             report the round's metrics to Ray Train (rank 0 with the average as the checkpoint)
+
+The batches, their augmentation and the learning-rate schedule follow from the seed, the rank and
+the step, and the state carries the optimizer and the schedule, so a restarted worker continues
+exactly where it stopped, without replaying anything.
+"""
+import copy
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.augment import training_batch
+from training.calibration import calibrate, candidates
+from training.data import load_shard
+from training.model import Net, to_input
+from training.storage import atomic_torch_save, global_path, init_path, partial_path, worker_path
+
+LABEL_SMOOTHING = 0.1  # worth +0.1 point of test accuracy in two epochs (bench/model_sweep.py)
+# Ray Train's checkpoint of a round: a copy of the round's average, and the round's index.
+CHECKPOINT_MODEL, CHECKPOINT_ROUND = "global.pt", "round.txt"
+
+
+def train_func(config: dict) -> None:
+    """Ray Train worker: train on shard `rank`, average with the other workers after every round."""
+    import ray
+    import ray.train
+    from ray.train.collective import barrier
+
+    # Set up: this worker's shard, its precision and threads, the optimizer and its schedule.
+    storage, run_id, rounds = Path(config["storage"]), config["run_id"], config["rounds"]
+    rank = ray.train.get_context().get_world_rank()
+    manifest = ray.get(config["manifest"])  # the splitter's result: it ran while this worker group started
+    images, labels = load_shard(storage, run_id, rank, manifest)  # verifies its sha256
+    model = Net()
+    calibration = calibrate_worker(model, images, labels, config)  # also sets torch's threads
+    print(f"worker {rank}: {calibration['precision']}, {calibration['threads']} torch thread(s); calibration "
+          f"{calibration['screen_ms']} {calibration['step_ms']} in {calibration['seconds']} s", flush=True)
+    order = ShardOrder(len(labels), config["batch_size"], seed=config["seed"] * 1000 + rank)
+    total_steps = config["epochs"] * order.steps_per_epoch
+    state = WorkerState.fresh(run_id, rank, model, config["lr"], total_steps)
+
+    # Resume: after the last averaged round, from this worker's own newest saved state.
+    state.resume(storage, ray.train.get_checkpoint())
+
+    for round_index in range(state.round, rounds):
+        # Train: the rest of the round, then save the state the aggregator averages.
+        first, last = round_bounds(total_steps, rounds, round_index)
+        train_round(state, storage, order, images, labels, first, last, calibration["precision"], config)
+        state.save(worker_path(storage, run_id, round_index, rank), num_samples=len(labels),
+                   node_id=ray.get_runtime_context().get_node_id(), calibration=calibration,
+                   precision=calibration["precision"], threads=calibration["threads"], **state.round_metrics())
+        partial_path(storage, run_id, round_index, rank).unlink(missing_ok=True)
+
+        # Average: once every worker has saved, all continue from the aggregator's average.
+        barrier()
+        metrics = ray.get(config["aggregator"].aggregate.remote(round_index))
+        state.next_round(torch.load(global_path(storage, run_id, round_index), weights_only=True)["state_dict"])
+
+        # Report: the round's metrics, and (rank 0) the average as the checkpoint a restart resumes from.
+        report_round(metrics, rank, global_path(storage, run_id, round_index))
+
+
+# ---------------------------------------------------------------- a worker's state
+
+def new_progress() -> dict:
+    """A worker's progress through one round: steps done and the running training metrics."""
+    return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+
+
+@dataclass
+class WorkerState:
+    """Where one worker stands: the round it is in, its progress through that round, and the
+    model, optimizer and learning-rate schedule. Saved in the round's folder (mid-round and at the
+    round's end); after a restart, restored from the newest of those files."""
+    run_id: str
+    rank: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    round: int = 0
+    progress: dict = field(default_factory=new_progress)
+
+    @classmethod
+    def fresh(cls, run_id: str, rank: int, model: torch.nn.Module, lr: float, total_steps: int) -> "WorkerState":
+        """Adam under a one-cycle schedule over all of this worker's steps."""
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
+        return cls(run_id, rank, model, optimizer, schedule)
+
+    def save(self, path: Path, **extra) -> None:
+        atomic_torch_save(path, {"run_id": self.run_id, "round": self.round, "rank": self.rank,
+                                 "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                 "schedule": self.schedule.state_dict(), "progress": dict(self.progress), **extra})
+
+    def resume(self, storage: Path, checkpoint) -> None:
+        """Start from Ray Train's last checkpoint (the average of round r: go on with round r+1)
+        or, before the first, from the run's initial weights; then restore this worker's newest
+        saved state: inside the next round (its finished file, else its mid-round one), else
+        the end of round r, whose optimizer and schedule go on with the average."""
+        if checkpoint is None:
+            self.model.load_state_dict(torch.load(init_path(storage, self.run_id), weights_only=True))
+        else:
+            with checkpoint.as_directory() as folder:
+                self.model.load_state_dict(torch.load(Path(folder, CHECKPOINT_MODEL), weights_only=True)["state_dict"])
+                self.round = int(Path(folder, CHECKPOINT_ROUND).read_text()) + 1
+            print(f"worker {self.rank}: resuming after round {self.round - 1} from {checkpoint.path}", flush=True)
+        newest_first = [(self.round, worker_path), (self.round, partial_path), (self.round - 1, worker_path)]
+        own = [(r, path_of(storage, self.run_id, r, self.rank)) for r, path_of in newest_first if r >= 0]
+        found = next(((r, path) for r, path in own if path.exists()), None)
+        if found:
+            self.restore(*found)
+        elif self.round:  # the optimizer and schedule must go on from where round r left them
+            raise RuntimeError(f"worker {self.rank} cannot resume after round {self.round - 1}: {own[-1][1]} is missing")
+
+    def restore(self, round_index: int, path: Path) -> None:
+        saved = torch.load(path, weights_only=True)
+        if (saved.get("run_id"), saved.get("round"), saved.get("rank")) != (self.run_id, round_index, self.rank):
+            raise RuntimeError(f"{path} is not worker {self.rank}'s file of round {round_index} of run {self.run_id}")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.schedule.load_state_dict(saved["schedule"])
+        if round_index == self.round:  # inside the round: its own model and progress too
+            self.model.load_state_dict(saved["state_dict"])
+            self.progress = dict(saved["progress"])
+            print(f"worker {self.rank}: resuming round {self.round} at step {self.progress['step']} "
+                  f"from {path.name}", flush=True)
+
+    def next_round(self, averaged: dict) -> None:
+        self.model.load_state_dict(averaged)
+        self.round, self.progress = self.round + 1, new_progress()
+
+    def round_metrics(self) -> dict:
+        seen = max(self.progress["seen"], 1)
+        return {"seconds": self.progress["seconds"], "train_loss": self.progress["loss_sum"] / seen,
+                "train_accuracy": self.progress["correct"] / seen}
+
+
+# ---------------------------------------------------------------- training
+
+def steps_per_epoch(examples: int, batch_size: int) -> int:
+    return -(-examples // batch_size)
+
+
+def round_bounds(total_steps: int, rounds: int, round_index: int) -> tuple[int, int]:
+    """[first, last) step of a round: the steps split as evenly as possible."""
+    return total_steps * round_index // rounds, total_steps * (round_index + 1) // rounds
+
+
+class ShardOrder:
+    """The batches of a shard by step: a fresh seeded permutation every epoch (the e-th draw of one
+    seeded generator), addressable by step, so a restarted worker needs no replay."""
+
+    def __init__(self, examples: int, batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.steps_per_epoch = steps_per_epoch(examples, batch_size)
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed)
+            for _ in range(epoch + 1):
+                self._order = torch.randperm(self.examples, generator=generator)
+            self._epoch = epoch
+        return self._order[position * self.batch_size:(position + 1) * self.batch_size]
+
+
+def train_round(state: WorkerState, storage: Path, order: ShardOrder, images, labels, first: int, last: int,
+                precision: str, config: dict) -> None:
+    """Train steps [first, last) from where the state stands, saving it every --checkpoint-steps."""
+    started = time.perf_counter() - state.progress["seconds"]
+    state.model.train()
+    for step in range(first + state.progress["step"], last):
+        index = order.batch(step)
+        batch = training_batch(images[index], config.get("augment"), config["seed"], state.rank, step)
+        train_step(state.model, state.optimizer, state.schedule, batch, labels[index], state.progress, precision)
+        state.progress["step"] = step + 1 - first
+        if checkpoint_due(state.progress["step"], last - first, config["checkpoint_steps"]):
+            state.progress["seconds"] = time.perf_counter() - started
+            state.save(partial_path(storage, state.run_id, state.round, state.rank))
+    state.progress["seconds"] = time.perf_counter() - started
+
+
+def train_step(model, optimizer, schedule, images, labels, progress: dict, precision: str) -> None:
+    x, y = to_input(images), labels
+    optimizer.zero_grad(set_to_none=True)
+    # bf16: convolutions and linear layers compute in bfloat16; weights, gradients, Adam and the loss stay fp32.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(x).float()
+    loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    progress["loss_sum"] += loss.item() * len(y)
+    progress["correct"] += (logits.argmax(1) == y).sum().item()
+    progress["seen"] += len(y)
+
+
+def checkpoint_due(step: int, round_steps: int, every: int) -> bool:
+    """Save mid-round every `every` steps; the round's end writes the worker file anyway."""
+    return every > 0 and step % every == 0 and step < round_steps
+
+
+def calibrate_worker(model, images, labels, config: dict) -> dict:
+    """Time the real training step (a copy of the model, a throwaway optimizer, this worker's own
+    images) in each candidate precision and thread count; the model itself is left untouched."""
+    trial = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(trial.parameters(), lr=config["lr"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], total_steps=1000)
+    batch_size = min(config["batch_size"], len(labels))
+
+    def step(precision: str, batch: int) -> None:
+        train_step(trial, optimizer, schedule, images[:batch], labels[:batch], new_progress(), precision)
+
+    return calibrate(step, candidates(config["precision"], config["threads"]), batch_size, torch.set_num_threads)
+
+
+def report_round(metrics: dict, rank: int, averaged: Path) -> None:
+    """The round's metrics to Ray Train (the dashboard shows them; the driver reads them from the
+    result); rank 0 attaches the average as the checkpoint a restarted worker group resumes from."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)  # every worker reports (a barrier); rank 0's report is the one kept
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, CHECKPOINT_MODEL).write_bytes(averaged.read_bytes())
+        Path(tmp, CHECKPOINT_ROUND).write_text(str(metrics["round"]))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
