@@ -104,9 +104,10 @@ def evaluate_all(storage: Path, runs: dict, per_class: int = 100) -> dict:
 
 # ---------------------------------------------------------------- preprocessing variants
 
-def reader(deslant: bool = False, stroke: bool = True):
+def reader(deslant: bool = False, stroke: bool = True, slant_limit: float = 0.0):
     """serving/preprocess.py's steps (stroke=True: exactly `preprocess`), with or without its
-    stroke-width normalisation and with optional deslanting before the 20x20 fit."""
+    stroke-width normalisation and with optional deslanting before the 20x20 fit (of the slant
+    beyond `slant_limit` only: tan of the angle from upright)."""
     from serving.preprocess import (BBOX_INK, BOX, centre_by_mass, even_stroke, fit_box, ink_box, ink_levels,
                                     stretch, to_gray)
 
@@ -114,13 +115,14 @@ def reader(deslant: bool = False, stroke: bool = True):
         ink, background, peak = ink_levels(to_gray(image))
         top, left, bottom, right = ink_box(ink, background + BBOX_INK * (peak - background))
         crop = stretch(ink[top:bottom, left:right], background, peak)
-        fitted = fit_box(deslant_crop(crop) if deslant else crop, BOX)
+        fitted = fit_box(deslant_crop(crop, slant_limit) if deslant else crop, BOX)
         return centre_by_mass(even_stroke(fitted) if stroke else fitted)
     return read
 
 
-def deslant_crop(crop: np.ndarray) -> np.ndarray:
-    """Shear the ink upright: x -= (mu11 / mu02) * (y - mean y), the classic moment deslant."""
+def deslant_crop(crop: np.ndarray, limit: float = 0.0) -> np.ndarray:
+    """Shear the ink upright: x -= (mu11 / mu02) * (y - mean y), the classic moment deslant; with a
+    `limit`, only the slant beyond it is taken out (a slant MNIST's writers also had is kept)."""
     from PIL import Image
 
     height, width = crop.shape
@@ -129,6 +131,9 @@ def deslant_crop(crop: np.ndarray) -> np.ndarray:
     my, mx = float((rows * crop).sum()) / total, float((cols * crop).sum()) / total
     mu02 = float((((rows - my) ** 2) * crop).sum())
     skew = float(((rows - my) * (cols - mx) * crop).sum()) / mu02 if mu02 > 0 else 0.0
+    skew = float(np.sign(skew)) * max(abs(skew) - limit, 0.0)
+    if skew == 0:
+        return crop
     pad = int(np.ceil(abs(skew) * height / 2)) + 1
     # output (x, y) samples input (x + skew * (y - my) - pad, y)
     data = (1.0, skew, -skew * my - pad, 0.0, 1.0, 0.0)

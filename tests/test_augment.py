@@ -142,3 +142,14 @@ def test_elastic_alone_bends_the_digit_but_keeps_its_ink_and_place(digits):
     centre = lambda x: (x.sum(2) @ rows) / x.sum((1, 2))  # noqa: E731  (row of the centre of mass)
     moved = (centre(out) - centre(before)).abs()  # a smooth field moves the whole digit a little too
     assert moved.median() < 1.5 and moved.max() < 4
+
+
+def test_elastic_flag_reaches_the_workers_settings_and_bad_values_are_refused(digits):
+    settings = train.augmentation(train.parse_args(["--elastic", "1.5"]))
+    assert settings == {**DEFAULT.to_metadata(), "elastic": 1.5}
+    batch = digits[0][:10]
+    assert torch.equal(training_batch(batch, settings, 0, 0, 0),
+                       augment_batch(batch, batch_seed(0, 0, 0), dataclasses.replace(DEFAULT, elastic=1.5)))
+    for bad in ("-1", "9", "nan"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--elastic", bad])
