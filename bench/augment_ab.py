@@ -117,6 +117,18 @@ def run(spec: str, storage: Path, cache: Path, threads: int) -> dict:
     return result
 
 
+def reevaluate(storage: Path, cache: Path) -> None:
+    """Rebuild the drawn set with today's preprocessing and evaluate every cached model on it again."""
+    (cache / "drawn_set.npz").unlink(missing_ok=True)
+    drawn, test = drawn_set(storage, cache), load_mnist(storage, train=False)
+    for path in sorted(cache.glob("*.json")):
+        result = json.loads(path.read_text())
+        model = Net()
+        model.load_state_dict(torch.load(path.with_suffix(".pt"), weights_only=True))
+        result.update(evaluate(model.eval(), test, drawn))
+        path.write_text(json.dumps(result) + "\n")
+
+
 def report(cache: Path, out: Path) -> None:
     runs = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
     n = len(runs[0]["drawn"]["confusion"]) and int(np.sum(runs[0]["drawn"]["confusion"]))
@@ -141,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1, as a job's worker)")
     parser.add_argument("--cache", type=Path, default=RESULTS / "storage" / "augment_ab", help="models and results of runs")
     parser.add_argument("--report", action="store_true", help="write bench/results/drawn_ab.{json,md} from the cache")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="rebuild the drawn set (after a preprocessing change) and evaluate every cached model again")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     for spec in args.runs:  # fail before any training on a bad spec
@@ -149,6 +163,8 @@ def main(argv=None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     fetch_mnist(storage, str(SHARED_MNIST) if SHARED_MNIST.is_dir() else None)
     drawn_set(storage, args.cache)
+    if args.reevaluate:
+        reevaluate(storage, args.cache)
     for spec in args.runs:
         run(spec, storage, args.cache, args.threads)
     if args.report:
