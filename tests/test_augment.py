@@ -153,3 +153,12 @@ def test_elastic_flag_reaches_the_workers_settings_and_bad_values_are_refused(di
     for bad in ("-1", "9", "nan"):
         with pytest.raises(SystemExit):
             train.parse_args(["--elastic", bad])
+
+
+def test_the_ab_bench_reads_its_settings_and_refuses_unknown_ones():
+    from bench.augment_ab import parse_settings
+    assert parse_settings("none") is None and parse_settings("default") == DEFAULT.to_metadata()
+    assert parse_settings("default,elastic=1.5,shear=20") == {**DEFAULT.to_metadata(), "elastic": 1.5, "shear": 20.0}
+    for bad in ("plain", "default,wobble=1", "none,elastic=1"):
+        with pytest.raises(ValueError):
+            parse_settings(bad)
