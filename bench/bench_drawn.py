@@ -9,7 +9,7 @@
    (MNIST *test* digits redrawn with strong distortions, and digits rendered from the fonts on
    this machine, all through serving/preprocess.py), per class and per source
 3. measures what augmentation costs per training step, beside the step itself, without Ray
-4. compares preprocessing variants (stroke-width normalisation, deslanting) on the drawn set
+4. compares preprocessing variants (stroke-width normalisation, slant limit, full deslant) on the drawn set
 
 Writes bench/results/drawn.{json,md} and drawn_confusion.png.
 """
@@ -104,48 +104,31 @@ def evaluate_all(storage: Path, runs: dict, per_class: int = 100) -> dict:
 
 # ---------------------------------------------------------------- preprocessing variants
 
-def reader(deslant: bool = False, stroke: bool = True):
-    """serving/preprocess.py's steps (stroke=True: exactly `preprocess`), with or without its
-    stroke-width normalisation and with optional deslanting before the 20x20 fit."""
-    from serving.preprocess import (BBOX_INK, BOX, centre_by_mass, even_stroke, fit_box, ink_box, ink_levels,
-                                    stretch, to_gray)
+def reader(stroke: bool = True, slant_limit: float | None = None):
+    """serving/preprocess.py's steps (the defaults: exactly `preprocess`), with or without its
+    stroke-width normalisation, and its slant limit (None: as served; inf: none; 0: full deslant)."""
+    from serving.preprocess import (BBOX_INK, BOX, SLANT_LIMIT, centre_by_mass, even_stroke, fit_box, ink_box,
+                                    ink_levels, limit_slant, stretch, to_gray)
+
+    limit = SLANT_LIMIT if slant_limit is None else slant_limit
 
     def read(image: np.ndarray) -> np.ndarray:
         ink, background, peak = ink_levels(to_gray(image))
         top, left, bottom, right = ink_box(ink, background + BBOX_INK * (peak - background))
         crop = stretch(ink[top:bottom, left:right], background, peak)
-        fitted = fit_box(deslant_crop(crop) if deslant else crop, BOX)
+        fitted = fit_box(crop if limit == float("inf") else limit_slant(crop, limit), BOX)
         return centre_by_mass(even_stroke(fitted) if stroke else fitted)
     return read
-
-
-def deslant_crop(crop: np.ndarray) -> np.ndarray:
-    """Shear the ink upright: x -= (mu11 / mu02) * (y - mean y), the classic moment deslant."""
-    from PIL import Image
-
-    height, width = crop.shape
-    total = float(crop.sum())
-    rows, cols = np.indices(crop.shape)
-    my, mx = float((rows * crop).sum()) / total, float((cols * crop).sum()) / total
-    mu02 = float((((rows - my) ** 2) * crop).sum())
-    skew = float(((rows - my) * (cols - mx) * crop).sum()) / mu02 if mu02 > 0 else 0.0
-    pad = int(np.ceil(abs(skew) * height / 2)) + 1
-    # output (x, y) samples input (x + skew * (y - my) - pad, y)
-    data = (1.0, skew, -skew * my - pad, 0.0, 1.0, 0.0)
-    upright = np.asarray(Image.fromarray(crop.astype(np.float32), mode="F").transform(
-        (width + 2 * pad, height), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR))
-    cols_with_ink = np.flatnonzero(upright.max(axis=0) > 0.2)
-    return upright[:, cols_with_ink[0]:cols_with_ink[-1] + 1] if len(cols_with_ink) else crop
 
 
 def preprocessing_variants(models: dict, test_images: np.ndarray, test_labels: np.ndarray, per_class: int) -> dict:
     """Accuracy of each model on the drawn set and on MNIST test, both read through each variant."""
     from bench.drawn_digits import build_drawn_set
 
-    variants = {"MNIST's steps only (no stroke normalisation)": reader(stroke=False),
-                "as served (with stroke normalisation)": reader(),
-                "MNIST's steps + deslant": reader(deslant=True, stroke=False),
-                "as served + deslant": reader(deslant=True)}
+    variants = {"MNIST's steps only (no stroke normalisation, no slant limit)": reader(stroke=False, slant_limit=float("inf")),
+                "+ stroke normalisation (served before)": reader(slant_limit=float("inf")),
+                "as served: + slant limited to ~11° (0.2)": reader(),
+                "+ full deslant instead": reader(slant_limit=0.0)}
     canvases = build_drawn_set(test_images, test_labels, per_class=per_class, read=lambda canvas: canvas)
     out = {}
     for name, read in variants.items():

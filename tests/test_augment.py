@@ -1,4 +1,5 @@
 """Training-time augmentation (training/augment.py), without Ray: batched, seeded, and off with --no-augment."""
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.augment import (DEFAULT, AugmentSettings, augment_batch, batch_seed, max_3x3, sampling_grid,
+from training.augment import (DEFAULT, AugmentSettings, augment_batch, batch_seed, elastic_field, max_3x3, sampling_grid,
                               training_batch)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
@@ -105,3 +106,59 @@ def test_augmentation_is_on_by_default_and_off_with_no_augment(digits):
     augmented = training_batch(batch, train.augmentation(on), 0, 0, 0)
     assert torch.equal(augmented, augment_batch(batch, batch_seed(0, 0, 0)))
     assert not torch.equal(augmented, batch)
+
+
+# ---------------------------------------------------------------- elastic distortion (off by default)
+
+def test_elastic_field_has_the_asked_size_and_is_smooth():
+    field = elastic_field(300, torch.Generator().manual_seed(0), amount=2.0, sigma=4.0) * 14  # -> pixels
+    assert field.shape == (300, 28, 28, 2)
+    inner = field[:, 8:20, 8:20]
+    assert 1.7 < inner.std() < 2.3  # `amount` is the displacement's std, in pixels
+    neighbours = (inner[:, 1:] - inner[:, :-1]).abs().mean() / inner.abs().mean()
+    assert neighbours < 0.25  # a smooth field, not per-pixel noise (which would give ~1.1)
+
+
+def test_elastic_is_off_by_default_and_leaves_the_rest_of_the_stream_alone(digits):
+    images = digits[0][:64]
+    assert DEFAULT.elastic == 0 and "elastic" not in DEFAULT.describe()
+    tiny = dataclasses.replace(DEFAULT, elastic=1e-4)  # same affine and stroke draws, a negligible field
+    assert (augment_batch(images, 7, tiny).int() - augment_batch(images, 7).int()).abs().max() <= 1
+    strong = dataclasses.replace(DEFAULT, elastic=2.0)
+    assert "elastic 2 px" in strong.describe()
+    changed = (augment_batch(images, 7, strong).float() - augment_batch(images, 7).float()).abs().flatten(1).mean(1)
+    assert (changed > 1.0).float().mean() > 0.9  # nearly every image is bent further
+
+
+def test_elastic_alone_bends_the_digit_but_keeps_its_ink_and_place(digits):
+    only = AugmentSettings(rotation=0, shear=0, scale=0, translation=0, stroke=0, elastic=1.5)
+    images = digits[0][:100]
+    out = augment_batch(images, seed=4, settings=only).float()
+    before = images.float()
+    assert ((out - before).abs().flatten(1).mean(1) > 1.0).all()
+    ink = out.sum((1, 2)) / before.sum((1, 2))
+    assert ((ink > 0.5) & (ink < 2)).all()  # local stretches change the area (by ~ amount / sigma)
+    rows = torch.arange(28.0)
+    centre = lambda x: (x.sum(2) @ rows) / x.sum((1, 2))  # noqa: E731  (row of the centre of mass)
+    moved = (centre(out) - centre(before)).abs()  # a smooth field moves the whole digit a little too
+    assert moved.median() < 1.5 and moved.max() < 4
+
+
+def test_elastic_flag_reaches_the_workers_settings_and_bad_values_are_refused(digits):
+    settings = train.augmentation(train.parse_args(["--elastic", "1.5"]))
+    assert settings == {**DEFAULT.to_metadata(), "elastic": 1.5}
+    batch = digits[0][:10]
+    assert torch.equal(training_batch(batch, settings, 0, 0, 0),
+                       augment_batch(batch, batch_seed(0, 0, 0), dataclasses.replace(DEFAULT, elastic=1.5)))
+    for bad in ("-1", "9", "nan"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--elastic", bad])
+
+
+def test_the_ab_bench_reads_its_settings_and_refuses_unknown_ones():
+    from bench.augment_ab import parse_settings
+    assert parse_settings("none") is None and parse_settings("default") == DEFAULT.to_metadata()
+    assert parse_settings("default,elastic=1.5,shear=20") == {**DEFAULT.to_metadata(), "elastic": 1.5, "shear": 20.0}
+    for bad in ("plain", "default,wobble=1", "none,elastic=1"):
+        with pytest.raises(ValueError):
+            parse_settings(bad)

@@ -36,7 +36,11 @@ def test_mnist_digits_come_back_as_themselves(test_digits):
     images = test_digits[0][:200]
     again = np.stack([preprocess(image) for image in images])
     assert again.dtype == np.uint8 and again.shape == (200, 28, 28)
-    assert np.abs(again.astype(int) - images).mean() < 2.0  # grey levels out of 255
+    assert np.abs(again.astype(int) - images).mean() < 6.0  # grey levels out of 255
+    # ... and exactly so without the slant limit, which shears MNIST's steepest third on purpose
+    from bench.bench_drawn import reader
+    mnist_steps = np.stack([reader(slant_limit=float("inf"))(image) for image in images])
+    assert np.abs(mnist_steps.astype(int) - images).mean() < 2.0
 
 
 @pytest.mark.parametrize("style", STYLES)

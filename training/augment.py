@@ -4,11 +4,15 @@ People's digits are rotated, slanted, larger or smaller, off-centre, and drawn w
 thinner pens than MNIST's writers used. Each training batch gets a small random affine
 transformation per image (rotation, shear, scale, translation: one `affine_grid`/`grid_sample`
 call for the whole batch) and, on a random part of the batch, a thicker or thinner stroke
-(a 3x3 grey dilation or erosion, blended in by a random amount). No per-image Python loops.
+(a 3x3 grey dilation or erosion, blended in by a random amount). Optionally (`elastic` > 0, off by
+default: see bench/results/drawn_ab.md) an elastic distortion (Simard et al. 2003): a smooth random
+displacement field added to the same sampling grid, so it costs no second resampling. No per-image
+Python loops.
 
 Every batch's randomness comes from one seed (`batch_seed(run seed, shard, step)`), so a run is
 reproducible, and a worker that resumes mid-round draws the same augmentation again.
 """
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,13 +29,16 @@ class AugmentSettings:
     translation: float = 2.0     # pixels in x and y, uniform in +-translation
     stroke: float = 0.5          # share of the batch whose stroke is thickened or thinned (half each)
     thin_max: float = 0.6        # an erosion is blended in by at most this much (a full 3x3 erosion erases thin strokes)
+    elastic: float = 0.0         # px: typical displacement (std) of the elastic distortion; 0 = off
+    elastic_sigma: float = 4.0   # px: smoothness of its displacement field (Gaussian sigma)
 
     def to_metadata(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         return (f"rotation ±{self.rotation:g}°, shear ±{self.shear:g}°, scale ±{100 * self.scale:g}%, "
-                f"shift ±{self.translation:g} px, stroke width jitter on {100 * self.stroke:g}%")
+                f"shift ±{self.translation:g} px, stroke width jitter on {100 * self.stroke:g}%"
+                + (f", elastic {self.elastic:g} px (σ {self.elastic_sigma:g} px)" if self.elastic > 0 else ""))
 
 
 DEFAULT = AugmentSettings()
@@ -98,7 +105,36 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, settings: Augment
                            torch.stack([sin, sin * shear + cos], 1)], 1) * scale.view(n, 1, 1)
     inverse = torch.linalg.inv(forward)
     theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(2))], 2)
-    return F.grid_sample(x, sampling_grid(theta), mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = sampling_grid(theta)
+    if settings.elastic > 0:  # drawn last, so that runs without it keep their random stream
+        grid = grid + elastic_field(n, generator, settings.elastic, settings.elastic_sigma)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def elastic_field(n: int, generator: torch.Generator, amount: float, sigma: float) -> torch.Tensor:
+    """n smooth random displacement fields [n, 28, 28, 2] in grid_sample's units, with a std of `amount` px.
+
+    Simard's field is white noise blurred by a Gaussian of `sigma` px. The same field, at a quarter of
+    the cost: unit noise on a 2-px lattice (14x14), each point spreading as that Gaussian (two small
+    matrix products instead of a convolution: 1-channel convolutions are slow on CPU).
+    """
+    spread = lattice_gaussian(sigma)                      # [28, 14]
+    noise = torch.randn(2 * n, LATTICE, LATTICE, generator=generator)
+    smooth = spread @ noise @ spread.T                     # [2n, 28, 28]
+    # The variance at pixel i of a sum of unit-noise bumps is (sum_j spread[i, j]^2)^2 (x and y): std 1 mid-field.
+    scale = amount * (2.0 / SIDE) / float((spread[SIDE // 2] ** 2).sum())
+    return (smooth * scale).view(n, 2, SIDE, SIDE).permute(0, 2, 3, 1)
+
+
+LATTICE = SIDE // 2
+
+
+@functools.lru_cache(maxsize=8)
+def lattice_gaussian(sigma: float) -> torch.Tensor:
+    """[28, 14]: the Gaussian weight of lattice point j (at pixel 2j + 0.5) on pixel i."""
+    pixels = torch.arange(SIDE, dtype=torch.float32).view(-1, 1)
+    points = torch.arange(LATTICE, dtype=torch.float32).view(1, -1) * 2 + 0.5
+    return torch.exp(-0.5 * ((pixels - points) / sigma) ** 2)
 
 
 def max_3x3(x: torch.Tensor) -> torch.Tensor:

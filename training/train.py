@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random rotation, shear, scale, shift and stroke width on every training batch, "
                              "seeded per shard and step (default on; --no-augment trains on the digits as they are)")
+    parser.add_argument("--elastic", type=float, default=AUGMENTATION.elastic, metavar="PX",
+                        help="add elastic distortion to the augmentation, displacing pixels by about PX (default 0: off)")
     parser.add_argument("--promote", choices=POLICIES, default="auto",
                         help="make the new version the served one (move `latest`): auto = only a full-data run "
                              f"(no --subset) at least as accurate as the serving version less {100 * TOLERANCE:.1f} "
@@ -115,12 +117,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--max-failures must be >= 0")
     if args.checkpoint_steps < 0:
         parser.error("--checkpoint-steps must be >= 0 (0 turns mid-round checkpoints off)")
+    if not 0 <= args.elastic <= 4:
+        parser.error("--elastic must be 0 (off) to 4 px")
     return args
 
 
 def augmentation(args) -> dict | None:
     """The augmentation settings the workers apply (and the metadata shows), None with --no-augment."""
-    return AUGMENTATION.to_metadata() if args.augment else None
+    return {**AUGMENTATION.to_metadata(), "elastic": args.elastic} if args.augment else None
 
 
 # ---------------------------------------------------------------- the driver
