@@ -4,7 +4,7 @@ local config fits it to this node (`fit_to_node`: replicas capped, CPU requests 
 the storage root absolute and the code importable by the replicas.
 
     python -m serving deploy [--storage DIR] [--name mnist] [--route-prefix /] [--model-replicas N]
-    python -m serving config [--storage DIR]    # the localised config, for `serve deploy FILE`
+    python -m serving config [--storage DIR]    # the local config, for `serve deploy FILE`
     python -m serving status | delete [--name mnist]   (delete removes <name> and <name>-ui)
 
 Declarative, through the dashboard's REST API (127.0.0.1:8265), like KubeRay. Other applications
