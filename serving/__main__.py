@@ -14,7 +14,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in [("deploy", "deploy the app on the local Ray cluster and print its URLs"),
-                       ("config", "print the localised Serve config (for `serve deploy FILE`)")]:
+                       ("config", "print the Serve config fitted to this node (for `serve deploy FILE`)")]:
         command = commands.add_parser(name, help=text)
         command.add_argument("--storage", help=f"storage root (default ${STORAGE_ENV}, else ./storage)")
         command.add_argument("--name", help="API application name (default mnist; the page is <name>-ui)")

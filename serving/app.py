@@ -1,10 +1,16 @@
-"""The Ray Serve applications (serving/serve_config.yaml deploys both):
+"""The Ray Serve applications. serving/serve_config.yaml deploys both and holds every deployment
+option (CPUs, replicas and autoscaling, queues, health checks, user_config); the decorators here
+stay bare.
 
-    mnist      route /     MnistApi (ingress, num_cpus 0): HTTP API, validation, preprocessing
-                           MnistModel (num_cpus 0.25, any number of replicas): the weights named
-                           by `latest`, dynamic batching (@serve.batch), hot reload
-    mnist-ui   route /ui   MnistUI (num_cpus 0, one replica): the Gradio sketchpad, calling
-                           MnistModel through a DeploymentHandle
+    mnist      route /     MnistApi (ingress): HTTP API, validation, preprocessing; batches the
+                           requests that arrive together into one call to the model
+                           MnistModel (any number of replicas): the weights named by `latest`,
+                           dynamic batching (@serve.batch), hot reload
+    mnist-ui   route /ui   MnistUI (one replica): the Gradio sketchpad, calling MnistModel
+                           through a DeploymentHandle
+
+One prediction: serving.api route -> MnistApi.infer (a batch) -> HandleBackend (retries a lost
+replica) -> MnistModel.reply -> ModelServer.infer (a batch) -> ModelStore.predict.
 
 Why the model has its own deployment: a model replica can die (or be replaced) without losing a
 request, because MnistApi sends the batch again to another replica. Why the page has its own
@@ -12,11 +18,10 @@ application: Gradio keeps per-session state in its process, so it runs as a sing
 `colocate: true` (args) instead serves API and model from one deployment, MnistService: one
 Ray hop less per request, about 40% more throughput on 2 cores, but a replica that dies takes
 its in-flight requests with it (docs/SERVING.md compares them).
-
-The CPU requests (0.25 per model replica, 0 for the rest) leave a 2-CPU machine room to train.
 """
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,8 +48,29 @@ class ModelConfig(BaseModel):
     poll_interval_s: float = Field(1.0, gt=0, description="how often `latest` is checked")
 
 
+def split(probs: np.ndarray, version: str, requests: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
+    """A batch's answer, cut back into one (probabilities, version) per request."""
+    bounds = np.cumsum([len(r) for r in requests])[:-1]
+    return [(part, version) for part in np.split(probs, bounds)]
+
+
+@dataclass(frozen=True)
+class ModelReply:
+    """What a model replica answers through a handle: probabilities and version, or why there is no
+    model. A value, not a raised NoModel: an exception crossing Ray carries the replica's traceback."""
+    probabilities: np.ndarray | None = None
+    version: str | None = None
+    no_model: str | None = None  # the public message of NoModel (503 "train first")
+
+    def unwrap(self) -> tuple[np.ndarray, str]:
+        if self.no_model is not None:
+            raise NoModel(self.no_model)
+        return self.probabilities, self.version
+
+
 class ModelServer:
-    """The model side of a replica: the store, the `latest` watcher, dynamic batching."""
+    """The model side of a replica: the store, the `latest` watcher, dynamic batching. It is a
+    `serving.api.Backend` itself: the colocated MnistService serves its API over it directly."""
 
     async def _start_model(self, storage: str | None) -> None:
         torch.set_num_threads(1)  # one core's worth: batching, not threads, gives throughput here
@@ -56,38 +82,32 @@ class ModelServer:
 
     def reconfigure(self, user_config: dict) -> None:
         self.config = ModelConfig(**user_config)
-        self._batched.set_max_batch_size(self.config.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-
-    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, str] | str:
-        """Probabilities and version, or the no-model message (a plain value crosses Ray cleanly)."""
-        if self.store.current is None:
-            return self.store.no_model_message()
-        return await self._batched(images)
+        self.infer.set_max_batch_size(self.config.max_batch_size)
+        self.infer.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _batched(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
+    async def infer(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
+        """Probabilities and version per request; NoModel (for the whole batch) when nothing is loaded."""
         probs, version = self.store.predict(np.concatenate(requests))
-        bounds = np.cumsum([len(r) for r in requests])[:-1]
-        return [(part, version) for part in np.split(probs, bounds)]
+        return split(probs, version, requests)
+
+    async def reply(self, images: np.ndarray) -> ModelReply:
+        """`infer` for a caller across Ray (HandleBackend): no model is a value, not an exception."""
+        try:
+            return ModelReply(*await self.infer(images))
+        except NoModel as error:
+            return ModelReply(no_model=str(error))
 
     async def status(self) -> dict:
         return self.store.status()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64,
-                  user_config=ModelConfig().model_dump(), health_check_period_s=5)
+@serve.deployment
 class MnistModel(ModelServer):
     async def __init__(self, storage: str | None = None):
         # Serve routes to a replica only after __init__ returns, so one that autoscaling adds
         # takes no request before the published model is loaded (and probed).
         await self._start_model(storage)
-
-
-def _result(result):
-    if isinstance(result, str):
-        raise NoModel(result)
-    return result
 
 
 class HandleBackend:
@@ -105,7 +125,8 @@ class HandleBackend:
     async def infer(self, images: np.ndarray) -> tuple[np.ndarray, str]:
         for attempt in range(RETRIES + 1):
             try:
-                return _result(await self.handle.infer.remote(images))
+                reply = await self.handle.reply.remote(images)
+                return reply.unwrap()
             except RayActorError as error:  # the replica died mid-request: another one takes it
                 if attempt == RETRIES:
                     raise ApiError(503, "no model replica could answer; try again", headers=RETRY_AFTER) from error
@@ -117,61 +138,45 @@ class HandleBackend:
         return await self.handle.status.remote()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.deployment
 @serve.ingress()
 class MnistApi:
+    """The HTTP API; a `serving.api.Backend` over MnistModel, batching what arrives together."""
+
     def __init__(self, model: DeploymentHandle, limits: dict | None = None):
         self.model = HandleBackend(model)
         self.limits = Limits(**(limits or {}))
 
     def __serve_build_asgi_app__(self):
         """Runs on the replica after __init__ (a FastAPI app built in the driver would be pickled)."""
-        return create_api(LocalBackend(self), self.limits)
-
-    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, str]:
-        return await self._forward(images)
+        return create_api(self, self.limits)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _forward(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
+    async def infer(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
         """One call to the model for the requests that arrived together: the Ray hop, which
         costs more than the model, is paid once per batch instead of once per request."""
         probs, version = await self.model.infer(np.concatenate(requests))
-        bounds = np.cumsum([len(r) for r in requests])[:-1]
-        return [(part, version) for part in np.split(probs, bounds)]
+        return split(probs, version, requests)
 
     async def status(self) -> dict:
         return await self.model.status()
 
 
-class LocalBackend:
-    """The API's view of the model through its own replica: MnistApi (which forwards batches
-    to MnistModel) or MnistService (which holds the model)."""
-
-    def __init__(self, server):
-        self.server = server
-
-    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, str]:
-        return _result(await self.server.infer(images))
-
-    async def status(self) -> dict:
-        return await self.server.status()
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
-                  user_config=ModelConfig().model_dump(), health_check_period_s=5)
+@serve.deployment
 @serve.ingress()
 class MnistService(ModelServer):
-    """API and model in one replica (`colocate: true`)."""
+    """API and model in one replica (`colocate: true`); python -m serving deploy gives it
+    MnistModel's options from serve_config.yaml, with MnistApi's request-facing ones."""
 
     async def __init__(self, storage: str | None = None, limits: dict | None = None):
         await self._start_model(storage)
         self.limits = Limits(**(limits or {}))
 
     def __serve_build_asgi_app__(self):
-        return create_api(LocalBackend(self), self.limits)
+        return create_api(self, self.limits)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.deployment
 @serve.ingress()
 class MnistUI:
     def __init__(self, model_app: str = "mnist", model_deployment: str = "MnistModel"):

@@ -1,16 +1,18 @@
-"""Deploy serving/serve_config.yaml on the local Ray cluster, the way `serve deploy` would, with the
-storage root made absolute and the code importable by the replicas; then wait and print the URLs.
+"""Deploy serving/serve_config.yaml on the local Ray cluster, the way `serve deploy` would; then wait
+and print the URLs. The file is sized for the GKE cluster (the RayService runs it as it is); the
+local config fits it to this node (`fit_to_node`: replicas capped, CPU requests scaled down), makes
+the storage root absolute and the code importable by the replicas.
 
     python -m serving deploy [--storage DIR] [--name mnist] [--route-prefix /] [--model-replicas N]
-    python -m serving config [--storage DIR]    # the localised config, for `serve deploy FILE`
+    python -m serving config [--storage DIR]    # the local config, for `serve deploy FILE`
     python -m serving status | delete [--name mnist]   (delete removes <name> and <name>-ui)
 
 Declarative, through the dashboard's REST API (127.0.0.1:8265), like KubeRay. Other applications
 deployed this way are kept; applications deployed with `serve.run` are never touched.
 """
-import copy
 import hashlib
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -25,28 +27,77 @@ from training.storage import STORAGE_ENV
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = Path(__file__).resolve().parent / "serve_config.yaml"
 APPS_PATH = "/api/serve/applications/"
+# serve_config.yaml is sized for the GKE cluster; local deploys fit it to this node (fit_to_node).
+LOCAL_CPUS = 2       # the 2-core workstation the local defaults are for; a larger machine gets the same
+LOCAL_SHARE = 0.25   # of those CPUs, reserved by all replicas at their ceiling; the rest is training's
 
 
 class DeployError(RuntimeError):
     pass
 
 
-def load_config(path: Path = SERVE_CONFIG) -> dict:
+def read_config(path: Path = SERVE_CONFIG) -> dict:
+    """The config file as it is: what the RayService runs on GKE."""
     return yaml.safe_load(Path(path).read_text())
+
+
+def load_config(path: Path = SERVE_CONFIG) -> dict:
+    """The config as this machine runs it: the file fitted to the local node (fit_to_node)."""
+    return fit_to_node(read_config(path))
+
+
+def fit_to_node(config: dict, cpus: int = LOCAL_CPUS, share: float = LOCAL_SHARE) -> dict:
+    """The config (sized for the GKE cluster) fitted to one node of `cpus` CPUs, in place.
+
+    - Each deployment's replicas are capped at `cpus` (max_replicas, num_replicas; min_replicas
+      not above max_replicas). On one node every request crosses one Serve proxy, which saturates
+      at about two busy replicas' work (docs/AUTOSCALING.md), so more would only add processes.
+    - Every num_cpus is scaled by one factor, so that all replicas at their ceiling reserve at most
+      `share` of the node. On one node a reservation places nothing (every replica lands there);
+      it only keeps CPUs from a training job, which needs the rest. Rounded down to 0.01 CPU.
+
+    The ratios between deployments, the targets, the delays and the queues stay as the file has them.
+    """
+    deployments = [d for app in config["applications"] for d in app.get("deployments", [])]
+    for options in deployments:
+        scaling = options.get("autoscaling_config")
+        if scaling:
+            scaling["max_replicas"] = min(scaling["max_replicas"], cpus)
+            scaling["min_replicas"] = min(scaling.get("min_replicas", 1), scaling["max_replicas"])
+        elif "num_replicas" in options:
+            options["num_replicas"] = min(options["num_replicas"], cpus)
+    at_ceiling = sum(ceiling(d) * d.get("ray_actor_options", {}).get("num_cpus", 1) for d in deployments)
+    factor = min(1.0, share * cpus / at_ceiling) if at_ceiling else 1.0
+    for options in deployments:
+        actor = options.setdefault("ray_actor_options", {})
+        actor["num_cpus"] = math.floor(actor.get("num_cpus", 1) * factor * 100) / 100
+    return config
+
+
+def ceiling(options: dict) -> int:
+    """A deployment's most replicas: max_replicas when it autoscales, else num_replicas (default 1)."""
+    scaling = options.get("autoscaling_config")
+    return scaling["max_replicas"] if scaling else options.get("num_replicas", 1)
 
 
 def local_config(storage: str | None = None, name: str | None = None, route_prefix: str | None = None,
                  model_replicas: int | None = None, colocate: bool = False, path: Path = SERVE_CONFIG,
                  api_replicas: int | None = None) -> dict:
-    """The config with an absolute storage root and this checkout on the replicas' PYTHONPATH.
+    """The config fitted to this node, with an absolute storage root and this checkout on the
+    replicas' PYTHONPATH.
 
     `name` and `route_prefix` rename the API app; the page follows as <name>-ui at <prefix>/ui.
+    `model_replicas` / `api_replicas` pin a deployment at a fixed count instead of autoscaling.
     """
-    config = copy.deepcopy(load_config(path))
+    config = load_config(path)
     config.setdefault("http_options", {}).setdefault("host", HOST)  # loopback; the file names no host
     api, ui = app_pair(config)
+    if api_replicas and not colocate:
+        pin_replicas(model_and_ingress(api, ui)[1], api_replicas)
     if colocate:
         colocated(api, ui)
+    if model_replicas:  # MnistModel, or MnistService when colocated: the deployment the page calls
+        pin_replicas(model_and_ingress(api, ui)[0], model_replicas)
     for app in (api, ui):
         env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
         env["PYTHONPATH"] = str(ROOT)  # the replicas import serving/ and training/ from this checkout
@@ -58,31 +109,36 @@ def local_config(storage: str | None = None, name: str | None = None, route_pref
     if route_prefix:
         api["route_prefix"] = "/" + route_prefix.strip("/")
         ui["route_prefix"] = api["route_prefix"].rstrip("/") + "/ui"
-    if model_replicas:
-        pin_replicas(api, ui["args"]["model_deployment"], model_replicas)
-    if api_replicas and not colocate:
-        pin_replicas(api, "MnistApi", api_replicas)
     return config
 
 
-def pin_replicas(app: dict, deployment: str, replicas: int) -> None:
+def pin_replicas(options: dict, replicas: int) -> None:
     """A fixed replica count instead of autoscaling (Serve takes one or the other)."""
-    options = next(d for d in app["deployments"] if d["name"] == deployment)
     options.pop("autoscaling_config", None)
     options["num_replicas"] = replicas
 
 
+def model_and_ingress(api: dict, ui: dict) -> tuple[dict, dict]:
+    """The API application's model deployment (the one the page calls) and its ingress (the other;
+    the same one when colocated)."""
+    model = next(d for d in api["deployments"] if d["name"] == ui["args"]["model_deployment"])
+    ingress = [d for d in api["deployments"] if d is not model]
+    return model, (ingress[0] if ingress else model)  # colocated: one deployment is both
+
+
 def colocated(api: dict, ui: dict) -> None:
-    """API and model in one deployment, MnistService, with the model's settings."""
-    model = next(d for d in api["deployments"] if d["name"] == "MnistModel")
-    ingress = next(d for d in api["deployments"] if d["name"] == "MnistApi")
-    service = {**model, "name": "MnistService", "max_ongoing_requests": 256}
-    if "autoscaling_config" in ingress:  # it takes the HTTP requests, so the API's target fits
+    """API and model in one deployment, MnistService: the model's options (CPUs, user_config,
+    health checks, shutdown), and the ingress's for what faces HTTP (queues, backpressure, autoscaling)."""
+    from serving.app import MnistService  # the name only; imported here, where it is needed
+    model, ingress = model_and_ingress(api, ui)
+    facing = {key: ingress[key] for key in ("max_ongoing_requests", "max_queued_requests", "backpressure_config",
+                                            "autoscaling_config") if key in ingress}
+    service = {**model, **facing, "name": MnistService.name}
+    if "autoscaling_config" in service:  # it takes the HTTP requests, so the API's target fits
         service.pop("num_replicas", None)
-        service["autoscaling_config"] = ingress["autoscaling_config"]
     api["args"]["colocate"] = True
     api["deployments"] = [service]
-    ui["args"]["model_deployment"] = "MnistService"
+    ui["args"]["model_deployment"] = service["name"]
 
 
 def code_hash() -> str:

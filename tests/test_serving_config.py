@@ -80,6 +80,80 @@ def test_kuberay_renders_it_for_the_cluster():
         assert "PYTHONPATH" not in env and "MNIST_STORAGE" not in env  # the image and the pod set them
 
 
+# ---------------------------------------------------------------- GKE sizes in the file, fitted locally
+
+# The serving RayCluster's worker group (k8s/base/rayservice.yaml): 2-CPU pods, 1 to 4 of them; the
+# head reserves no CPUs, so replicas that ask for CPUs run on worker pods only.
+POD_CPUS, MIN_PODS, MAX_PODS = 2, 1, 4
+
+
+def demand(config: dict, bound: str) -> float:
+    """CPUs all replicas of a config ask for at their floor ("min_replicas") or ceiling ("max_replicas")."""
+    total = 0.0
+    for app in config["applications"]:
+        for options in app["deployments"]:
+            scaling = options.get("autoscaling_config")
+            replicas = scaling[bound] if scaling else options.get("num_replicas", 1)
+            total += replicas * options["ray_actor_options"]["num_cpus"]
+    return total
+
+
+def test_the_file_is_sized_for_the_gke_serving_cluster():
+    """Replicas that ask for real CPUs make KubeRay add worker pods under load; the floor fits the
+    one pod that always runs, the ceiling the most pods the group may have."""
+    config = deploy.read_config()
+    assert demand(config, "min_replicas") <= MIN_PODS * POD_CPUS
+    assert MIN_PODS * POD_CPUS < demand(config, "max_replicas") <= MAX_PODS * POD_CPUS
+    for app in config["applications"]:
+        for options in app["deployments"]:
+            assert options["ray_actor_options"]["num_cpus"] <= POD_CPUS  # a replica fits a pod
+
+
+def scaled_app(**model) -> dict:
+    return {"applications": [{"name": "a", "import_path": "x:y", "deployments": [
+        {"name": "Api", "ray_actor_options": {"num_cpus": 1},
+         "autoscaling_config": {"min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 8}},
+        {"name": "Model", "ray_actor_options": {"num_cpus": 0.5}, **model},
+        {"name": "Page", "ray_actor_options": {"num_cpus": 0}, "num_replicas": 1}]}]}
+
+
+def test_fit_to_node_caps_replicas_and_scales_cpus_to_a_share_of_the_node():
+    fitted = deploy.fit_to_node(scaled_app(num_replicas=4), cpus=2, share=0.25)
+    api, model, page = fitted["applications"][0]["deployments"]
+    assert api["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}
+    assert model["num_replicas"] == 2 and page["num_replicas"] == 1
+    # 2 x 1 + 2 x 0.5 = 3 CPUs at the ceiling, scaled to a quarter of 2 CPUs (rounded down to 0.01)
+    assert (api["ray_actor_options"]["num_cpus"], model["ray_actor_options"]["num_cpus"]) == (0.16, 0.08)
+    assert page["ray_actor_options"]["num_cpus"] == 0
+    assert demand(fitted, "max_replicas") <= 0.25 * 2
+
+
+def test_fit_to_node_never_raises_a_request_and_keeps_a_floor_under_the_ceiling():
+    roomy = deploy.fit_to_node(scaled_app(num_replicas=1), cpus=64, share=0.25)
+    assert roomy == scaled_app(num_replicas=1)  # everything fits: the file as it is
+    tiny = deploy.fit_to_node(scaled_app(autoscaling_config={"min_replicas": 3, "max_replicas": 4}), cpus=1)
+    model = tiny["applications"][0]["deployments"][1]
+    assert model["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 1}
+
+
+def test_local_deploys_run_the_file_fitted_to_the_node(tmp_path):
+    """One file: the local config differs from it only in replica counts and CPU requests (and in
+    the runtime_env and host it adds for this machine)."""
+    def without_sizes(config: dict) -> list:
+        """The applications, less their runtime_env, with replica counts and CPU requests removed."""
+        apps = [{k: v for k, v in app.items() if k != "runtime_env"} for app in deploy.app_pair(config)]
+        for options in (d for app in apps for d in app["deployments"]):
+            options["ray_actor_options"].pop("num_cpus")
+            for key in ("min_replicas", "max_replicas"):
+                options.get("autoscaling_config", {}).pop(key, None)
+        return apps
+
+    assert deploy.load_config() == deploy.fit_to_node(deploy.read_config())
+    local = deploy.local_config(str(tmp_path))
+    assert demand(local, "max_replicas") <= deploy.LOCAL_SHARE * deploy.LOCAL_CPUS
+    assert without_sizes(local) == without_sizes(deploy.read_config())
+
+
 # ---------------------------------------------------------------- limits, in-process
 
 class SlowBackend:
