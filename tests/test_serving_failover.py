@@ -123,7 +123,7 @@ def lossless(summary: dict) -> bool:
 
 
 def wait_replicas(app_name: str, deployment: str, count: int) -> None:
-    wait_for(lambda: len(running(app_name, deployment)) == count, 120, f"{count} running {deployment} replicas")
+    wait_for(lambda: len(running_replicas(app_name)[deployment]) == count, 120, f"{count} running {deployment} replicas")
 
 
 # ---------------------------------------------------------------- the ingress retry, without Ray
