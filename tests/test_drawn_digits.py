@@ -5,8 +5,6 @@ import pytest
 from bench.drawn_digits import FONT_VARIANTS, KINDS, build_drawn_set, machine_fonts, redraw
 from serving.preprocess import preprocess
 
-pytest_plugins = ["tests.serving_support"]
-
 
 @pytest.fixture(scope="module")
 def small_set(test_digits):

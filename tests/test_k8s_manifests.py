@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
+import psutil
 import pytest
 import yaml
 
@@ -68,15 +69,10 @@ def under_ci() -> bool:
     """True when CI is set, or when some ancestor process is the .ci/run script."""
     if os.environ.get("CI"):
         return True
-    pid = os.getppid()
-    while pid > 1:
-        try:
-            if b".ci/run" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return True
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-    return False
+    try:
+        return any(".ci/run" in " ".join(parent.cmdline()) for parent in psutil.Process().parents())
+    except psutil.Error:
+        return False
 
 
 def missing(reason: str):

@@ -5,13 +5,13 @@ import os
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
+import psutil
 import pytest
 
 from ray_cluster import local
 from training.storage import private_dir
-from tests.waiting import wait_for
+from tests.helpers import wait_for
 
 # A stand-in head: a session leader whose child moves to a process group of its own.
 HEAD = """
@@ -24,8 +24,8 @@ time.sleep(300)
 
 def running(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
@@ -61,8 +61,8 @@ def test_down_leaves_a_reused_pid_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(local, "is_up", lambda timeout=2.0: False)
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
     try:
-        boot, ticks = local._start_time(stranger.pid).rsplit(":", 1)
-        local.PID_FILE.write_text(json.dumps({"pid": stranger.pid, "started": f"{boot}:{int(ticks) - 100}"}))
+        started = local._start_time(stranger.pid)
+        local.PID_FILE.write_text(json.dumps({"pid": stranger.pid, "started": started - 100}))
         assert local._head_pid() is None and not local.down(timeout=2)
         assert stranger.poll() is None and running(stranger.pid)
         local.PID_FILE.write_text(str(stranger.pid))  # the old format, without a start time: not ours either

@@ -11,8 +11,6 @@ from bench.drawings import STYLES, encode, redraw
 from serving.preprocess import (BOX, MAX_PIXELS, BadImage, decode_image, from_pixels, preprocess,
                                 preprocess_steps)
 
-pytest_plugins = ["tests.serving_support"]
-
 
 def centre_of_mass(image: np.ndarray) -> tuple[float, float]:
     weights = image.astype(np.float64)

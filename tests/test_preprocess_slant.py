@@ -6,7 +6,6 @@ import pytest
 from bench.bench_drawn import reader
 from serving.preprocess import SLANT_LIMIT, limit_slant, preprocess, slant
 
-pytest_plugins = ["tests.serving_support"]
 
 
 def slanted_bar(shift_per_row: float, height: int = 60, width: int = 6) -> np.ndarray:

@@ -7,8 +7,6 @@ from bench.bench_drawn import reader
 from bench.drawn_digits import KINDS, redraw
 from serving.preprocess import THICK_STROKE, THIN_STROKE, even_stroke, preprocess, stroke_width
 
-pytest_plugins = ["tests.serving_support"]
-
 
 def bar(width: int) -> np.ndarray:
     image = np.zeros((20, 12), dtype=np.float32)

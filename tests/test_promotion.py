@@ -17,11 +17,10 @@ import torch
 from bench.loadgen import load
 from training import models, train
 from training.models import TOLERANCE, decide, publish_run
-from tests.waiting import wait_for
+from tests.helpers import wait_for
 from training.storage import (PromotionError, history_path, models_dir, promote_version, publish_model,
                               publish_version, read_history, read_latest, rollback_version, run_dir)
 
-pytest_plugins = ["tests.serving_support"]
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"w": torch.zeros(4)}  # the promotion code never looks inside model.pt
 

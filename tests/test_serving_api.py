@@ -12,14 +12,7 @@ from bench.drawings import encode, redraw, redrawn_set
 from serving.preprocess import MAX_PIXELS
 from serving.schemas import MAX_IMAGES, MAX_TENSOR_IMAGES
 
-pytest_plugins = ["tests.serving_support"]
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def client(serve_app):
-    with serve_app.client() as client:
-        yield client
 
 
 def b64(data: bytes) -> str:

@@ -13,9 +13,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from bench.bench_serving import load_in_windows, replica_counts, server_errors
 from serving import deploy
-from tests.serving_helpers import make_app, publish, wait_for
+from tests.helpers import make_app, publish, running_replicas, wait_for
 
-pytest_plugins = ["tests.serving_support"]
 
 SCALED = ("MnistApi", "MnistModel")
 # The test's own delays, so that a ramp fits in about a minute: metrics every 0.5 s (the default
@@ -63,7 +62,7 @@ def test_the_colocated_service_scales_on_http_requests_like_the_api(tmp_path):
 
 
 def running(app: str) -> dict[str, int]:
-    return {name: c["running"] for name, c in replica_counts(app).items()}
+    return {name: len(replicas) for name, replicas in running_replicas(app).items()}
 
 
 @pytest.mark.ray

@@ -5,7 +5,6 @@ import pytest
 
 from bench import bench_serving
 
-pytest_plugins = ["tests.serving_support"]
 pytestmark = pytest.mark.ray
 
 

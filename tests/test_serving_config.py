@@ -13,8 +13,6 @@ from serving import deploy
 from serving.api import create_api
 from serving.schemas import Limits
 
-pytest_plugins = ["tests.serving_support"]
-
 
 def test_the_config_is_a_valid_serve_config():
     config = deploy.load_config()

@@ -22,9 +22,8 @@ import pytest
 from ray_cluster import local
 from serving import deploy, ingress
 from bench.drawings import encode, redraw
-from tests.serving_helpers import make_app, wait_for
+from tests.helpers import make_app, running_replicas, wait_for
 
-pytest_plugins = ["tests.serving_support"]
 
 KILL_LOAD = {"clients": 4, "time_limit_s": 12}  # 250-400 answers on 2 shared cores
 KILL_AFTER_S = 3
@@ -40,11 +39,6 @@ def batch_bodies(test_digits, count: int = 4, per_batch: int = 8) -> list[bytes]
     return [json.dumps({"images": [base64.b64encode(encode(redraw(images[b * per_batch + i], "black_on_white", rng),
                                                            "black_on_white")).decode() for i in range(per_batch)]}).encode()
             for b in range(count)]
-
-
-def running(app_name: str, deployment: str) -> list[dict]:
-    details = deploy.serve_details()["applications"][app_name]["deployments"][deployment]
-    return [r for r in details["replicas"] if r["state"] == "RUNNING"]
 
 
 def valid_answer(body: bytes) -> bool:
@@ -129,7 +123,7 @@ def lossless(summary: dict) -> bool:
 
 
 def wait_replicas(app_name: str, deployment: str, count: int) -> None:
-    wait_for(lambda: len(running(app_name, deployment)) == count, 120, f"{count} running {deployment} replicas")
+    wait_for(lambda: len(running_replicas(app_name)[deployment]) == count, 120, f"{count} running {deployment} replicas")
 
 
 # ---------------------------------------------------------------- the ingress retry, without Ray
@@ -247,12 +241,12 @@ def test_killing_an_ingress_replica_under_load_loses_nothing(serve_app, test_dig
     """Serve's Python proxy, two MnistApi replicas, 4 clients posting 8-drawing batches: SIGKILL one
     replica. Without the retry the requests it held came back as plain-text 500s."""
     wait_replicas(serve_app.name, "MnistApi", 2)
-    victim = running(serve_app.name, "MnistApi")[0]
+    victim = running_replicas(serve_app.name)["MnistApi"][0]
     summary = kill_under_load(f"{serve_app.url}/predict", batch_bodies(test_digits), victim["pid"])
     print("ingress replica kill under load (Python proxy):", summary)
     assert lossless(summary), summary
     wait_replicas(serve_app.name, "MnistApi", 2)  # Serve replaced it
-    assert victim["replica_id"] not in [r["replica_id"] for r in running(serve_app.name, "MnistApi")]
+    assert victim["replica_id"] not in [r["replica_id"] for r in running_replicas(serve_app.name)["MnistApi"]]
 
 
 @pytest.mark.ray
@@ -260,7 +254,7 @@ def test_a_redeploy_under_load_loses_nothing(serve_app, test_digits):
     """A new code hash replaces every replica of the API app (MnistApi and MnistModel) while 4
     clients post: the old replicas leave the routing table, then finish what they hold."""
     wait_replicas(serve_app.name, "MnistApi", 2)
-    before = {r["replica_id"] for r in running(serve_app.name, "MnistApi")}
+    before = {r["replica_id"] for r in running_replicas(serve_app.name)["MnistApi"]}
     config = json.loads(json.dumps(serve_app.config))
     api, _ = deploy.app_pair(config)  # the API app (the page is an application of its own)
     api["runtime_env"]["env_vars"]["MNIST_CODE_HASH"] = f"redeploy-{time.time_ns()}"
@@ -294,7 +288,7 @@ def test_the_page_answers_through_a_model_replica_kill(serve_app, tmp_path):
     drawing.save(path)
     client = Client(serve_app.ui_url, verbose=False, download_files=str(tmp_path))
     sketch = {"background": handle_file(str(path)), "layers": [], "composite": handle_file(str(path))}
-    victim = running(serve_app.name, "MnistModel")[0]
+    victim = running_replicas(serve_app.name)["MnistModel"][0]
     jobs = []
     for i in range(8):
         jobs.append(client.submit(sketch, api_name="/predict"))
@@ -319,7 +313,7 @@ def test_manual_ingress_kill(haproxy, retry, served_models, test_digits, tmp_pat
     retry settings (docs/RELIABILITY.md's figures). Run alone, with no cluster up:
         MNIST_INGRESS_CHECK=1 python -m pytest -s tests/test_serving_failover.py -k manual
     """
-    from tests.serving_helpers import publish
+    from tests.helpers import publish
     if not retry:
         monkeypatch.setattr(local, "PROXY_RETRY_ENV", {})
         monkeypatch.setattr(local, "HAPROXY_RETRY_ENV", {})
@@ -332,7 +326,7 @@ def test_manual_ingress_kill(haproxy, retry, served_models, test_digits, tmp_pat
         deploy.deploy(app.config, timeout=300)
         wait_for(lambda: __import__("httpx").get(f"{app.url}/healthz", timeout=10).status_code == 200, 60, "v1")
         wait_replicas(app.name, "MnistApi", 2)
-        victim = running(app.name, "MnistApi")[0]
+        victim = running_replicas(app.name)["MnistApi"][0]
         summary = kill_under_load(f"{app.url}/predict", batch_bodies(test_digits), victim["pid"])
         print(f"\nFIGURE ingress={'haproxy' if haproxy else 'proxy'} retry={retry}: {json.dumps(summary)}")
         if haproxy_log:

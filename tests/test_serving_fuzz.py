@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from tests.bombs import bomb_png
 
-pytest_plugins = ["tests.serving_support"]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 FUZZ = settings(max_examples=800, deadline=None, database=None, derandomize=True,
@@ -137,12 +136,6 @@ def binary_bodies(draw):
     length = draw(st.sampled_from([str(len(encoded))] * 3 + [str(len(encoded) + len(data) + 1), "0", "-1", "x"])
                   | st.integers(0, 6000).map(str))
     return encoded + data, length
-
-
-@pytest.fixture(scope="module")
-def client(serve_app):
-    with serve_app.client() as client:
-        yield client
 
 
 def check(response) -> None:

@@ -8,10 +8,10 @@ import json
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from gradio_client import Client, handle_file
 
@@ -19,8 +19,8 @@ from serving import deploy
 from bench.drawings import encode, redraw
 from serving.schemas import MAX_IMAGES, MAX_TENSOR_IMAGES
 from tests.bombs import bomb_png
+from tests.helpers import running_replicas
 
-pytest_plugins = ["tests.serving_support"]
 pytestmark = pytest.mark.ray
 
 BOMBS = {"palette-4096": (4096, "palette"), "1bit-4096": (4096, "1bit"), "1bit-13000": (13000, "1bit")}
@@ -37,12 +37,6 @@ def bombs() -> dict[str, bytes]:
     made = {name: bomb_png(side, kind) for name, (side, kind) in BOMBS.items()}
     made["at-budget"] = bomb_png(2048, "palette")  # exactly the per-image limit: accepted, the costliest
     return made
-
-
-@pytest.fixture(scope="module")
-def client(serve_app):
-    with serve_app.client() as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +93,12 @@ def test_the_largest_requests_the_contract_allows_are_answered(client, bombs, ca
 # ---------------------------------------------------------------- bombs through the Gradio page
 
 def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in clock ticks (USER_HZ = 100)
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def ui_replica_pid(serve_app) -> int:
-    deployments = deploy.serve_details()["applications"][f"{serve_app.name}-ui"]["deployments"]
-    return next(r["pid"] for r in deployments["MnistUI"]["replicas"] if r["state"] == "RUNNING")
+    return running_replicas(f"{serve_app.name}-ui")["MnistUI"][0]["pid"]
 
 
 def test_the_page_refuses_bombs_for_milliseconds_of_cpu(serve_app, bombs, tmp_path):

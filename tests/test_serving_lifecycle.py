@@ -12,21 +12,15 @@ import pytest
 
 from bench.loadgen import load
 from serving import deploy
-from tests.serving_helpers import make_app, point_latest, publish, wait_for
+from tests.helpers import make_app, point_latest, publish, running_replicas, wait_for
 from training.model import SeedNet
 from training.storage import models_dir
 
-pytest_plugins = ["tests.serving_support"]
 pytestmark = pytest.mark.ray
 
 
 def pixels_body(test_digits, index: int = 0) -> bytes:
     return json.dumps({"pixels": test_digits[0][index].tolist()}).encode()
-
-
-def replicas(app_name: str) -> list[dict]:
-    details = deploy.serve_details()["applications"][app_name]["deployments"]["MnistModel"]
-    return [r for r in details["replicas"] if r["state"] == "RUNNING"]
 
 
 def run_in_background(fn):
@@ -48,9 +42,9 @@ def test_no_model_yet_then_the_first_one_is_picked_up(ray_head, tmp_path, served
             assert predict.status_code == 503 and "train first" in predict.json()["error"]
             assert client.get("/v2/health/ready").status_code == 400
             assert client.get("/model").json()["ready"] is False
-            first = replicas(app.name)
+            first = running_replicas(app.name)["MnistModel"]
             time.sleep(3)  # health checks run every 5 s: the replica must stay up, not restart
-            assert [r["replica_id"] for r in replicas(app.name)] == [r["replica_id"] for r in first]
+            assert [r["replica_id"] for r in running_replicas(app.name)["MnistModel"]] == [r["replica_id"] for r in first]
 
             publish(tmp_path, "first", served_models["v1"], served_models["accuracy"])
             wait_for(lambda: client.get("/healthz").status_code == 200, 15, "the first model to load")
@@ -131,8 +125,8 @@ def test_killing_a_replica_under_load(serve_app, test_digits):
     scaled = make_app(serve_app.name, serve_app.storage, api_replicas=2, model_replicas=2)
     deploy.deploy(scaled.config, timeout=240)
     try:
-        wait_for(lambda: len(replicas(serve_app.name)) == 2, 120, "two running replicas")
-        victim = replicas(serve_app.name)[0]
+        wait_for(lambda: len(running_replicas(serve_app.name)["MnistModel"]) == 2, 120, "two running replicas")
+        victim = running_replicas(serve_app.name)["MnistModel"][0]
         thread, result = run_in_background(lambda: load(
             f"{serve_app.url}/predict", [pixels_body(test_digits, i) for i in range(8)],
             clients=8, requests=1200, time_limit_s=90))
@@ -144,6 +138,6 @@ def test_killing_a_replica_under_load(serve_app, test_digits):
         assert summary["requests"] >= 1200 and summary["success_rate"] >= 0.999, summary
         with serve_app.client() as client:
             assert client.get("/healthz").status_code == 200
-        assert victim["replica_id"] not in [r["replica_id"] for r in replicas(serve_app.name)]
+        assert victim["replica_id"] not in [r["replica_id"] for r in running_replicas(serve_app.name)["MnistModel"]]
     finally:
         deploy.deploy(serve_app.config, timeout=240)  # back to one replica

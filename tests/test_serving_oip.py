@@ -9,9 +9,8 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from serving.schemas import MAX_TENSOR_IMAGES
-from tests.serving_helpers import wait_for
+from tests.helpers import wait_for
 
-pytest_plugins = ["tests.serving_support"]
 pytestmark = pytest.mark.ray
 
 COUNT = 500  # MNIST test images

@@ -8,10 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))
-import torch  # noqa: E402
 import train  # noqa: E402  (the entrypoint is a script, as Ray runs it)
-
-from training import model  # noqa: E402
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -12,10 +12,9 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors
 
 from ray_cluster import local
-from tests.waiting import wait_for, wait_for_job
+from tests.helpers import submit_training, wait_for, wait_for_job
 from training.storage import global_path, models_dir, partial_path, read_latest
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # Two rounds of 30 steps with a checkpoint every 4 steps: the kill lands inside round 1, after
 # round 0's checkpoint and after every worker's first mid-round checkpoint.
@@ -28,11 +27,6 @@ STOP_ARGS = ["--subset", "3000", "--workers", "3", "--epochs", "4", "--rounds", 
 @pytest.fixture(scope="module")
 def client(ray_head):
     return JobSubmissionClient(local.DASHBOARD_URL)
-
-
-def start(client, storage: Path, run_id: str, args: list[str]) -> str:
-    entrypoint = " ".join(["python", "training/train.py", "--storage", str(storage), "--run-id", run_id, *args])
-    return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
 
 
 def train_worker_pids(client, submission_id: str) -> list[int]:
@@ -49,10 +43,10 @@ def accuracy(storage: Path, version: str) -> float:
 
 def test_worker_killed_mid_round_resumes_and_matches_an_undisturbed_run(client, mnist_storage):
     calm, hurt = f"calm-{uuid.uuid4().hex[:6]}", f"kill-{uuid.uuid4().hex[:6]}"
-    job = start(client, mnist_storage, calm, KILL_ARGS)
+    job = submit_training(client, mnist_storage, "--run-id", calm, *KILL_ARGS)
     assert wait_for_job(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
 
-    job = start(client, mnist_storage, hurt, KILL_ARGS)
+    job = submit_training(client, mnist_storage, "--run-id", hurt, *KILL_ARGS)
     pids = wait_for(lambda: len(p := train_worker_pids(client, job)) == 3 and p, 300, "the Train workers' pids")
     wait_for(lambda: global_path(mnist_storage, hurt, 0).exists()
              and all(partial_path(mnist_storage, hurt, 1, rank).exists() for rank in range(3)),
@@ -71,7 +65,7 @@ def test_worker_killed_mid_round_resumes_and_matches_an_undisturbed_run(client, 
 def test_stopped_job_publishes_nothing_and_latest_stays(client, mnist_storage):
     before = read_latest(mnist_storage)
     run_id = f"stop-{uuid.uuid4().hex[:6]}"
-    job = start(client, mnist_storage, run_id, STOP_ARGS)
+    job = submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)
     wait_for(lambda: global_path(mnist_storage, run_id, 0).exists(), 300, "round 0's averaged model")
     client.stop_job(job)
     assert wait_for_job(client, job, timeout=120) == JobStatus.STOPPED
@@ -85,7 +79,7 @@ def test_killed_driver_publishes_nothing_and_its_run_id_is_refused_after(client,
     stays, and submitting the same --run-id again is refused with a clear message."""
     before = read_latest(mnist_storage)
     run_id = f"crash-{uuid.uuid4().hex[:6]}"
-    job = start(client, mnist_storage, run_id, STOP_ARGS)
+    job = submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)
     wait_for(lambda: global_path(mnist_storage, run_id, 0).exists(), 300, "round 0's averaged model")
     driver = wait_for(lambda: client.get_job_info(job).driver_info, 30, "the driver's pid")
     os.kill(int(driver.pid), signal.SIGKILL)
@@ -94,6 +88,6 @@ def test_killed_driver_publishes_nothing_and_its_run_id_is_refused_after(client,
     assert not (models_dir(mnist_storage) / run_id).exists()
     assert not [p for p in models_dir(mnist_storage).glob(f".{run_id}*")]
 
-    again = start(client, mnist_storage, run_id, STOP_ARGS)
+    again = submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)
     assert wait_for_job(client, again, timeout=120) == JobStatus.FAILED
     assert f"run {run_id} already exists" in client.get_job_logs(again)

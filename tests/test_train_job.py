@@ -1,27 +1,18 @@
 """Integration: `ray job submit` training/train.py to a real local Ray cluster on 127.0.0.1."""
 import json
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import torch
 
 from ray_cluster import local
+from tests.helpers import ray_job_submit, submit_training, wait_for_job
 from training.augment import DEFAULT as DEFAULT_AUGMENTATION
 from training.data import load_mnist
 from training.model import Net, evaluate, initial_weights
 from training.storage import models_dir, promote_version, publish_version, read_latest
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def submit(storage: Path, *args: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", local.DASHBOARD_URL,
-               "--working-dir", str(ROOT), "--", "python", "training/train.py", "--storage", str(storage), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 SERVING = f"serving-{uuid.uuid4().hex[:6]}"  # a full-data version that serves while the job runs
@@ -34,8 +25,8 @@ def trained(ray_head, mnist_storage):
         "version": SERVING, "run_id": SERVING, "subset": None, "test_accuracy": 0.9934, "created_at": "2026-01-01"})
     promote_version(mnist_storage, SERVING)
     run_id = f"it-{uuid.uuid4().hex[:6]}"
-    result = submit(mnist_storage, "--subset", "3000", "--workers", "3", "--epochs", "2", "--rounds", "2",
-                    "--run-id", run_id)
+    result = ray_job_submit(mnist_storage, "--subset", "3000", "--workers", "3", "--epochs", "2", "--rounds", "2",
+                            "--run-id", run_id, timeout=420)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return mnist_storage, run_id, result.stdout
 
@@ -97,7 +88,7 @@ def test_workers_trained_on_their_own_shards_from_the_same_start(trained):
 
 def test_a_failed_run_publishes_nothing(trained):
     storage, run_id, _ = trained
-    result = submit(storage, "--subset", "300", "--run-id", run_id)  # the run id is taken
+    result = ray_job_submit(storage, "--subset", "300", "--run-id", run_id, timeout=420)  # the run id is taken
     assert result.returncode != 0
     assert f"run {run_id} already exists" in result.stdout + result.stderr
     assert read_latest(storage) == SERVING
@@ -108,7 +99,6 @@ def test_two_runs_at_once_keep_to_their_own_files(ray_head, mnist_source, tmp_pa
     its own files, and each published model is exactly its own run's final average."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from tests.waiting import wait_for_job
     from training.storage import global_path
     from training.data import fetch_mnist
 
@@ -118,9 +108,8 @@ def test_two_runs_at_once_keep_to_their_own_files(ray_head, mnist_source, tmp_pa
     runs = {}
     for seed in (1, 2):
         run_id = f"twin{seed}-{uuid.uuid4().hex[:6]}"
-        entrypoint = (f"python training/train.py --storage {storage} --run-id {run_id} --subset 1200 "
-                      f"--workers 2 --epochs 1 --rounds 2 --seed {seed}")
-        runs[run_id] = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+        runs[run_id] = submit_training(client, storage, "--run-id", run_id, "--subset", "1200", "--workers", "2",
+                                       "--epochs", "1", "--rounds", "2", "--seed", str(seed))
     for job in runs.values():
         assert wait_for_job(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
     first, second = (client.get_job_info(job) for job in runs.values())

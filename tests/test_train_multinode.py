@@ -12,12 +12,11 @@ import torch
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from tests.waiting import wait_for
+from tests.helpers import submit_training, wait_for, wait_for_job
 from training.data import load_mnist
 from training.model import Net, evaluate
 from training.storage import global_path, models_dir, read_latest, worker_path
 
-ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_PORT = 8275
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -42,9 +41,9 @@ def test_losing_a_worker_node_mid_training_still_publishes_a_correct_model(clust
     cluster, workers = cluster
     client = wait_for(lambda: _client(), 60, "the test cluster's job server")
     run_id = f"nodes-{uuid.uuid4().hex[:6]}"
-    entrypoint = (f"{sys.executable} training/train.py --storage {mnist_storage} --run-id {run_id} "
-                  "--subset 3000 --workers 3 --epochs 4 --rounds 8 --promote always")  # short rounds: the kill lands mid-training
-    job = wait_for(lambda: _submit(client, entrypoint), 60, "a job agent on the new cluster")
+    train_args = ("--run-id", run_id, "--subset", "3000", "--workers", "3", "--epochs", "4", "--rounds", "8",
+                  "--promote", "always")  # short rounds: the kill lands mid-training
+    job = wait_for(lambda: _submit(client, mnist_storage, *train_args), 60, "a job agent on the new cluster")
     # Round 1's average exists only after round 0's checkpoint was reported: a restart resumes from it.
     wait_for(lambda: global_path(mnist_storage, run_id, 1).exists(), 300, "round 1")
     cluster.remove_node(workers[1], allow_graceful=False)  # the node dies mid-training
@@ -53,8 +52,7 @@ def test_losing_a_worker_node_mid_training_still_publishes_a_correct_model(clust
     assert len(set(first)) == 2, "the Train workers should span both worker nodes"
     # Sized per node: 1 CPU each (one on the 1-CPU node, two on the 2-CPU node), one torch thread each.
     assert sorted(first.count(node.node_id) for node in workers) == [1, 2]
-    status = wait_for(lambda: (s := client.get_job_status(job)) in
-                      {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and s, 420, "the job")
+    status = wait_for_job(client, job, timeout=420)
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "resuming after round" in logs
@@ -75,9 +73,9 @@ def _client():
         return None
 
 
-def _submit(client, entrypoint: str) -> str | None:
+def _submit(client, storage: Path, *train_args: str) -> str | None:
     try:
-        return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+        return submit_training(client, storage, *train_args, python=sys.executable)
     except RuntimeError as error:  # "No available agent to submit job" while the agents start
         if "No available agent" in str(error):
             return None

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-pytest_plugins = ["tests.serving_support"]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's (apt-get install chromium); Playwright's download is unavailable

@@ -6,7 +6,6 @@ from PIL import Image
 
 from bench.drawings import redraw
 
-pytest_plugins = ["tests.serving_support"]
 pytestmark = pytest.mark.ray
 
 
