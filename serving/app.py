@@ -189,7 +189,7 @@ class MnistUI:
 
 class AppArgs(Limits):
     """`args:` of the mnist application in serve_config.yaml (or key=value after `serve run`)."""
-    storage: str | None = Field(None, description="storage root; default $MNIST_STORAGE, else <repo>/storage")
+    storage: str | None = Field(None, description="storage root; default $MNIST_STORAGE, else ./storage")
     colocate: bool = Field(False, description="API and model in one deployment (MnistService)")
 
 
