@@ -39,7 +39,7 @@ import psutil
 from bench.loadgen import load
 from ray_cluster import local
 from serving import deploy
-from tests.helpers import running_replicas
+from serving.deploy import running_replicas
 from bench.drawings import encode, redraw
 from training.data import fetch_mnist, load_mnist
 from training.storage import read_latest, resolve_storage

@@ -174,6 +174,13 @@ def serve_details(address: str = DASHBOARD_URL) -> dict:
     return _request("GET", APPS_PATH, address=address)
 
 
+def running_replicas(app: str, details: dict | None = None) -> dict[str, list[dict]]:
+    """{deployment: its RUNNING replicas (Serve's replica details: replica_id, pid, ...)} of one
+    application, from Serve's status (`details`: a `serve_details()` already fetched)."""
+    deployments = (details or serve_details())["applications"][app]["deployments"]
+    return {name: [r for r in d["replicas"] if r["state"] == "RUNNING"] for name, d in deployments.items()}
+
+
 def declarative_apps(details: dict) -> list[dict]:
     return [app["deployed_app_config"] for app in (details.get("applications") or {}).values()
             if app.get("source") == "declarative" and app.get("deployed_app_config")]

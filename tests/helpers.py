@@ -1,6 +1,6 @@
 """Plain helpers for the tests (the fixtures are in tests/conftest.py): waiting on other processes,
 submitting training jobs, reading Serve's running replicas, publishing and training a test model.
-The benchmarks use the job and replica helpers too."""
+The training benchmark uses the job helpers too."""
 import shlex
 import subprocess
 import sys
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ray_cluster import local
 from serving import deploy
+from serving.deploy import running_replicas  # noqa: F401  (the tests import it from here)
 from training.model import Net, to_input
 from training.storage import models_dir, publish_model
 
@@ -70,13 +71,6 @@ def ray_job_submit(storage: Path, *train_args: str, submission_id: str | None = 
 
 
 # ---------------------------------------------------------------- Serve
-
-def running_replicas(app: str, details: dict | None = None) -> dict[str, list[dict]]:
-    """{deployment: its RUNNING replicas (Serve's replica details: replica_id, pid, ...)} of one
-    application, from Serve's status (`details`: a `deploy.serve_details()` already fetched)."""
-    deployments = (details or deploy.serve_details())["applications"][app]["deployments"]
-    return {name: [r for r in d["replicas"] if r["state"] == "RUNNING"] for name, d in deployments.items()}
-
 
 @dataclass
 class ServeApp:
