@@ -47,3 +47,19 @@ def test_most_mnist_digits_pass_unchanged(test_digits):
     images = test_digits[0][:200]
     same = [np.array_equal(preprocess(image), reader(slant_limit=float("inf"))(image)) for image in images]
     assert sum(same) >= 100  # measured 124 of 200: a full deslant would change nearly all
+
+
+
+def test_a_crafted_slant_cannot_blow_up_the_sheared_image(monkeypatch):
+    """Moments can be steered (a line with two stray pixels a row off): the shear, hence the image
+    the deslant allocates, is capped at about twice the crop's width."""
+    from PIL import Image
+
+    sizes, transform = [], Image.Image.transform
+    monkeypatch.setattr(Image.Image, "transform", lambda self, size, *a, **k: sizes.append(size) or transform(self, size, *a, **k))
+    crop = np.zeros((40, 2000), np.float32)
+    crop[20, :] = 1.0
+    crop[19, 1999] = crop[21, 0] = 1.0
+    assert abs(slant(crop)) > 100  # far beyond any digit's slant
+    limit_slant(crop)
+    assert sizes and sizes[0][0] * sizes[0][1] <= 2 * crop.size + 4 * 40
