@@ -12,7 +12,7 @@ import torch
 
 from ray_cluster import local
 from serving import deploy
-from tests.helpers import RECIPE, ServeApp, make_app, publish, train_net, wait_for
+from tests.helpers import RECIPE, ServeApp, make_app, publish, train_net, wait_on_every_replica
 from training import model as model_module
 from training.data import fetch_mnist, load_mnist
 from training.model import Net, evaluate
@@ -119,7 +119,8 @@ def serve_app(request, ray_head, serving_storage) -> ServeApp:
         for name in app.names:
             deploy.wait_running(name, timeout=240)
         with app.client() as client:
-            wait_for(lambda: client.get("/healthz").status_code == 200, 60, "the API to load v1")
+            wait_on_every_replica(lambda: client.get("/healthz").status_code == 200, 60,
+                                  "every model replica to load v1")
         yield app
     finally:
         deploy.delete(app.names)

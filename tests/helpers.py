@@ -35,6 +35,14 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
         time.sleep(interval)
 
 
+def wait_on_every_replica(predicate, timeout: float, what: str, in_a_row: int = 20):
+    """Like `wait_for`, but `predicate` (one request) must hold `in_a_row` times running. Serve
+    routes each request to one of several replicas, and each replica loads a publication on its own
+    poll: one success shows only that some replica is ready (20 in a row over 2 replicas: all ready,
+    but for a chance of one in a million)."""
+    return wait_for(lambda: all(predicate() for _ in range(in_a_row)), timeout, what)
+
+
 def wait_for_job(client, job_id: str, timeout: float = 420):
     """The terminal status of a Ray job (JobSubmissionClient), once it has one."""
     from ray.job_submission import JobStatus

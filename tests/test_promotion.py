@@ -17,7 +17,7 @@ import torch
 from bench.loadgen import load
 from training import models, train
 from training.models import TOLERANCE, decide, publish_run
-from tests.helpers import wait_for
+from tests.helpers import wait_for, wait_on_every_replica
 from training.storage import (PromotionError, history_path, models_dir, promote_version, publish_model,
                               publish_version, read_history, read_latest, rollback_version, run_dir)
 
@@ -302,9 +302,9 @@ def test_promote_and_rollback_switch_a_live_deployment_under_load_without_a_fail
         return True
 
     bodies = [json.dumps({"pixels": test_digits[0][i].tolist()}).encode() for i in range(8)]
-    with serve_app.client() as client:  # each model replica loads `latest` on its own poll: all must serve first
-        wait_for(lambda: all(client.post("/predict", json={"pixels": test_digits[0][0].tolist()}).status_code == 200 for _ in range(8)),
-                 30, "every model replica to serve")
+    with serve_app.client() as client:
+        wait_on_every_replica(lambda: client.post("/predict", json={"pixels": test_digits[0][0].tolist()}).status_code == 200,
+                              30, "every model replica to serve")
     loader = threading.Thread(target=lambda: result.setdefault("load", load(
         f"{serve_app.url}/predict", bodies, clients=4, requests=100_000, time_limit_s=10, check=record)))
     loader.start()

@@ -13,7 +13,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from bench.bench_serving import load_in_windows, replica_counts, server_errors
 from serving import deploy
-from tests.helpers import make_app, publish, running_replicas, wait_for
+from tests.helpers import make_app, publish, running_replicas, wait_for, wait_on_every_replica
 
 
 SCALED = ("MnistApi", "MnistModel")
@@ -88,7 +88,8 @@ def test_a_load_ramp_scales_up_and_back_down_without_errors(ray_head, tmp_path, 
     try:
         deploy.deploy(app.config, timeout=240)
         with app.client() as client:
-            wait_for(lambda: client.get("/healthz").status_code == 200, 60, "the API to load v1")
+            wait_on_every_replica(lambda: client.get("/healthz").status_code == 200, 60,
+                                  "every model replica to load v1")
         assert running(app.name) == {"MnistApi": 1, "MnistModel": 1}  # the minimum, at rest
 
         driver.start()
