@@ -5,8 +5,8 @@
 1. baseline   plain single-process PyTorch: the seed's network, Adam 1e-3, batch 100, 2 epochs
 1b. net plain this project's Net, trained the plain way in one process on all 60,000 images:
               2 epochs, the job's Adam + one-cycle schedule and label smoothing, batch 100,
-              2 threads, in the precision that times faster on this CPU (what a user would run
-              instead of the Ray job on one machine)
+              2 threads, in the precision that times faster on this CPU, with the job's
+              allocator setting (what a user would run instead of the Ray job on one machine)
 2. seed       the seed's scheme: 3 workers from independent random weights, contiguous
               unshuffled shards, one unweighted mean at the end
 3. ray job    training/train.py at the seed's defaults, submitted with `ray job submit` to the
@@ -22,11 +22,13 @@ Writes bench/results/training.{json,md} and PNG plots, and prints the ratio job/
 """
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ from tqdm import tqdm
 
 from ray_cluster import local
 from training.aggregation import FedAvg
+from training.allocator import keep_freed_memory
 from training.data import fetch_mnist, load_mnist
 from training.calibration import calibrate
 from training.model import Net, SeedNet, evaluate, native_bf16, to_input
@@ -68,11 +71,20 @@ def baseline(train, test) -> dict:
             "test_accuracy": evaluate(model, *test)["accuracy"]}
 
 
-def net_plain(train, test, epochs: int = 2, batch_size: int = 100, lr: float = 5e-3, threads: int = 2) -> dict:
-    """This project's Net, one process, the job's optimiser, schedule and loss, best precision."""
+def net_plain(train, test) -> dict:
+    """`train_net_plain` in a child process: its allocator setting must not carry over to the
+    seed baseline, which runs next in this process, untuned, as the seed ran it."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(train_net_plain, train, test).result()
+
+
+def train_net_plain(train, test, epochs: int = 2, batch_size: int = 100, lr: float = 5e-3, threads: int = 2) -> dict:
+    """This project's Net, one process, the job's optimiser, schedule and loss, best precision,
+    and the job's allocator setting."""
     from training.worker import new_progress, train_step
 
     images, labels = train
+    keep_freed_memory()  # as the job's workers do (training/allocator.py)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = Net()

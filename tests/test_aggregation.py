@@ -92,3 +92,26 @@ def test_aggregator_fails_loudly_on_the_wrong_models(run, problem):
     with pytest.raises(AggregationError):
         aggregate_round(str(storage), run_id, 1, manifest, threads=1)
     assert not global_path(storage, run_id, 1).exists()
+
+
+def test_evaluation_folds_batchnorm_without_changing_the_model_or_its_scores():
+    """evaluate() runs a copy with BatchNorm folded into the convolutions: the scores match the
+    model run as it is, and the model keeps its BatchNorm layers and its training mode flag off."""
+    from training.model import evaluate, to_input
+
+    model = Net()
+    model.load_state_dict(random_state(4))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8, generator=generator)
+    model.eval()
+    with torch.inference_mode():
+        logits = model(to_input(images))
+    labels = logits.argmax(1)
+    labels[::3] = (labels[::3] + 1) % 10  # a third wrong: accuracy 2/3 exactly
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+
+    scores = evaluate(model, images, labels, batch_size=128)
+    assert scores["accuracy"] == pytest.approx(2 / 3)
+    assert scores["loss"] == pytest.approx(expected_loss, rel=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model.state_dict()["features.0.1.running_var"].equal(random_state(4)["features.0.1.running_var"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from training.allocator import keep_freed_memory
 from training.data import load_mnist
 from training.model import Net, evaluate
 from training.storage import atomic_torch_save, global_path, worker_path
@@ -98,6 +99,7 @@ class Aggregator:
     actor (its memory lost) simply averages again."""
 
     def __init__(self, storage: str, run_id: str, manifest: dict):
+        keep_freed_memory()
         self.storage, self.run_id, self.manifest = storage, run_id, manifest
         self.test_set = load_mnist(Path(storage), train=False)
         self.rounds: dict[int, dict] = {}

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from training.allocator import keep_freed_memory
 from training.augment import training_batch
 from training.calibration import calibrate, candidates
 from training.data import load_shard
@@ -38,6 +39,7 @@ def train_func(config: dict) -> None:
     from ray.train.collective import barrier
 
     # Set up: this worker's shard, its precision and threads, the optimizer and its schedule.
+    keep_freed_memory()  # steps ~20% faster: no page faults for buffers freed and allocated again
     storage, run_id, rounds = Path(config["storage"]), config["run_id"], config["rounds"]
     rank = ray.train.get_context().get_world_rank()
     manifest = ray.get(config["manifest"])  # the splitter's result: it ran while this worker group started
