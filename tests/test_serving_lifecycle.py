@@ -12,7 +12,7 @@ import pytest
 
 from bench.loadgen import load
 from serving import deploy
-from tests.helpers import make_app, point_latest, publish, running_replicas, wait_for
+from tests.helpers import make_app, point_latest, publish, running_replicas, wait_for, wait_on_every_replica
 from training.model import SeedNet
 from training.storage import models_dir
 
@@ -116,6 +116,8 @@ def test_a_bad_model_leaves_the_old_one_serving(serve_app, served_models, test_d
     publish(storage, fixed, served_models["v1"], served_models["accuracy"])
     status = wait_for(lambda: model_when(serve_app, lambda m: m["model_version"] == fixed), 10, "recovery")
     assert status["reload_error"] is None
+    # The next tests compare versions across requests: every replica must have moved on.
+    wait_on_every_replica(lambda: serve_app.model()["model_version"] == fixed, 10, "every replica to serve the fix")
 
 
 @pytest.mark.slow
