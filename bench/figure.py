@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from bench.drawings import redraw
-from serving.preprocess import preprocess_steps
+from serving.preprocess import SLANT_LIMIT, preprocess_steps
 from training.data import fetch_mnist, load_mnist
 from training.model import to_input
 from training.storage import resolve_storage
@@ -20,6 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 FIGURE = ROOT / "docs" / "preprocessing.png"
 EXAMPLES = ROOT / "serving" / "examples"  # the page's example drawings
 EXAMPLE_INDICES = (0, 1, 2, 3)  # MNIST test digits 7, 2, 1, 0
+LEAN = 0.6  # the figure's digit leans ~31°, like the most slanted of the drawn set
+
+
+def lean(digit: np.ndarray, shear: float) -> np.ndarray:
+    """The digit slanted like a quick italic hand (top to the right), so that the slant step shows."""
+    image = Image.fromarray(digit)
+    return np.asarray(image.transform(image.size, Image.Transform.AFFINE, (1, shear, -shear * 14, 0, 1, 0),
+                                      Image.Resampling.BILINEAR))
 
 
 def checkerboard(height: int, width: int, cell: int = 16) -> np.ndarray:
@@ -33,7 +41,7 @@ def figure(digit: np.ndarray, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    drawing = redraw(digit, "alpha_stroke", np.random.default_rng(11))  # what a canvas exports
+    drawing = redraw(lean(digit, LEAN), "alpha_stroke", np.random.default_rng(11))  # what a canvas exports
     steps = preprocess_steps(drawing, keep_full=True)
     alpha = np.asarray(drawing)[..., 3] / 255.0
     shown_input = checkerboard(*alpha.shape) * (1 - alpha)  # black stroke over "transparent"
@@ -41,14 +49,16 @@ def figure(digit: np.ndarray, path: Path) -> None:
     row, col = steps.box[:2]  # where the crop starts
 
     panels = [
-        ("1. input: RGBA canvas export\n(stroke only in alpha)", shown_input, "gray", (0, 255)),
+        ("1. input: RGBA canvas export\n(stroke only in alpha), slanted", shown_input, "gray", (0, 255)),
         ("2. alpha composited on the\nbackground that contrasts", steps.gray, "gray", (0, 255)),
         ("3. ink: light background\ninverted, contrast stretched", steps.ink, "gray", (0, 1)),
         (f"4. cropped to the ink\n{steps.crop.shape[1]}x{steps.crop.shape[0]} px", steps.crop, "gray", (0, 1)),
-        (f"5. longest side 20 px,\naspect kept: {steps.fitted.shape[1]}x{steps.fitted.shape[0]}", steps.fitted,
-         "gray", (0, 1)),
-        ("6. 28x28, centre of mass\nat (14, 14), as MNIST", steps.result, "gray", (0, 255)),
-        ("7. normalised as in training\n(x/255 - 0.1307) / 0.3081", tensor.numpy(), "viridis", None),
+        (f"5. slant beyond {SLANT_LIMIT:g}\nsheared off: {steps.upright.shape[1]}x{steps.upright.shape[0]} px",
+         steps.upright, "gray", (0, 1)),
+        (f"6. longest side 20 px, aspect\nkept, stroke evened: {steps.fitted.shape[1]}x{steps.fitted.shape[0]}",
+         steps.fitted, "gray", (0, 1)),
+        ("7. 28x28, centre of mass\nat (14, 14), as MNIST", steps.result, "gray", (0, 255)),
+        ("8. normalised as in training\n(x/255 - 0.1307) / 0.3081", tensor.numpy(), "viridis", None),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.3))
     for ax, (title, image, cmap, limits) in zip(axes, panels):
@@ -61,7 +71,7 @@ def figure(digit: np.ndarray, path: Path) -> None:
     axes[2].add_patch(Rectangle((col - 0.5, row - 0.5), width, height, fill=False, edgecolor="red", linewidth=1))
     weights = steps.result.astype(float)
     rows, cols = np.indices(weights.shape)
-    axes[5].plot((cols * weights).sum() / weights.sum(), (rows * weights).sum() / weights.sum(), "r+", markersize=12)
+    axes[6].plot((cols * weights).sum() / weights.sum(), (rows * weights).sum() / weights.sum(), "r+", markersize=12)
     fig.suptitle("serving/preprocess.py: one function for /predict images, the sketchpad and the tests", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,8 @@ class Steps:
     ink: np.ndarray | None    # float [H, W] 0..1, white ink on black, stretched (keep_full only)
     box: tuple[int, int, int, int]  # the ink's bounding box: top, left, bottom, right (exclusive)
     crop: np.ndarray          # float 0..1, the ink inside the box
-    fitted: np.ndarray        # float, longest side 20 px
+    upright: np.ndarray       # the crop, its slant beyond SLANT_LIMIT sheared off
+    fitted: np.ndarray        # float, longest side 20 px, stroke width evened
     result: np.ndarray        # uint8 [28, 28], centred by mass
 
 
@@ -123,9 +124,10 @@ def preprocess_steps(image, keep_full: bool = False) -> Steps:
     box = ink_box(ink, background + BBOX_INK * (peak - background))
     top, left, bottom, right = box
     crop = stretch(ink[top:bottom, left:right], background, peak)
-    fitted = even_stroke(fit_box(limit_slant(crop), BOX))
+    upright = limit_slant(crop)
+    fitted = even_stroke(fit_box(upright, BOX))
     full = stretch(ink, background, peak) if keep_full else None
-    return Steps(gray, full, box, crop, fitted, centre_by_mass(fitted))
+    return Steps(gray, full, box, crop, upright, fitted, centre_by_mass(fitted))
 
 
 def to_gray(image) -> np.ndarray:
