@@ -135,7 +135,7 @@ def ray_job(storage: Path, *train_args: str) -> dict:
     `job_end_seconds`: until Ray recorded the job's end (the CLI's log tail closes a few s later)."""
     from ray.job_submission import JobSubmissionClient
 
-    from tests.helpers import ray_job_submit
+    from ray_cluster.jobs import ray_job_submit
 
     submission_id = f"bench-{uuid.uuid4().hex[:12]}"
     started_at, started = time.time(), time.perf_counter()
@@ -169,7 +169,7 @@ def profile_job(storage: Path, *train_args: str) -> dict:
 
     from ray.job_submission import JobSubmissionClient
 
-    from tests.helpers import submit_training
+    from ray_cluster.jobs import submit_training
 
     client = JobSubmissionClient(local.DASHBOARD_URL)
     submitted = time.time()

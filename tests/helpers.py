@@ -1,9 +1,6 @@
 """Plain helpers for the tests (the fixtures are in tests/conftest.py): waiting on other processes,
-submitting training jobs, reading Serve's running replicas, publishing and training a test model.
-The training benchmark uses the job helpers too."""
-import shlex
-import subprocess
-import sys
+reading Serve's running replicas, publishing and training a test model. Training jobs are
+submitted by ray_cluster/jobs.py, re-exported here."""
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +9,12 @@ import httpx
 import torch
 import torch.nn.functional as F
 
-from ray_cluster import local
+from ray_cluster.jobs import ray_job_submit, submit_training, train_command  # noqa: F401  (re-exported)
 from serving import deploy
 from serving.deploy import running_replicas  # noqa: F401  (the tests import it from here)
 from training.model import Net, to_input
 from training.storage import models_dir, publish_model
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- waiting on another process
@@ -49,33 +45,6 @@ def wait_for_job(client, job_id: str, timeout: float = 420):
 
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
     return wait_for(lambda: (s := client.get_job_status(job_id)) in terminal and s, timeout, f"job {job_id}")
-
-
-# ---------------------------------------------------------------- training jobs
-
-def train_command(storage: Path, *train_args: str, python: str = "python") -> list[str]:
-    """The job's entrypoint: training/train.py on a storage root, run from the job's copy of this
-    repository (its working dir)."""
-    return [python, "training/train.py", "--storage", str(storage), *train_args]
-
-
-def submit_training(client, storage: Path, *train_args: str, python: str = "python",
-                    submission_id: str | None = None) -> str:
-    """Submit training/train.py through a JobSubmissionClient, this repository as the working dir
-    (what `ray job submit --working-dir .` does); return the submission id without waiting.
-    `python`: the interpreter, where the cluster's PATH does not lead to this venv's."""
-    return client.submit_job(entrypoint=shlex.join(train_command(storage, *train_args, python=python)),
-                             runtime_env={"working_dir": str(ROOT)}, submission_id=submission_id)
-
-
-def ray_job_submit(storage: Path, *train_args: str, submission_id: str | None = None,
-                   timeout: float | None = None) -> subprocess.CompletedProcess:
-    """The same job through the `ray job submit` CLI, as the README runs it: it tails the job's log
-    and returns when the job ends, with the job's outcome as its exit status."""
-    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", local.DASHBOARD_URL,
-               *(["--submission-id", submission_id] if submission_id else []), "--working-dir", str(ROOT),
-               "--", *train_command(storage, *train_args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 # ---------------------------------------------------------------- Serve
