@@ -96,7 +96,7 @@ def test_aggregator_fails_loudly_on_the_wrong_models(run, problem):
 
 def test_evaluation_folds_batchnorm_without_changing_the_model_or_its_scores():
     """evaluate() runs a copy with BatchNorm folded into the convolutions: the scores match the
-    model run as it is, and the model keeps its BatchNorm layers and its training mode flag off."""
+    model run as it is, and the model itself keeps its BatchNorm layers and their statistics."""
     from training.model import evaluate, to_input
 
     model = Net()

@@ -1,5 +1,6 @@
 """--precision auto decides by timing: the decision logic with injected timings (no torch, no Ray),
 and one real calibration of Net on this CPU. The workers' allocator setting (page faults per step)."""
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -114,19 +115,17 @@ def test_real_calibration_of_net_on_this_cpu_leaves_the_model_untouched():
 
 
 FAULTS_PER_STEP = """
-import resource, sys, torch, torch.nn.functional as F
+import resource, sys, torch
 from training.allocator import keep_freed_memory
-from training.model import Net, to_input
+from training.model import Net
+from training.worker import WorkerState, new_progress, train_step
 tuned = sys.argv[1] == "tuned" and keep_freed_memory()
 torch.set_num_threads(1)
 torch.manual_seed(0)
-net, labels = Net(), torch.randint(0, 10, (100,))
-images = torch.randint(0, 256, (100, 28, 28), dtype=torch.uint8)
-optimizer = torch.optim.Adam(net.parameters())
+state = WorkerState.fresh("faults", 0, Net(), lr=1e-3, total_steps=100)
+images, labels = torch.randint(0, 256, (100, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (100,))
 def step():
-    optimizer.zero_grad()
-    F.cross_entropy(net(to_input(images)), labels).backward()
-    optimizer.step()
+    train_step(state.model, state.optimizer, state.schedule, images, labels, new_progress(), "fp32")
 for _ in range(3):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -136,7 +135,7 @@ print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_the_allocator_setting_stops_the_page_faults_of_every_step():
     """Untuned, glibc hands a step's freed buffers back to the kernel, and the next step faults
     them in again (8,000-14,000 page faults per step of Net, batch 100, on an AMD EPYC);
