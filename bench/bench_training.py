@@ -3,6 +3,7 @@
     python -m bench.bench_training [--sweeps] [--storage DIR] [--data-source DIR]
 
 1. baseline   plain single-process PyTorch: the seed's network, Adam 1e-3, batch 100, 2 epochs
+              (1, 1b and 2 each run in a fresh Python process, as the seed ran each trainer)
 1b. net plain this project's Net, trained the plain way in one process on all 60,000 images:
               2 epochs, the job's Adam + one-cycle schedule and label smoothing, batch 100,
               2 threads, in the precision that times faster on this CPU, with the job's
@@ -61,7 +62,21 @@ def train_plain(model, images, labels, epochs: int, batch_size: int, lr: float, 
             optimizer.step()
 
 
+def in_fresh_process(function, *args) -> dict:
+    """Run a one-process reference in a fresh Python process, as the seed ran each trainer and as
+    the job runs each worker: nothing this process did before (its malloc's history, the job's
+    allocator setting in Net plain, thread pools) carries over from one reference to the next."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(function, *args).result()
+
+
 def baseline(train, test) -> dict:
+    return in_fresh_process(train_baseline, train, test)
+
+
+def train_baseline(train, test) -> dict:
+    """The seed's network, trained as the seed trained it (default allocator, all cores' threads)."""
+    torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     model = SeedNet()
     started = time.perf_counter()
@@ -72,10 +87,7 @@ def baseline(train, test) -> dict:
 
 
 def net_plain(train, test) -> dict:
-    """`train_net_plain` in a child process: its allocator setting must not carry over to the
-    seed baseline, which runs next in this process, untuned, as the seed ran it."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-        return child.submit(train_net_plain, train, test).result()
+    return in_fresh_process(train_net_plain, train, test)
 
 
 def train_net_plain(train, test, epochs: int = 2, batch_size: int = 100, lr: float = 5e-3, threads: int = 2) -> dict:
@@ -110,8 +122,13 @@ def train_net_plain(train, test, epochs: int = 2, batch_size: int = 100, lr: flo
             "test_accuracy": evaluate(model, *test)["accuracy"], "precision": precision, "calibration": calibration}
 
 
-def seed_scheme(train, test, workers: int = 3) -> dict:
+def seed_scheme(train, test) -> dict:
+    return in_fresh_process(train_seed_scheme, train, test)
+
+
+def train_seed_scheme(train, test, workers: int = 3) -> dict:
     """The seed project: independent random inits, contiguous shards, one unweighted mean."""
+    torch.set_num_threads(os.cpu_count() or 1)
     images, labels = train
     bounds = [len(labels) * i // workers for i in range(workers + 1)]
     started = time.perf_counter()

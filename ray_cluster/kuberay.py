@@ -56,18 +56,20 @@ class Unreachable(KubeRayError):
     pass
 
 
-class Failed(KubeRayError):
+class StatusError(KubeRayError):
+    """A wait that ended without readiness; `status` is the object's last status seen."""
+
+    def __init__(self, message: str, status: dict | None):
+        super().__init__(message)
+        self.status = status
+
+
+class Failed(StatusError):
     """The object reached a state it will not recover from (a failed RayJob, for example)."""
 
-    def __init__(self, message: str, status: dict | None):
-        super().__init__(message)
-        self.status = status
 
-
-class WaitTimeout(KubeRayError):
-    def __init__(self, message: str, status: dict | None):
-        super().__init__(message)
-        self.status = status
+class WaitTimeout(StatusError):
+    """The object was not ready in time."""
 
 
 # ---------------------------------------------------------------- readiness from status

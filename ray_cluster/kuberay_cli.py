@@ -172,13 +172,8 @@ def up(args, o: manifests.Options) -> int:
         o = dataclasses.replace(o, nfs_server=service.spec.cluster_ip)
     _apply(cluster, manifests.render(o, ["volume", "network", "env"]))
     (body,) = manifests.render(o, ["cluster"])
-    try:
-        cluster.rayclusters.create(body)
-        _say(f"RayCluster {o.namespace}/{o.name}: created")
-    except kuberay.AlreadyExists:
-        cluster.rayclusters.patch(o.name, {"spec": body["spec"]})
-        _say(f"RayCluster {o.namespace}/{o.name}: exists, spec updated (worker counts apply; "
-             "`down` then `up` to change pods)")
+    _create_or_update_spec(cluster.rayclusters, body, f"RayCluster {o.namespace}/{o.name}",
+                           "worker counts apply; `down` then `up` to change pods")
     _say(f"Waiting up to {_timeout(args, 'up'):g} s for the RayCluster (pulling the image takes minutes)...")
     cluster.rayclusters.wait_ready(o.name, timeout=_timeout(args, "up"), poll=POLL,
                                  on_change=_progress("RayCluster", o.name))
@@ -192,6 +187,16 @@ def up(args, o: manifests.Options) -> int:
          "or as a RayJob (same options as this command):\n"
          "  python -m ray_cluster kuberay train")
     return 0
+
+
+def _create_or_update_spec(resources, body: dict, what: str, on_update: str) -> None:
+    """Create the object, or give an existing one (same name) the new spec."""
+    try:
+        resources.create(body)
+        _say(f"{what}: created")
+    except kuberay.AlreadyExists:
+        resources.patch(body["metadata"]["name"], {"spec": body["spec"]})
+        _say(f"{what}: exists, spec updated ({on_update})")
 
 
 def token_export(o: manifests.Options, cluster: str | None = None) -> str:
@@ -239,12 +244,8 @@ def serve(args, o: manifests.Options) -> int:
     (body,) = manifests.render(o, ["service"])
     cluster = _connect(args, o)
     name = o.service_name
-    try:
-        cluster.rayservices.create(body)
-        _say(f"RayService {o.namespace}/{name}: created")
-    except kuberay.AlreadyExists:
-        cluster.rayservices.patch(name, {"spec": body["spec"]})
-        _say(f"RayService {o.namespace}/{name}: exists, spec updated (KubeRay upgrades it without downtime)")
+    _create_or_update_spec(cluster.rayservices, body, f"RayService {o.namespace}/{name}",
+                           "KubeRay upgrades it without downtime")
     if args.no_wait:
         return 0
     timeout = _timeout(args, "serve")
