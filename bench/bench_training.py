@@ -3,7 +3,7 @@
     python -m bench.bench_training [--sweeps] [--storage DIR] [--data-source DIR]
 
 1. baseline   plain single-process PyTorch: the seed's network, Adam 1e-3, batch 100, 2 epochs
-              (1, 1b and 2 each run in a fresh Python process, as the seed ran each trainer)
+              (1, 1b and 2 each run in a fresh Python process, as the seed ran each trainer in its own)
 1b. net plain this project's Net, trained the plain way in one process on all 60,000 images:
               2 epochs, the job's Adam + one-cycle schedule and label smoothing, batch 100,
               2 threads, in the precision that times faster on this CPU, with the job's
