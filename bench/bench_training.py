@@ -65,7 +65,8 @@ def train_plain(model, images, labels, epochs: int, batch_size: int, lr: float, 
 def in_fresh_process(function, *args) -> dict:
     """Run a one-process reference in a fresh Python process, as the seed ran each trainer and as
     the job runs each worker: nothing this process did before (its malloc's history, the job's
-    allocator setting in Net plain, thread pools) carries over from one reference to the next."""
+    allocator setting in Net plain, thread pools) carries over from one reference to the next.
+    Each reference sets its own torch threads; this process only loads data and submits jobs."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
         return child.submit(function, *args).result()
 
@@ -263,7 +264,6 @@ def median_ratios(repeats: list[dict]) -> dict:
 def run_pair(storage: Path, train, test, job_args: list[str]) -> dict:
     """One pair, side by side: both baselines, then the default job with and without augmentation."""
     pair = {"baseline": baseline(train, test), "net_plain": net_plain(train, test)}
-    torch.set_num_threads(os.cpu_count() or 1)
     pair["job"] = ray_job(storage, *job_args)
     pair["job_no_augment"] = ray_job(storage, *job_args, "--no-augment")
     return pair
@@ -344,7 +344,6 @@ def main(argv=None) -> int:
     train, test = load_mnist(storage, train=True), load_mnist(storage, train=False)
     if args.baseline_subset:
         train = (train[0][:args.baseline_subset], train[1][:args.baseline_subset])
-    torch.set_num_threads(os.cpu_count() or 1)
     started_ray = local.up()
     if args.profile_job:
         try:
@@ -363,9 +362,7 @@ def main(argv=None) -> int:
         else:
             results["baseline"] = baseline(train, test)
             results["net_plain"] = net_plain(train, test)
-            torch.set_num_threads(os.cpu_count() or 1)
             results["job"] = ray_job(storage, *args.job_args.split())
-        torch.set_num_threads(os.cpu_count() or 1)
         results["seed"] = seed_scheme(train, test)
         results["job_fp32"] = ray_job(storage, *args.job_args.split(), "--precision", "fp32")
         if args.sweeps:
