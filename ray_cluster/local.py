@@ -40,6 +40,11 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # other nodes. A one-node cluster has none: with Serve running, `down` waited the full 30 s.
 NO_DRAIN_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
+# Ray Train starts one more actor per run to watch for node preemption (cloud spot VMs). A
+# workstation is not preempted, and on 2 cores that actor's start (~2 s of CPU) competes with the
+# run's own start-up. KubeRay clusters keep the watcher.
+NO_PREEMPTION_WATCHER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 # Serve's fast ingress (Ray >= 2.56): HAProxy, written in C, takes port 8000 and sends each request
 # straight to an ingress replica's own HTTP server; no Python proxy in between. 3-4x fewer CPU
 # milliseconds per request on 2 cores (bench/results/serving.md). Off by default on a workstation
@@ -86,7 +91,7 @@ def head_env(haproxy: bool = False) -> dict:
     MNIST_STORAGE, made absolute here: a job runs in Ray's temporary copy of its working dir,
     where the default ./storage would be deleted with the copy."""
     return {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_ENV: str(resolve_storage()), **LOOPBACK_ENV, **NO_DRAIN_ENV,
-            **(HAPROXY_ENV if haproxy else {}), **ingress_retry_env(haproxy)}
+            **NO_PREEMPTION_WATCHER_ENV, **(HAPROXY_ENV if haproxy else {}), **ingress_retry_env(haproxy)}
 
 
 def ingress_retry_env(haproxy: bool = False) -> dict:

@@ -44,6 +44,16 @@ def test_job_publishes_the_model_and_auto_keeps_the_serving_one_for_a_subset_run
     assert promotion["promoted"] is False and promotion["policy"] == "auto" and promotion["serving_before"] == SERVING
 
 
+def test_the_local_cluster_starts_no_preemption_watcher(trained):
+    """A workstation is not preempted: the local cluster turns Ray Train's watcher off, one
+    process fewer starting beside the workers."""
+    from ray.util.state import list_actors
+
+    classes = {actor.class_name for actor in list_actors(address=local.DASHBOARD_URL, limit=10_000)}
+    assert "TrainController" in classes  # the query sees the job's Ray Train actors
+    assert "PreemptionWatcher" not in classes
+
+
 def test_metadata_describes_the_run(trained):
     storage, run_id, _ = trained
     meta = json.loads((models_dir(storage) / run_id / "metadata.json").read_text())

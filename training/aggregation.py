@@ -112,7 +112,7 @@ class Aggregator:
 
 
 def start_aggregator(storage: Path, run_id: str, manifest):
-    """The run's aggregator actor (`manifest` may be the splitter's ObjectRef: Ray waits for it).
+    """The run's aggregator actor, checking every round's worker models against `manifest`.
 
     It asks for no CPU: it works only while every worker waits for it, and so a second run on a
     full cluster can never leave it unscheduled. Ray may restart it (say, on another node)."""
