@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from training.data import fetch_mnist, load_mnist
-from training.model import Net, to_input
+from training.model import Net, network_for, to_input
 from training.storage import models_dir, resolve_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,11 +52,11 @@ def newest_versions(storage: Path, count: int = 2) -> list[str]:
     return [p.name for p in folders[-count:]]
 
 
-def load_model(storage: Path, version: str) -> tuple[Net, dict]:
+def load_model(storage: Path, version: str) -> tuple[torch.nn.Module, dict]:
     folder = models_dir(storage) / version
-    model = Net()
-    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-    return model.eval(), json.loads((folder / "metadata.json").read_text())
+    metadata = json.loads((folder / "metadata.json").read_text())
+    model = network_for(torch.load(folder / "model.pt", weights_only=True), metadata.get("architecture"))
+    return model.eval(), metadata
 
 
 @torch.inference_mode()

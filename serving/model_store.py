@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.model import Net, to_input
+from training.model import network_for, to_input
 from training.storage import BadVersionName, models_dir, read_latest, resolve_storage
 
 log = logging.getLogger("ray.serve")
@@ -37,7 +37,7 @@ class Unusable(ValueError):
 @dataclass(frozen=True)
 class Loaded:
     version: str
-    net: Net
+    net: torch.nn.Module
     metadata: dict
     loaded_at: float
 
@@ -74,8 +74,7 @@ def load_version(storage: Path, version: str) -> Loaded:
     try:
         # weights_only: a state_dict needs no pickled code, and a tampered file cannot run any.
         state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-        net = Net()
-        net.load_state_dict(state, strict=True)
+        net = network_for(state, metadata.get("architecture"))  # versions before 2026-11-30 name none
     except Exception as error:
         raise Unusable("model.pt is missing, corrupt, or not this network's weights") from error
     net.eval()

@@ -5,11 +5,12 @@ import stat
 import threading
 
 import pytest
+import torch
 
 from serving.model_store import ModelStore
-from training.model import Net
-from training.storage import (BadVersionName, check_version_name, claim_run_dir, models_dir, publish_model,
-                              read_latest)
+from training.model import Net, NetV1
+from training.storage import (BadVersionName, check_version_name, claim_run_dir, models_dir, promote_version,
+                              publish_model, read_latest)
 import training.storage as storage_module
 
 PLAIN = ["v1", "20261129T142500Z-3fa2", "run_7.b-c", "A" * 128]
@@ -94,3 +95,26 @@ def test_publication_is_readable_by_others_and_fsyncs_the_folders(tmp_path, monk
     assert synced.count(root) >= 2 and any(p.name.startswith(".v1.") for p in synced)  # and the staged files
     with pytest.raises(BadVersionName):
         publish_model(tmp_path, "../v2", Net().state_dict(), metadata("v2"))
+
+
+def test_serving_loads_each_published_architecture_and_refuses_a_mismatch(tmp_path):
+    """Versions from before the network changed name no architecture and hold NetV1's weights:
+    serving still loads them (a rollback goes on working); a version whose metadata names another
+    network than its weights fit, or an unknown one, is refused and the old model keeps serving."""
+    torch.manual_seed(0)
+    old, new = NetV1().eval(), Net().eval()
+    probe = torch.rand(4, 1, 28, 28)
+    publish_model(tmp_path, "old", old.state_dict(), metadata("old"))  # no "architecture", as before
+    publish_model(tmp_path, "new", new.state_dict(), {**metadata("new"), "architecture": Net.architecture})
+    store = ModelStore(tmp_path)
+    for version, network in (("old", old), ("new", new), ("old", old)):
+        promote_version(tmp_path, version)
+        assert store.refresh() and store.current.version == version
+        assert type(store.current.net) is type(network)
+        with torch.inference_mode():
+            assert torch.equal(store.current.net(probe), network(probe))
+    for name, architecture in (("mislabelled", NetV1.architecture), ("unknown", "net-v9")):
+        publish_model(tmp_path, name, new.state_dict(), {**metadata(name), "architecture": architecture})
+        promote_version(tmp_path, name)
+        assert not store.refresh() and store.current.version == "old"
+        assert store.status()["reload_error"]["error"] == "model.pt is missing, corrupt, or not this network's weights"

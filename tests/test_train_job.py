@@ -58,8 +58,9 @@ def test_metadata_describes_the_run(trained):
     storage, run_id, _ = trained
     meta = json.loads((models_dir(storage) / run_id / "metadata.json").read_text())
     for key in ("version", "run_id", "workers", "epochs", "rounds", "batch_size", "test_accuracy", "round_metrics",
-                "train_seconds", "shards_manifest_sha256", "created_at", "precision"):
+                "train_seconds", "shards_manifest_sha256", "created_at", "precision", "architecture"):
         assert key in meta, key
+    assert meta["architecture"] == Net.architecture  # what serving builds to load the weights
     # --precision auto: every worker timed fp32 and bf16 on this CPU and the metadata says what won
     calibrations = meta["calibration"]
     assert [c["rank"] for c in calibrations] == [0, 1, 2]

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from training.augment import DEFAULT as AUGMENTATION  # noqa: E402
 from training.aggregation import start_aggregator  # noqa: E402
 from training.data import MnistUnavailable, fetch_mnist, write_shards  # noqa: E402
-from training.model import initial_weights  # noqa: E402
+from training.model import Net, initial_weights  # noqa: E402
 from training.models import POLICIES, TOLERANCE, publish_run  # noqa: E402
 from training.storage import (RUN_ID_RULE, STORAGE_ENV, atomic_torch_save, claim_run_dir,  # noqa: E402
                               given_storage, global_path, init_path, is_run_id, manifest_path, new_run_id,
@@ -213,7 +213,8 @@ def publish(args, storage: Path, run_id: str, rounds: list[dict], train_seconds:
     final = torch.load(global_path(storage, run_id, args.rounds - 1), weights_only=True)["state_dict"]
     metadata = {"version": run_id, "run_id": run_id, "workers": args.workers, "epochs": args.epochs,
                 "rounds": args.rounds, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                "subset": args.subset, "test_accuracy": rounds[-1]["test_accuracy"], "round_metrics": rounds,
+                "subset": args.subset, "architecture": Net.architecture,
+                "test_accuracy": rounds[-1]["test_accuracy"], "round_metrics": rounds,
                 "precision": "+".join(sorted({w["precision"] for r in rounds for w in r["workers"]})),
                 "calibration": worker_calibrations(rounds),
                 "train_seconds": round(train_seconds, 2),
