@@ -111,7 +111,7 @@ class Aggregator:
         return self.rounds[round_index]
 
 
-def start_aggregator(storage: Path, run_id: str, manifest):
+def start_aggregator(storage: Path, run_id: str, manifest: dict):
     """The run's aggregator actor, checking every round's worker models against `manifest`.
 
     It asks for no CPU: it works only while every worker waits for it, and so a second run on a

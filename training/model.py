@@ -72,7 +72,7 @@ def network_for(state_dict: dict, architecture: str | None = None) -> nn.Module:
     if architecture is not None and architecture not in ARCHITECTURES:
         raise ValueError(f"unknown network architecture {architecture!r} (known: {', '.join(ARCHITECTURES)})")
     errors = []
-    for network in [ARCHITECTURES[architecture]] if architecture else ARCHITECTURES.values():
+    for network in ARCHITECTURES.values() if architecture is None else [ARCHITECTURES[architecture]]:
         net = network()
         try:
             net.load_state_dict(state_dict, strict=True)
