@@ -12,7 +12,8 @@ import torch
 
 from ray_cluster import local
 from serving import deploy
-from tests.helpers import RECIPE, ServeApp, make_app, publish, train_net, wait_on_every_replica
+from tests.helpers import (RECIPE, ServeApp, make_app, publish, stop_unfinished_jobs, train_net,
+                           wait_on_every_replica)
 from training import model as model_module
 from training.data import fetch_mnist, load_mnist
 from training.model import Net, evaluate
@@ -46,6 +47,17 @@ def ray_head():
     yield local.DASHBOARD_URL
     if started:
         local.down()
+
+
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test(request):
+    """After each test on the local cluster, stop any job it left running: a failed test's job
+    would hold the CPUs that every later training job sizes its workers from."""
+    yield
+    if "ray_head" in request.fixturenames:
+        from ray.job_submission import JobSubmissionClient
+
+        stop_unfinished_jobs(JobSubmissionClient(local.DASHBOARD_URL))
 
 
 # ---------------------------------------------------------------- a real model, trained here

@@ -39,6 +39,51 @@ def wait_on_every_replica(predicate, timeout: float, what: str, in_a_row: int = 
     return wait_for(lambda: all(predicate() for _ in range(in_a_row)), timeout, what)
 
 
+def wait_while_job_runs(client, job_id: str, predicate, timeout: float, what: str):
+    """Like `wait_for`, while Ray job `job_id` runs. Fails at once if the job ends first, and on a
+    timeout stops the job: either way the message carries the job's status, its Ray Train actors
+    and the tail of its logs, so a failure in CI says where the job stood."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        status = client.get_job_status(job_id)
+        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            raise AssertionError(f"job {job_id} ended ({status}) before {what}\n{job_report(client, job_id)}")
+        if time.monotonic() > deadline:
+            report = job_report(client, job_id)
+            client.stop_job(job_id)
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (job stopped)\n{report}")
+        time.sleep(0.25)
+    return value
+
+
+def job_report(client, job_id: str) -> str:
+    """A Ray job's status, its live actors with their states, and the tail of its logs."""
+    from ray.util.state import list_actors
+
+    info = client.get_job_info(job_id)
+    actors = list_actors(address=client.get_address(), filters=[("job_id", "=", info.job_id)], limit=100) \
+        if info.job_id else []
+    return (f"status {info.status}: {info.message}\n"
+            f"actors: {sorted((a.class_name, a.state) for a in actors)}\n"
+            f"logs (tail):\n{client.get_job_logs(job_id)[-3000:]}")
+
+
+def stop_unfinished_jobs(client, timeout: float = 60) -> list[str]:
+    """Stop every job on the cluster that has not ended (a failed test's job would otherwise hold
+    the CPUs every later test needs); the ids of those stopped."""
+    from ray.job_submission import JobStatus
+
+    running = [job.submission_id for job in client.list_jobs()
+               if job.submission_id and job.status in {JobStatus.PENDING, JobStatus.RUNNING}]
+    for job_id in running:
+        client.stop_job(job_id)
+    for job_id in running:
+        wait_for_job(client, job_id, timeout)
+    return running
+
+
 def wait_for_job(client, job_id: str, timeout: float = 420):
     """The terminal status of a Ray job (JobSubmissionClient), once it has one."""
     from ray.job_submission import JobStatus

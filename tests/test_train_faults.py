@@ -12,7 +12,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors
 
 from ray_cluster import local
-from tests.helpers import submit_training, wait_for, wait_for_job
+from tests.helpers import submit_training, wait_for, wait_for_job, wait_while_job_runs
 from training.storage import global_path, models_dir, partial_path, read_latest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -47,8 +47,9 @@ def test_worker_killed_mid_round_resumes_and_matches_an_undisturbed_run(client, 
     assert wait_for_job(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
 
     job = submit_training(client, mnist_storage, "--run-id", hurt, *KILL_ARGS)
-    pids = wait_for(lambda: len(p := train_worker_pids(client, job)) == 3 and p, 300, "the Train workers' pids")
-    wait_for(lambda: global_path(mnist_storage, hurt, 0).exists()
+    pids = wait_while_job_runs(client, job, lambda: len(p := train_worker_pids(client, job)) == 3 and p, 300,
+                               "the Train workers' pids")
+    wait_while_job_runs(client, job, lambda: global_path(mnist_storage, hurt, 0).exists()
              and all(partial_path(mnist_storage, hurt, 1, rank).exists() for rank in range(3)),
              300, "round 0's average and every worker's first checkpoint in round 1")
     os.kill(pids[-1], signal.SIGKILL)
@@ -66,7 +67,8 @@ def test_stopped_job_publishes_nothing_and_latest_stays(client, mnist_storage):
     before = read_latest(mnist_storage)
     run_id = f"stop-{uuid.uuid4().hex[:6]}"
     job = submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)
-    wait_for(lambda: global_path(mnist_storage, run_id, 0).exists(), 300, "round 0's averaged model")
+    wait_while_job_runs(client, job, lambda: global_path(mnist_storage, run_id, 0).exists(), 300,
+                        "round 0's averaged model")
     client.stop_job(job)
     assert wait_for_job(client, job, timeout=120) == JobStatus.STOPPED
     assert read_latest(mnist_storage) == before
@@ -80,7 +82,8 @@ def test_killed_driver_publishes_nothing_and_its_run_id_is_refused_after(client,
     before = read_latest(mnist_storage)
     run_id = f"crash-{uuid.uuid4().hex[:6]}"
     job = submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)
-    wait_for(lambda: global_path(mnist_storage, run_id, 0).exists(), 300, "round 0's averaged model")
+    wait_while_job_runs(client, job, lambda: global_path(mnist_storage, run_id, 0).exists(), 300,
+                        "round 0's averaged model")
     driver = wait_for(lambda: client.get_job_info(job).driver_info, 30, "the driver's pid")
     os.kill(int(driver.pid), signal.SIGKILL)
     assert wait_for_job(client, job, timeout=120) == JobStatus.FAILED

@@ -12,7 +12,7 @@ import torch
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from tests.helpers import submit_training, wait_for, wait_for_job
+from tests.helpers import submit_training, wait_for, wait_for_job, wait_while_job_runs
 from training.data import load_mnist
 from training.model import Net, evaluate
 from training.storage import global_path, models_dir, read_latest, worker_path
@@ -45,7 +45,7 @@ def test_losing_a_worker_node_mid_training_still_publishes_a_correct_model(clust
                   "--promote", "always")  # short rounds: the kill lands mid-training
     job = wait_for(lambda: _submit(client, mnist_storage, *train_args), 60, "a job agent on the new cluster")
     # Round 1's average exists only after round 0's checkpoint was reported: a restart resumes from it.
-    wait_for(lambda: global_path(mnist_storage, run_id, 1).exists(), 300, "round 1")
+    wait_while_job_runs(client, job, lambda: global_path(mnist_storage, run_id, 1).exists(), 300, "round 1")
     cluster.remove_node(workers[1], allow_graceful=False)  # the node dies mid-training
     replacement = cluster.add_node(num_cpus=2)
     first = [torch.load(worker_path(mnist_storage, run_id, 0, r), weights_only=True)["node_id"] for r in range(3)]
