@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
-from ray.util.state import list_actors
+from ray.util.state import list_actors, list_placement_groups
 
 from ray_cluster import local
 from tests.helpers import submit_training, wait_for, wait_for_job, wait_while_job_runs
@@ -35,6 +35,13 @@ def train_worker_pids(client, submission_id: str) -> list[int]:
     actors = list_actors(address=local.DASHBOARD_URL, detail=True,
                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return [a.pid for a in actors if a.job_id == job_id]
+
+
+def placement_groups_held(client, submission_id: str) -> list[str]:
+    """Ids of the job's placement groups that still hold resources."""
+    job_id = client.get_job_info(submission_id).job_id
+    groups = list_placement_groups(address=local.DASHBOARD_URL, filters=[("creator_job_id", "=", job_id)])
+    return [g.placement_group_id for g in groups if g.state != "REMOVED"]
 
 
 def accuracy(storage: Path, version: str) -> float:
@@ -71,6 +78,10 @@ def test_stopped_job_publishes_nothing_and_latest_stays(client, mnist_storage):
                         "round 0's averaged model")
     client.stop_job(job)
     assert wait_for_job(client, job, timeout=120) == JobStatus.STOPPED
+    # Aborted as for Ctrl-C, so no new worker group starts while the job ends, and the CPUs are
+    # free again: a placement group left behind would hold them for good.
+    assert "SIGTERM: aborting the Ray Train run" in client.get_job_logs(job)
+    wait_for(lambda: not placement_groups_held(client, job), 30, "the stopped job's placement groups to go")
     assert read_latest(mnist_storage) == before
     assert not (models_dir(mnist_storage) / run_id).exists()
     assert not [p for p in models_dir(mnist_storage).glob(f".{run_id}*")]  # no half-published staging dir
@@ -87,6 +98,7 @@ def test_killed_driver_publishes_nothing_and_its_run_id_is_refused_after(client,
     driver = wait_for(lambda: client.get_job_info(job).driver_info, 30, "the driver's pid")
     os.kill(int(driver.pid), signal.SIGKILL)
     assert wait_for_job(client, job, timeout=120) == JobStatus.FAILED
+    wait_for(lambda: not placement_groups_held(client, job), 30, "the killed job's placement groups to go")
     assert read_latest(mnist_storage) == before
     assert not (models_dir(mnist_storage) / run_id).exists()
     assert not [p for p in models_dir(mnist_storage).glob(f".{run_id}*")]

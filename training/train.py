@@ -6,7 +6,8 @@
 This is the CLI and the driver: it checks the flags, the storage root and the cluster, fetches
 MNIST, claims runs/<run_id>/, writes the shards, starts the run's aggregator actor, runs
 training/worker.py's train_func on --workers Ray Train workers, reads each round's metrics back
-from Ray Train's result, kills the aggregator, and publishes the last average.
+from Ray Train's result, kills the aggregator, and publishes the last average. `ray job stop`
+aborts the Ray Train run the way Ctrl-C does.
 
 Rounds and epochs: each worker makes --epochs passes over its own shard in all. Those
 passes are cut into --rounds rounds of (nearly) equal numbers of steps; after every round
@@ -18,6 +19,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -170,10 +172,10 @@ def run(args) -> int:
     print(f"run {run_id}: {args.workers} workers x {worker_cpus:.2f} CPU and up to {threads} torch thread(s), "
           f"{args.epochs} epochs in {args.rounds} rounds, precision {args.precision}; "
           f"shards {[shard['count'] for shard in manifest['shards']]}", flush=True)
-    try:
-        rounds = fit(args, storage, run_id, manifest, aggregator, worker_cpus, threads)
-    finally:
-        ray.kill(aggregator)
+    rounds = fit(args, storage, run_id, manifest, aggregator, worker_cpus, threads)
+    # Not in a `finally`: killed while workers wait for it, it would fail them, and Ray Train would
+    # start a new worker group as the job ends. A failed job's actors end with the job anyway.
+    ray.kill(aggregator)
     publish(args, storage, run_id, rounds, time.perf_counter() - started)
     return 0
 
@@ -200,6 +202,7 @@ def fit(args, storage: Path, run_id: str, manifest: dict, aggregator, worker_cpu
         run_config=RunConfig(name=run_id, storage_path=str(ray_dir(storage, run_id)),
                              failure_config=FailureConfig(max_failures=args.max_failures)),
     )
+    abort_training_on_sigterm()
     result = trainer.fit()
     # One checkpoint per averaged round, with rank 0's report of that round's metrics.
     reported = {metrics["round"]: metrics for _, metrics in result.best_checkpoints}
@@ -226,6 +229,24 @@ def publish(args, storage: Path, run_id: str, rounds: list[dict], train_seconds:
     print(f"test accuracy {metadata['test_accuracy']:.4f}  model {path}  ({train_seconds:.1f} s)", flush=True)
     hint = "" if decision.promote else f"; to serve it: python -m training.models promote {run_id}"
     print(f"{run_id}: {decision.summary}{hint}", flush=True)  # the last line says what serves now
+
+
+def abort_training_on_sigterm() -> None:
+    """Stop the run the way Ctrl-C does when `ray job stop` (or a deleted pod) sends SIGTERM.
+
+    Ray's own SIGTERM handler only raises SystemExit in the driver: as the job then ends, Ray Train's
+    controller may still restart the worker group, and that group's placement group outlived the
+    job, holding the cluster's CPUs (seen on the local cluster, one stop in two). Ray Train's SIGINT
+    handler, set by fit(), asks the controller to abort: it stops the workers and removes their
+    placement group. Then exit, as Ray's handler would."""
+    def abort_then_exit(signum, frame):
+        print("SIGTERM: aborting the Ray Train run, as for Ctrl-C", file=sys.stderr, flush=True)
+        abort = signal.getsignal(signal.SIGINT)
+        if callable(abort) and abort is not signal.default_int_handler:
+            abort(signum, frame)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, abort_then_exit)
 
 
 def worker_calibrations(rounds: list[dict]) -> list[dict]:
