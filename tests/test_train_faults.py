@@ -57,8 +57,8 @@ def test_worker_killed_mid_round_resumes_and_matches_an_undisturbed_run(client, 
     pids = wait_while_job_runs(client, job, lambda: len(p := train_worker_pids(client, job)) == 3 and p, 300,
                                "the Train workers' pids")
     wait_while_job_runs(client, job, lambda: global_path(mnist_storage, hurt, 0).exists()
-             and all(partial_path(mnist_storage, hurt, 1, rank).exists() for rank in range(3)),
-             300, "round 0's average and every worker's first checkpoint in round 1")
+                        and all(partial_path(mnist_storage, hurt, 1, rank).exists() for rank in range(3)),
+                        300, "round 0's average and every worker's first checkpoint in round 1")
     os.kill(pids[-1], signal.SIGKILL)
     assert wait_for_job(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
 

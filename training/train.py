@@ -234,11 +234,11 @@ def publish(args, storage: Path, run_id: str, rounds: list[dict], train_seconds:
 def abort_training_on_sigterm() -> None:
     """Stop the run the way Ctrl-C does when `ray job stop` (or a deleted pod) sends SIGTERM.
 
-    Ray's own SIGTERM handler only raises SystemExit in the driver: as the job then ends, Ray Train's
-    controller may still restart the worker group, and that group's placement group outlived the
-    job, holding the cluster's CPUs (seen on the local cluster, one stop in two). Ray Train's SIGINT
-    handler, set by fit(), asks the controller to abort: it stops the workers and removes their
-    placement group. Then exit, as Ray's handler would."""
+    Ray's own SIGTERM handler only raises SystemExit in the driver, and leaves the workers to Ray
+    Train's failure handling while the job ends: a worker group it restarted then could outlive the
+    job, its placement group holding the cluster's CPUs (seen on the local cluster, one stop in two).
+    Ray Train's SIGINT handler, set by fit(), asks the controller to abort instead: it stops the
+    workers and removes their placement group. Then exit, as Ray's handler would."""
     def abort_then_exit(signum, frame):
         print("SIGTERM: aborting the Ray Train run, as for Ctrl-C", file=sys.stderr, flush=True)
         abort = signal.getsignal(signal.SIGINT)
