@@ -147,9 +147,8 @@ def augmentation_cost(storage: Path, steps: int = 60, batch: int = 100, precisio
     """One worker's training step (1 thread, `precision`: fp32 is what --precision auto keeps unless
     bf16 measures faster) beside augmenting its batch,
     interleaved so that both see the same load on the machine. No Ray."""
-    sys.path.insert(0, str(ROOT / "training"))
-    import train as train_module
     from training.augment import augment_batch
+    from training.worker import train_step
 
     torch.set_num_threads(1)
     images, labels = load_mnist(storage, train=True)
@@ -163,7 +162,7 @@ def augmentation_cost(storage: Path, steps: int = 60, batch: int = 100, precisio
         started = time.perf_counter()
         augmented = augment_batch(x, seed=i)
         middle = time.perf_counter()
-        train_module.train_step(model, optimizer, schedule, augmented, y, progress, precision)
+        train_step(model, optimizer, schedule, augmented, y, progress, precision)
         if i >= 5:  # warm-up steps left out
             augment_s.append(middle - started)
             step_s.append(time.perf_counter() - middle)

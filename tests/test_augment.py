@@ -162,3 +162,12 @@ def test_the_ab_bench_reads_its_settings_and_refuses_unknown_ones():
     for bad in ("plain", "default,wobble=1", "none,elastic=1"):
         with pytest.raises(ValueError):
             parse_settings(bad)
+
+
+def test_the_drawn_bench_times_augmentation_beside_a_workers_training_step(mnist_storage):
+    """bench_drawn's cost figure runs the worker's own train_step on augmented batches."""
+    from bench.bench_drawn import augmentation_cost
+
+    cost = augmentation_cost(mnist_storage, steps=2)
+    assert cost["steps"] == 2 and cost["augment_ms"] > 0 and cost["step_ms"] > 0
+    assert cost["ratio"] == cost["augment_ms"] / cost["step_ms"]
