@@ -52,8 +52,7 @@ def parse_settings(text: str) -> dict | None:
 
 def train_one(images: torch.Tensor, labels: torch.Tensor, settings: dict | None, seed: int,
               epochs: int = 2, batch_size: int = 100, lr: float = 5e-3) -> tuple[Net, dict]:
-    sys.path.insert(0, str(ROOT / "training"))
-    from train import new_progress, train_step
+    from training.worker import new_progress, train_step
 
     torch.manual_seed(seed)
     model = Net()

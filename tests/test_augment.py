@@ -171,3 +171,13 @@ def test_the_drawn_bench_times_augmentation_beside_a_workers_training_step(mnist
     cost = augmentation_cost(mnist_storage, steps=2)
     assert cost["steps"] == 2 and cost["augment_ms"] > 0 and cost["step_ms"] > 0
     assert cost["ratio"] == cost["augment_ms"] / cost["step_ms"]
+
+
+def test_the_ab_bench_trains_with_the_workers_own_step(digits):
+    """augment_ab's one-process runs use training/worker.py's train_step, augmented batches and all."""
+    from bench.augment_ab import train_one
+
+    images, labels = digits
+    model, run = train_one(images[:200], labels[:200], DEFAULT.to_metadata(), seed=0, epochs=1)
+    assert run["steps"] == 2 and run["augment_ms"] > 0 and run["step_ms"] > 0
+    assert not model.training
