@@ -43,12 +43,10 @@ def wait_while_job_runs(client, job_id: str, predicate, timeout: float, what: st
     """Like `wait_for`, while Ray job `job_id` runs. Fails at once if the job ends first, and on a
     timeout stops the job: either way the message carries the job's status, its Ray Train actors
     and the tail of its logs, so a failure in CI says where the job stood."""
-    from ray.job_submission import JobStatus
-
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
         status = client.get_job_status(job_id)
-        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if status.is_terminal():
             raise AssertionError(f"job {job_id} ended ({status}) before {what}\n{job_report(client, job_id)}")
         if time.monotonic() > deadline:
             report = job_report(client, job_id)
@@ -73,10 +71,8 @@ def job_report(client, job_id: str) -> str:
 def stop_unfinished_jobs(client, timeout: float = 60) -> list[str]:
     """Stop every job on the cluster that has not ended (a failed test's job would otherwise hold
     the CPUs every later test needs); the ids of those stopped."""
-    from ray.job_submission import JobStatus
-
     running = [job.submission_id for job in client.list_jobs()
-               if job.submission_id and job.status in {JobStatus.PENDING, JobStatus.RUNNING}]
+               if job.submission_id and not job.status.is_terminal()]
     for job_id in running:
         client.stop_job(job_id)
     for job_id in running:
@@ -86,10 +82,7 @@ def stop_unfinished_jobs(client, timeout: float = 60) -> list[str]:
 
 def wait_for_job(client, job_id: str, timeout: float = 420):
     """The terminal status of a Ray job (JobSubmissionClient), once it has one."""
-    from ray.job_submission import JobStatus
-
-    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    return wait_for(lambda: (s := client.get_job_status(job_id)) in terminal and s, timeout, f"job {job_id}")
+    return wait_for(lambda: (s := client.get_job_status(job_id)).is_terminal() and s, timeout, f"job {job_id}")
 
 
 # ---------------------------------------------------------------- Serve
