@@ -15,6 +15,8 @@
               published by then); also with --precision fp32, the baseline's arithmetic
 4. --sweeps   the Ray job over rounds (1, 2, 4, 8) and workers (1, 2, 3, 4) at 2 epochs
 --profile-job  only one job: when each step of it shows in its log (fixed costs)
+--floor       only the fixed costs beside the anchor: bench/train_floor.py (Ray Train's run with
+              workers that train nothing), the job on 300 images, and Net plain
 --repeats N   N pairs in turn (baseline, Net plain, the default job, the job --no-augment), reported as
               medians of the per-pair ratios; the seed scheme and the fp32 job run once
 
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ray_cluster import local
+from ray_cluster.jobs import TRAIN_SCRIPT, ray_job_submit
 from training.aggregation import FedAvg
 from training.allocator import keep_freed_memory
 from training.data import fetch_mnist, load_mnist
@@ -148,30 +151,73 @@ def train_seed_scheme(train, test, workers: int = 3) -> dict:
             "test_accuracy": evaluate(averaged, *test)["accuracy"], "worker_test_accuracy": worker_acc}
 
 
-def ray_job(storage: Path, *train_args: str) -> dict:
-    """Submit training/train.py to the local cluster. `seconds`: until `ray job submit` returns;
-    `job_end_seconds`: until Ray recorded the job's end (the CLI's log tail closes a few s later)."""
+def submitted(storage: Path, *args: str, script: str = TRAIN_SCRIPT) -> tuple[str, dict]:
+    """One `ray job submit` of `script` to the local cluster; its submission id and its times:
+    `seconds` until `ray job submit` returns, `job_end_seconds` until Ray recorded the job's end
+    (the CLI's log tail closes a few s later). The training job's run id is its submission id."""
     from ray.job_submission import JobSubmissionClient
 
-    from ray_cluster.jobs import ray_job_submit
-
     submission_id = f"bench-{uuid.uuid4().hex[:12]}"
+    run_id = ["--run-id", submission_id] if script == TRAIN_SCRIPT else []
     started_at, started = time.time(), time.perf_counter()
-    result = ray_job_submit(storage, "--run-id", submission_id, *train_args, submission_id=submission_id)
+    result = ray_job_submit(storage, *run_id, *args, submission_id=submission_id, script=script)
     seconds = time.perf_counter() - started
     if result.returncode:
         raise RuntimeError(f"the job failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    version = submission_id  # published whether or not --promote moved `latest` to it
+    ended_at = JobSubmissionClient(local.DASHBOARD_URL).get_job_info(submission_id).end_time / 1000
+    return submission_id, {"seconds": seconds, "job_end_seconds": ended_at - started_at}
+
+
+def ray_job(storage: Path, *train_args: str) -> dict:
+    """Submit training/train.py to the local cluster, timed as `submitted` times it."""
+    version, times = submitted(storage, *train_args)  # published whether or not --promote moved `latest`
     if not (models_dir(storage) / version / "metadata.json").is_file():
         raise RuntimeError("the job did not publish a model")
     metadata = json.loads((models_dir(storage) / version / "metadata.json").read_text())
-    ended_at = JobSubmissionClient(local.DASHBOARD_URL).get_job_info(submission_id).end_time / 1000
-    return {"scheme": f"ray job {' '.join(train_args) or '(defaults)'}, {metadata['precision']}", "seconds": seconds,
-            "job_end_seconds": ended_at - started_at, "test_accuracy": metadata["test_accuracy"],
+    return {"scheme": f"ray job {' '.join(train_args) or '(defaults)'}, {metadata['precision']}", **times,
+            "test_accuracy": metadata["test_accuracy"],
             "workers": metadata["workers"], "rounds": metadata["rounds"], "epochs": metadata["epochs"],
             "precision": metadata["precision"],
             "round_accuracy": [r["test_accuracy"] for r in metadata["round_metrics"]],
             "job_internal_seconds": metadata["train_seconds"]}
+
+
+FLOOR_SCRIPT = "bench/train_floor.py"
+TINY_JOB = ("--subset", "300", "--promote", "never")  # 100 images per worker: 2 steps each, 2 rounds
+
+
+def floor_set(storage: Path, train, test) -> dict:
+    """One set, in turn: Ray Train's floor (a job of 3 workers that train nothing), the real job on
+    300 images (its fixed costs, 2 steps per worker and 2 evaluations), and the `Net` plain anchor."""
+    _, floor = submitted(storage, script=FLOOR_SCRIPT)
+    return {"floor": {"scheme": f"Ray Train floor: {FLOOR_SCRIPT}, 3 workers that train nothing", **floor},
+            "job_tiny": ray_job(storage, *TINY_JOB), "net_plain": net_plain(train, test)}
+
+
+def floor_ratios(floor_run: dict) -> dict:
+    """Each fixed cost against the anchor, and the least job / Net plain ratio they leave: the job
+    trained exactly as fast as Net plain (the same steps on the same cores), plus its fixed costs."""
+    plain = floor_run["net_plain"]["seconds"]
+    return {"Ray floor / Net plain": floor_run["floor"]["seconds"] / plain,
+            "job on 300 images / Net plain": floor_run["job_tiny"]["seconds"] / plain,
+            "least job / Net plain (1 + job on 300 images / Net plain)": 1 + floor_run["job_tiny"]["seconds"] / plain}
+
+
+def write_floor_report(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training_floor.json").write_text(json.dumps(results, indent=2) + "\n")
+    sets = results["sets"]
+    names = list(floor_ratios(sets[0]))
+    lines = ["| set | Ray floor (s) | Ray marked it done (s) | job on 300 images (s) | Net plain (s) | "
+             + " | ".join(names) + " |", "|---" * (5 + len(names)) + "|"]
+    for i, run in enumerate(sets, 1):
+        lines.append(f"| {i} | {run['floor']['seconds']:.1f} | {run['floor']['job_end_seconds']:.1f} "
+                     f"| {run['job_tiny']['seconds']:.1f} | {run['net_plain']['seconds']:.1f} | "
+                     + " | ".join(f"{r:.2f}x" for r in floor_ratios(run).values()) + " |")
+    medians = {key: statistics.median(floor_ratios(run)[key] for run in sets) for key in names}
+    lines.append("| **median** | | | | | " + " | ".join(f"**{r:.2f}x**" for r in medians.values()) + " |")
+    lines.append(f"\nMachine: {results['machine']}")
+    (out / "training_floor.md").write_text("\n".join(lines) + "\n")
 
 
 PROFILE_MARKS = (("driver's first line", ""), ("split done, workers asked for", "workers x"),
@@ -335,6 +381,9 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-subset", type=int, default=None, help="baselines on fewer images (smoke tests)")
     parser.add_argument("--profile-job", action="store_true",
                         help="only submit one job (--job-args) and print when each step of it showed in its log")
+    parser.add_argument("--floor", action="store_true",
+                        help=f"only the fixed costs: {FLOOR_SCRIPT} (Ray Train, no training), the job on 300 images and "
+                             "Net plain, --repeats sets in turn (writes training_floor.{json,md})")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default bench/results)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="pairs to take in turn; ratios are reported as medians over them (default 1)")
@@ -353,6 +402,15 @@ def main(argv=None) -> int:
                 local.down()
         print(json.dumps(profile["marks"], indent=1), profile["status"])
         (args.out / "job_profile.json").write_text(json.dumps(profile, indent=1) + "\n")
+        return 0
+    if args.floor:
+        try:
+            floor = {"machine": machine(), "sets": [floor_set(storage, train, test) for _ in range(args.repeats)]}
+        finally:
+            if started_ray:
+                local.down()
+        write_floor_report(floor, args.out)
+        print((args.out / "training_floor.md").read_text())
         return 0
     try:
         results = {"machine": machine()}

@@ -11,10 +11,13 @@ from ray_cluster import local
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_command(storage: Path, *train_args: str, python: str = "python") -> list[str]:
-    """The job's entrypoint: training/train.py on a storage root, run from the job's copy of this
-    repository (its working dir)."""
-    return [python, "training/train.py", "--storage", str(storage), *train_args]
+TRAIN_SCRIPT = "training/train.py"
+
+
+def train_command(storage: Path, *train_args: str, python: str = "python", script: str = TRAIN_SCRIPT) -> list[str]:
+    """The job's entrypoint: training/train.py (or another `script` of this repository that takes
+    --storage) on a storage root, run from the job's copy of this repository (its working dir)."""
+    return [python, script, "--storage", str(storage), *train_args]
 
 
 def submit_training(client, storage: Path, *train_args: str, python: str = "python",
@@ -27,10 +30,10 @@ def submit_training(client, storage: Path, *train_args: str, python: str = "pyth
 
 
 def ray_job_submit(storage: Path, *train_args: str, submission_id: str | None = None,
-                   timeout: float | None = None) -> subprocess.CompletedProcess:
+                   timeout: float | None = None, script: str = TRAIN_SCRIPT) -> subprocess.CompletedProcess:
     """The same job through the `ray job submit` CLI, as the README runs it: it tails the job's log
     and returns when the job ends, with the job's outcome as its exit status."""
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", local.DASHBOARD_URL,
                *(["--submission-id", submission_id] if submission_id else []), "--working-dir", str(ROOT),
-               "--", *train_command(storage, *train_args)]
+               "--", *train_command(storage, *train_args, script=script)]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from bench import bench_training
+from bench import bench_training, train_floor
+from training.storage import read_latest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -23,3 +24,22 @@ def test_training_benchmark_runs_and_writes_its_report(ray_head, mnist_storage, 
     report = (tmp_path / "training.md").read_text()
     assert "time / baseline" in report and "Default job / Net plain" in report
     assert (tmp_path / "training_accuracy.png").stat().st_size > 0
+
+
+
+def test_floor_benchmark_times_ray_train_without_training_beside_the_anchor(ray_head, mnist_storage, tmp_path):
+    serving_before = read_latest(mnist_storage)
+    code = bench_training.main(["--floor", "--storage", str(mnist_storage), "--out", str(tmp_path),
+                                "--baseline-subset", "600"])
+    assert code == 0
+    [run] = json.loads((tmp_path / "training_floor.json").read_text())["sets"]
+    # The floor job ran Ray Train (its run state is on the storage root); Ray recorded its end
+    # before its `ray job submit` returned.
+    assert any((mnist_storage / train_floor.FLOOR_DIR).iterdir())
+    assert 0 < run["floor"]["job_end_seconds"] <= run["floor"]["seconds"]
+    # The real job on 300 images: 3 workers, 2 rounds, published, and not served (--promote never).
+    assert run["job_tiny"]["workers"] == 3 and run["job_tiny"]["rounds"] == 2
+    assert read_latest(mnist_storage) == serving_before
+    ratios = bench_training.floor_ratios(run)
+    assert ratios["Ray floor / Net plain"] == run["floor"]["seconds"] / run["net_plain"]["seconds"]
+    assert "| **median** |" in (tmp_path / "training_floor.md").read_text()

@@ -183,25 +183,15 @@ def run(args) -> int:
 def fit(args, storage: Path, run_id: str, manifest: dict, aggregator, worker_cpus: float, threads: int) -> list[dict]:
     """Run train_func on --workers Ray Train workers; the metrics of every round, as reported.
     Raises if training fails (then nothing is published)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import FailureConfig, RunConfig
 
-    # Ray Train's controller polls its workers every 2 s by default: up to 2 s lost noticing the
-    # end of training (and each start). Ray passes this on from the driver to the controller.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"storage": str(storage), "run_id": run_id, "manifest": manifest, "aggregator": aggregator,
-                           "epochs": args.epochs, "rounds": args.rounds, "batch_size": args.batch_size,
-                           "lr": args.lr, "seed": args.seed, "threads": threads,
-                           "checkpoint_steps": args.checkpoint_steps, "precision": args.precision,
-                           "augment": augmentation(args)},
-        # SPREAD: one worker per node where the cluster allows, so every node's CPUs train.
-        scaling_config=ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": worker_cpus},
-                                     placement_strategy="SPREAD"),
-        run_config=RunConfig(name=run_id, storage_path=str(ray_dir(storage, run_id)),
-                             failure_config=FailureConfig(max_failures=args.max_failures)),
-    )
+    config = {"storage": str(storage), "run_id": run_id, "manifest": manifest, "aggregator": aggregator,
+              "epochs": args.epochs, "rounds": args.rounds, "batch_size": args.batch_size, "lr": args.lr,
+              "seed": args.seed, "threads": threads, "checkpoint_steps": args.checkpoint_steps,
+              "precision": args.precision, "augment": augmentation(args)}
+    trainer = torch_trainer(train_func, config, args.workers, worker_cpus,
+                            RunConfig(name=run_id, storage_path=str(ray_dir(storage, run_id)),
+                                      failure_config=FailureConfig(max_failures=args.max_failures)))
     abort_training_on_sigterm()
     result = trainer.fit()
     # One checkpoint per averaged round, with rank 0's report of that round's metrics.
@@ -209,6 +199,21 @@ def fit(args, storage: Path, run_id: str, manifest: dict, aggregator, worker_cpu
     if sorted(reported) != list(range(args.rounds)):
         raise RuntimeError(f"Ray Train reported rounds {sorted(reported)}, expected 0-{args.rounds - 1}")
     return [reported[r] for r in range(args.rounds)]
+
+
+def torch_trainer(train_loop, config: dict, workers: int, worker_cpus: float, run_config):
+    """A TorchTrainer that runs `train_loop(config)` on `workers` workers of `worker_cpus` CPUs each.
+    (bench/train_floor.py times the same trainer with a train_loop that returns at once.)"""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Ray Train's controller polls its workers every 2 s by default: up to 2 s lost noticing the
+    # end of training (and each start). Ray passes this on from the driver to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # SPREAD: one worker per node where the cluster allows, so every node's CPUs train.
+    return TorchTrainer(train_loop, train_loop_config=config, run_config=run_config,
+                        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": worker_cpus},
+                                                     placement_strategy="SPREAD"))
 
 
 def publish(args, storage: Path, run_id: str, rounds: list[dict], train_seconds: float) -> None:
