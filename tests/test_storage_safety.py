@@ -4,11 +4,13 @@ import json
 import stat
 import threading
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from serving.model_store import ModelStore
-from training.model import Net, NetV1
+from training.model import Net, NetV1, to_input
 from training.storage import (BadVersionName, check_version_name, claim_run_dir, models_dir, promote_version,
                               publish_model, read_latest)
 import training.storage as storage_module
@@ -95,6 +97,26 @@ def test_publication_is_readable_by_others_and_fsyncs_the_folders(tmp_path, monk
     assert synced.count(root) >= 2 and any(p.name.startswith(".v1.") for p in synced)  # and the staged files
     with pytest.raises(BadVersionName):
         publish_model(tmp_path, "../v2", Net().state_dict(), metadata("v2"))
+
+
+def test_serving_predicts_with_batchnorm_folded_in_and_the_networks_own_probabilities(tmp_path):
+    """Serving runs the published network with every BatchNorm folded into its convolution (cheaper
+    batches); the probabilities stay the network's own, to float precision."""
+    torch.manual_seed(0)
+    net = Net()
+    for norm in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):  # statistics as training leaves them
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+        norm.weight.data.uniform_(0.5, 1.5), norm.bias.data.uniform_(-0.5, 0.5)
+    publish_model(tmp_path, "v1", net.state_dict(), {**metadata("v1"), "architecture": Net.architecture})
+    promote_version(tmp_path, "v1")
+    store = ModelStore(tmp_path)
+    assert store.refresh()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in store.current.inference.modules())
+    images = np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    probabilities, version = store.predict(images)
+    with torch.inference_mode():
+        expected = torch.softmax(net.eval()(to_input(torch.from_numpy(images))), dim=1).numpy()
+    assert version == "v1" and np.allclose(probabilities, expected, atol=1e-5)
 
 
 def test_serving_loads_each_published_architecture_and_refuses_a_mismatch(tmp_path):
