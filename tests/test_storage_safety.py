@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from serving.model_store import ModelStore
-from training.model import Net, NetV1, to_input
+from training.model import Net, NetV1, for_inference, to_input
 from training.storage import (BadVersionName, check_version_name, claim_run_dir, models_dir, promote_version,
                               publish_model, read_latest)
 import training.storage as storage_module
@@ -117,6 +117,37 @@ def test_serving_predicts_with_batchnorm_folded_in_and_the_networks_own_probabil
     with torch.inference_mode():
         expected = torch.softmax(net.eval()(to_input(torch.from_numpy(images))), dim=1).numpy()
     assert version == "v1" and np.allclose(probabilities, expected, atol=1e-5)
+
+
+def test_making_an_inference_copy_never_disturbs_a_request_in_flight(tmp_path):
+    """A replica loads a new version while it answers requests on other threads: folding the new
+    network must touch nothing they use (a torch.fx trace patched torch.nn.Module process-wide, and
+    requests answered meanwhile failed)."""
+    publish_model(tmp_path, "v1", Net().state_dict(), {**metadata("v1"), "architecture": Net.architecture})
+    promote_version(tmp_path, "v1")
+    store = ModelStore(tmp_path)
+    assert store.refresh()
+    images = np.zeros((8, 28, 28), dtype=np.uint8)
+    answered, stop, errors = threading.Event(), threading.Event(), []
+
+    def answer():
+        while not stop.is_set():
+            try:
+                store.predict(images)
+            except Exception as error:
+                errors.append(error)
+            answered.set()
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        assert answered.wait(10)
+        for _ in range(500):
+            for_inference(Net())
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, f"{len(errors)} requests failed, the first: {errors[0]!r}"
 
 
 def test_serving_loads_each_published_architecture_and_refuses_a_mismatch(tmp_path):
