@@ -26,7 +26,6 @@ def test_training_benchmark_runs_and_writes_its_report(ray_head, mnist_storage, 
     assert (tmp_path / "training_accuracy.png").stat().st_size > 0
 
 
-
 def test_floor_benchmark_times_ray_train_without_training_beside_the_anchor(ray_head, mnist_storage, tmp_path):
     serving_before = read_latest(mnist_storage)
     code = bench_training.main(["--floor", "--storage", str(mnist_storage), "--out", str(tmp_path),
