@@ -5,6 +5,7 @@ serves the same model with the same code (serving/plain.py), in the same run, on
                                   [--ingress proxy,haproxy] [--colocated] [--floor]
     python -m bench.bench_serving --ramp [--ramp-profile 10:1,40:16,90:1]   # fixed vs autoscaled
     python -m bench.bench_serving --oip [--oip-clients 1,4] [--oip-requests 40,80] [--oip-batch 256]
+    python -m bench.bench_serving --fold      # the served model with BatchNorm folded in, and without
 
 For each Serve ingress mode (Serve's Python proxy; HAProxy) it starts a fresh local cluster and
 deploys the API. Each level runs a bounded load (fixed request count, time limit) against Serve
@@ -18,6 +19,10 @@ MNIST test images encoded as tritonclient.http encodes them: JSON (binary_data=F
 outputs) against the binary tensor extension (the client's defaults), FP32 and UINT8. It adds
 requests/s and images/s side by side, and the in-process cost of encoding and parsing one batch,
 to serving.json and serving.md (keeping the rest of the report).
+
+--fold times only the model, in this process on one thread: the served version's `predict` with
+BatchNorm folded into its convolutions (what serving runs) against the same network unfolded,
+interleaved, per batch size (serving_fold.{json,md}). No Ray.
 """
 import argparse
 import base64
@@ -193,6 +198,49 @@ def profile_in_process(storage: Path, bodies: list[bytes]) -> dict:
                                           / len(images), 3),
             "model_1_image_ms": round(timed(lambda: store.predict(one), 100), 3),
             "model_32_images_ms_per_image": round(timed(lambda: store.predict(batch), 20) / 32, 3)}
+
+
+
+def fold_ab(storage: Path, sizes=(1, 32, 256), rounds: int = 7, images_per_sample: int = 1000) -> dict:
+    """Median ms per `predict` call of the served version, folded (as served) and unfolded (its
+    published network), in alternating order so that both see the same load; MNIST-shaped images."""
+    import dataclasses
+    import statistics
+
+    import torch
+    from serving.model_store import ModelStore
+    torch.set_num_threads(1)
+    store = ModelStore(storage)
+    if not store.refresh():
+        raise SystemExit(f"no loadable model version in {storage}")
+    folded = store.current
+    variants = {"unfolded": dataclasses.replace(folded, inference=folded.net), "folded": folded}
+    rows = {}
+    for size in sizes:
+        images = np.random.default_rng(size).integers(0, 256, (size, 28, 28), dtype=np.uint8)
+        calls, samples = max(3, images_per_sample // size), {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, loaded in variants.items():
+                store.current = loaded
+                store.predict(images)  # warm
+                started = time.perf_counter()
+                for _ in range(calls):
+                    store.predict(images)
+                samples[name].append(1000 * (time.perf_counter() - started) / calls)
+        rows[str(size)] = {name: round(statistics.median(ms), 3) for name, ms in samples.items()}
+    store.current = folded
+    return {"version": folded.version, "rows": rows, "machine": machine()}
+
+
+def fold_markdown(report: dict) -> str:
+    lines = ["| images per predict call | unfolded (ms) | folded, as served (ms) | folded / unfolded |",
+             "|---:|---:|---:|---:|"]
+    for size, row in report["rows"].items():
+        lines.append(f"| {size} | {row['unfolded']} | {row['folded']} | {row['folded'] / row['unfolded']:.2f}x |")
+    m = report["machine"]
+    lines.append(f"\nVersion {report['version']}, one thread, medians of interleaved samples. Machine: "
+                 f"{m['cpus']} CPUs ({m['cpu_model']}), load average {m['loadavg_1m_before']:.2f} before.")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- report
@@ -752,7 +800,16 @@ def main(argv=None) -> None:
     parser.add_argument("--oip-clients", default="1,4")
     parser.add_argument("--oip-requests", default="40,80", help="request count per level and form")
     parser.add_argument("--oip-batch", type=int, default=256, help="images per request")
+    parser.add_argument("--fold", action="store_true",
+                        help="instead: the model alone, BatchNorm folded against unfolded (serving_fold.*)")
     args = parser.parse_args(argv)
+    if args.fold:
+        args.out.mkdir(parents=True, exist_ok=True)
+        report = fold_ab(resolve_storage(args.storage))
+        (args.out / "serving_fold.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "serving_fold.md").write_text(fold_markdown(report))
+        print(fold_markdown(report))
+        return
     if args.ramp:
         return main_ramp(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -30,3 +30,16 @@ def test_bench_serving_oip_runs(serve_app, mnist_storage, tmp_path):
     assert report["kept"] and [r["form"] for r in report["oip"]["rows"]] == list(bench_serving.OIP_FORMS)
     assert all(r["ok"] == 4 and r["server_parse_ms"] > 0 for r in report["oip"]["rows"])
     assert "binary UINT8" in (tmp_path / "serving.md").read_text()
+
+
+def test_bench_serving_fold_times_the_served_model_folded_and_unfolded(tmp_path):
+    """--fold's measurement (no Ray): the served version's predict, folded and unfolded, per batch size."""
+    from training.model import Net
+    from training.storage import promote_version, publish_model
+
+    publish_model(tmp_path, "v1", Net().state_dict(), {"version": "v1", "architecture": Net.architecture})
+    promote_version(tmp_path, "v1")
+    report = bench_serving.fold_ab(tmp_path, sizes=(1, 8), rounds=2, images_per_sample=16)
+    assert report["version"] == "v1" and list(report["rows"]) == ["1", "8"]
+    assert all(row["folded"] > 0 and row["unfolded"] > 0 for row in report["rows"].values())
+    assert "| 8 |" in bench_serving.fold_markdown(report)
