@@ -200,10 +200,10 @@ def _create_or_update_spec(resources, body: dict, what: str, on_update: str) -> 
 
 
 def token_export(o: manifests.Options, cluster: str | None = None) -> str:
-    """The shell line that puts a cluster's Ray token (a Secret KubeRay generates, named like the
-    cluster, key auth_token) where Ray's clients read it."""
-    return (f"export RAY_AUTH_TOKEN=$(kubectl -n {o.namespace} get secret {cluster or o.name} "
-            "-o jsonpath='{.data.auth_token}' | base64 -d)")
+    """The shell line that makes a shell's Ray clients send the cluster's token (a Secret KubeRay
+    generates, named like the cluster, key auth_token): they send it only with RAY_AUTH_MODE=token."""
+    return (f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"$(kubectl -n {o.namespace} get secret {cluster or o.name} "
+            "-o jsonpath='{.data.auth_token}' | base64 -d)\"")
 
 
 def train(args, o: manifests.Options) -> int:
