@@ -81,7 +81,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     add("--nfs-server", help="NFS server address for the volume (default: `up` reads the NFS Service's IP; "
                              "`render` needs it)")
     add("--node-range", default=d.node_range,
-        help=f"the nodes' address range, admitted to the NFS server's port (default {d.node_range})")
+        help=f"the nodes' subnet, the only clients the NFS export admits (create-gke-cluster.sh's NODE_RANGE, "
+             f"default {d.node_range})")
     add("--lb-source-range", dest="lb_source_ranges", action="append",
         help="a CIDR range allowed to reach the LoadBalancer (repeatable; default 0.0.0.0/0, everyone)")
     add("--internal-lb", action="store_true", help="a VPC-internal LoadBalancer instead of a public address")
