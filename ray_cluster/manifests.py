@@ -390,15 +390,12 @@ def _pod(template: dict, o: Options, instance: str, cpus: int, memory: str) -> N
         for source in container.get("envFrom", []):
             if "configMapRef" in source:
                 source["configMapRef"]["name"] = o.env_config_map
-    spec["containers"][0]["resources"] = _guaranteed(str(cpus), memory)
+    resources = spec["containers"][0]["resources"]
+    for amounts in (resources["requests"], resources["limits"]):
+        amounts.update(cpu=str(cpus), memory=memory)
     for volume in spec.get("volumes", []):
         if "persistentVolumeClaim" in volume:
             volume["persistentVolumeClaim"]["claimName"] = o.claim_name
-
-
-def _guaranteed(cpu: str, memory: str) -> dict:
-    amount = {"cpu": cpu, "memory": memory}
-    return {"requests": dict(amount), "limits": dict(amount)}
 
 
 def train_command(o: Options, script: str = f"{APP_DIR}/training/train.py") -> list[str]:

@@ -334,7 +334,9 @@ def test_requests_equal_limits(objects):
             for container in containers(template):
                 resources = container["resources"]
                 assert resources["requests"] == resources["limits"], (obj["metadata"]["name"], container["name"])
-                assert set(resources["limits"]) == {"cpu", "memory"}
+                # ephemeral-storage too: a pod that fills the node's disk (Ray logs, spilled objects,
+                # uploads) is evicted alone instead of taking the node's other pods with it.
+                assert set(resources["limits"]) == {"cpu", "memory", "ephemeral-storage"}
 
 
 def assert_restricted(template: dict, where: str) -> None:
@@ -489,6 +491,8 @@ def test_the_serving_cluster_is_the_training_cluster_but_read_only(rendered):
     serving.pop("enableInTreeAutoscaling"), serving.pop("autoscalerOptions")
     volumes = serving["headGroupSpec"]["template"]["spec"]["volumes"]
     volumes[:] = [v for v in volumes if v["name"] != "autoscaler-kube-api"]
+    for template in (serving["headGroupSpec"]["template"], serving["workerGroupSpecs"][0]["template"]):
+        pop_gradio_uploads(template)
     for spec in (training, serving):
         group = spec["workerGroupSpecs"][0]
         for key in ("replicas", "minReplicas", "maxReplicas"):
@@ -503,6 +507,16 @@ def test_the_serving_cluster_is_the_training_cluster_but_read_only(rendered):
             for volume in template["spec"]["volumes"]:
                 volume.get("persistentVolumeClaim", {}).pop("readOnly", None)
     assert serving == training
+
+
+def pop_gradio_uploads(template: dict) -> None:
+    """Take out of a serving pod what only it has: Gradio's upload dir, a size-limited emptyDir."""
+    (container,) = template["spec"]["containers"]
+    (env,) = [e for e in container["env"] if e["name"] == "GRADIO_TEMP_DIR"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == env["value"]]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert set(volume) == {"name", "emptyDir"} and volume["emptyDir"]["sizeLimit"], volume
+    container["env"].remove(env), container["volumeMounts"].remove(mount), template["spec"]["volumes"].remove(volume)
 
 
 def test_the_load_balancer_admits_the_configured_ranges(rendered):
