@@ -150,3 +150,33 @@ def test_the_dashboard_takes_the_token_once_and_then_its_cookie(ray_head):
         urllib.request.urlopen(urllib.request.Request(f"{local.DASHBOARD_URL}/api/jobs/",
                                                       headers={"Cookie": "ray-authentication-token=guess"}), timeout=10)
     assert refused.value.code == 403
+
+
+def test_a_head_that_refuses_this_token_is_up_but_not_ours(tmp_path, monkeypatch):
+    """Another head on the port (someone else's token): `up` must not start a second one, and
+    `status` says why it cannot read it."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(403 if self.headers.get("Authorization") else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(local, "DASHBOARD_URL", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setattr(local, "TOKEN_FILE", tmp_path / "auth_token")
+        assert local.is_up()
+        local.TOKEN_FILE.write_text("not-theirs")
+        assert local.is_up()
+        with pytest.raises(local.ClusterError, match="refused this machine's token"):
+            local.status()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not local.is_up(timeout=0.5)
