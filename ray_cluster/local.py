@@ -142,8 +142,8 @@ def head_env(haproxy: bool = False) -> dict:
     """Environment of the head, inherited by every Ray process it starts, job drivers included.
     MNIST_STORAGE, made absolute here: a job runs in Ray's temporary copy of its working dir,
     where the default ./storage would be deleted with the copy."""
-    return {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_ENV: str(resolve_storage()), **client_env(), **LOOPBACK_ENV, **NO_DRAIN_ENV,
-            **NO_PREEMPTION_WATCHER_ENV, **(HAPROXY_ENV if haproxy else {}), **ingress_retry_env(haproxy)}
+    return {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_ENV: str(resolve_storage()), **client_env(), **LOOPBACK_ENV,
+            **NO_DRAIN_ENV, **NO_PREEMPTION_WATCHER_ENV, **(HAPROXY_ENV if haproxy else {}), **ingress_retry_env(haproxy)}
 
 
 def ingress_retry_env(haproxy: bool = False) -> dict:
