@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STORAGE ?= $(CURDIR)/storage
 TRAIN_ARGS ?= --workers 3 --epochs 2 --batch-size 100
+# The local cluster runs with token authentication: its clients get in with these exports.
+AS_CLIENT = eval "$$($(PY) -m ray_cluster env)" &&
 
 .PHONY: run test setup up down train serve clean
 
@@ -23,11 +25,11 @@ down:
 
 train: up
 	$(PY) -m training.data --storage $(STORAGE)
-	$(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+	$(AS_CLIENT) $(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
 		python training/train.py --storage $(STORAGE) $(TRAIN_ARGS)
 
 serve: up
-	$(PY) -m serving deploy --storage $(STORAGE)
+	$(AS_CLIENT) $(PY) -m serving deploy --storage $(STORAGE)
 
 # Set up, start the local Ray cluster, get MNIST, train with `ray job submit`, then serve the model.
 run: train serve

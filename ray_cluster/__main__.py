@@ -1,4 +1,4 @@
-"""python -m ray_cluster up | down | status   (and `kuberay ...` for Kubernetes)."""
+"""python -m ray_cluster up | down | status | env   (and `kuberay ...` for Kubernetes)."""
 import argparse
 import json
 import sys
@@ -16,6 +16,8 @@ def main(argv=None) -> int:
                             "interface (default: Serve's Python proxy, on 127.0.0.1 only)")
     commands.add_parser("down", help="stop the local Ray head started by `up`")
     commands.add_parser("status", help="print addresses and resources of the local cluster")
+    commands.add_parser("env", help="print the exports that let a shell's Ray clients in (token auth): "
+                                    'eval "$(python -m ray_cluster env)"')
     try:
         from ray_cluster import kuberay_cli
         kuberay_cli.add_subparser(commands)
@@ -27,6 +29,9 @@ def main(argv=None) -> int:
             local.up(num_cpus=args.num_cpus, haproxy=args.haproxy)
         elif args.command == "down":
             local.down()
+        elif args.command == "env":
+            local.ensure_token()
+            print(local.env_line())
         elif args.command == "status":
             print(json.dumps(local.status(), indent=2))
         else:

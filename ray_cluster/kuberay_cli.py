@@ -81,7 +81,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     add("--nfs-server", help="NFS server address for the volume (default: `up` reads the NFS Service's IP; "
                              "`render` needs it)")
     add("--node-range", default=d.node_range,
-        help=f"the nodes' address range, admitted to the NFS server's port (default {d.node_range})")
+        help=f"the nodes' subnet, the only clients the NFS export admits (create-gke-cluster.sh's NODE_RANGE, "
+             f"default {d.node_range})")
     add("--lb-source-range", dest="lb_source_ranges", action="append",
         help="a CIDR range allowed to reach the LoadBalancer (repeatable; default 0.0.0.0/0, everyone)")
     add("--internal-lb", action="store_true", help="a VPC-internal LoadBalancer instead of a public address")
@@ -200,10 +201,10 @@ def _create_or_update_spec(resources, body: dict, what: str, on_update: str) -> 
 
 
 def token_export(o: manifests.Options, cluster: str | None = None) -> str:
-    """The shell line that puts a cluster's Ray token (a Secret KubeRay generates, named like the
-    cluster, key auth_token) where Ray's clients read it."""
-    return (f"export RAY_AUTH_TOKEN=$(kubectl -n {o.namespace} get secret {cluster or o.name} "
-            "-o jsonpath='{.data.auth_token}' | base64 -d)")
+    """The shell line that makes a shell's Ray clients send the cluster's token (a Secret KubeRay
+    generates, named like the cluster, key auth_token): they send it only with RAY_AUTH_MODE=token."""
+    return (f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"$(kubectl -n {o.namespace} get secret {cluster or o.name} "
+            "-o jsonpath='{.data.auth_token}' | base64 -d)\"")
 
 
 def train(args, o: manifests.Options) -> int:

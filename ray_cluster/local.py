@@ -5,15 +5,21 @@ processes in Ray's order), then stops whatever is left in its session: exactly t
 not other Ray clusters on the machine, as `ray stop` would. The head's pid is kept with its start
 time (psutil's create_time), so a pid that the system has since given to another process is never
 signalled.
-Its state folder (pid file, log) is private to the user: $MNIST_RAY_STATE, else
-$XDG_RUNTIME_DIR/mnist-ray, else <tmp>/mnist-ray-<uid>, mode 0700.
+Its state folder (pid file, log, the cluster's token) is private to the user: $MNIST_RAY_STATE,
+else $XDG_RUNTIME_DIR/mnist-ray, else <tmp>/mnist-ray-<uid>, mode 0700.
+The cluster runs with Ray's token authentication, the mode KubeRay sets: every client, local or on
+GKE, gets in with RAY_AUTH_MODE=token and the token (RAY_AUTH_TOKEN, or here the file
+RAY_AUTH_TOKEN_PATH names); `python -m ray_cluster env` prints the exports.
 """
 import json
 import os
+import secrets
+import shlex
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +36,7 @@ DASHBOARD_URL = f"http://{HOST}:{DASHBOARD_PORT}"
 STATE_DIR = Path(os.environ.get("MNIST_RAY_STATE") or private_state_dir("mnist-ray"))
 PID_FILE = STATE_DIR / "head.pid"
 LOG_FILE = STATE_DIR / "head.log"
+TOKEN_FILE = STATE_DIR / "auth_token"
 
 
 # Ray resolves "127.0.0.1" to the machine's network address unless it believes it runs a
@@ -77,11 +84,56 @@ class ClusterError(RuntimeError):
     pass
 
 
+def client_env() -> dict:
+    """What a client of the local cluster exports, as `python -m ray_cluster env` prints it: Ray's
+    clients send the token only when RAY_AUTH_MODE=token is in their own environment."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(TOKEN_FILE)}
+
+
+def env_line() -> str:
+    """The shell line that makes a shell a client of the local cluster."""
+    return "export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in client_env().items())
+
+
+def ensure_token() -> Path:
+    """The cluster's token file (mode 0600 in the private state dir), made once and kept, so that a
+    restarted head takes the token its clients already have."""
+    private_dir(STATE_DIR)
+    if not (TOKEN_FILE.is_file() and TOKEN_FILE.read_text().strip()):
+        partial = TOKEN_FILE.with_name(f".{TOKEN_FILE.name}.{os.getpid()}")
+        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(secrets.token_hex(32))
+        partial.replace(TOKEN_FILE)
+    return TOKEN_FILE
+
+
+def use_token() -> None:
+    """Make this process a client of the local cluster as the exports of client_env() do. Ray reads
+    its config when imported: re-read it, as ray.init does when it turns token auth on."""
+    ensure_token()
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the file (a GKE cluster's token, say)
+    os.environ.update(client_env())
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _dashboard(path: str, timeout: float):
+    """GET from the dashboard with the cluster's token, if this machine holds it."""
+    token = TOKEN_FILE.read_text().strip() if TOKEN_FILE.is_file() else ""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return urllib.request.urlopen(urllib.request.Request(DASHBOARD_URL + path, headers=headers), timeout=timeout)
+
+
 def is_up(timeout: float = 2.0) -> bool:
-    """True when the dashboard (and so the job server) answers on 127.0.0.1:8265."""
+    """True when the dashboard (and so the job server) answers on 127.0.0.1:8265, even if it refuses
+    this machine's token (a head started elsewhere)."""
     try:
-        with urllib.request.urlopen(f"{DASHBOARD_URL}/api/version", timeout=timeout) as response:
+        with _dashboard("/api/version", timeout) as response:
             return response.status == 200
+    except urllib.error.HTTPError as error:
+        return error.code in (401, 403)
     except OSError:
         return False
 
@@ -90,8 +142,8 @@ def head_env(haproxy: bool = False) -> dict:
     """Environment of the head, inherited by every Ray process it starts, job drivers included.
     MNIST_STORAGE, made absolute here: a job runs in Ray's temporary copy of its working dir,
     where the default ./storage would be deleted with the copy."""
-    return {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_ENV: str(resolve_storage()), **LOOPBACK_ENV, **NO_DRAIN_ENV,
-            **NO_PREEMPTION_WATCHER_ENV, **(HAPROXY_ENV if haproxy else {}), **ingress_retry_env(haproxy)}
+    return {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_ENV: str(resolve_storage()), **client_env(), **LOOPBACK_ENV,
+            **NO_DRAIN_ENV, **NO_PREEMPTION_WATCHER_ENV, **(HAPROXY_ENV if haproxy else {}), **ingress_retry_env(haproxy)}
 
 
 def ingress_retry_env(haproxy: bool = False) -> dict:
@@ -133,12 +185,13 @@ def _save_head_pid(pid: int) -> None:
 
 
 def up(num_cpus: int | None = None, timeout: float = 120.0, haproxy: bool = False) -> bool:
-    """Start the head unless one already answers; return True if this call started it.
+    """Start the head unless one already answers; return True if this call started it. Either way
+    this process becomes its client (use_token).
     `haproxy`: Serve's HAProxy ingress instead of its Python proxy (see HAPROXY_ENV)."""
+    use_token()
     if is_up():
         print(f"Ray is already up: {DASHBOARD_URL}")
         return False
-    private_dir(STATE_DIR)
     bin_dir = Path(sys.executable).parent  # so `python` in job entrypoints is this venv's
     command = [str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
                f"--node-ip-address={HOST}", f"--port={GCS_PORT}",
@@ -157,7 +210,9 @@ def up(num_cpus: int | None = None, timeout: float = 120.0, haproxy: bool = Fals
             raise ClusterError(f"the Ray head did not come up (log {LOG_FILE}):\n{tail}")
         time.sleep(0.5)
     print(f"Ray is up: dashboard and job server {DASHBOARD_URL}, GCS {HOST}:{GCS_PORT} (pid {head.pid}); "
-          f"jobs store runs and models in {env[STORAGE_ENV]} unless given --storage")
+          f"jobs store runs and models in {env[STORAGE_ENV]} unless given --storage.\n"
+          f"Token authentication is on; clients (ray job submit, python -m serving) first run:\n  {env_line()}\n"
+          f"The dashboard asks for the token: {TOKEN_FILE}")
     return True
 
 
@@ -246,8 +301,12 @@ def status() -> dict:
     """Addresses and resources of the running cluster (raises ClusterError if none)."""
     if not is_up():
         raise ClusterError("Ray is not running; start it with `python -m ray_cluster up`.")
-    with urllib.request.urlopen(f"{DASHBOARD_URL}/nodes?view=summary", timeout=5) as response:
-        nodes = json.load(response)["data"]["summary"]
+    try:
+        with _dashboard("/nodes?view=summary", timeout=5) as response:
+            nodes = json.load(response)["data"]["summary"]
+    except urllib.error.HTTPError as error:
+        raise ClusterError(f"the Ray head on {DASHBOARD_URL} refused this machine's token {TOKEN_FILE} "
+                           f"(HTTP {error.code}): it was started by someone else") from None
     alive = [n for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"]
     resources: dict[str, float] = {}
     for node in alive:

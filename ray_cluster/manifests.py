@@ -101,7 +101,7 @@ class Options:
     serve_config: Path = SERVE_CONFIG
     lb_source_ranges: tuple[str, ...] = ("0.0.0.0/0",)  # who may reach the LoadBalancer's port 8000
     internal_lb: bool = False          # a VPC-internal LoadBalancer instead of a public address
-    node_range: str = "10.128.0.0/9"   # the nodes' addresses, admitted to the NFS server (they mount it)
+    node_range: str = "10.20.0.0/22"   # the nodes' subnet, the NFS export's only clients (they mount it)
 
     @property
     def train_workers(self) -> int:
@@ -317,13 +317,14 @@ def _nfs_server(o: Options) -> list[dict]:
         else:
             obj["metadata"]["namespace"] = o.nfs_namespace
     _one(objects, "PersistentVolumeClaim")["spec"]["resources"]["requests"]["storage"] = o.size
-    (clients, *_) = _one(objects, "NetworkPolicy")["spec"]["ingress"]
-    for peer in clients["from"]:
-        if "namespaceSelector" in peer:
-            peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] = o.namespace
-        if "ipBlock" in peer:
-            peer["ipBlock"]["cidr"] = o.node_range
+    (server,) = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    next(e for e in server["env"] if e["name"] == "PERMITTED")["value"] = nfs_clients(o.node_range)
     return objects
+
+
+def nfs_clients(node_range: str) -> str:
+    """The export's PERMITTED value: the image pastes it into a sed s/// command, so its slash is escaped."""
+    return node_range.replace("/", "\\/")
 
 
 def _volume(o: Options) -> list[dict]:
@@ -389,15 +390,12 @@ def _pod(template: dict, o: Options, instance: str, cpus: int, memory: str) -> N
         for source in container.get("envFrom", []):
             if "configMapRef" in source:
                 source["configMapRef"]["name"] = o.env_config_map
-    spec["containers"][0]["resources"] = _guaranteed(str(cpus), memory)
+    resources = spec["containers"][0]["resources"]
+    for amounts in (resources["requests"], resources["limits"]):
+        amounts.update(cpu=str(cpus), memory=memory)
     for volume in spec.get("volumes", []):
         if "persistentVolumeClaim" in volume:
             volume["persistentVolumeClaim"]["claimName"] = o.claim_name
-
-
-def _guaranteed(cpu: str, memory: str) -> dict:
-    amount = {"cpu": cpu, "memory": memory}
-    return {"requests": dict(amount), "limits": dict(amount)}
 
 
 def train_command(o: Options, script: str = f"{APP_DIR}/training/train.py") -> list[str]:

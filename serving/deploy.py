@@ -156,14 +156,19 @@ def app_pair(config: dict) -> tuple[dict, dict]:
 
 
 def _request(method: str, path: str, body: dict | None = None, address: str = DASHBOARD_URL) -> dict:
+    # Ray's own clients' headers: the token, when RAY_AUTH_MODE=token and a token are exported.
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(address + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **get_auth_headers_if_auth_enabled({})})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             text = response.read().decode()
     except urllib.error.HTTPError as error:
-        raise DeployError(f"{method} {path}: HTTP {error.code}: {error.read().decode()[:2000]}") from None
+        hint = " (token auth: eval \"$(python -m ray_cluster env)\" first)" if error.code in (401, 403) else ""
+        raise DeployError(f"{method} {path}: HTTP {error.code}{hint}: {error.read().decode()[:2000]}") from None
     except OSError as error:
         raise DeployError(f"cannot reach the Ray dashboard at {address} ({error}); "
                           "start the cluster with `python -m ray_cluster up`") from None

@@ -8,6 +8,7 @@ reliability issue are checked on the rendered YAML.
 """
 import copy
 import functools
+import ipaddress
 import math
 import os
 import re
@@ -15,6 +16,7 @@ import shutil
 import shlex
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from ray_cluster import manifests
 from ray_cluster.manifests import MOUNT_PATH, InvalidOptions, Options
 
 ROOT = Path(__file__).resolve().parents[1]
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay" / "crds"
+CRD_DIR = Path(os.environ.get("KUBERAY_CRD_DIR") or Path(__file__).resolve().parents[2] / "shared" / "kuberay" / "crds")
 # The oldest Kubernetes minor we target on GKE, and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.33", "1.37")
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
@@ -315,6 +317,7 @@ def test_only_the_serve_port_leaves_the_cluster(objects):
     exposed = [s for s in services if s["spec"].get("type") in ("LoadBalancer", "NodePort")]
     assert len(exposed) == 1
     assert exposed[0]["spec"]["ports"] == [{"name": "serve", "port": 8000}]
+    assert exposed[0]["spec"]["allocateLoadBalancerNodePorts"] is False  # no NodePort on every node
     for spec in [s for obj in objects for s in ray_cluster_specs(obj)]:
         assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
         assert not spec["headGroupSpec"].get("enableIngress")
@@ -331,7 +334,9 @@ def test_requests_equal_limits(objects):
             for container in containers(template):
                 resources = container["resources"]
                 assert resources["requests"] == resources["limits"], (obj["metadata"]["name"], container["name"])
-                assert set(resources["limits"]) == {"cpu", "memory"}
+                # ephemeral-storage too: a pod that fills the node's disk (Ray logs, spilled objects,
+                # uploads) is evicted alone instead of taking the node's other pods with it.
+                assert set(resources["limits"]) == {"cpu", "memory", "ephemeral-storage"}
 
 
 def assert_restricted(template: dict, where: str) -> None:
@@ -412,21 +417,35 @@ def test_network_policies(objects):
             assert rest == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
 
 
-def test_the_nfs_server_admits_only_the_nfs_port_from_ray_pods_and_nodes(objects):
+def test_the_nfs_server_admits_only_the_nfs_port_and_exports_only_to_the_nodes(objects):
     servers = [o for o in objects if o["kind"] == "Deployment"]
     if not servers:
         return  # Filestore: no server pod
     (server,) = servers
     (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == server["metadata"]["namespace"]]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= server["spec"]["template"]["metadata"]["labels"].items()
-    (rule,) = policy["spec"]["ingress"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": 2049}]
-    pods, nodes = rule["from"]
-    app = one(objects, "RayCluster")["metadata"]["namespace"]
-    assert pods["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": app}
-    for template in ray_pod_templates(objects):
-        assert pods["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
-    assert set(nodes) == {"ipBlock"} and "/" in nodes["ipBlock"]["cidr"]  # kubelets mount it
+    # No `from`: the kubelets mount from node addresses, which no NetworkPolicy peer names reliably.
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 2049}]}]
+    (container,) = server["spec"]["template"]["spec"]["containers"]
+    permitted = next(e["value"] for e in container["env"] if e["name"] == "PERMITTED")
+    assert exports_line(permitted).startswith(f"/exports {ipaddress.ip_network(permitted.replace(chr(92), ''))}(rw,")
+
+
+def exports_line(permitted: str) -> str:
+    """/etc/exports as the image's nfsd.sh writes it: its own template and sed lines (the image is not
+    pulled here). An unescaped slash in PERMITTED makes sed fail, and the export would admit no one."""
+    script = ('''echo "{{SHARED_DIRECTORY}} {{PERMITTED}}({{READ_ONLY}},fsid=0,{{SYNC}},no_subtree_check)" > exports && '''
+              '''sed -i "s@{{SHARED_DIRECTORY}}@/exports@g" exports && sed -i "s/{{PERMITTED}}/"${PERMITTED}"/g" exports && '''
+              '''sed -i "s/{{READ_ONLY}}/rw/g" exports && cat exports''')
+    with tempfile.TemporaryDirectory() as folder:
+        return subprocess.run(["bash", "-c", script], env={**os.environ, "PERMITTED": permitted}, cwd=folder,
+                              capture_output=True, text=True, check=True).stdout
+
+
+def test_the_export_takes_any_node_range():
+    assert exports_line(manifests.nfs_clients("10.0.0.0/16")).startswith("/exports 10.0.0.0/16(rw,")
+    with pytest.raises(subprocess.CalledProcessError):
+        exports_line("10.0.0.0/16")  # unescaped: sed refuses it
 
 
 def test_the_nfs_image_is_pinned_by_digest_and_exports_sync(objects):
@@ -472,6 +491,8 @@ def test_the_serving_cluster_is_the_training_cluster_but_read_only(rendered):
     serving.pop("enableInTreeAutoscaling"), serving.pop("autoscalerOptions")
     volumes = serving["headGroupSpec"]["template"]["spec"]["volumes"]
     volumes[:] = [v for v in volumes if v["name"] != "autoscaler-kube-api"]
+    for template in (serving["headGroupSpec"]["template"], serving["workerGroupSpecs"][0]["template"]):
+        pop_gradio_uploads(template)
     for spec in (training, serving):
         group = spec["workerGroupSpecs"][0]
         for key in ("replicas", "minReplicas", "maxReplicas"):
@@ -486,6 +507,16 @@ def test_the_serving_cluster_is_the_training_cluster_but_read_only(rendered):
             for volume in template["spec"]["volumes"]:
                 volume.get("persistentVolumeClaim", {}).pop("readOnly", None)
     assert serving == training
+
+
+def pop_gradio_uploads(template: dict) -> None:
+    """Take out of a serving pod what only it has: Gradio's upload dir, a size-limited emptyDir."""
+    (container,) = template["spec"]["containers"]
+    (env,) = [e for e in container["env"] if e["name"] == "GRADIO_TEMP_DIR"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == env["value"]]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert set(volume) == {"name", "emptyDir"} and volume["emptyDir"]["sizeLimit"], volume
+    container["env"].remove(env), container["volumeMounts"].remove(mount), template["spec"]["volumes"].remove(volume)
 
 
 def test_the_load_balancer_admits_the_configured_ranges(rendered):
@@ -709,12 +740,59 @@ def test_worker_slots_read_a_live_cluster():
     assert manifests.worker_slots({"spec": {"workerGroupSpecs": [group, {**group, "replicas": 1}]}}) == 10
 
 
-def test_the_create_script(tmp_path):
+# A stand-in for gcloud's lookups (no Google Cloud here): us-east1 has no zone "-a".
+FAKE_GCLOUD = """#!/bin/sh
+case "$*" in
+  "compute zones list --project proj --filter region:$REGION AND status:UP --format value(name) --sort-by name --limit 1")
+    case "$REGION" in us-east1) echo us-east1-b ;; europe-west4) echo europe-west4-a ;; esac ;;
+  "projects describe proj --format value(projectNumber)") echo 123456789 ;;
+  *) echo "unexpected: gcloud $*" >&2; exit 9 ;;
+esac
+"""
+
+
+@pytest.fixture
+def dry_run_env(tmp_path) -> dict:
+    """DRY_RUN=1 with gcloud's lookups answered by FAKE_GCLOUD."""
+    (tmp_path / "gcloud").write_text(FAKE_GCLOUD)
+    (tmp_path / "gcloud").chmod(0o700)
+    return {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+            "DRY_RUN": "1", "PROJECT": "proj", "REGION": "europe-west4"}
+
+
+def test_the_create_script_is_clean_for_shellcheck_and_old_bash():
+    """macOS's bash 3.2 calls an empty array unbound under `set -u`: the scripts use none."""
+    scripts = sorted((ROOT / "k8s").rglob("*.sh")) + [p for p in [ROOT / ".ci" / "run"] if p.exists()]
+    for script in scripts:
+        assert "[@]" not in script.read_text() and "=(" not in script.read_text(), script
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed")
+    result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_the_create_script_looks_the_zone_up(dry_run_env):
+    script = str(ROOT / "k8s" / "create-gke-cluster.sh")
+    out = subprocess.run(["bash", script], env={**dry_run_env, "REGION": "us-east1"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "--location us-east1-b" in out and "us-east1-a" not in out
+    assert "serviceAccount:123456789-compute@" in out
+    wrong = subprocess.run(["bash", script], env={**dry_run_env, "ZONE": "us-central1-a"}, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "is not a zone of REGION europe-west4" in wrong.stderr
+
+
+def test_the_create_script(dry_run_env):
     script = ROOT / "k8s" / "create-gke-cluster.sh"
-    env = {**os.environ, "DRY_RUN": "1", "PROJECT": "proj", "REGION": "europe-west4"}
+    env = dry_run_env
     out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True).stdout
     create = next(line for line in out.splitlines() if "clusters create" in line)
     assert "--enable-dataplane-v2" in create and "--location europe-west4-a" in create
+    assert "--create-subnetwork name=mnist-nodes,range=10.20.0.0/22" in create  # the NFS export's clients
+    assert "file.googleapis.com" not in out and "--update-addons" not in out  # defaults: nfs, helm
+    filestore = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "filestore", "RAY_OPERATOR": "addon"},
+                               capture_output=True, text=True, check=True).stdout
+    assert "services enable file.googleapis.com" in filestore
+    assert "--update-addons GcpFilestoreCsiDriver=ENABLED" in filestore and "--update-addons RayOperator=ENABLED" in filestore
     assert "--workload-pool proj.svc.id.goog --workload-metadata GKE_METADATA" in create
     assert "--addons" not in out  # would turn off every default add-on it does not list
     assert "node-pools create ray" in out and "--autoscaling-profile optimize-utilization" in create
@@ -740,7 +818,7 @@ def test_the_create_script(tmp_path):
     bad = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "s3"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "nfs or filestore" in bad.stderr
     elsewhere = subprocess.run(["bash", str(script)], env={**env, "ZONE": "us-central1-a"}, capture_output=True, text=True)
-    assert elsewhere.returncode == 2 and "not in REGION europe-west4" in elsewhere.stderr
+    assert elsewhere.returncode == 2 and "is not a zone of REGION europe-west4" in elsewhere.stderr
     no_region = subprocess.run(["bash", str(script)], env={**env, "REGION": ""}, capture_output=True, text=True)
     assert no_region.returncode != 0 and "set REGION" in no_region.stderr
     text = script.read_text()
@@ -787,6 +865,10 @@ def test_the_guide_covers_the_steps_a_first_user_needs():
                    "gcloud filestore instances list", "gcloud compute disks list", "## Not verified here"):
         assert needle in guide, needle
     assert "${REGION:-" not in guide and "ZONE%-*" not in guide  # one region, set once
+    from ray_cluster.kuberay_cli import token_export
+    assert token_export(Options()) in guide  # the line a test submits a job with (test_local_cluster.py)
+    for needle in ("--enable-auth", "get-auth-string", "allocateLoadBalancerNodePorts: false", "SHARED_STORAGE=nfs RAY_OPERATOR=helm"):
+        assert needle in guide, needle
     not_verified = guide.split("## Not verified here", 1)[1]
     for needle in ("Token authentication", "digest", "NetworkPolicies", "Workload Identity", "Memorystore",
                    "Autoscaling end to end", "cluster autoscaler", "safe-to-evict"):
@@ -1095,11 +1177,11 @@ def pod_cpus(template: dict) -> float:
                max((cpu(c) for c in template["spec"].get("initContainers", [])), default=0))
 
 
-def test_the_node_pool_holds_the_ray_pods_at_rest_and_at_the_ceiling():
+def test_the_node_pool_holds_the_ray_pods_at_rest_and_at_the_ceiling(dry_run_env):
     """create-gke-cluster.sh's --min-nodes holds every Ray pod of the default manifests at rest,
     and --max-nodes holds them with the serving group at maxReplicas plus a RayService upgrade's
     second cluster (its head and minReplicas workers), packed whole into nodes."""
-    env = {**os.environ, "DRY_RUN": "1", "PROJECT": "proj", "REGION": "europe-west4"}
+    env = dry_run_env
     out = subprocess.run(["bash", str(ROOT / "k8s" / "create-gke-cluster.sh")], env=env, capture_output=True, text=True, check=True).stdout
     pool = shlex.split(next(line for line in out.splitlines() if "node-pools create ray" in line)[2:])
     flag = lambda name: pool[pool.index(name) + 1]

@@ -918,8 +918,8 @@ def test_status_reports_token_authentication_without_the_token(api, cli, capsys)
             {"kind": "Secret", "metadata": {"name": "mnist"}, "data": {"auth_token": "c2VjcmV0LXRva2Vu"}})
     assert cli("status") == 0
     out = capsys.readouterr().out
-    assert ("token authentication: on; clients: export RAY_AUTH_TOKEN=$(kubectl -n mnist get secret mnist "
-            "-o jsonpath='{.data.auth_token}' | base64 -d)") in out
+    assert ("token authentication: on; clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"$(kubectl -n mnist "
+            "get secret mnist -o jsonpath='{.data.auth_token}' | base64 -d)\"") in out
     assert "c2VjcmV0LXRva2Vu" not in out and "secret-token" not in out
 
 
@@ -927,7 +927,8 @@ def test_up_prints_how_to_submit_with_the_token(api, cli, capsys):
     api.script("rayclusters", "mnist", CLUSTER_READY)
     assert cli("up") == 0
     out = capsys.readouterr().out
-    assert out.index("export RAY_AUTH_TOKEN=$(kubectl -n mnist get secret mnist") < out.index("ray job submit")
+    assert out.index("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"$(kubectl -n mnist get secret mnist") < \
+        out.index("ray job submit")
 
 
 def test_a_raycluster_is_ready_only_for_its_current_generation():

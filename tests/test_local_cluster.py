@@ -1,15 +1,20 @@
 """`python -m ray_cluster down` stops everything its head started, also processes that left the
-head's process group (HAProxy under Serve's HAProxy ingress did, and kept port 8000)."""
+head's process group (HAProxy under Serve's HAProxy ingress did, and kept port 8000); the cluster
+lets in only clients with its token, as KubeRay's do."""
+import base64
 import json
 import os
 import stat
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
 
-from ray_cluster import local
+from ray_cluster import kuberay_cli, local, manifests
 from training.storage import private_dir
 from tests.helpers import wait_for
 
@@ -83,3 +88,95 @@ def test_the_state_dir_is_private_to_the_user(tmp_path, monkeypatch):
     (tmp_path / "link").symlink_to(tmp_path / "state")
     with pytest.raises(PermissionError):  # someone else's symlink in /tmp would redirect our files
         private_dir(tmp_path / "link")
+
+
+def test_the_token_is_made_once_private_to_the_user(tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "STATE_DIR", tmp_path / "state")
+    monkeypatch.setattr(local, "TOKEN_FILE", tmp_path / "state" / "auth_token")
+    token = local.ensure_token().read_text()
+    assert len(token) >= 32 and stat.S_IMODE(local.TOKEN_FILE.stat().st_mode) == 0o600
+    assert local.ensure_token().read_text() == token  # a restarted head keeps its clients' token
+    assert local.head_env().items() >= local.client_env().items() == {
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(local.TOKEN_FILE)}.items()
+    line = subprocess.run(["bash", "-c", f'{local.env_line()}; echo "$RAY_AUTH_MODE $RAY_AUTH_TOKEN_PATH"'],
+                          capture_output=True, text=True, check=True).stdout
+    assert line.split() == ["token", str(local.TOKEN_FILE)]
+
+
+def _job_submit(env: dict, shell_prefix: str = "") -> subprocess.CompletedProcess:
+    command = f'{shell_prefix} exec "$0" job submit --address {local.DASHBOARD_URL} -- echo let-in'
+    return subprocess.run(["bash", "-c", command, str(Path(sys.executable).parent / "ray")], env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.ray
+def test_a_job_gets_in_with_exactly_the_pair_the_kuberay_hint_exports(ray_head, tmp_path):
+    """Without the token the job server answers 401 (also to the old hint's RAY_AUTH_TOKEN alone); the
+    line `kuberay status` prints for GKE lets `ray job submit` in. Its kubectl is the only stand-in:
+    it answers the Secret's value as KubeRay stores it (base64), since no Kubernetes runs here."""
+    token = local.TOKEN_FILE.read_text().strip()
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(f"{local.DASHBOARD_URL}/api/jobs/", method="POST",
+                                                      data=b'{"entrypoint": "echo no"}'), timeout=10)
+    assert refused.value.code == 401
+    alone = _job_submit({**bare, "RAY_AUTH_TOKEN": token})
+    assert alone.returncode != 0 and "Unauthorized: Missing authentication token" in alone.stderr, alone.stderr[-3000:]
+
+    kubectl = tmp_path / "kubectl"
+    secret = base64.b64encode(token.encode()).decode()
+    kubectl.write_text('#!/bin/sh\n[ "$*" = "-n mnist get secret mnist -o jsonpath={.data.auth_token}" ] '
+                       f"|| exit 3\necho {secret}\n")
+    kubectl.chmod(0o700)
+    hint = kuberay_cli.token_export(manifests.Options())
+    accepted = _job_submit({**bare, "PATH": f"{tmp_path}{os.pathsep}{bare['PATH']}"}, f"{hint} &&")
+    assert accepted.returncode == 0, accepted.stdout[-2000:] + accepted.stderr[-2000:]
+    assert "let-in" in accepted.stdout
+
+
+@pytest.mark.ray
+def test_the_dashboard_takes_the_token_once_and_then_its_cookie(ray_head):
+    """The browser path: the dashboard's page asks for the token, posts it, and keeps a cookie."""
+    token = local.TOKEN_FILE.read_text().strip()
+    login = urllib.request.Request(f"{local.DASHBOARD_URL}/api/authenticate", method="POST",
+                                   headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(login, timeout=10) as response:
+        cookie = response.headers["Set-Cookie"].split(";", 1)[0]
+    assert cookie.startswith("ray-authentication-token=")
+    jobs = urllib.request.Request(f"{local.DASHBOARD_URL}/api/jobs/", headers={"Cookie": cookie})
+    with urllib.request.urlopen(jobs, timeout=10) as response:
+        assert response.status == 200
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(f"{local.DASHBOARD_URL}/api/jobs/",
+                                                      headers={"Cookie": "ray-authentication-token=guess"}), timeout=10)
+    assert refused.value.code == 403
+
+
+def test_a_head_that_refuses_this_token_is_up_but_not_ours(tmp_path, monkeypatch):
+    """Another head on the port (someone else's token): `up` must not start a second one, and
+    `status` says why it cannot read it."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(403 if self.headers.get("Authorization") else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(local, "DASHBOARD_URL", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setattr(local, "TOKEN_FILE", tmp_path / "auth_token")
+        assert local.is_up()
+        local.TOKEN_FILE.write_text("not-theirs")
+        assert local.is_up()
+        with pytest.raises(local.ClusterError, match="refused this machine's token"):
+            local.status()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not local.is_up(timeout=0.5)
