@@ -42,7 +42,7 @@ RAY_DISK_GB="${RAY_DISK_GB:-100}"        # the project image is several GB
 SHARED_STORAGE="${SHARED_STORAGE:-nfs}"  # nfs | filestore (enables the Filestore CSI driver)
 RAY_OPERATOR="${RAY_OPERATOR:-helm}"     # helm (KubeRay v1.7.0, docs/GKE.md) | addon (GKE-managed)
 REPOSITORY="${REPOSITORY:-mnist}"        # Artifact Registry repository for the image
-# The nodes' own subnet: the NFS server exports only to it (k8s/overlays/nfs/server), so other VMs
+# The nodes' own subnet: the NFS server exports only to it (k8s/components/nfs/server), so other VMs
 # of the VPC cannot mount the models. Pick a range free in your VPC (auto-mode VPCs use 10.128.0.0/9).
 NODE_RANGE="${NODE_RANGE:-10.20.0.0/22}"
 

@@ -310,7 +310,7 @@ def _namespace(o: Options) -> list[dict]:
 def _nfs_server(o: Options) -> list[dict]:
     if o.shared_storage != "nfs":
         return []
-    objects = _objects("overlays/nfs/server")
+    objects = _objects("components/nfs/server")
     for obj in objects:
         if obj["kind"] == "Namespace":
             _place(obj, o.nfs_namespace, None)
@@ -330,11 +330,11 @@ def nfs_clients(node_range: str) -> str:
 def _volume(o: Options) -> list[dict]:
     """The ReadWriteMany claim every Ray pod mounts at /mnt/shared (and its NFS volume)."""
     if o.shared_storage == "filestore":
-        claim = _one(_objects("overlays/filestore/volume.yaml"), "PersistentVolumeClaim")
+        claim = _one(_objects("components/filestore/volume.yaml"), "PersistentVolumeClaim")
         _place(claim, o.claim_name, o.namespace)
         claim["spec"]["resources"]["requests"]["storage"] = o.size
         return [claim]
-    objects = _objects("overlays/nfs/volume.yaml")
+    objects = _objects("components/nfs/volume.yaml")
     volume, claim = _one(objects, "PersistentVolume"), _one(objects, "PersistentVolumeClaim")
     _place(volume, o.volume_name, None)
     volume["spec"]["capacity"]["storage"] = o.size
