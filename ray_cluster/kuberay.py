@@ -6,8 +6,8 @@ group ray.io, version v1, plurals rayclusters / rayjobs / rayservices. Each of
 and wait_ready (which reads the status the operator writes, with a timeout). API failures become
 the errors below, each saying what to do.
 
-It also creates and deletes the few plain objects that go with them (namespace, storage,
-NetworkPolicies) for the CLI.
+It also applies (server-side) and deletes the few plain objects that go with them (namespace,
+storage, NetworkPolicies) for the CLI.
 """
 from __future__ import annotations
 
@@ -252,6 +252,11 @@ def _unreachable(api_client: client.ApiClient, error: Exception) -> Unreachable:
 
 
 REQUEST_TIMEOUT = (5.0, 30.0)   # seconds: connect, read; no request waits forever
+FIELD_MANAGER = "mnist-ray-cluster"  # who owns the fields the CLI applies (`kubectl get -o yaml --show-managed-fields`)
+# Server-side apply: the API server merges the body into the live object and records FIELD_MANAGER
+# as the owner of its fields; force takes over fields last set by another manager (a `kubectl edit`).
+APPLY = dict(field_manager=FIELD_MANAGER, force=True, field_validation="Strict",
+             _content_type="application/apply-patch+yaml")
 TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 RETRIES = 4                      # transient failures a read or delete retries before giving up
 BACKOFF = 0.5                    # seconds, doubled on each retry
@@ -302,6 +307,12 @@ class Resource:
         return self._call(body["metadata"]["name"], lambda: self.api.create_namespaced_custom_object(
             GROUP, VERSION, self.namespace, self.plural, body, field_validation="Strict",
             _headers={"Content-Type": "application/json"},  # this method sets none by itself
+            _request_timeout=REQUEST_TIMEOUT))
+
+    def apply(self, body: dict) -> dict:
+        """Server-side apply: create it, or take this body's fields as ours (FIELD_MANAGER)."""
+        return self._call(body["metadata"]["name"], lambda: self.api.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, self.plural, body["metadata"]["name"], body, **APPLY,
             _request_timeout=REQUEST_TIMEOUT))
 
     def get(self, name: str) -> dict:
@@ -389,16 +400,12 @@ class KubeRay:
 
     # ------------------------------------------------------------ plain objects for the CLI
 
-    def create_object(self, obj: dict) -> bool:
-        """Create a Ray object or one of the plain kinds the manifests hold; False if it existed."""
-        try:
-            if obj["kind"] in _PLAIN:
-                self._plain(obj, "create", body=obj)
-            else:
-                self.resource(obj["kind"]).create(obj)
-            return True
-        except AlreadyExists:
-            return False
+    def apply(self, obj: dict) -> None:
+        """Server-side apply of a Ray object or one of the plain kinds the manifests hold."""
+        if obj["kind"] in _PLAIN:
+            self._plain(obj, "patch", obj, **APPLY)
+        else:
+            self.resource(obj["kind"]).apply(obj)
 
     def delete_object(self, obj: dict) -> bool:
         """Delete it; False if it was not there."""
@@ -411,16 +418,15 @@ class KubeRay:
         except NotFound:
             return False
 
-    def _plain(self, obj: dict, verb: str, **kwargs):
+    def _plain(self, obj: dict, verb: str, *body, **kwargs):
         api_class, suffix, namespaced = _PLAIN[obj["kind"]]
         api = getattr(client, api_class)(self.api_client)
         meta = obj["metadata"]
         method = getattr(api, f"{verb}_namespaced_{suffix}" if namespaced else f"{verb}_{suffix}")
-        args = () if verb == "create" else (meta["name"],)   # create_x(ns, body), delete_x(name, ns)
-        args += (meta["namespace"],) if namespaced else ()
+        args = (meta["name"],) + ((meta["namespace"],) if namespaced else ()) + body  # patch_x(name, ns, body)
         what = f"{obj['kind']} " + (f"{meta['namespace']}/" if namespaced else "") + meta["name"]
-        return _call(self.api_client, what, None, lambda: method(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs),
-                     retry=verb == "delete")
+        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
+        return _call(self.api_client, what, None, lambda: method(*args, **kwargs), retry=True)  # both idempotent
 
     def read_service(self, namespace: str, name: str) -> client.V1Service:
         return _call(self.api_client, f"Service {namespace}/{name}", None,
@@ -442,7 +448,7 @@ class KubeRay:
         return [pod.metadata.name for pod in pods.items]
 
 
-# kind -> (API class, method suffix, namespaced): create_namespaced_service, delete_persistent_volume, ...
+# kind -> (API class, method suffix, namespaced): patch_namespaced_service, delete_persistent_volume, ...
 _PLAIN = {
     "Namespace": ("CoreV1Api", "namespace", False),
     "ConfigMap": ("CoreV1Api", "config_map", True),

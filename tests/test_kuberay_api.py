@@ -94,6 +94,13 @@ class StandIn:
     def sent(self, method: str, pattern: str = "") -> list[dict]:
         return [r for r in self.requests if r["method"] == method and re.search(pattern, r["path"])]
 
+    def applied(self) -> list[str]:
+        """The paths of the server-side applies, in order (each with the CLI's field manager, forced)."""
+        applies = [r for r in self.sent("PATCH") if r["headers"]["content-type"] == "application/apply-patch+yaml"]
+        assert all(r["query"]["fieldManager"] == [kuberay.FIELD_MANAGER] and r["query"]["force"] == ["true"]
+                   for r in applies)
+        return [r["path"] for r in applies]
+
     # ------------------------------------------------------------ request handling
 
     def handle(self, method: str, path: str, body) -> tuple[int, object]:
@@ -103,7 +110,7 @@ class StandIn:
             if not self.crds_installed:
                 return 404, "404 page not found\n"
             if plural in self.forbidden:
-                verb = {"GET": "get" if name else "list", "POST": "create", "PATCH": "patch", "DELETE": "delete"}[method]
+                verb = {"GET": "get" if name else "list", "POST": "create", "PATCH": "patch", "APPLY": "patch", "DELETE": "delete"}[method]
                 return 403, status_body(403, "Forbidden", f'{plural}.ray.io is forbidden: User "dev" cannot {verb} '
                                         f'resource "{plural}" in API group "ray.io" in the namespace "{namespace}"')
             return self.crud(method, path.rsplit("/", 1)[0] if name else path, plural, name, body)
@@ -119,6 +126,8 @@ class StandIn:
 
     def crud(self, method, collection, plural, name, body):
         key = (collection, name or (body or {}).get("metadata", {}).get("name"))
+        if method == "APPLY":  # server-side apply: create, or merge into the live object
+            method = "PATCH" if key in self.objects else "POST"
         kind = plural[:-1].capitalize()
         if method == "POST":
             if key in self.objects:
@@ -178,12 +187,13 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         body = json.loads(raw) if raw else None
+        method = "APPLY" if self.headers.get("Content-Type") == "application/apply-patch+yaml" else self.command
         with self.standin.lock:
             self.standin.requests.append({"method": self.command, "path": parts.path, "query": parse_qs(parts.query),
                                           "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
             failure = self.standin.failures.pop(0) if self.standin.failures else None
             if failure is None:
-                code, answer = self.standin.handle(self.command, parts.path, body)
+                code, answer = self.standin.handle(method, parts.path, body)
         if failure == "drop":  # the connection closes with no answer (an API server restarting)
             self.close_connection = True
             return
@@ -462,21 +472,21 @@ def test_cli_up_creates_everything_and_prints_the_next_steps(api, cli, capsys):
     api.script("rayclusters", "mnist", {"state": ""}, CLUSTER_READY)
     assert cli("up") == 0
     out = capsys.readouterr().out
-    created = [(r["path"], r["body"]["metadata"]["name"]) for r in api.sent("POST")]
-    assert created == [
-        ("/api/v1/namespaces", "mnist"),
-        ("/api/v1/namespaces", "mnist-nfs"),
-        ("/api/v1/namespaces/mnist-nfs/persistentvolumeclaims", "nfs-disk"),
-        ("/apis/apps/v1/namespaces/mnist-nfs/deployments", "nfs-server"),
-        ("/api/v1/namespaces/mnist-nfs/services", "nfs-server"),
-        ("/apis/networking.k8s.io/v1/namespaces/mnist-nfs/networkpolicies", "nfs-server"),
-        ("/api/v1/persistentvolumes", "mnist-mnist-shared"),
-        ("/api/v1/namespaces/mnist/persistentvolumeclaims", "mnist-shared"),
-        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-training"),
-        ("/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies", "mnist-serve"),
-        ("/api/v1/namespaces/mnist/configmaps", "mnist-ray-env"),
-        ("/apis/ray.io/v1/namespaces/mnist/rayclusters", "mnist"),
+    assert api.applied() == [  # kustomize's order: namespaces and the NFS server first (its IP is read next)
+        "/api/v1/namespaces/mnist",
+        "/api/v1/namespaces/mnist-nfs",
+        "/api/v1/namespaces/mnist-nfs/services/nfs-server",
+        "/api/v1/namespaces/mnist-nfs/persistentvolumeclaims/nfs-disk",
+        "/apis/apps/v1/namespaces/mnist-nfs/deployments/nfs-server",
+        "/apis/networking.k8s.io/v1/namespaces/mnist-nfs/networkpolicies/nfs-server",
+        "/api/v1/namespaces/mnist/configmaps/mnist-ray-env",
+        "/api/v1/persistentvolumes/mnist-mnist-shared",
+        "/api/v1/namespaces/mnist/persistentvolumeclaims/mnist-shared",
+        "/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies/mnist-serve",
+        "/apis/networking.k8s.io/v1/namespaces/mnist/networkpolicies/mnist-training",
+        "/apis/ray.io/v1/namespaces/mnist/rayclusters/mnist",
     ]
+    assert not api.sent("POST")
     assert all(r["headers"]["authorization"] == "Bearer test-token" for r in api.requests)
     volume = api.get("/api/v1/persistentvolumes", "mnist-mnist-shared")
     assert volume["spec"]["nfs"]["server"] == CLUSTER_IP  # nodes mount by IP, not cluster DNS
@@ -493,17 +503,17 @@ def test_cli_up_again_leaves_storage_and_updates_the_cluster(api, cli, capsys):
     assert cli("up") == 0
     assert cli("up", "--worker-pods", "4", "--nfs-server", "10.1.2.3") == 0
     out = capsys.readouterr().out
-    assert "PersistentVolumeClaim mnist-nfs/nfs-disk: exists, unchanged" in out
-    assert "RayCluster mnist/mnist: exists, spec updated" in out
-    (patch,) = api.sent("PATCH")
-    assert patch["body"]["spec"]["workerGroupSpecs"][0]["replicas"] == 4
+    assert "PersistentVolumeClaim mnist-nfs/nfs-disk: applied" in out and "RayCluster mnist/mnist: applied" in out
+    cluster = api.get(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", "mnist")
+    assert cluster["spec"]["workerGroupSpecs"][0]["replicas"] == 4 and cluster["metadata"]["generation"] == 2
+    assert api.get("/api/v1/persistentvolumes", "mnist-mnist-shared")["spec"]["nfs"]["server"] == "10.1.2.3"
 
 
 def test_cli_up_with_filestore_creates_no_nfs_server(api, cli):
     api.script("rayclusters", "mnist", CLUSTER_READY)
     assert cli("up", "--shared-storage", "filestore") == 0
-    kinds = [r["path"].split("/")[-1] for r in api.sent("POST")]
-    assert kinds == ["namespaces", "persistentvolumeclaims", "networkpolicies", "networkpolicies", "configmaps", "rayclusters"]
+    kinds = [path.split("/")[-2] for path in api.applied()]
+    assert kinds == ["namespaces", "configmaps", "persistentvolumeclaims", "networkpolicies", "networkpolicies", "rayclusters"]
 
 
 def test_cli_up_timeout_shows_the_last_status(api, cli, capsys):
@@ -571,11 +581,12 @@ def test_cli_serve_creates_then_updates_and_prints_the_address(api, cli, capsys,
         "spec": {"type": "LoadBalancer", "ports": [{"name": "serve", "port": 8000}]},
         "status": {"loadBalancer": {"ingress": [{"ip": EXTERNAL_IP}]}}})
     assert cli("serve") == 0
-    (post,) = api.sent("POST")
-    assert post["body"]["spec"]["serveConfigV2"] == serve_config.read_text()  # the file as it is
+    (apply,) = api.sent("PATCH")
+    assert apply["body"]["spec"]["serveConfigV2"] == serve_config.read_text()  # the file as it is
     assert f"Serving at http://{EXTERNAL_IP}:8000/" in capsys.readouterr().out
     assert cli("serve", "--serve-min-pods", "2", "--serve-max-pods", "3") == 0
-    (patch,) = api.sent("PATCH")
+    assert api.applied() == ["/apis/ray.io/v1/namespaces/mnist/rayservices/mnist-serve"] * 2
+    patch = api.sent("PATCH")[-1]
     (group,) = patch["body"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 3)
     assert patch["body"]["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
@@ -603,8 +614,8 @@ def test_cli_down_all_deletes_storage_last_to_first(api, cli, capsys):
     assert cli("up") == 0
     assert cli("down", "--all") == 0
     deleted = [r["path"].rsplit("/", 1)[-1] for r in api.sent("DELETE")]
-    assert deleted == ["mnist-serve", "mnist-train", "mnist", "mnist-ray-env", "mnist-serve", "mnist-training",
-                       "mnist-shared", "mnist-mnist-shared", "nfs-server", "nfs-server", "nfs-server", "nfs-disk",
+    assert deleted == ["mnist-serve", "mnist-train", "mnist", "mnist-serve", "mnist-training", "mnist-ray-env",
+                       "mnist-mnist-shared", "mnist-shared", "nfs-server", "nfs-disk", "nfs-server", "nfs-server",
                        "mnist-nfs", "mnist"]
     assert not [key for key in api.objects]
 
@@ -862,7 +873,7 @@ def test_every_request_has_a_timeout(api, monkeypatch, fast_retries):
     for call in (lambda: cluster.rayclusters.get("mnist"), lambda: cluster.rayclusters.create(raycluster()),
                  lambda: cluster.rayjobs.list(), lambda: cluster.rayservices.patch("s", {}),
                  lambda: cluster.rayservices.delete("s"), lambda: cluster.read_service(NAMESPACE, "x"),
-                 lambda: cluster.ray_pods(NAMESPACE), lambda: cluster.create_object(
+                 lambda: cluster.ray_pods(NAMESPACE), lambda: cluster.apply(
                      {"kind": "ConfigMap", "metadata": {"name": "c", "namespace": NAMESPACE}})):
         api.failures = ["slow"]
         with pytest.raises(kuberay.Unreachable, match="did not answer within 0.2 s"):
