@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
-import math
 import os
 import re
 import shlex
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from ray_cluster import serve_fit
 from training.storage import RUN_ID_RULE, STORAGE_ENV, is_run_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +41,9 @@ SERVE_PORT = 8000
 HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": SERVE_PORT}
 NAME_LIMITS = {"RayCluster": 53, "RayJob": 47, "RayService": 47}  # KubeRay's limits
 NFS_SERVICE = "nfs-server"
-STORAGE_KINDS = ("nfs", "filestore")
-FILESTORE_MIN = "1Ti"
+# Storage kinds, each a component k8s/components/<kind>, and its default size (Filestore's is its minimum).
+STORAGE_KINDS = {"nfs": "10Gi", "filestore": "1Ti"}
+FILESTORE_MIN = STORAGE_KINDS["filestore"]
 # namespace: the app namespace; nfs: the NFS server (nfs storage only); volume: the PVC every
 # Ray pod mounts; network: NetworkPolicies; cluster: RayCluster; job: RayJob; service: RayService.
 # env: the ConfigMap of the Ray containers' environment (k8s/base/ray.env).
@@ -147,7 +148,7 @@ class Options:
 
     @property
     def size(self) -> str:
-        return self.storage_size or (FILESTORE_MIN if self.shared_storage == "filestore" else "10Gi")
+        return self.storage_size or STORAGE_KINDS.get(self.shared_storage, "")
 
 
 def head_service_name(cluster: str) -> str:
@@ -252,9 +253,9 @@ def render(o: Options, parts: tuple[str, ...] | list[str] = PARTS) -> list[dict]
             "the NFS volume needs --nfs-server: the nodes that mount it do not resolve cluster DNS names. "
             f"Pass the NFS Service's ClusterIP (`kubectl -n {o.nfs_namespace} get svc {NFS_SERVICE} "
             "-o jsonpath='{.spec.clusterIP}'`), or let `kuberay up` read it"])
-    objects = [obj for obj in kustomize(kustomization_files(o, "service" in parts)) if part_of(obj, o) in parts]
+    objects = [obj for obj in kustomize(o, "service" in parts) if part_of(obj, o) in parts]
     for service in [obj for obj in objects if obj["kind"] == "RayService"]:
-        found = serve_fit_problems(yaml.safe_load(service["spec"]["serveConfigV2"]), o, o.serve_config)
+        found = serve_fit.problems(service, o.serve_config)
         if found:
             raise InvalidOptions(found)
     return objects
@@ -278,44 +279,37 @@ def kubectl() -> str:
     return path
 
 
-def kustomize(files: dict[str, dict]) -> list[dict]:
-    """`kubectl kustomize` of these kustomization files (relative path -> content), written to a
-    temporary directory: the top one is "kustomization.yaml"."""
+def kustomize(o: Options, serve_config: bool = True) -> list[dict]:
+    """`kubectl kustomize` of the CLI's kustomization of these options, written to a temporary
+    directory (kustomize wants paths into k8s/ relative; each file is one level below the top)."""
     with tempfile.TemporaryDirectory(prefix="mnist-kustomization-") as folder:
-        for relative, content in files.items():
+        k8s = os.path.relpath(K8S_DIR, Path(folder) / "app")
+        for relative, content in kustomization_files(o, k8s, serve_config).items():
             path = Path(folder) / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(_relative_to(content, path.parent), sort_keys=False))
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(yaml.safe_dump(content, sort_keys=False))
         out = subprocess.run([kubectl(), "kustomize", folder], capture_output=True, text=True)
     if out.returncode != 0:
         raise RenderError(f"kubectl kustomize refused the kustomization of these options: {out.stderr.strip()}")
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-def _relative_to(kustomization: dict, folder: Path) -> dict:
-    """Paths into k8s/ (absolute in `kustomization_files`) made relative: kustomize wants them so."""
-    fixed = dict(kustomization)
-    for key in ("resources", "components"):
-        if key in fixed:
-            fixed[key] = [os.path.relpath(entry, folder) if os.path.isabs(entry) else entry for entry in fixed[key]]
-    return fixed
-
-
-def kustomization_files(o: Options, serve_config: bool = True) -> dict[str, dict]:
-    """The CLI's kustomization: k8s/base with the storage kind's component (app/), the NFS server
-    (nfs/, nfs storage only) and k8s/train (job/), each in its namespace, with the options set by
-    images and patches. `serve_config`: put --serve-config into the RayService (else serving/'s)."""
+def kustomization_files(o: Options, k8s: str = "../../k8s", serve_config: bool = True) -> dict[str, dict]:
+    """The CLI's kustomization (k8s: the path of k8s/ from a folder below it): k8s/base with the
+    storage kind's component (app/), the NFS server (nfs/, nfs storage only) and k8s/train (job/),
+    each in its namespace, with the options set by images and patches.
+    `serve_config`: put --serve-config into the RayService (else serving/'s)."""
     images = [_image(o.image_ref)]
-    app = {"resources": [str(K8S_DIR / "base")], "components": [str(K8S_DIR / "components" / o.shared_storage)],
+    app = {"resources": [f"{k8s}/base"], "components": [f"{k8s}/components/{o.shared_storage}"],
            "namespace": o.namespace, "images": images, "patches": _app_patches(o, serve_config)}
-    job = {"resources": [str(K8S_DIR / "train")], "namespace": o.namespace, "images": images,
+    job = {"resources": [f"{k8s}/train"], "namespace": o.namespace, "images": images,
            "patches": [_patch("RayJob", [
                _set("/metadata/name", o.rayjob_name), _set("/spec/clusterSelector", {"ray.io/cluster": o.name}),
                _set("/spec/entrypoint", shlex.join(train_command(o)))])]}
     files = {"app/kustomization.yaml": app, "job/kustomization.yaml": job}
     if o.shared_storage == "nfs":
         files["nfs/kustomization.yaml"] = {
-            "resources": [str(K8S_DIR / "components" / "nfs" / "server")], "namespace": o.nfs_namespace,
+            "resources": [f"{k8s}/components/nfs/server"], "namespace": o.nfs_namespace,
             "patches": [_patch("PersistentVolumeClaim", [_set("/spec/resources/requests/storage", o.size)]),
                         _patch("Deployment", [_set("/spec/template/spec/containers/0/env/2/value",
                                                    nfs_clients(o.node_range))])]}
@@ -457,63 +451,7 @@ def _cluster_app_problems(app: dict, path: Path) -> list[str]:
     return found
 
 
-# ---------------------------------------------------------------- Serve demand against the pods
-
-def serve_replica_cpus(config: dict) -> dict[str, list[float]]:
-    """The CPUs each Serve replica asks for, at every deployment's floor ("min") and ceiling
-    ("max"): min_replicas / max_replicas with autoscaling_config, num_replicas without. Only what
-    the config states is known here: a deployment that names no num_cpus is counted at 1 CPU
-    (Serve's default; its decorator may ask for less), so the estimate errs on the large side."""
-    demand = {"min": [], "max": []}
-    for app in config.get("applications") or []:
-        for deployment in app.get("deployments") or []:
-            cpus = float(((deployment.get("ray_actor_options") or {}).get("num_cpus", 1)))
-            scaling = deployment.get("autoscaling_config")
-            if scaling is None and deployment.get("num_replicas") == "auto":
-                scaling = {"min_replicas": 1, "max_replicas": 100}  # Serve's "auto" defaults
-            if scaling is not None:
-                low, high = int(scaling.get("min_replicas", 1)), int(scaling.get("max_replicas", 1))
-            else:
-                low = high = int(deployment.get("num_replicas", 1))
-            demand["min"] += [cpus] * low
-            demand["max"] += [cpus] * high
-    return demand
-
-
-def pods_needed(replica_cpus: list[float], pod_cpus: float) -> float:
-    """Worker pods of pod_cpus CPUs that hold these replicas, packed first-fit by decreasing size
-    (each replica inside one pod, as Ray places an actor; 0-CPU replicas fit anywhere). math.inf
-    when a replica is larger than a pod."""
-    free: list[float] = []
-    for cpus in sorted((c for c in replica_cpus if c > 0), reverse=True):
-        if cpus > pod_cpus:
-            return math.inf
-        for index, left in enumerate(free):
-            if cpus <= left + 1e-9:
-                free[index] = left - cpus
-                break
-        else:
-            free.append(pod_cpus - cpus)
-    return len(free)
-
-
-def serve_fit_problems(config: dict, o: Options, path: Path) -> list[str]:
-    """The serving worker group must hold every replica at Serve's ceiling within maxReplicas pods
-    (else replicas stay pending while Serve thinks it scaled) and at its floor within minReplicas
-    (else the idle service needs a pod the autoscaler must first add). The head has 0 CPUs."""
-    demand, found = serve_replica_cpus(config), []
-    for level, pods, flag in (("max", o.serve_max_pods, "--serve-max-pods"), ("min", o.serve_min_pods, "--serve-min-pods")):
-        needed = pods_needed(demand[level], o.worker_cpus)
-        if needed == math.inf:
-            found.append(f"{path}: a replica asks for {max(demand[level]):g} CPUs, more than a worker pod has "
-                         f"({o.worker_cpus}, --worker-cpus)")
-            break
-        if needed > pods:
-            found.append(f"{path}: at {level}_replicas Serve asks for {sum(demand[level]):g} CPUs "
-                         f"({needed} worker pods of {o.worker_cpus} CPUs), but the serving worker group "
-                         f"holds {pods} ({flag}); raise {flag} or lower {level}_replicas / num_cpus")
-    return found
-
+# ---------------------------------------------------------------- a live RayCluster
 
 def worker_slots(raycluster: dict) -> int:
     """Train workers a live RayCluster holds: worker pods x whole CPUs each, over its groups."""

@@ -26,7 +26,7 @@ import psutil
 import pytest
 import yaml
 
-from ray_cluster import manifests
+from ray_cluster import manifests, serve_fit
 from ray_cluster.manifests import MOUNT_PATH, InvalidOptions, Options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1073,7 +1073,7 @@ def test_the_serving_worker_group_holds_serves_replicas(source):
     for level, pods in (("max", group["maxReplicas"]), ("min", group["minReplicas"])):
         assert serve_cpus_at(config, level) <= pods * pod_cpus, (level, serve_cpus_at(config, level), pods, pod_cpus)
         # and packed as Ray places actors: each replica inside one pod
-        assert manifests.pods_needed(manifests.serve_replica_cpus(config)[level], pod_cpus) <= pods, level
+        assert serve_fit.pods_needed(serve_fit.serve_replica_cpus(config)[level], pod_cpus) <= pods, level
 
 
 GKE_SIZED_SERVE_CONFIG = """\
@@ -1110,16 +1110,16 @@ def test_the_renderer_refuses_a_serve_config_the_pods_cannot_hold(tmp_path):
 
 
 def test_replicas_are_packed_whole_into_pods():
-    assert manifests.pods_needed([], 2) == 0
-    assert manifests.pods_needed([0, 0, 0], 2) == 0  # 0-CPU replicas fit anywhere
-    assert manifests.pods_needed([0.5] * 4, 2) == 1
-    assert manifests.pods_needed([1.5, 1.5], 2) == 2  # 3 CPUs, but no pod takes both
-    assert manifests.pods_needed([0.75] * 3, 2) == 2  # 2.25 CPUs: two per pod
-    assert manifests.pods_needed([3], 2) == math.inf
+    assert serve_fit.pods_needed([], 2) == 0
+    assert serve_fit.pods_needed([0, 0, 0], 2) == 0  # 0-CPU replicas fit anywhere
+    assert serve_fit.pods_needed([0.5] * 4, 2) == 1
+    assert serve_fit.pods_needed([1.5, 1.5], 2) == 2  # 3 CPUs, but no pod takes both
+    assert serve_fit.pods_needed([0.75] * 3, 2) == 2  # 2.25 CPUs: two per pod
+    assert serve_fit.pods_needed([3], 2) == math.inf
     config = yaml.safe_load(GKE_SIZED_SERVE_CONFIG)
-    assert manifests.serve_replica_cpus(config) == {"min": [0.5, 0.5, 1.0, 0.0], "max": [0.5] * 8 + [1.0] * 4 + [0.0]}
+    assert serve_fit.serve_replica_cpus(config) == {"min": [0.5, 0.5, 1.0, 0.0], "max": [0.5] * 8 + [1.0] * 4 + [0.0]}
     auto = {"applications": [{"deployments": [{"name": "a", "num_replicas": "auto"}]}]}  # Serve's default: 1 CPU
-    assert len(manifests.serve_replica_cpus(auto)["max"]) == 100
+    assert len(serve_fit.serve_replica_cpus(auto)["max"]) == 100
 
 
 def test_the_training_worker_count_is_set_in_one_place(rendered):
@@ -1174,8 +1174,8 @@ def test_the_node_pool_holds_the_ray_pods_at_rest_and_at_the_ceiling(dry_run_env
     assert serving_head == 2.5  # 2 CPUs and the sidecar's 0.5
     at_rest = fixed + serving_at["min"]
     at_ceiling = fixed + serving_at["max"] + [serving_head] + serving_at["min"]
-    assert manifests.pods_needed(at_rest, NODE_CPUS_FOR_PODS) <= int(flag("--min-nodes"))
-    assert manifests.pods_needed(at_ceiling, NODE_CPUS_FOR_PODS) <= int(flag("--max-nodes"))
+    assert serve_fit.pods_needed(at_rest, NODE_CPUS_FOR_PODS) <= int(flag("--min-nodes"))
+    assert serve_fit.pods_needed(at_ceiling, NODE_CPUS_FOR_PODS) <= int(flag("--max-nodes"))
 
 
 def test_ray_pods_are_not_evicted_by_the_cluster_autoscaler(objects):
