@@ -211,10 +211,9 @@ def problems(o: Options) -> list[str]:
                      "client must run the same Ray")
     if o.shared_storage not in STORAGE_KINDS:
         found.append(f"--shared-storage {o.shared_storage!r}: choose one of {', '.join(STORAGE_KINDS)}")
-    size = quantity_bytes(o.size)
-    if not size:
+    elif not quantity_bytes(o.size):
         found.append(f"--storage-size {o.size!r} is not a Kubernetes quantity such as 10Gi")
-    elif o.shared_storage == "filestore" and size < quantity_bytes(FILESTORE_MIN):
+    elif o.shared_storage == "filestore" and quantity_bytes(o.size) < quantity_bytes(FILESTORE_MIN):
         found.append(f"--storage-size {o.size} is below Filestore's minimum of {FILESTORE_MIN}")
     for flag, ranges in (("--lb-source-range", o.lb_source_ranges), ("--node-range", (o.node_range,))):
         for cidr in ranges:

@@ -744,6 +744,12 @@ def test_invalid_options_are_refused(case):
     assert message in str(refused.value)
 
 
+def test_kustomize_failures_are_reported_with_its_message(monkeypatch, tmp_path):
+    monkeypatch.setattr(manifests, "K8S_DIR", tmp_path)  # a k8s/ without the base
+    with pytest.raises(manifests.RenderError, match="kubectl kustomize refused the kustomization.*base"):
+        manifests.render(Options(shared_storage="filestore"))
+
+
 def test_worker_slots_read_a_live_cluster():
     group = {"replicas": 4, "template": {"spec": {"containers": [{"resources": {"limits": {"cpu": "2500m"}}}]}}}
     assert manifests.worker_slots({"spec": {"workerGroupSpecs": [group, {**group, "replicas": 1}]}}) == 10
