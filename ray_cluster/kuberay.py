@@ -2,9 +2,9 @@
 
 KubeRay's own Python client is not published on PyPI; this is the equivalent: CustomObjectsApi,
 group ray.io, version v1, plurals rayclusters / rayjobs / rayservices. Each of
-`KubeRay(...).rayclusters`, `.rayjobs` and `.rayservices` has create, get, list, patch, delete
-and wait_ready (which reads the status the operator writes, with a timeout). API failures become
-the errors below, each saying what to do.
+`KubeRay(...).rayclusters`, `.rayjobs` and `.rayservices` has create, apply (server-side), get,
+list, patch, delete and wait_ready (which reads the status the operator writes, with a timeout).
+API failures become the errors below, each saying what to do.
 
 It also applies (server-side) and deletes the few plain objects that go with them (namespace,
 storage, NetworkPolicies) for the CLI.

@@ -1,6 +1,7 @@
 """The KubeRay manifests, checked without a cluster (none can run here).
 
-Every rendered object, for several parameter sets, is validated against the upstream Kubernetes
+Every object the CLI renders (kustomize of k8s/ under its kustomization of the options), for
+several parameter sets, is validated against the upstream Kubernetes
 schemas of pinned versions (kubernetes-validate, strict: unknown fields are errors) and the Ray
 objects also against the KubeRay v1.7.0 CRD schemas in ../shared/kuberay/crds (made strict the
 same way). Then the consistency rules of the KubeRay issue and the lockdown rules of the
