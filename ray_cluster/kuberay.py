@@ -3,7 +3,7 @@
 KubeRay's own Python client is not published on PyPI; this is the equivalent: CustomObjectsApi,
 group ray.io, version v1, plurals rayclusters / rayjobs / rayservices. Each of
 `KubeRay(...).rayclusters`, `.rayjobs` and `.rayservices` has create, apply (server-side), get,
-list, patch, delete and wait_ready (which reads the status the operator writes, with a timeout).
+list, delete and wait_ready (which reads the status the operator writes, with a timeout).
 API failures become the errors below, each saying what to do.
 
 It also applies (server-side) and deletes the few plain objects that go with them (namespace,
@@ -324,12 +324,6 @@ class Resource:
             GROUP, VERSION, self.namespace, self.plural, label_selector=label_selector,
             _request_timeout=REQUEST_TIMEOUT), retry=True)
         return found.get("items", [])
-
-    def patch(self, name: str, patch: dict) -> dict:
-        """A JSON merge patch: maps merge, lists and strings are replaced."""
-        return self._call(name, lambda: self.api.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, name, patch, field_validation="Strict",
-            _content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT))
 
     def delete(self, name: str) -> dict:
         return self._call(name, lambda: self.api.delete_namespaced_custom_object(

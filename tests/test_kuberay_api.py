@@ -264,11 +264,12 @@ def test_create_get_list_patch_delete(api, plural):
     assert [o["metadata"]["name"] for o in resource.list(label_selector="app=mnist")] == ["x"]
     assert api.sent("GET")[-1]["query"] == {"labelSelector": ["app=mnist"]}
 
-    patched = resource.patch("x", {"spec": {"a": [3]}, "metadata": {"labels": {"app": None}}})
-    assert patched["spec"] == {"a": [3]} and patched["metadata"]["labels"] == {}
+    applied = resource.apply({**body, "spec": {"a": [3]}})
+    assert applied["spec"] == {"a": [3]} and applied["metadata"]["generation"] == 2
     (patch,) = api.sent("PATCH")
     assert patch["path"] == f"{collection}/x"
-    assert patch["headers"]["content-type"] == "application/merge-patch+json"
+    assert patch["headers"]["content-type"] == "application/apply-patch+yaml"
+    assert patch["query"] == {"fieldManager": [kuberay.FIELD_MANAGER], "force": ["true"], "fieldValidation": ["Strict"]}
 
     resource.delete("x")
     (delete,) = api.sent("DELETE")
@@ -372,11 +373,11 @@ def test_timeout_reports_the_last_status(api):
 
 # ---------------------------------------------------------------- the client: errors
 
-@pytest.mark.parametrize("call", ["create", "get", "list", "patch", "delete"])
+@pytest.mark.parametrize("call", ["create", "apply", "get", "list", "delete"])
 def test_missing_crds_say_how_to_install_the_operator(api, call):
     api.crds_installed = False
     resource = api.client().rayclusters
-    args = {"create": (raycluster(),), "get": ("mnist",), "list": (), "patch": ("mnist", {}), "delete": ("mnist",)}[call]
+    args = {"create": (raycluster(),), "get": ("mnist",), "list": (), "apply": (raycluster(),), "delete": ("mnist",)}[call]
     with pytest.raises(kuberay.CRDsNotInstalled) as error:
         getattr(resource, call)(*args)
     message = str(error.value)
@@ -392,9 +393,9 @@ def test_already_exists(api):
         clusters.create(raycluster())
 
 
-@pytest.mark.parametrize("call", ["get", "patch", "delete"])
+@pytest.mark.parametrize("call", ["get", "delete"])
 def test_not_found(api, call):
-    args = {"get": ("gone",), "patch": ("gone", {"spec": {}}), "delete": ("gone",)}[call]
+    args = {"get": ("gone",), "delete": ("gone",)}[call]
     with pytest.raises(kuberay.NotFound, match=r'RayService mnist/gone not found \(rayservices "gone" not found\)'):
         getattr(api.client().rayservices, call)(*args)
 
@@ -874,7 +875,7 @@ def test_every_request_has_a_timeout(api, monkeypatch, fast_retries):
     configuration.retries = 0
     cluster = KubeRay(NAMESPACE, client.ApiClient(configuration))
     for call in (lambda: cluster.rayclusters.get("mnist"), lambda: cluster.rayclusters.create(raycluster()),
-                 lambda: cluster.rayjobs.list(), lambda: cluster.rayservices.patch("s", {}),
+                 lambda: cluster.rayjobs.list(), lambda: cluster.rayservices.apply(raycluster() | {"kind": "RayService"}),
                  lambda: cluster.rayservices.delete("s"), lambda: cluster.read_service(NAMESPACE, "x"),
                  lambda: cluster.ray_pods(NAMESPACE), lambda: cluster.apply(
                      {"kind": "ConfigMap", "metadata": {"name": "c", "namespace": NAMESPACE}})):
