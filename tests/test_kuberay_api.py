@@ -4,7 +4,7 @@ There is no Kubernetes API server here, so `StandIn` plays one: an HTTP server o
 threads in this test process, stopped at teardown. It keeps objects in memory and answers the
 custom-object paths of ray.io/v1 (and the few core paths the CLI uses) the way the API server
 does: Status bodies for 404/409/403, "404 page not found" for an API group nobody installed,
-JSON merge patch. It also plays the operator: each read of a Ray object can return the next
+server-side apply as create-or-merge (field ownership is not tracked). It also plays the operator: each read of a Ray object can return the next
 status of a script, so the wait-until-ready logic sees realistic sequences. Every request is
 recorded, so the tests check paths, query strings, headers and bodies.
 """
@@ -39,7 +39,7 @@ EXTERNAL_IP = "203.0.113.7"
 
 
 def merge_patch(target, patch):
-    """RFC 7386, as the API server applies application/merge-patch+json."""
+    """RFC 7386 merge: how the stand-in folds an applied object into the live one."""
     if not isinstance(patch, dict):
         return patch
     result = dict(target) if isinstance(target, dict) else {}
