@@ -164,8 +164,22 @@ def submitted(storage: Path, *args: str, script: str = TRAIN_SCRIPT) -> tuple[st
     seconds = time.perf_counter() - started
     if result.returncode:
         raise RuntimeError(f"the job failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    ended_at = JobSubmissionClient(local.DASHBOARD_URL).get_job_info(submission_id).end_time / 1000
+    info = finished_job(JobSubmissionClient(local.DASHBOARD_URL), submission_id)
+    if info.status != "SUCCEEDED":
+        raise RuntimeError(f"the job ended {info.status}: {info.message}")
+    ended_at = info.end_time / 1000
     return submission_id, {"seconds": seconds, "job_end_seconds": ended_at - started_at}
+
+
+def finished_job(client, submission_id: str, timeout: float = 300):
+    """The job's info once Ray records its end: on a loaded machine the CLI's log stream can close
+    (and `ray job submit` return 0) while the job is still writing its model."""
+    deadline = time.monotonic() + timeout
+    while not (info := client.get_job_info(submission_id)).status.is_terminal():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the job {submission_id} has not ended after {timeout:.0f} s")
+        time.sleep(0.5)
+    return info
 
 
 def ray_job(storage: Path, *train_args: str) -> dict:
