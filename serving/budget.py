@@ -124,6 +124,14 @@ def check_sources(sources: list) -> None:
         raise OverBudget(f"the images add up to {total} pixels, over the limit of {MAX_REQUEST_PIXELS} per request")
 
 
+def check_sketch_files(files: list) -> None:
+    """Gradio decodes each file a Sketchpad value lists, repeats too: more than MAX_SKETCH_FILES
+    (background, layers, composite) are refused before any is read."""
+    if len(files) > MAX_SKETCH_FILES:
+        raise BadImage(f"the sketch has {len(files)} images (background, layers, composite), over the "
+                       f"limit of {MAX_SKETCH_FILES}")
+
+
 def preprocess_all(images, names: list[str]) -> np.ndarray:
     results = []
     for image, name in zip(images, names):

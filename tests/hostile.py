@@ -7,7 +7,7 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from serving.structure import NEXT_MARKER
 
@@ -87,10 +87,14 @@ def _scans(data: bytes) -> list[tuple[int, int]]:
 
 
 def progressive_jpeg(width: int, height: int, extra_scans: int = 0) -> bytes:
-    """A flat grey progressive JPEG (tiny: its scans are end-of-band runs) with its last refinement
-    scan repeated `extra_scans` times: each repeat makes the decoder walk the image's blocks again."""
+    """A grey progressive JPEG with one dark stroke (small: most of its scans are end-of-band runs)
+    with its last refinement scan repeated `extra_scans` times: each repeat makes the decoder walk
+    the image's blocks again."""
+    image = Image.new("RGB", (width, height), (160, 160, 160))
+    ImageDraw.Draw(image).line((width // 4, height // 8, width // 2, height * 7 // 8), fill=(0, 0, 0),
+                               width=max(2, width // 12))
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (128, 128, 128)).save(buffer, "JPEG", progressive=True)
+    image.save(buffer, "JPEG", progressive=True)
     data = buffer.getvalue()
     start, end = _scans(data)[-1]
     return data[:end] + data[start:end] * extra_scans + data[end:]
