@@ -160,6 +160,18 @@ class ModelStore:
                  for start in range(0, len(images), MAX_FORWARD_IMAGES)]
         return (parts[0] if len(parts) == 1 else np.concatenate(parts)), loaded.version
 
+    def _without_paths(self, value):
+        """`value` (metadata) with the storage root's path in any text replaced: /model is public,
+        and a promotion summary can quote a file under it."""
+        if isinstance(value, dict):
+            return {key: self._without_paths(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._without_paths(item) for item in value]
+        if isinstance(value, str):
+            for root in {str(self.storage.resolve()), str(self.storage)}:
+                value = value.replace(root, "<storage>")
+        return value
+
     def no_model_message(self) -> str:
         """Public text: no server paths, no library messages (those go to the log)."""
         if self.error:
@@ -172,7 +184,7 @@ class ModelStore:
         return {
             "ready": loaded is not None,
             "model_version": loaded.version if loaded else None,
-            "metadata": loaded.metadata if loaded else None,
+            "metadata": self._without_paths(loaded.metadata) if loaded else None,
             "loaded_at": loaded.loaded_at if loaded else None,
             "reload_error": ({"version": self.error.version, "error": self.error.error, "at": self.error.at}
                              if self.error else None),

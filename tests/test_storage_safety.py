@@ -204,3 +204,14 @@ def test_a_forward_pass_takes_a_bounded_number_of_images(tmp_path, monkeypatch):
     monkeypatch.setattr(model_store, "MAX_FORWARD_IMAGES", 4)
     split, version = store.predict(images)
     assert passes == [4, 4, 2] and version == "v1" and np.allclose(split, whole, atol=1e-6)
+
+
+def test_model_status_shows_no_storage_path_in_the_metadata(tmp_path):
+    summary = f"kept v0 because {tmp_path}/models/mnist/history.json is not readable JSON"
+    publish_model(tmp_path, "v1", Net().state_dict(), {**metadata("v1"), "promotion": {"summary": summary}})
+    store = ModelStore(tmp_path)
+    store.refresh()
+    status = store.status()
+    assert str(tmp_path) not in json.dumps(status)
+    assert status["metadata"]["promotion"]["summary"].startswith("kept v0 because <storage>/models")
+    assert status["metadata"]["test_accuracy"] == 0.5
