@@ -73,7 +73,7 @@ PROXY_RETRY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.ingress
 # only a request whose whole body fits in one buffer: 256 KiB holds a 50-drawing JSON batch
 # (~140 KB; the default 16 KiB holds about five drawings).
 HAPROXY_RETRY_ENV = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
-                     "RAY_SERVE_HAPROXY_RETRIES": "3",
+                     "RAY_SERVE_HAPROXY_RETRIES": "1",
                      "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 * 1024)}
 # What every Ray pod on KubeRay runs with (k8s/base/ray.env, checked equal by a test): HAProxy and
 # both retry settings. The image pip-installs the project, so its proxy imports serving.ingress.

@@ -104,32 +104,33 @@ def v2_tensor(request: InferenceRequest, binary: dict[int, np.ndarray] | None = 
     """The one input of a v2 request (FP32 0..1 or UINT8 0..255, as JSON `data` or a binary
     tensor) as MNIST-format [N, 28, 28] 0..255."""
     tensor = request.inputs[0]
+    name = f"input {oip.echo(tensor.name)}"  # client text quoted back: cut short
     if tensor.datatype not in V2_FULL_INK:
-        raise ApiError(400, f"input '{tensor.name}': datatype must be FP32 (0..1) or UINT8 (0..255), "
-                            f"not {tensor.datatype}")
+        raise ApiError(400, f"{name}: datatype must be FP32 (0..1) or UINT8 (0..255), "
+                            f"not {oip.echo(tensor.datatype)}")
     shape = tensor.shape
     if not (shape[1:] in ([1, 28, 28], [784]) and len(shape) in (2, 4)):
-        raise ApiError(400, f"input '{tensor.name}': shape must be [N, 1, 28, 28] or [N, 784], not {shape}")
+        raise ApiError(400, f"{name}: shape must be [N, 1, 28, 28] or [N, 784], not {oip.echo(shape)}")
     if not 1 <= shape[0] <= MAX_TENSOR_IMAGES:
-        raise ApiError(400, f"input '{tensor.name}': N must be 1..{MAX_TENSOR_IMAGES}, not {shape[0]}")
+        raise ApiError(400, f"{name}: N must be 1..{MAX_TENSOR_IMAGES}, not {oip.echo(shape[0])}")
     if binary and 0 in binary:  # already checked against shape and datatype by oip.binary_inputs
         data = binary[0]
         if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise ApiError(400, f"input '{tensor.name}' data must be finite (no NaN or Infinity)")
+            raise ApiError(400, f"{name} data must be finite (no NaN or Infinity)")
     elif tensor.data is None:
-        raise ApiError(400, f"input '{tensor.name}' has neither `data` nor `parameters.binary_data_size`")
+        raise ApiError(400, f"{name} has neither `data` nor `parameters.binary_data_size`")
     else:
-        data = numeric_array(tensor.data, f"input '{tensor.name}' data", 400)
+        data = numeric_array(tensor.data, f"{name} data", 400)
     if data.ndim > 1 and list(data.shape) != shape:
-        raise ApiError(400, f"input '{tensor.name}': nested data has shape {list(data.shape)}, not {shape}")
+        raise ApiError(400, f"{name}: nested data has shape {list(data.shape)}, not {shape}")
     if data.size != math.prod(shape):
-        raise ApiError(400, f"input '{tensor.name}': {data.size} values for shape {shape} "
+        raise ApiError(400, f"{name}: {data.size} values for shape {shape} "
                             f"({math.prod(shape)} expected)")
     full = V2_FULL_INK[tensor.datatype]
     if full == 255 and data.dtype.kind == "f":
-        raise ApiError(400, f"input '{tensor.name}': UINT8 data must be integers 0..255")
+        raise ApiError(400, f"{name}: UINT8 data must be integers 0..255")
     if data.min() < 0 or data.max() > full:
-        raise ApiError(400, f"input '{tensor.name}': values must be in 0..{full:g} "
+        raise ApiError(400, f"{name}: values must be in 0..{full:g} "
                             f"({'MNIST pixels / 255' if full == 1.0 else 'MNIST pixels'})")
     # MNIST bytes, as /predict makes them of `pixels`: the same image gets the same answer on both routes
     return from_pixels_batch(data, full)

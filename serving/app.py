@@ -36,7 +36,8 @@ from serving.model_store import ModelStore, NoModel, follow_latest, storage_root
 from serving.schemas import Limits
 
 log = logging.getLogger("ray.serve")
-RETRIES = 2  # a batch whose model replica died is sent again to another (inference is idempotent)
+RETRIES = 1  # a batch whose model replica died is sent again to another, once: inference is idempotent,
+             # but a batch that killed two replicas may be what kills them (docs/RELIABILITY.md)
 RETRY_AFTER = {"retry-after": str(RETRY_AFTER_S)}
 
 
@@ -129,6 +130,8 @@ class HandleBackend:
                 return reply.unwrap()
             except RayActorError as error:  # the replica died mid-request: another one takes it
                 if attempt == RETRIES:
+                    log.warning("suspect batch of %d images: it lost %d model replicas; answered 503, not resent",
+                                len(images), RETRIES + 1)
                     raise ApiError(503, "no model replica could answer; try again", headers=RETRY_AFTER) from error
                 log.warning("model replica lost (%s); sending the batch again", type(error).__name__)
             except BackPressureError:  # the model replicas' queues are full (max_queued_requests): shed

@@ -7,7 +7,11 @@ middlewares from an import path (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`, re
 `configure_http_middlewares`); `proxy_middlewares` below is that callback. Its middleware keeps
 the body of a request that is safe to repeat and, when the proxy ended it without starting a
 response, sends it again: the proxy's router has meanwhile marked the dead replica and picks a
-live one. After the last attempt the client gets a retryable 503 with `Retry-After`, never a 500.
+live one, once: a request that loses a second replica is answered with a retryable 503 with
+`Retry-After` (never a 500), logged as suspect, and not resent again, so that one poison request
+cannot take down the replicas in turn (each layer retries at most once: docs/RELIABILITY.md).
+The body kept for that is bounded: one over MAX_REPLAY_BYTES (declared, or counted as a chunked
+body arrives) passes through without a retry.
 
 Only the proxy carries it: replicas behind HAProxy read the same variable for their own HTTP
 server, where a retry would only repeat the request in the same replica.
@@ -17,15 +21,17 @@ there would take the whole HTTP ingress down.
 """
 import asyncio
 import json
+import logging
 import re
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 # POSTs that are pure functions of their body (the API's inference routes), under any route prefix.
 PURE_POSTS = re.compile(r"/(predict|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
-ATTEMPTS = 3            # the first try and two more: enough for one or two replicas lost at once
-BACKOFF_S = (0.1, 0.3)  # before the second and third try: the router learns of the death meanwhile
+ATTEMPTS = 2            # the first try and one more: a replica lost by chance is rare twice in a row
+BACKOFF_S = (0.1,)      # before the second try: the router learns of the death meanwhile
 MAX_REPLAY_BYTES = 4 * 1024 * 1024 + 65536  # the API's 4 MiB limit and a form's overhead; larger passes through
 RETRY_AFTER_S = 1
+log = logging.getLogger("ray.serve")
 
 
 def is_repeatable(scope: dict) -> bool:
@@ -43,16 +49,29 @@ def _declared_length(scope: dict) -> int | None:
     return None
 
 
-async def _read_body(receive) -> bytes | None:
-    """The whole request body, or None if the client left before sending it."""
-    chunks = []
+async def _read_body(receive) -> tuple[bytes, bool] | None:
+    """(the body, complete): the whole body, or its first MAX_REPLAY_BYTES and a bit once it
+    passes that (the rest is still to receive); None if the client left before sending it."""
+    chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
         chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            return b"".join(chunks), True
+        if size > MAX_REPLAY_BYTES:
+            return b"".join(chunks), False
+
+
+def _prepend(body: bytes, receive):
+    """`receive` that first hands back the part of the body already read."""
+    pending = [{"type": "http.request", "body": body, "more_body": True}]
+
+    async def receive_rest():
+        return pending.pop() if pending else await receive()
+    return receive_rest
 
 
 class RetryLostIngressReplica:
@@ -66,14 +85,19 @@ class RetryLostIngressReplica:
         if (scope["type"] != "http" or not is_repeatable(scope)
                 or (length is not None and length > MAX_REPLAY_BYTES)):
             return await self.app(scope, receive, send)
-        body = await _read_body(receive)
-        if body is None:
+        read = await _read_body(receive)
+        if read is None:
             return
+        body, complete = read
+        if not complete:  # a chunked body over the replay limit: passed on as it comes, not kept
+            return await self.app(scope, _prepend(body, receive), send)
         for attempt in range(self.attempts):
             if attempt:
                 await asyncio.sleep(BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)])
             if await self._attempt(scope, body, receive, send):
                 return
+        log.warning("suspect request: %s %s lost %d ingress replicas; answered 503, not resent",
+                    scope.get("method"), scope.get("path", "")[:200], self.attempts)
         await _unavailable(send)
 
     async def _attempt(self, scope, body: bytes, receive, send) -> bool:

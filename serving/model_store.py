@@ -15,9 +15,13 @@ import numpy as np
 import torch
 
 from training.model import for_inference, network_for, to_input
-from training.storage import BadVersionName, models_dir, read_latest, resolve_storage
+from training.storage import BadVersionName, PromotionError, models_dir, read_history, read_latest, resolve_storage
 
 log = logging.getLogger("ray.serve")
+# Images per forward pass, however the calls were batched (32 calls of a 256-image tensor would
+# otherwise be one pass of 8192 images): larger batches run as several passes, so the activations'
+# memory is bounded (~30 MB at 256).
+MAX_FORWARD_IMAGES = 256
 
 
 def storage_root(storage: str | None = None) -> Path:
@@ -120,21 +124,31 @@ class ModelStore:
             log.warning("model version %s did not load", version, exc_info=True)
             reason = str(error) if isinstance(error, Unusable) else "it could not be loaded (see the replica's log)"
             self.error = LoadError(version, reason, time.time(), signature)
-            if self.current is None:  # a (re)started replica has no old model: take the newest good one
-                self.current = self._newest_loadable(exclude=version)
+            if self.current is None:  # a (re)started replica has no old model: the last one that served
+                self.current = self._last_served_loadable(exclude=version)
                 return self.current is not None
             return False
         self.current, self.error = loaded, None
         return True
 
-    def _newest_loadable(self, exclude: str) -> Loaded | None:
-        root = models_dir(self.storage)
-        folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != exclude]
-        for folder in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True):
-            try:
-                return load_version(self.storage, folder.name)
-            except Exception:
+    def _last_served_loadable(self, exclude: str) -> Loaded | None:
+        """The newest version in history.json (promoted, not rolled back) that loads: never a trial
+        that was not promoted, nor one rolled back; a folder pruned meanwhile is skipped."""
+        try:
+            history = read_history(self.storage)
+        except PromotionError:
+            log.warning("history.json is unreadable: no version to fall back to")
+            return None
+        tried = {exclude}
+        for entry in reversed(history):
+            version = entry["version"]
+            if version in tried or entry.get("rolled_back_at"):
                 continue
+            tried.add(version)
+            try:
+                return load_version(self.storage, version)
+            except Exception:  # unusable, or pruned while we looked: the one before
+                log.warning("fallback version %s did not load", version, exc_info=True)
         return None
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, str]:
@@ -142,11 +156,21 @@ class ModelStore:
         loaded = self.current  # one snapshot per batch: a swap mid-batch cannot mix two models
         if loaded is None:
             raise NoModel(self.no_model_message())
-        with torch.inference_mode():
-            batch = images if images.dtype == np.uint8 else images.astype(np.float32)  # a copy: to_input divides in place
-            logits = loaded.inference(to_input(torch.from_numpy(batch)))
-            probs = torch.softmax(logits.double(), dim=1).float()  # float64 so each row sums to 1
-        return probs.numpy(), loaded.version
+        parts = [forward(loaded, images[start:start + MAX_FORWARD_IMAGES])
+                 for start in range(0, len(images), MAX_FORWARD_IMAGES)]
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), loaded.version
+
+    def _without_paths(self, value):
+        """`value` (metadata) with the storage root's path in any text replaced: /model is public,
+        and a promotion summary can quote a file under it."""
+        if isinstance(value, dict):
+            return {key: self._without_paths(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._without_paths(item) for item in value]
+        if isinstance(value, str):
+            for root in {str(self.storage.resolve()), str(self.storage)}:
+                value = value.replace(root, "<storage>")
+        return value
 
     def no_model_message(self) -> str:
         """Public text: no server paths, no library messages (those go to the log)."""
@@ -160,13 +184,20 @@ class ModelStore:
         return {
             "ready": loaded is not None,
             "model_version": loaded.version if loaded else None,
-            "metadata": loaded.metadata if loaded else None,
+            "metadata": self._without_paths(loaded.metadata) if loaded else None,
             "loaded_at": loaded.loaded_at if loaded else None,
             "reload_error": ({"version": self.error.version, "error": self.error.error, "at": self.error.at}
                              if self.error else None),
             "message": None if loaded else self.no_model_message(),
         }
 
+
+def forward(loaded: Loaded, images: np.ndarray) -> np.ndarray:
+    """One forward pass: MNIST-format images [N, 28, 28] -> probabilities [N, 10]."""
+    with torch.inference_mode():
+        batch = images if images.dtype == np.uint8 else images.astype(np.float32)  # a copy: to_input divides in place
+        logits = loaded.inference(to_input(torch.from_numpy(batch)))
+        return torch.softmax(logits.double(), dim=1).float().numpy()  # float64 so each row sums to 1
 
 
 async def follow_latest(store: ModelStore, interval_s: Callable[[], float]) -> None:

@@ -24,6 +24,19 @@ EXTENSIONS = ["binary_tensor_data"]  # what GET /v2 reports: only what this modu
 DTYPES = {"BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
           "INT8": "|i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
           "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+# A shape is checked against these before any arithmetic on it: a list of thousands of huge dims
+# would otherwise take seconds to multiply (and its product seconds to print), and numpy refuses a
+# dimension past 2**63.
+MAX_RANK = 8
+MAX_DIM = 2**31 - 1
+MAX_HEADER_DIGITS = 10  # of Inference-Header-Content-Length: the body limit has 7
+ECHO = 40  # characters of a client's text (a name, a datatype, a number) quoted back in an error
+
+
+def echo(value) -> str:
+    """A client's value for an error message: its repr, cut to ECHO characters."""
+    text = repr(value)
+    return text if len(text) <= ECHO else text[:ECHO] + "..."
 
 
 class BadBody(ValueError):
@@ -77,8 +90,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
     text = header_length.strip()
-    if not (text.isascii() and text.isdigit()):  # "²".isdigit() is true, int("²") fails
-        raise BadBody(f"Inference-Header-Content-Length must be a byte count, not {header_length[:40]!r}")
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_HEADER_DIGITS):  # "²".isdigit() is true
+        raise BadBody(f"Inference-Header-Content-Length must be a byte count of at most {MAX_HEADER_DIGITS} "
+                      f"digits, not {echo(header_length)}")
     length = int(text)
     if length > len(body):
         raise BadBody(f"Inference-Header-Content-Length is {length} but the body has only {len(body)} bytes")
@@ -93,11 +107,11 @@ def binary_inputs(header: dict, data: bytes) -> dict[int, np.ndarray]:
         size = binary_size(tensor, f"inputs[{index}]")
         if size is None:
             continue
-        name = f"input '{tensor.get('name')}'"
+        name = f"input {echo(tensor.get('name'))}"
         if "data" in tensor:
             raise BadBody(f"{name} has both `data` and `binary_data_size`; send one")
         dtype, shape = tensor_layout(tensor, name)
-        expected = math.prod(shape) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize  # cheap: at most MAX_RANK dims of 31 bits
         if size != expected:
             raise BadBody(f"{name}: binary_data_size is {size} bytes, but shape {shape} of "
                           f"{tensor['datatype']} takes {expected}")
@@ -116,18 +130,20 @@ def binary_size(tensor, where: str) -> int | None:
     if size is None:
         return None
     if type(size) is not int or size < 0:
-        raise BadBody(f"{where}: binary_data_size must be a byte count, not {str(size)[:40]}")
+        raise BadBody(f"{where}: binary_data_size must be a byte count, not {echo(size)}")
     return size
 
 
 def tensor_layout(tensor: dict, name: str) -> tuple[np.dtype, list[int]]:
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
     if not isinstance(datatype, str) or datatype not in DTYPES:
-        raise BadBody(f"{name}: datatype {str(datatype)[:20]!r} cannot be sent as binary data here "
+        raise BadBody(f"{name}: datatype {echo(datatype)} cannot be sent as binary data here "
                       f"(one of {', '.join(DTYPES)})")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise BadBody(f"{name}: shape must be a list of non-negative integers")
+    if not (isinstance(shape, list) and len(shape) <= MAX_RANK
+            and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):
+        raise BadBody(f"{name}: shape must be a list of at most {MAX_RANK} integers 0..{MAX_DIM}")
     return np.dtype(DTYPES[datatype]), shape
+
 
 
 # ---------------------------------------------------------------- response

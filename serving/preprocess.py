@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from serving.structure import BadStructure, check_structure
+
 # Work budget per image, checked on the header before anything is decoded (a 20 KB PNG can
 # decode to 16 Mpx and cost 0.7 s; docs/SERVING.md, "Work budget"). What people send: a canvas
 # (280x280 to a full-screen 1920x1080, 2.1 Mpx), a phone screenshot (1290x2796, 3.6 Mpx), a photo
@@ -41,7 +43,11 @@ THIN_STROKE, THICK_STROKE = 1.2, 5.0
 # Chosen on bench/bench_drawn.py: on the augmented model's drawn set class 1 91.9% -> 96.4%, all
 # 96.7% -> 97.3%, MNIST test read through this path 99.37% -> 99.38% (a full deslant: 99.30%).
 SLANT_LIMIT = 0.2
-MAX_DESLANT = 1.0  # shear at most 45°: bounds the sheared image at 2x the crop's width, whatever its moments
+MAX_DESLANT = 1.0  # shear at most 45°: the sheared image is at most the crop's width + its height wide
+# A larger crop is scaled down to this longest side before the slant is measured and sheared off, so
+# every buffer after the crop is bounded by it (a 2 MB sheared canvas at most), not by the input's
+# aspect ratio. 10x the 20-px box the digit ends in: a canvas's crop (up to 280 px) is never scaled.
+MAX_CROP_SIDE = 512
 
 
 # PNG text chunks are decompressed while the header is read; PIL allows 64 MB of them per image.
@@ -59,7 +65,7 @@ class Steps:
     gray: np.ndarray          # uint8 [H, W], alpha composited
     ink: np.ndarray | None    # float [H, W] 0..1, white ink on black, stretched (keep_full only)
     box: tuple[int, int, int, int]  # the ink's bounding box: top, left, bottom, right (exclusive)
-    crop: np.ndarray          # float 0..1, the ink inside the box
+    crop: np.ndarray          # float 0..1, the ink inside the box (at most MAX_CROP_SIDE a side)
     upright: np.ndarray       # the crop, its slant beyond SLANT_LIMIT sheared off
     fitted: np.ndarray        # float, longest side 20 px, stroke width evened
     result: np.ndarray        # uint8 [28, 28], centred by mass
@@ -68,6 +74,10 @@ class Steps:
 def open_image(data: bytes) -> Image.Image:
     """PNG or JPEG bytes -> a PIL image whose header (format, size, mode) is read and checked
     against the per-image budget; nothing is decoded yet. A large JPEG is set to decode smaller."""
+    try:
+        scan_work = check_structure(data)
+    except BadStructure as error:
+        raise BadImage(str(error)) from None
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError:  # PIL's own, far higher, limit: still ours to report
@@ -84,12 +94,19 @@ def open_image(data: bytes) -> Image.Image:
     if decoded_pixels(image) > MAX_PIXELS:
         raise BadImage(f"the image is {width}x{height} pixels, over the limit of {MAX_PIXELS} pixels "
                        f"(2048x2048) per image")
+    image.scan_work = scan_work  # a progressive JPEG's scans, for decode_cost
     return image
 
 
 def decoded_pixels(image: Image.Image) -> int:
     """Pixels that decoding `image` will produce (after any JPEG draft), from its header."""
     return image.size[0] * image.size[1]
+
+
+def decode_cost(image: Image.Image) -> int:
+    """What decoding an image from `open_image` costs, in decoded pixels: its pixels, and the
+    entropy decoding of a progressive JPEG's scans at full resolution (serving/structure.py)."""
+    return decoded_pixels(image) + getattr(image, "scan_work", 0)
 
 
 def load_image(image: Image.Image) -> Image.Image:
@@ -123,7 +140,7 @@ def preprocess_steps(image, keep_full: bool = False) -> Steps:
     ink, background, peak = ink_levels(gray)
     box = ink_box(ink, background + BBOX_INK * (peak - background))
     top, left, bottom, right = box
-    crop = stretch(ink[top:bottom, left:right], background, peak)
+    crop = shrink_to(stretch(ink[top:bottom, left:right], background, peak), MAX_CROP_SIDE)
     upright = limit_slant(crop)
     fitted = even_stroke(fit_box(upright, BOX))
     full = stretch(ink, background, peak) if keep_full else None
@@ -217,6 +234,16 @@ def fit_box(crop: np.ndarray, box: int) -> np.ndarray:
     fitted = np.asarray(Image.fromarray(crop.astype(np.float32), mode="F").resize(size, method))
     peak = float(fitted.max())
     return np.clip(fitted / peak, 0.0, 1.0) if peak > 0 else fitted  # thin strokes stay visible
+
+
+def shrink_to(crop: np.ndarray, side: int) -> np.ndarray:
+    """`crop` scaled down (area-averaged) so that its longest side is at most `side`; as is if it fits."""
+    height, width = crop.shape
+    if max(height, width) <= side:
+        return crop
+    scale = side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(crop, mode="F").resize(size, Image.Resampling.BOX))
 
 
 def stroke_width(fitted: np.ndarray) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.api import ApiError
-from serving.budget import check_sources, replica_cpus, run_bounded
+from serving.budget import check_sketch_files, check_sources, replica_cpus, run_bounded
 from serving.model_store import NoModel
 from serving.preprocess import BadImage, preprocess
 from training.storage import private_dir, private_state_dir
@@ -123,11 +123,13 @@ def within_budget(component, sources):
 
 
 def editor_sources(component, payload) -> list:
-    """The files of a Sketchpad value: background, layers, composite (uploaded, or sent as blobs)."""
+    """The files of a Sketchpad value: background, layers, composite (uploaded, or sent as blobs),
+    at most MAX_SKETCH_FILES of them."""
     data = component.blob_storage.get(payload.id) if payload.id is not None else payload
     if data is None:
         return []
     files = [data.background, *(data.layers or []), data.composite]
+    check_sketch_files(files)
     return [bytes(f) if isinstance(f, (bytes, bytearray, memoryview)) else f.path for f in files if f is not None]
 
 

@@ -178,3 +178,28 @@ def test_serve_grpc_proxy_cannot_route_a_standard_client_between_two_application
 
     request = gRPCProxyRequest(None, Context(), "/inference.GRPCInferenceService/ModelInfer", False)
     assert request.route_path == ""
+
+
+# ---------------------------------------------------------------- hostile headers (issue 26)
+
+@pytest.mark.parametrize("shape, header_length, words", [
+    ([10**18] * 20000, None, "at most 8 integers"),     # seconds to multiply, unbounded to print
+    ([0, 10**30], None, "integers 0..2147483647"),       # numpy cannot shape it: was a 500
+    ([2**31 - 1] * 8, None, "takes"),                    # the largest checked shape: a product, refused
+    ([1, 784], "9" * 5000, "at most 10 digits"),         # int() refuses 4300+ digits: was a 500
+    ([1, 784], "99999999999", "at most 10 digits"),
+])
+def test_hostile_shapes_and_header_numbers_are_400_naming_the_field(shape, header_length, words):
+    from tests.hostile import oip_binary
+    body, headers = oip_binary(shape, data=bytes(784), header_length=header_length)
+    with pytest.raises(oip.BadBody) as error:
+        oip.parse_body(body, headers["content-type"], headers["inference-header-content-length"])
+    assert error.value.status == 400 and words in error.value.message
+    assert len(error.value.message) < 300  # client text is quoted back cut short
+
+
+def test_an_empty_shape_with_a_huge_dim_is_400_not_a_500():
+    from tests.hostile import oip_binary
+    body, headers = oip_binary([0, 2**31 - 1], data=b"")
+    parsed = oip.parse_body(body, headers["content-type"], headers["inference-header-content-length"])
+    assert parsed.binary[0].shape == (0, 2**31 - 1)  # empty: the API then refuses N = 0 with a 400

@@ -171,3 +171,47 @@ def test_serving_loads_each_published_architecture_and_refuses_a_mismatch(tmp_pa
         promote_version(tmp_path, name)
         assert not store.refresh() and store.current.version == "old"
         assert store.status()["reload_error"]["error"] == "model.pt is missing, corrupt, or not this network's weights"
+
+
+def test_a_replica_whose_latest_fails_falls_back_along_the_history_never_to_a_trial(tmp_path):
+    """A replica starting while `latest` cannot load serves the last version that served (history.json),
+    not the newest folder: a trial that was not promoted, or a folder pruned meanwhile, is skipped."""
+    import os
+    from training.storage import publish_version
+    publish_model(tmp_path, "v1", Net().state_dict(), metadata("v1"))
+    publish_model(tmp_path, "v2", Net().state_dict(), metadata("v2"))
+    publish_version(tmp_path, "trial", Net().state_dict(), metadata("trial"))  # --promote never
+    publish_model(tmp_path, "v3", Net().state_dict(), metadata("v3"))
+    (models_dir(tmp_path) / "v3" / "model.pt").write_bytes(b"not a torch file")
+    os.utime(models_dir(tmp_path) / "trial")  # the newest folder
+    (models_dir(tmp_path) / "v2" / "model.pt").unlink()  # pruned while the replica starts
+    store = ModelStore(tmp_path)
+    assert store.refresh()
+    assert store.current.version == "v1" and store.status()["reload_error"]["version"] == "v3"
+
+
+def test_a_forward_pass_takes_a_bounded_number_of_images(tmp_path, monkeypatch):
+    import dataclasses
+    import serving.model_store as model_store
+    publish_model(tmp_path, "v1", Net().state_dict(), metadata("v1"))
+    store = ModelStore(tmp_path)
+    store.refresh()
+    images = np.random.default_rng(0).integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    whole, _ = store.predict(images)
+    passes = []
+    inference = store.current.inference
+    store.current = dataclasses.replace(store.current, inference=lambda x: passes.append(len(x)) or inference(x))
+    monkeypatch.setattr(model_store, "MAX_FORWARD_IMAGES", 4)
+    split, version = store.predict(images)
+    assert passes == [4, 4, 2] and version == "v1" and np.allclose(split, whole, atol=1e-6)
+
+
+def test_model_status_shows_no_storage_path_in_the_metadata(tmp_path):
+    summary = f"kept v0 because {tmp_path}/models/mnist/history.json is not readable JSON"
+    publish_model(tmp_path, "v1", Net().state_dict(), {**metadata("v1"), "promotion": {"summary": summary}})
+    store = ModelStore(tmp_path)
+    store.refresh()
+    status = store.status()
+    assert str(tmp_path) not in json.dumps(status)
+    assert status["metadata"]["promotion"]["summary"].startswith("kept v0 because <storage>/models")
+    assert status["metadata"]["test_accuracy"] == 0.5
