@@ -235,7 +235,7 @@ def write_floor_report(results: dict, out: Path) -> None:
 
 
 PROFILE_MARKS = (("driver's first line", ""), ("split done, workers asked for", "workers x"),
-                 ("first worker calibrated", "torch thread(s); calibration"),
+                 ("job setting decided", "torch thread(s) per worker"),
                  ("round 0 averaged", "] round 0:"), ("last round averaged", "[aggregator] round"),
                  ("published (driver's last line)", "  model /"))
 

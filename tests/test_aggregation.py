@@ -7,7 +7,7 @@ import torch
 from training.aggregation import AggregationError, FedAvg, aggregate_round, load_worker_results
 from training.data import write_shards
 from training.model import Net
-from training.storage import global_path, worker_path
+from training.storage import global_path, init_path, worker_path
 
 
 def random_state(seed: int) -> dict:
@@ -58,6 +58,7 @@ def save_worker(storage, run_id, round_index, rank, num_samples, **overrides):
 def run(mnist_storage):
     run_id = f"unit-agg-{uuid.uuid4().hex[:8]}"
     manifest = write_shards(mnist_storage, run_id, num_shards=2, seed=0, subset=200)
+    torch.save(random_state(9), init_path(mnist_storage, run_id))  # the weights round 0 started from
     return mnist_storage, run_id, manifest
 
 
@@ -115,3 +116,28 @@ def test_evaluation_folds_batchnorm_without_changing_the_model_or_its_scores():
     assert scores["loss"] == pytest.approx(expected_loss, rel=1e-4)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert model.state_dict()["features.0.1.running_var"].equal(random_state(4)["features.0.1.running_var"])
+
+
+def test_a_nan_worker_is_dropped_with_a_warning_and_the_rest_averaged(mnist_storage, capsys):
+    run_id = f"unit-agg-{uuid.uuid4().hex[:8]}"
+    manifest = write_shards(mnist_storage, run_id, num_shards=3, seed=0, subset=300)
+    torch.save(random_state(9), init_path(mnist_storage, run_id))
+    poisoned = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in random_state(1).items()}
+    for rank, shard in enumerate(manifest["shards"]):
+        save_worker(mnist_storage, run_id, 0, rank, shard["count"], **({"state_dict": poisoned} if rank == 1 else {}))
+    metrics = aggregate_round(str(mnist_storage), run_id, 0, manifest, threads=1)
+    assert metrics["dropped"] == [{"rank": 1, "reason": "non-finite weights"}]
+    assert "WARNING dropped worker 1" in capsys.readouterr().out
+    saved = torch.load(global_path(mnist_storage, run_id, 0), weights_only=True)["state_dict"]
+    expected = FedAvg().aggregate([(random_state(r), manifest["shards"][r]["count"]) for r in (0, 2)])
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_the_round_fails_clearly_when_fewer_than_half_remain(run):
+    storage, run_id, manifest = run
+    nan = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in random_state(1).items()}
+    for rank, shard in enumerate(manifest["shards"]):
+        save_worker(storage, run_id, 0, rank, shard["count"], state_dict=nan)
+    with pytest.raises(AggregationError, match="only 0 of 2 workers sent usable weights"):
+        aggregate_round(str(storage), run_id, 0, manifest, threads=1)
+    assert not global_path(storage, run_id, 0).exists()

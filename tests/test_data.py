@@ -130,3 +130,25 @@ def test_write_shards_manifest_and_hash_check(mnist_storage):
     (folder / data.shard_name(1)).write_bytes(b"tampered")
     with pytest.raises(data.ShardCorrupt, match="sha256"):
         data.load_shard(mnist_storage, "unit-split", 1, manifest)
+
+
+def test_partitions_cover_every_image_once_and_follow_their_skew():
+    from training.data import partition_shards
+
+    labels = np.random.default_rng(0).integers(0, 10, 6000)
+    for spec in ("iid", "dirichlet:0.5", "dirichlet:0.1", "classes:4"):
+        shards = partition_shards(labels, 3, seed=1, spec=spec)
+        assert sorted(np.concatenate(shards).tolist()) == list(range(6000)), spec  # 3 x 4 >= 10: all dealt
+        assert shards[0].tolist() == partition_shards(labels, 3, seed=1, spec=spec)[0].tolist()  # seeded
+    three = partition_shards(labels, 3, seed=1, spec="classes:3")
+    assert [len(np.unique(labels[s])) for s in three] == [3, 3, 3]
+    assert len(np.unique(labels[np.concatenate(three)])) == 9  # 3 x 3 < 10: one class is left out
+    skewed = [np.bincount(labels[s], minlength=10) / len(s) for s in partition_shards(labels, 3, 1, "dirichlet:0.1")]
+    even = [np.bincount(labels[s], minlength=10) / len(s) for s in partition_shards(labels, 3, 1, "iid")]
+    assert max(h.max() for h in skewed) > 2 * max(h.max() for h in even)
+
+
+def test_the_manifest_records_the_partition(mnist_storage):
+    manifest = data.write_shards(mnist_storage, "unit-partition", 3, seed=0, subset=600, partition="classes:2")
+    assert manifest["partition"] == "classes:2"
+    assert [sum(1 for n in s["class_histogram"] if n) for s in manifest["shards"]] == [2, 2, 2]

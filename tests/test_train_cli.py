@@ -26,6 +26,13 @@ import train  # noqa: E402  (the entrypoint is a script, as Ray runs it)
     (["--run-id", "../escape"], "--run-id: use 1-63 letters"),
     (["--checkpoint-steps", "-1"], "--checkpoint-steps must be >= 0"),
     (["--precision", "fp16"], "--precision: invalid choice: 'fp16'"),
+    (["--strategy", "fedsgd"], "unknown strategy 'fedsgd'"),
+    (["--strategy", "fedprox"], "fedprox needs a positive number"),
+    (["--partition", "dirichlet:0"], "--partition dirichlet:0: use iid, dirichlet:ALPHA"),
+    (["--partition", "classes:11"], "--partition classes:11: use iid"),
+    (["--inject-fault", "nan:3"], "rank 3 is not one of the 3 workers"),
+    (["--inject-fault", "scale:1"], "use nan:RANK or scale:RANK:FACTOR"),
+    (["--threads", "0"], "--threads: must be >= 1"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -38,6 +45,17 @@ def test_defaults_are_the_seed_settings():
     args = train.parse_args([])
     assert (args.workers, args.epochs, args.batch_size) == (3, 2, 100)
     assert args.rounds == 4  # two FedAvg rounds per epoch
+
+
+def test_the_reproduce_command_pins_the_decided_setting_and_parses_back():
+    args = train.parse_args(["--seed", "4", "--subset", "3000", "--strategy", "median", "--partition", "classes:3",
+                             "--inject-fault", "scale:1:100", "--no-augment"])
+    command = train.reproduce_command(args, {"precision": "bf16", "threads": 1})
+    again = train.parse_args(command.split()[2:])
+    for flag in ("workers", "epochs", "rounds", "batch_size", "lr", "seed", "subset", "strategy", "partition",
+                 "inject_fault", "augment", "elastic"):
+        assert getattr(again, flag) == getattr(args, flag), flag
+    assert (again.precision, again.threads) == ("bf16", 1)
 
 
 def test_default_rounds_shrink_to_fit_a_tiny_subset():

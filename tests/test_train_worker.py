@@ -122,3 +122,19 @@ def test_another_workers_file_is_refused(tmp_path):
     torch.save(model.initial_weights(0), init_path(tmp_path, "run-a"))
     with pytest.raises(RuntimeError, match="is not worker 1's file of round 0"):
         state_of(rank=1).resume(tmp_path, None)
+
+
+def test_ray_trains_per_report_metrics_log_is_silenced():
+    """Ray Train logs each worker's whole metrics dict at every report, from a logger named after its
+    file; quiet_reports turns that one off (the aggregator prints a line per round instead)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logger = logging.getLogger(context.__file__)
+    level = logger.level
+    try:
+        train.quiet_reports()
+        assert logger is context.logger and not logger.isEnabledFor(logging.INFO)
+    finally:
+        logger.setLevel(level)

@@ -1,10 +1,11 @@
-"""Federated averaging: a small strategy class and the run's aggregator (a Ray actor).
+"""The run's aggregator (a Ray actor): each round's new global model, by the run's strategy.
 
-FedAvg (McMahan et al., 2017): the new global model is the mean of the workers' models,
-each weighted by the number of examples it trained on. The driver (training/train.py) starts
-one aggregator per run and hands it to the workers; after each round every worker asks it for
-that round's average, which it computes once, saves as global.pt and returns with the round's
-metrics (the workers report those to Ray Train).
+The driver (training/train.py) starts one aggregator per run and hands it to the workers; after
+each round every worker asks it for that round's global model, which it computes once from the
+workers' files (training/strategies.py: FedAvg by default, the sample-weighted mean), saves as
+global.pt and returns with the round's metrics (the workers report those to Ray Train). Workers
+whose weights are non-finite or far out of range are dropped from the round first (see
+strategies.screen_results); the round fails if fewer than half remain.
 """
 import os
 import time
@@ -15,7 +16,8 @@ import torch
 from training.allocator import keep_freed_memory
 from training.data import load_mnist
 from training.model import Net, evaluate
-from training.storage import atomic_torch_save, global_path, worker_path
+from training.storage import atomic_torch_save, global_path, init_path, worker_path
+from training.strategies import StrategyError, WorkerResult, make_strategy, screen_results, weighted_mean
 
 
 class AggregationError(RuntimeError):
@@ -23,27 +25,13 @@ class AggregationError(RuntimeError):
 
 
 class FedAvg:
-    """Average state dicts weighted by sample count (floating tensors and BatchNorm counters alike)."""
+    """The sample-weighted mean of (state dict, sample count) pairs (strategies.weighted_mean)."""
 
     def aggregate(self, results: list[tuple[dict, int]]) -> dict:
-        if not results:
-            raise AggregationError("nothing to average")
-        total = sum(count for _, count in results)
-        if total <= 0:
-            raise AggregationError("workers report no training examples")
-        keys = results[0][0].keys()
-        for state, _ in results:
-            if state.keys() != keys:
-                raise AggregationError("workers' models have different parameters")
-        return {key: self._weighted_mean([(state[key], count) for state, count in results], total)
-                for key in keys}
-
-    @staticmethod
-    def _weighted_mean(tensors: list[tuple[torch.Tensor, int]], total: int) -> torch.Tensor:
-        # Sum in float64 so the mean is exact to the parameters' own precision.
-        mean = sum(t.to(torch.float64) * (count / total) for t, count in tensors)
-        like = tensors[0][0]
-        return mean.round().to(like.dtype) if not like.is_floating_point() else mean.to(like.dtype)
+        try:
+            return weighted_mean([WorkerResult(rank, state, count) for rank, (state, count) in enumerate(results)])
+        except StrategyError as error:
+            raise AggregationError(str(error)) from None
 
 
 def load_worker_results(storage: Path, run_id: str, round_index: int, manifest: dict) -> list[dict]:
@@ -65,27 +53,46 @@ def load_worker_results(storage: Path, run_id: str, round_index: int, manifest: 
     return results
 
 
+def round_start(storage: Path, run_id: str, round_index: int) -> tuple[dict, dict]:
+    """The global weights the workers started round `round_index` from, and the strategy's state then."""
+    if round_index == 0:
+        return torch.load(init_path(storage, run_id), weights_only=True), {}
+    previous = torch.load(global_path(storage, run_id, round_index - 1), weights_only=True)
+    return previous["state_dict"], previous.get("server_state", {})
+
+
 def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict, threads: int = 0,
-                    test_set: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """Average this round's worker models, evaluate on the 10,000 test images, save global.pt."""
+                    test_set: tuple[torch.Tensor, torch.Tensor] | None = None, strategy: str = "fedavg") -> dict:
+    """This round's new global model by `strategy`, evaluated on the 10,000 test images, saved as global.pt."""
     started = time.perf_counter()
     torch.set_num_threads(threads or min(4, os.cpu_count() or 1))
-    storage = Path(storage)
+    storage, rule = Path(storage), make_strategy(strategy)
     results = load_worker_results(storage, run_id, round_index, manifest)
-    averaged = FedAvg().aggregate([(r["state_dict"], r["num_samples"]) for r in results])
+    kept, dropped = screen_results([WorkerResult(r["rank"], r["state_dict"], r["num_samples"]) for r in results],
+                                   rule.robust)
+    for drop in dropped:
+        print(f"[aggregator] round {round_index}: WARNING dropped worker {drop['rank']}: {drop['reason']}", flush=True)
+    if 2 * len(kept) < len(results):
+        raise AggregationError(f"round {round_index}: only {len(kept)} of {len(results)} workers sent usable weights "
+                               f"(dropped: {dropped}); fewer than half remain, so the run stops here")
+    start, state = round_start(storage, run_id, round_index)
+    try:
+        averaged, state = rule.aggregate(start, kept, state)
+    except StrategyError as error:
+        raise AggregationError(f"round {round_index}: {error}") from None
     model = Net()
     model.load_state_dict(averaged)
     test = evaluate(model, *(test_set or load_mnist(storage, train=False)))
     atomic_torch_save(global_path(storage, run_id, round_index),
-                      {"run_id": run_id, "round": round_index, "state_dict": averaged})
+                      {"run_id": run_id, "round": round_index, "state_dict": averaged, "server_state": state})
     metrics = {"round": round_index, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                "workers": [{"rank": r["rank"], "train_loss": r["train_loss"],
-                            "train_accuracy": r["train_accuracy"], "seconds": r["seconds"],
-                            "precision": r.get("precision", "fp32"), "threads": r.get("threads", 1),
-                            "calibration": r.get("calibration")}
-                           for r in results],
+                            "train_accuracy": r["train_accuracy"], "seconds": r["seconds"]} for r in results],
+               "strategy": str(rule), "dropped": dropped,
                "aggregate_seconds": time.perf_counter() - started}
-    print(f"[aggregator] round {round_index}: test accuracy {test['accuracy']:.4f}", flush=True)
+    slowest = max(results, key=lambda r: r["seconds"])
+    print(f"[aggregator] round {round_index}: test accuracy {test['accuracy']:.4f}, slowest worker "
+          f"{slowest['rank']} {slowest['seconds']:.1f} s", flush=True)
     return metrics
 
 
@@ -98,20 +105,20 @@ class Aggregator:
     averages, the others get the same metrics back. Averaging is idempotent, so a restarted
     actor (its memory lost) simply averages again."""
 
-    def __init__(self, storage: str, run_id: str, manifest: dict):
+    def __init__(self, storage: str, run_id: str, manifest: dict, strategy: str = "fedavg"):
         keep_freed_memory()
-        self.storage, self.run_id, self.manifest = storage, run_id, manifest
+        self.storage, self.run_id, self.manifest, self.strategy = storage, run_id, manifest, strategy
         self.test_set = load_mnist(Path(storage), train=False)
         self.rounds: dict[int, dict] = {}
 
     def aggregate(self, round_index: int) -> dict:
         if round_index not in self.rounds:
             self.rounds[round_index] = aggregate_round(self.storage, self.run_id, round_index, self.manifest,
-                                                       test_set=self.test_set)
+                                                       test_set=self.test_set, strategy=self.strategy)
         return self.rounds[round_index]
 
 
-def start_aggregator(storage: Path, run_id: str, manifest: dict):
+def start_aggregator(storage: Path, run_id: str, manifest: dict, strategy: str = "fedavg"):
     """The run's aggregator actor, checking every round's worker models against `manifest`.
 
     It asks for no CPU: it works only while every worker waits for it, and so a second run on a
@@ -119,4 +126,4 @@ def start_aggregator(storage: Path, run_id: str, manifest: dict):
     import ray
 
     actor = ray.remote(Aggregator).options(num_cpus=0, max_restarts=2, max_task_retries=2)
-    return actor.remote(str(storage), run_id, manifest)
+    return actor.remote(str(storage), run_id, manifest, strategy)

@@ -194,16 +194,82 @@ def stratified_shards(labels: np.ndarray, num_shards: int, seed: int) -> list[np
     return [rng.permutation(by_class[i::num_shards]) for i in range(num_shards)]
 
 
-def write_shards(storage: Path, run_id: str, num_shards: int, seed: int, subset: int | None = None) -> dict:
-    """Split the training set into one shard per worker (training.storage.shard_path) and return the
-    manifest, also written beside them."""
+class PartitionError(ValueError):
+    """A --partition that names no partition or gives it a bad parameter."""
+
+
+def check_partition(spec: str) -> str:
+    """`spec` if it is iid, dirichlet:ALPHA (ALPHA > 0) or classes:K (1 <= K <= 10)."""
+    name, _, value = spec.partition(":")
+    try:
+        if name == "iid" and not value:
+            return spec
+        if name == "dirichlet" and 0 < float(value) < float("inf"):
+            return spec
+        if name == "classes" and 1 <= int(value) <= 10:
+            return spec
+    except ValueError:
+        pass
+    raise PartitionError(f"--partition {spec}: use iid, dirichlet:ALPHA (ALPHA > 0) or classes:K (K from 1 to 10)")
+
+
+MIN_SHARD = 10  # a Dirichlet draw that leaves a shard smaller than this is drawn again
+
+
+def dirichlet_shards(labels: np.ndarray, num_shards: int, alpha: float, rng) -> list[np.ndarray]:
+    """Label skew as Hsu et al. 2019 (and Flower's DirichletPartitioner): each class's images are
+    split among the shards by proportions drawn from Dirichlet(alpha); small alpha, strong skew."""
+    for _ in range(100):
+        shards = [[] for _ in range(num_shards)]
+        for c in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_shards))[:-1] * len(members)).astype(int)
+            for shard, part in zip(shards, np.split(members, cuts)):
+                shard.append(part)
+        shards = [np.concatenate(parts) for parts in shards]
+        if min(len(s) for s in shards) >= min(MIN_SHARD, len(labels) // num_shards):
+            return [rng.permutation(s) for s in shards]
+    raise PartitionError(f"dirichlet:{alpha} left a shard under {MIN_SHARD} images in 100 draws; raise ALPHA")
+
+
+def class_shards(labels: np.ndarray, num_shards: int, k: int, rng) -> list[np.ndarray]:
+    """The pathological split (McMahan et al. 2017; Flower's PathologicalPartitioner): each shard
+    holds k classes, dealt round-robin from a seeded shuffle of the classes, and each class's images
+    are split evenly among the shards that hold it. Where shards x k < 10, the classes dealt to no
+    shard are left out (the manifest's histograms show which)."""
+    classes = rng.permutation(np.unique(labels))
+    held = [[classes[(rank * k + j) % len(classes)] for j in range(k)] for rank in range(num_shards)]
+    shards = [[] for _ in range(num_shards)]
+    for c in classes:
+        holders = [rank for rank in range(num_shards) if c in held[rank]]
+        for rank, part in zip(holders, np.array_split(rng.permutation(np.flatnonzero(labels == c)), max(len(holders), 1))):
+            shards[rank].append(part)
+    return [rng.permutation(np.concatenate(parts)) for parts in shards]
+
+
+def partition_shards(labels: np.ndarray, num_shards: int, seed: int, spec: str = "iid") -> list[np.ndarray]:
+    """Indices into `labels` of each shard under --partition `spec`, drawn from `seed`."""
+    name, _, value = check_partition(spec).partition(":")
+    if name == "iid":
+        return stratified_shards(labels, num_shards, seed)
+    rng = np.random.default_rng(seed)
+    if name == "dirichlet":
+        return dirichlet_shards(labels, num_shards, float(value), rng)
+    return class_shards(labels, num_shards, int(value), rng)
+
+
+def write_shards(storage: Path, run_id: str, num_shards: int, seed: int, subset: int | None = None,
+                 partition: str = "iid") -> dict:
+    """Split the training set into one shard per worker (training.storage.shard_path) by --partition,
+    and return the manifest (with each shard's class histogram), also written beside them."""
     images, labels = load_mnist(storage, train=True)
     images, labels = images.numpy(), labels.numpy()
     pool = np.arange(len(labels))
     if subset:
         pool = np.sort(np.random.default_rng(seed).permutation(len(labels))[:subset])
     entries = []
-    for rank, local in enumerate(tqdm(stratified_shards(labels[pool], num_shards, seed), desc="writing shards")):
+    for rank, local in enumerate(tqdm(partition_shards(labels[pool], num_shards, seed, partition),
+                                      desc="writing shards", disable=None)):
         indices = pool[local]
         buffer = io.BytesIO()
         np.savez(buffer, images=images[indices], labels=labels[indices], indices=indices)
@@ -212,7 +278,8 @@ def write_shards(storage: Path, run_id: str, num_shards: int, seed: int, subset:
         entries.append({"file": shard_name(rank), "count": int(len(indices)),
                         "class_histogram": np.bincount(labels[indices], minlength=10).tolist(),
                         "sha256": sha256_file(path)})
-    manifest = {"run_id": run_id, "num_shards": num_shards, "seed": seed, "total": int(len(pool)),
+    manifest = {"run_id": run_id, "num_shards": num_shards, "seed": seed, "partition": partition,
+                "total": int(len(pool)),
                 "source_sha256": {k: v for k, v in MNIST_SHA256.items() if k.startswith("train")},
                 "shards": entries}
     atomic_write_json(manifest_path(storage, run_id), manifest)

@@ -16,6 +16,7 @@ set, and every worker continues from it. --rounds 1 averages once, at the very e
 --rounds 2*epochs averages every half epoch.
 """
 import argparse
+import json
 import logging
 import math
 import os
@@ -33,13 +34,14 @@ import torch  # noqa: E402
 
 from training.augment import DEFAULT as AUGMENTATION  # noqa: E402
 from training.aggregation import start_aggregator  # noqa: E402
-from training.data import MnistUnavailable, fetch_mnist, write_shards  # noqa: E402
+from training.data import MnistUnavailable, check_partition, fetch_mnist, write_shards  # noqa: E402
 from training.model import Net, initial_weights  # noqa: E402
 from training.models import POLICIES, TOLERANCE, publish_run  # noqa: E402
 from training.storage import (RUN_ID_RULE, STORAGE_ENV, atomic_torch_save, claim_run_dir,  # noqa: E402
                               given_storage, global_path, init_path, is_run_id, manifest_path, new_run_id,
                               ray_dir, run_dir, sha256_file)
-from training.worker import steps_per_epoch, train_func  # noqa: E402
+from training.strategies import make_strategy  # noqa: E402
+from training.worker import decision_path, steps_per_epoch, train_func  # noqa: E402
 
 TRAIN_IMAGES = 60_000
 
@@ -86,8 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
                              "loses less than that (default 50; 0 = only at the end of each round)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="training arithmetic: bf16 mixed precision (weights, optimizer and evaluation stay fp32) "
-                             "or plain fp32; auto = whichever trains faster on the worker's CPU, timed at start-up "
-                             "(fp32 unless bf16 is faster beyond noise; default auto)")
+                             "or plain fp32; auto = whichever trains faster on the workers' CPU: rank 0 times both "
+                             "once and every worker trains in that one precision (fp32 unless bf16 is faster by "
+                             "more than 10%%); the decision is cached in <storage>/calibration per CPU, torch "
+                             "version, batch size and threads (default auto)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads per worker (default: timed, 1 or the worker's whole CPUs)")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="time the precision again instead of taking the cached decision (which it replaces)")
+    parser.add_argument("--strategy", default="fedavg", metavar="NAME[:VALUE]",
+                        help="how a round's worker models become the global one: fedavg (default), fedprox:MU, "
+                             "fedadam:LR, median, trimmed-mean:BETA (docs/TRAINING.md)")
+    parser.add_argument("--partition", default="iid", metavar="iid|dirichlet:ALPHA|classes:K",
+                        help="how the training images are split among the workers: iid (stratified, the default), "
+                             "dirichlet:ALPHA (label skew, smaller is more skewed) or classes:K (about K classes each)")
+    parser.add_argument("--inject-fault", default=None, metavar="nan:RANK|scale:RANK:FACTOR",
+                        help="(for tests and demonstrations) worker RANK sends NaNs, or its weights times FACTOR, "
+                             "at every round; the aggregator drops or absorbs it")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random rotation, shear, scale, shift and stroke width on every training batch, "
                              "seeded per shard and step (default on; --no-augment trains on the digits as they are)")
@@ -122,7 +139,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--checkpoint-steps must be >= 0 (0 turns mid-round checkpoints off)")
     if not 0 <= args.elastic <= 4:
         parser.error("--elastic must be 0 (off) to 4 px")
+    try:
+        make_strategy(args.strategy)
+        check_partition(args.partition)
+        args.inject_fault = parse_fault(args.inject_fault, args.workers)
+    except ValueError as error:
+        parser.error(str(error))
     return args
+
+
+def parse_fault(spec: str | None, workers: int) -> dict | None:
+    """--inject-fault nan:RANK or scale:RANK:FACTOR, as the workers take it."""
+    if spec is None:
+        return None
+    kind, *rest = spec.split(":")
+    try:
+        if kind == "nan" and len(rest) == 1:
+            fault = {"kind": "nan", "rank": int(rest[0])}
+        elif kind == "scale" and len(rest) == 2:
+            fault = {"kind": "scale", "rank": int(rest[0]), "factor": float(rest[1])}
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--inject-fault {spec}: use nan:RANK or scale:RANK:FACTOR") from None
+    if not 0 <= fault["rank"] < workers:
+        raise ValueError(f"--inject-fault {spec}: rank {fault['rank']} is not one of the {workers} workers")
+    return fault
 
 
 def augmentation(args) -> dict | None:
@@ -166,12 +208,14 @@ def run(args) -> int:
         raise UserError(f"run {run_id} already exists at {run_dir(storage, run_id)}; pick another --run-id") from None
     # The driver splits (0.4-0.5 s): a splitter task's own process spent ~3.5 s of CPU starting
     # and importing torch, while Ray Train's start-up needs both cores.
-    manifest = write_shards(storage, run_id, args.workers, args.seed, args.subset)
+    manifest = write_shards(storage, run_id, args.workers, args.seed, args.subset, args.partition)
     atomic_torch_save(init_path(storage, run_id), initial_weights(args.seed))
-    aggregator = start_aggregator(storage, run_id, manifest)  # lives as long as this run
+    aggregator = start_aggregator(storage, run_id, manifest, args.strategy)  # lives as long as this run
     print(f"run {run_id}: {args.workers} workers x {worker_cpus:.2f} CPU and up to {threads} torch thread(s), "
-          f"{args.epochs} epochs in {args.rounds} rounds, precision {args.precision}; "
-          f"shards {[shard['count'] for shard in manifest['shards']]}", flush=True)
+          f"{args.epochs} epochs in {args.rounds} rounds, precision {args.precision}, strategy {args.strategy}, "
+          f"partition {args.partition}", flush=True)
+    for rank, shard in enumerate(manifest["shards"]):
+        print(f"  shard {rank}: {shard['count']} images, per class {shard['class_histogram']}", flush=True)
     rounds = fit(args, storage, run_id, manifest, aggregator, worker_cpus, threads)
     # Not in a `finally`: killed while workers wait for it, it would fail them, and Ray Train would
     # start a new worker group as the job ends. A failed job's actors end with the job anyway.
@@ -188,7 +232,9 @@ def fit(args, storage: Path, run_id: str, manifest: dict, aggregator, worker_cpu
     config = {"storage": str(storage), "run_id": run_id, "manifest": manifest, "aggregator": aggregator,
               "epochs": args.epochs, "rounds": args.rounds, "batch_size": args.batch_size, "lr": args.lr,
               "seed": args.seed, "threads": threads, "checkpoint_steps": args.checkpoint_steps,
-              "precision": args.precision, "augment": augmentation(args)}
+              "precision": args.precision, "pin_threads": args.threads, "recalibrate": args.recalibrate,
+              "strategy": args.strategy, "inject_fault": args.inject_fault,
+              "augment": augmentation(args)}
     trainer = torch_trainer(train_func, config, args.workers, worker_cpus,
                             RunConfig(name=run_id, storage_path=str(ray_dir(storage, run_id)),
                                       failure_config=FailureConfig(max_failures=args.max_failures)))
@@ -219,12 +265,16 @@ def torch_trainer(train_loop, config: dict, workers: int, worker_cpus: float, ru
 def publish(args, storage: Path, run_id: str, rounds: list[dict], train_seconds: float) -> None:
     """Publish the last round's average as version `run_id`; promote it by --promote."""
     final = torch.load(global_path(storage, run_id, args.rounds - 1), weights_only=True)["state_dict"]
+    setting = json.loads(decision_path(storage, run_id).read_text())
+    manifest = json.loads(manifest_path(storage, run_id).read_text())
     metadata = {"version": run_id, "run_id": run_id, "workers": args.workers, "epochs": args.epochs,
                 "rounds": args.rounds, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "subset": args.subset, "architecture": Net.architecture,
                 "test_accuracy": rounds[-1]["test_accuracy"], "round_metrics": rounds,
-                "precision": "+".join(sorted({w["precision"] for r in rounds for w in r["workers"]})),
-                "calibration": worker_calibrations(rounds),
+                "precision": setting["precision"], "threads": setting["threads"], "calibration": setting,
+                "reproduce": reproduce_command(args, setting),
+                "strategy": args.strategy, "partition": args.partition, "inject_fault": args.inject_fault,
+                "shards": [{"count": s["count"], "class_histogram": s["class_histogram"]} for s in manifest["shards"]],
                 "train_seconds": round(train_seconds, 2),
                 "augmentation": augmentation(args),
                 "shards_manifest_sha256": sha256_file(manifest_path(storage, run_id)),
@@ -254,10 +304,19 @@ def abort_training_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, abort_then_exit)
 
 
-def worker_calibrations(rounds: list[dict]) -> list[dict]:
-    """Each worker's timed choice of precision and threads (the last round's: a restarted worker
-    times again)."""
-    return [{"rank": w["rank"], **(w.get("calibration") or {})} for w in rounds[-1]["workers"]]
+def reproduce_command(args, setting: dict) -> str:
+    """The command that trains these weights again: the same flags with the recorded precision and
+    threads pinned (bit-identical on the same machine and torch; same accuracy elsewhere)."""
+    flags = ["--workers", args.workers, "--epochs", args.epochs, "--rounds", args.rounds, "--batch-size", args.batch_size,
+             "--lr", args.lr, "--seed", args.seed, "--precision", setting["precision"], "--threads", setting["threads"],
+             "--checkpoint-steps", args.checkpoint_steps, "--elastic", args.elastic,
+             "--strategy", args.strategy, "--partition", args.partition]
+    flags += ["--subset", args.subset] if args.subset else []
+    flags += [] if args.augment else ["--no-augment"]
+    fault = args.inject_fault
+    flags += [f"--inject-fault {fault['kind']}:{fault['rank']}" + (f":{fault['factor']:g}" if "factor" in fault else "")] \
+        if fault else []
+    return "python training/train.py " + " ".join(str(flag) for flag in flags)
 
 
 def size_workers(free_per_node: list[float], workers: int) -> tuple[float, int]:

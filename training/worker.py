@@ -1,6 +1,7 @@
 """One Ray Train worker of a run: train_func, which TorchTrainer runs once per worker (see train.py).
 
-    set up   verify and load shard `rank`, time the training step (precision and torch threads)
+    set up   verify and load shard `rank`; take the job's one precision and thread count (rank 0
+             decides, from the run's decision, the cache or by timing the step; the others wait)
     resume   from Ray Train's last checkpoint (the last averaged round, else init.pt) and this
              worker's own newest saved state: a WorkerState
     rounds   train the round's steps (saving the state every --checkpoint-steps), save it for the
@@ -12,6 +13,8 @@ the step, and the state carries the optimizer and the schedule, so a restarted w
 exactly where it stopped, without replaying anything.
 """
 import copy
+import json
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,10 +25,11 @@ import torch.nn.functional as F
 
 from training.allocator import keep_freed_memory
 from training.augment import training_batch
-from training.calibration import calibrate, candidates
+from training.calibration import calibrate, candidates, decide
 from training.data import load_shard
 from training.model import Net, to_input
-from training.storage import atomic_torch_save, global_path, init_path, partial_path, worker_path
+from training.strategies import make_strategy
+from training.storage import atomic_torch_save, global_path, init_path, partial_path, run_dir, worker_path
 
 LABEL_SMOOTHING = 0.1  # worth +0.1 point of test accuracy in two epochs (bench/model_sweep.py)
 # Ray Train's checkpoint of a round: a copy of the round's average, and the round's index.
@@ -40,16 +44,17 @@ def train_func(config: dict) -> None:
 
     # Set up: this worker's shard, its precision and threads, the optimizer and its schedule.
     keep_freed_memory()  # steps ~20% faster: no page faults for buffers freed and allocated again
+    quiet_reports()
     storage, run_id, rounds = Path(config["storage"]), config["run_id"], config["rounds"]
     rank = ray.train.get_context().get_world_rank()
     images, labels = load_shard(storage, run_id, rank, config["manifest"])  # verifies its sha256
     model = Net()
-    calibration = calibrate_worker(model, images, labels, config)  # also sets torch's threads
-    print(f"worker {rank}: {calibration['precision']}, {calibration['threads']} torch thread(s); calibration "
-          f"{calibration['screen_ms']} {calibration['step_ms']} in {calibration['seconds']} s", flush=True)
+    setting = job_setting(rank, model, images, labels, config, barrier)
+    torch.set_num_threads(setting["threads"])
     order = ShardOrder(len(labels), config["batch_size"], seed=config["seed"] * 1000 + rank)
     total_steps = config["epochs"] * order.steps_per_epoch
     state = WorkerState.fresh(run_id, rank, model, config["lr"], total_steps)
+    strategy = make_strategy(config.get("strategy", "fedavg"))  # its client hook (FedProx's term), if any
 
     # Resume: after the last averaged round, from this worker's own newest saved state.
     state.resume(storage, ray.train.get_checkpoint())
@@ -57,10 +62,11 @@ def train_func(config: dict) -> None:
     for round_index in range(state.round, rounds):
         # Train: the rest of the round, then save the state the aggregator averages.
         first, last = round_bounds(total_steps, rounds, round_index)
-        train_round(state, storage, order, images, labels, first, last, calibration["precision"], config)
+        train_round(state, storage, order, images, labels, first, last, setting["precision"], config, strategy)
         state.save(worker_path(storage, run_id, round_index, rank), num_samples=len(labels),
-                   node_id=ray.get_runtime_context().get_node_id(), calibration=calibration,
-                   precision=calibration["precision"], threads=calibration["threads"], **state.round_metrics())
+                   **injected_fault(config.get("inject_fault"), rank, state.model.state_dict()),
+                   node_id=ray.get_runtime_context().get_node_id(),
+                   precision=setting["precision"], threads=setting["threads"], **state.round_metrics())
         partial_path(storage, run_id, round_index, rank).unlink(missing_ok=True)
 
         # Average: once every worker has saved, all continue from the aggregator's average.
@@ -70,6 +76,16 @@ def train_func(config: dict) -> None:
 
         # Report: the round's metrics, and (rank 0) the average as the checkpoint a restart resumes from.
         report_round(metrics, rank, global_path(storage, run_id, round_index))
+
+
+def quiet_reports() -> None:
+    """Ray Train logs every worker's whole metrics dict at every report (its logger is named after
+    its file); the aggregator prints a line per round instead."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a private module: another Ray version logs as it likes
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------- a worker's state
@@ -91,6 +107,7 @@ class WorkerState:
     schedule: torch.optim.lr_scheduler.LRScheduler
     round: int = 0
     progress: dict = field(default_factory=new_progress)
+    anchor: dict = field(default_factory=dict)  # the round's global parameters (FedProx's term pulls towards them)
 
     @classmethod
     def fresh(cls, run_id: str, rank: int, model: torch.nn.Module, lr: float, total_steps: int) -> "WorkerState":
@@ -116,6 +133,7 @@ class WorkerState:
                 self.model.load_state_dict(torch.load(Path(folder, CHECKPOINT_MODEL), weights_only=True)["state_dict"])
                 self.round = int(Path(folder, CHECKPOINT_ROUND).read_text()) + 1
             print(f"worker {self.rank}: resuming after round {self.round - 1} from {checkpoint.path}", flush=True)
+        self.set_anchor()
         newest_first = [(self.round, worker_path), (self.round, partial_path), (self.round - 1, worker_path)]
         own = [(r, path_of(storage, self.run_id, r, self.rank)) for r, path_of in newest_first if r >= 0]
         found = next(((r, path) for r, path in own if path.exists()), None)
@@ -139,6 +157,10 @@ class WorkerState:
     def next_round(self, averaged: dict) -> None:
         self.model.load_state_dict(averaged)
         self.round, self.progress = self.round + 1, new_progress()
+        self.set_anchor()
+
+    def set_anchor(self) -> None:
+        self.anchor = {name: p.detach().clone() for name, p in self.model.named_parameters()}
 
     def round_metrics(self) -> dict:
         seen = max(self.progress["seen"], 1)
@@ -177,14 +199,15 @@ class ShardOrder:
 
 
 def train_round(state: WorkerState, storage: Path, order: ShardOrder, images, labels, first: int, last: int,
-                precision: str, config: dict) -> None:
+                precision: str, config: dict, strategy=None) -> None:
     """Train steps [first, last) from where the state stands, saving it every --checkpoint-steps."""
     started = time.perf_counter() - state.progress["seconds"]
     state.model.train()
+    term = strategy and (lambda model: strategy.client_term(model, state.anchor))
     for step in range(first + state.progress["step"], last):
         index = order.batch(step)
         batch = training_batch(images[index], config.get("augment"), config["seed"], state.rank, step)
-        train_step(state.model, state.optimizer, state.schedule, batch, labels[index], state.progress, precision)
+        train_step(state.model, state.optimizer, state.schedule, batch, labels[index], state.progress, precision, term)
         state.progress["step"] = step + 1 - first
         if checkpoint_due(state.progress["step"], last - first, config["checkpoint_steps"]):
             state.progress["seconds"] = time.perf_counter() - started
@@ -192,14 +215,16 @@ def train_round(state: WorkerState, storage: Path, order: ShardOrder, images, la
     state.progress["seconds"] = time.perf_counter() - started
 
 
-def train_step(model, optimizer, schedule, images, labels, progress: dict, precision: str) -> None:
+def train_step(model, optimizer, schedule, images, labels, progress: dict, precision: str, client_term=None) -> None:
+    """One step. `client_term(model)`: a strategy's addition to the loss (None: nothing added)."""
     x, y = to_input(images), labels
     optimizer.zero_grad(set_to_none=True)
     # bf16: convolutions and linear layers compute in bfloat16; weights, gradients, Adam and the loss stay fp32.
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits = model(x).float()
     loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
-    loss.backward()
+    extra = client_term(model) if client_term else None
+    (loss if extra is None else loss + extra).backward()
     optimizer.step()
     schedule.step()
     progress["loss_sum"] += loss.item() * len(y)
@@ -212,7 +237,28 @@ def checkpoint_due(step: int, round_steps: int, every: int) -> bool:
     return every > 0 and step % every == 0 and step < round_steps
 
 
-def calibrate_worker(model, images, labels, config: dict) -> dict:
+def decision_path(storage: Path, run_id: str) -> Path:
+    """The run's one precision and thread count, as rank 0 decided them."""
+    return run_dir(storage, run_id) / "precision.json"
+
+
+def job_setting(rank: int, model, images, labels, config: dict, barrier) -> dict:
+    """The job's one training setting. Rank 0 decides (training.calibration.decide) and saves it
+    in the run's folder while the others wait at `barrier` (idle, so the timing runs without their
+    contention); then every worker reads the same file."""
+    storage, path = Path(config["storage"]), decision_path(Path(config["storage"]), config["run_id"])
+    if rank == 0:
+        setting = decide(storage, path, config["precision"], min(config["batch_size"], len(labels)),
+                         config["threads"], config.get("pin_threads"), config.get("recalibrate", False),
+                         lambda settings: calibrate_worker(model, images, labels, config, settings))
+        timed = f"; calibration {setting.get('screen_ms', {})} {setting.get('step_ms', {})}" if "step_ms" in setting else ""
+        print(f"job setting: {setting['precision']}, {setting['threads']} torch thread(s) per worker "
+              f"({setting['source']}){timed}", flush=True)
+    barrier()
+    return json.loads(path.read_text())
+
+
+def calibrate_worker(model, images, labels, config: dict, settings: list[tuple[str, int]] | None = None) -> dict:
     """Time the real training step (a copy of the model, a throwaway optimizer, this worker's own
     images) in each candidate precision and thread count; the model itself is left untouched."""
     trial = copy.deepcopy(model)
@@ -223,7 +269,21 @@ def calibrate_worker(model, images, labels, config: dict) -> dict:
     def step(precision: str, batch: int) -> None:
         train_step(trial, optimizer, schedule, images[:batch], labels[:batch], new_progress(), precision)
 
-    return calibrate(step, candidates(config["precision"], config["threads"]), batch_size, torch.set_num_threads)
+    settings = settings or candidates(config["precision"], config["threads"])
+    return calibrate(step, settings, batch_size, torch.set_num_threads)
+
+
+def injected_fault(fault: dict | None, rank: int, weights: dict) -> dict:
+    """--inject-fault: the weights this worker sends instead of its own (NaNs, or scaled by a
+    factor), to show the aggregator's screen at work; {} when this worker is healthy."""
+    if not fault or fault["rank"] != rank:
+        return {}
+    if fault["kind"] == "nan":
+        broken = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()}
+    else:
+        broken = {k: v * fault["factor"] if v.is_floating_point() else v for k, v in weights.items()}
+    print(f"worker {rank}: sending {fault['kind']} weights (--inject-fault)", flush=True)
+    return {"state_dict": broken}
 
 
 def report_round(metrics: dict, rank: int, averaged: Path) -> None:
