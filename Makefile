@@ -7,7 +7,7 @@ TRAIN_ARGS ?= --workers 3 --epochs 2 --batch-size 100
 # The local cluster runs with token authentication: its clients get in with these exports.
 AS_CLIENT = eval "$$($(PY) -m ray_cluster env)" &&
 
-.PHONY: run test setup up down train serve clean
+.PHONY: run test setup browser up down train serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ serve: up
 # Set up, start the local Ray cluster, get MNIST, train with `ray job submit`, then serve the model.
 run: train serve
 
-test: setup
+# The page test drives a real Chromium: found, or installed (Debian's as root, else Playwright's);
+# without one it skips and names the command to run (CI=1: fails).
+browser: setup
+	$(PY) -m tests.browser install
+
+test: setup browser
 	$(PY) -m pytest
 
 clean: down

@@ -1,6 +1,7 @@
 """Shared fixtures, each run once per session however many modules use it: a verified MNIST
-storage root, a real local Ray cluster on 127.0.0.1, a real trained test model, and the Serve
-applications of serving/serve_config.yaml deployed on that cluster. Plain helpers: tests/helpers.py."""
+storage root, a real local Ray cluster on 127.0.0.1, a real trained test model, the Serve
+applications of serving/serve_config.yaml deployed on that cluster, and the same API app served
+in-process for the contract tests. Plain helpers: tests/helpers.py."""
 import hashlib
 import inspect
 import os
@@ -12,8 +13,10 @@ import torch
 
 from ray_cluster import local
 from serving import deploy
-from tests.helpers import (RECIPE, ServeApp, make_app, publish, stop_unfinished_jobs, train_net,
-                           wait_on_every_replica)
+from serving.plain import create_plain_app
+from serving.schemas import Limits
+from tests.helpers import (RECIPE, LocalApi, ServeApp, make_app, publish, served_in_a_thread, stop_unfinished_jobs,
+                           train_net, wait_on_every_replica)
 from training import model as model_module
 from training.data import fetch_mnist, load_mnist
 from training.model import Net, evaluate
@@ -136,6 +139,20 @@ def serve_app(request, ray_head, serving_storage) -> ServeApp:
         yield app
     finally:
         deploy.delete(app.names)
+
+
+@pytest.fixture(scope="session")
+def local_api(tmp_path_factory, served_models) -> LocalApi:
+    """The same API app as the Serve deployment's (serving.api.create_api, the limits of
+    serve_config.yaml), over v1 of the test model in this process, served by uvicorn on
+    127.0.0.1 in a thread: the HTTP contract in seconds, without a cluster. What only the
+    cluster shows (routing, replicas, reload, failover, the page) stays with serve_app."""
+    storage = tmp_path_factory.mktemp("api-storage")
+    publish(storage, "v1", served_models["v1"], served_models["accuracy"])
+    args = deploy.local_config(str(storage))["applications"][0]["args"]
+    limits = Limits(**{name: args[name] for name in Limits.model_fields if name in args})
+    with served_in_a_thread(create_plain_app(str(storage), limits)) as url:
+        yield LocalApi(url, storage, limits.max_body_bytes)
 
 
 @pytest.fixture(scope="module")

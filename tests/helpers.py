@@ -1,12 +1,16 @@
 """Plain helpers for the tests (the fixtures are in tests/conftest.py): waiting on other processes,
 reading Serve's running replicas, publishing and training a test model. Training jobs are
 submitted by ray_cluster/jobs.py, re-exported here."""
+import contextlib
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import torch
+import uvicorn
 import torch.nn.functional as F
 
 from ray_cluster.jobs import ray_job_submit, submit_training, train_command  # noqa: F401  (re-exported)
@@ -111,6 +115,42 @@ class ServeApp:
 
     def model(self) -> dict:
         return httpx.get(f"{self.url}/model", timeout=30).json()
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.config["applications"][0]["args"]["max_body_bytes"]
+
+
+@dataclass
+class LocalApi:
+    """The API app (serving.api.create_api over the model in this process) served by uvicorn."""
+    url: str
+    storage: Path
+    max_body_bytes: int
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def model(self) -> dict:
+        return httpx.get(f"{self.url}/model", timeout=30).json()
+
+
+@contextlib.contextmanager
+def served_in_a_thread(app, timeout: float = 30):
+    """`app` served by uvicorn on 127.0.0.1 (a free port) in a thread of this process; its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), timeout, "uvicorn to start")
+        assert server.started, "uvicorn stopped while starting"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
 
 
 def make_app(name: str, storage: Path, with_ui: bool = True, model_replicas: int | None = None,

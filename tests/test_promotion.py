@@ -2,8 +2,9 @@
 
 Unit tests work on real files in a temporary storage root; the last test moves `latest` under a
 live Ray Serve deployment (the job-level check is in tests/test_train_job.py)."""
+import contextlib
+import io
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -29,9 +30,16 @@ def meta(version: str, accuracy: float, subset: int | None = None, created: str 
     return {"version": version, "run_id": version, "test_accuracy": accuracy, "subset": subset, "created_at": created}
 
 
-def cli(storage: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.models", "--storage", str(storage), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+def cli(storage: Path | None, *args: str) -> subprocess.CompletedProcess:
+    """`python -m training.models [--storage STORAGE] ARGS`, run in this process: its exit code and output."""
+    argv = (["--storage", str(storage)] if storage is not None else []) + list(args)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = models.main(argv)
+        except SystemExit as error:  # argparse's errors
+            code = error.code
+    return subprocess.CompletedProcess(["training.models", *argv], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture
@@ -148,8 +156,7 @@ def test_list_shows_versions_which_serves_and_the_rollback_target(storage, monke
     publish_version(storage, "newer", WEIGHTS, meta("newer", 0.9941, created="2026-01-03T00:00:00+00:00"))
     promote_version(storage, "newer")
     monkeypatch.setenv("MNIST_STORAGE", str(storage))  # the root from the environment, as in a pod
-    listing = subprocess.run([sys.executable, "-m", "training.models", "list"], capture_output=True, text=True,
-                             cwd=ROOT, timeout=60, env=os.environ)
+    listing = cli(None, "list")
     lines = {line[2:].split()[0]: line for line in listing.stdout.splitlines()[1:]}
     assert lines["newer"].startswith("* newer") and "99.41%" in lines["newer"] and lines["newer"].endswith("serving")
     assert "previous (rollback target)" in lines["serving-v"] and "subset 6000" in lines["quick"]
@@ -309,10 +316,10 @@ def test_promote_and_rollback_switch_a_live_deployment_under_load_without_a_fail
         f"{serve_app.url}/predict", bodies, clients=4, requests=100_000, time_limit_s=10, check=record)))
     loader.start()
     try:
-        time.sleep(1)
+        wait_for(lambda: versions[before] > 0, 10, "the load to be answered")
         assert cli(storage, "promote", new).returncode == 0
         wait_for(lambda: serve_app.model()["model_version"] == new, 10, "/model to show the promoted version")
-        time.sleep(1)
+        wait_for(lambda: versions[new] > 0, 10, "the load to be answered by the promoted version")
         rolled = cli(storage, "rollback")
         assert rolled.stdout.strip() == f"latest: {new} -> {before} (rolled back)", rolled.stderr
         wait_for(lambda: serve_app.model()["model_version"] == before, 10, "/model to show the version rolled back to")

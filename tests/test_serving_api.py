@@ -1,4 +1,5 @@
-"""The HTTP contract of the mnist application, against a real Ray Serve on 127.0.0.1:8000."""
+"""The HTTP contract of the mnist application: create_api's app, with serve_config.yaml's limits,
+served in-process (the `local_api` fixture). tests/test_serving_live.py checks it through Serve."""
 import base64
 import io
 import json
@@ -12,7 +13,11 @@ from bench.drawings import encode, redraw, redrawn_set
 from serving.preprocess import MAX_PIXELS
 from serving.schemas import MAX_IMAGES, MAX_TENSOR_IMAGES
 
-pytestmark = pytest.mark.ray
+
+@pytest.fixture(scope="module")
+def client(local_api):
+    with local_api.client() as client:
+        yield client
 
 
 def b64(data: bytes) -> str:
@@ -40,10 +45,10 @@ def test_healthz_is_ready_with_a_model(client):
     assert response.json()["status"] == "ready" and response.json()["model_version"]
 
 
-def test_model_shows_the_published_metadata(client, serve_app):
+def test_model_shows_the_published_metadata(client, local_api):
     body = client.get("/model").json()
     assert body["ready"] and "storage" not in body
-    assert str(serve_app.storage) not in client.get("/model").text  # no server paths in public bodies
+    assert str(local_api.storage) not in client.get("/model").text  # no server paths in public bodies
     assert {"test_accuracy", "run_id", "created_at", "version"} <= set(body["metadata"])
     assert body["metadata"]["version"] == body["model_version"]
 
@@ -229,8 +234,8 @@ def test_wrong_method_is_a_json_405(client):
     assert response.status_code == 405 and "error" in response.json()
 
 
-def test_body_over_the_limit_is_refused(client, serve_app):
-    limit = serve_app.config["applications"][0]["args"]["max_body_bytes"]
+def test_body_over_the_limit_is_refused(client, local_api):
+    limit = local_api.max_body_bytes
     body = b'{"image": "' + b"A" * limit + b'"}'
     declared = client.post("/predict", content=body, headers={"content-type": "application/json"})
     assert declared.status_code == 413 and "limit" in declared.json()["error"]

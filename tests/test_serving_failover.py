@@ -26,7 +26,8 @@ from tests.helpers import make_app, running_replicas, wait_for
 
 
 KILL_LOAD = {"clients": 4, "time_limit_s": 12}  # 250-400 answers on 2 shared cores
-KILL_AFTER_S = 3
+KILL_AFTER_ANSWERS = 20  # the load is flowing: the victim holds requests when it dies
+LOAD_AFTER_KILL_S = 9  # long enough for Serve to route around the dead replica and replace it
 
 
 # ---------------------------------------------------------------- helpers
@@ -58,6 +59,10 @@ class Answers:
     def count(self, table: dict, key) -> None:
         with self.lock:
             table[str(key)] = table.get(str(key), 0) + 1
+
+    def answered(self) -> int:
+        with self.lock:
+            return sum(self.statuses.values())
 
     def summary(self) -> dict:
         requests = sum(self.statuses.values()) + sum(self.errors.values())
@@ -107,11 +112,14 @@ def run_load(url: str, bodies: list[bytes], stop, clients: int = 4) -> tuple[lis
 
 
 def kill_under_load(url: str, bodies: list[bytes], victim_pid: int) -> dict:
-    """KILL_LOAD against `url`; SIGKILL `victim_pid` after KILL_AFTER_S; every answer counted."""
-    deadline = time.monotonic() + KILL_LOAD["time_limit_s"]
-    threads, answers = run_load(url, bodies, lambda: time.monotonic() > deadline, KILL_LOAD["clients"])
-    time.sleep(KILL_AFTER_S)
+    """KILL_LOAD against `url`; SIGKILL `victim_pid` once KILL_AFTER_ANSWERS have come back, and
+    load for LOAD_AFTER_KILL_S more (at most time_limit_s in all); every answer counted."""
+    deadline = [time.monotonic() + KILL_LOAD["time_limit_s"]]
+    threads, answers = run_load(url, bodies, lambda: time.monotonic() > deadline[0], KILL_LOAD["clients"])
+    wait_for(lambda: answers.answered() >= KILL_AFTER_ANSWERS or answers.errors, KILL_LOAD["time_limit_s"],
+             f"{KILL_AFTER_ANSWERS} answers before the kill", interval=0.05)
     os.kill(victim_pid, signal.SIGKILL)
+    deadline[0] = min(deadline[0], time.monotonic() + LOAD_AFTER_KILL_S)
     for thread in threads:
         thread.join(120)
     return answers.summary()
@@ -286,7 +294,7 @@ def test_a_redeploy_under_load_loses_nothing(serve_app, test_digits):
     api["runtime_env"]["env_vars"]["MNIST_CODE_HASH"] = f"redeploy-{time.time_ns()}"
     done = threading.Event()
     threads, answers = run_load(f"{serve_app.url}/predict", batch_bodies(test_digits, per_batch=2), done.is_set)
-    time.sleep(1)
+    wait_for(lambda: answers.answered() >= 8 or answers.errors, 30, "the load to be answered", interval=0.05)
     deploy.deploy(config, timeout=180)
     wait_for(lambda: not before & {r["replica_id"] for r in deploy.serve_details()["applications"][serve_app.name]
                                    ["deployments"]["MnistApi"]["replicas"]}, 60, "the old ingress replicas to leave")

@@ -1,4 +1,5 @@
-"""Property-based fuzzing of the HTTP API with hypothesis, against the real Serve deployment:
+"""Property-based fuzzing of the HTTP API with hypothesis, against create_api's app served
+in-process (the `local_api` fixture; the routes, validation and errors are the Serve deployment's):
 thousands of generated bodies and image files, never a 5xx, always a JSON error, and the service
 still answers."""
 import base64
@@ -14,7 +15,14 @@ from hypothesis import strategies as st
 
 from tests.bombs import bomb_png
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(local_api):
+    with local_api.client() as client:
+        yield client
+
 
 FUZZ = settings(max_examples=800, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

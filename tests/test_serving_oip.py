@@ -1,5 +1,6 @@
-"""The Open Inference Protocol v2 with the reference client, tritonclient.http, unchanged, against the
-real Serve deployment on 127.0.0.1:8000 (API and page applications both deployed)."""
+"""The Open Inference Protocol v2 with the reference client, tritonclient.http, unchanged, against
+create_api's app served in-process (the `local_api` fixture); tests/test_serving_live.py calls
+the Serve deployment with it."""
 import json
 
 import httpx
@@ -9,20 +10,15 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from serving.schemas import MAX_TENSOR_IMAGES
-from tests.helpers import wait_for
-
-pytestmark = pytest.mark.ray
 
 COUNT = 500  # MNIST test images
 BATCH = 250  # per infer call (N of the tensor)
 
 
 @pytest.fixture(scope="module")
-def client(serve_app):
-    url = serve_app.url.removeprefix("http://")  # tritonclient takes host:port/prefix
+def client(local_api):
+    url = local_api.url.removeprefix("http://")  # tritonclient takes host:port/prefix
     client = triton.InferenceServerClient(url, network_timeout=120, connection_timeout=60)
-    # serve_app waited for one answer from /healthz; the other model replica may still be loading v1
-    wait_for(lambda: all(client.is_model_ready("mnist") for _ in range(6)), 60, "every model replica to load v1")
     yield client
     client.close()
 
@@ -33,9 +29,9 @@ def digits(test_digits) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def predicted(serve_app, digits) -> dict:
+def predicted(local_api, digits) -> dict:
     """What /predict answers for each image sent as `pixels` (integers 0..255)."""
-    with serve_app.client() as http:
+    with local_api.client() as http:
         bodies = [http.post("/predict", json={"pixels": image.tolist()}).json() for image in digits]
     return {"digits": np.array([b["digit"] for b in bodies]),
             "probabilities": np.array([b["probabilities"] for b in bodies], np.float32)}
@@ -56,13 +52,13 @@ def infer(client, array: np.ndarray, datatype: str, binary: bool | None, outputs
     return client.infer("mnist", [tensor_input], outputs=outputs)
 
 
-def test_server_and_model_metadata(client, serve_app):
+def test_server_and_model_metadata(client, local_api):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mnist")
     server = client.get_server_metadata()
     assert server["extensions"] == ["binary_tensor_data"] and server["name"] and server["version"]
     model = client.get_model_metadata("mnist")
     version = model["versions"][0]
-    assert version == serve_app.model()["model_version"]
+    assert version == local_api.model()["model_version"]
     assert client.get_model_metadata("mnist", model_version=version)["name"] == "mnist"
     assert client.is_model_ready("mnist", model_version=version)
     with pytest.raises(InferenceServerException, match="not loaded"):
@@ -134,20 +130,20 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD.values(), ids=BAD.keys())
-def test_bad_binary_bodies_get_a_400_json_error(serve_app, case):
+def test_bad_binary_bodies_get_a_400_json_error(local_api, case):
     body, headers = case
-    response = httpx.post(f"{serve_app.url}/v2/models/mnist/infer", content=body,
+    response = httpx.post(f"{local_api.url}/v2/models/mnist/infer", content=body,
                           headers={**headers, "content-type": "application/octet-stream"}, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]
 
 
-def test_binary_bodies_obey_the_body_limit_and_other_content_types_are_refused(serve_app):
-    limit = serve_app.config["applications"][0]["args"]["max_body_bytes"]
+def test_binary_bodies_obey_the_body_limit_and_other_content_types_are_refused(local_api):
+    limit = local_api.max_body_bytes
     n = limit // 784 + 1
     body, headers = binary_body({"inputs": [{**GOOD, "shape": [n, 784], "parameters": {"binary_data_size": n * 784}}]},
                                 bytes(n * 784))
-    url = f"{serve_app.url}/v2/models/mnist/infer"
+    url = f"{local_api.url}/v2/models/mnist/infer"
     assert httpx.post(url, content=body, headers=headers, timeout=30).status_code == 413
     body, headers = binary_body({"inputs": [GOOD]}, PIXELS)
     refused = httpx.post(url, content=body, headers={**headers, "content-type": "text/plain"}, timeout=30)

@@ -1,30 +1,35 @@
 """A person at the page: headless Debian Chromium driven by Playwright draws a 7 with the mouse,
-presses Recognise and reads the prediction. The screenshot is kept in artifacts/."""
+presses Recognise and reads the prediction. The screenshot is kept in artifacts/. The browser:
+tests/browser.py (`make test` installs one; without one this skips, naming the command, and fails under CI)."""
 import contextlib
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from tests import browser
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's (apt-get install chromium); Playwright's download is unavailable
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 SCREENSHOT = Path(__file__).resolve().parents[1] / "artifacts" / "ui-browser.png"
 FAILURE_SHOT = SCREENSHOT.with_name("ui-browser-failure.png")
 
 
+@pytest.fixture(scope="session")  # session, as serve_app: set up first, so a skip starts no cluster
+def chromium() -> str:
+    return browser.require()
+
+
 @pytest.fixture(scope="module")
-def page(serve_app):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
+def page(chromium, serve_app):
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        instance = playwright.chromium.launch(executable_path=chromium, args=FLAGS)
+        page = instance.new_page(viewport={"width": 1200, "height": 900})
         page.goto(serve_app.ui_url, wait_until="networkidle")
         yield page
-        browser.close()
+        instance.close()
 
 
 @contextlib.contextmanager
