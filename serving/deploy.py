@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from ray_cluster import replica_loopback
 from ray_cluster.local import DASHBOARD_URL, HOST, SERVE_PORT
 from serving.model_store import storage_root
 from training.storage import STORAGE_ENV
@@ -100,6 +101,7 @@ def local_config(storage: str | None = None, name: str | None = None, route_pref
         pin_replicas(model_and_ingress(api, ui)[0], model_replicas)
     for app in (api, ui):
         env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env.update(replica_loopback.hook_env())  # each replica's gRPC server on 127.0.0.1
         env["PYTHONPATH"] = str(ROOT)  # the replicas import serving/ and training/ from this checkout
         env["MNIST_CODE_HASH"] = code_hash()  # Serve redeploys when the config changes, so edits count
     api["runtime_env"]["env_vars"][STORAGE_ENV] = str(storage_root(storage))

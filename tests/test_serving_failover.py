@@ -47,10 +47,8 @@ def valid_answer(body: bytes) -> bool:
 
 
 class Answers:
-    """Every answer of a load, counted. A client of its own (http.client, keep-alive) rather than
-    bench/loadgen: after a response that says `Connection: close` (uvicorn's after a 500, an HAProxy
-    process being replaced) a correct client opens a new connection; loadgen reuses the closed one
-    and counts an error that no real client would see."""
+    """Every answer of a load, counted, from a client of its own (http.client, keep-alive) that
+    retries a 503 with Retry-After once, as a polite client would."""
 
     def __init__(self):
         self.statuses, self.errors, self.retried_503, self.lock = {}, {}, 0, threading.Lock()
@@ -186,11 +184,11 @@ def test_other_posts_and_answered_requests_are_not_repeated():
 
 
 def test_the_head_carries_the_ingress_retry_settings():
-    env = local.head_env()
+    env = local.head_env(haproxy=False)
     assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serving.ingress:proxy_middlewares"
     assert str(local.ROOT) in env["PYTHONPATH"].split(os.pathsep)  # the proxy imports serving.ingress
     assert not env.keys() & local.HAPROXY_RETRY_ENV.keys()
-    haproxy = local.head_env(haproxy=True)
+    haproxy = local.head_env()  # the default
     assert "empty-response" in haproxy["RAY_SERVE_HAPROXY_RETRY_ON"].split()
     assert int(haproxy["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"]) >= 256 * 1024
 
@@ -238,12 +236,13 @@ def test_the_page_says_a_lost_backend_call_kindly_and_recovers():
 
 @pytest.mark.ray
 def test_killing_an_ingress_replica_under_load_loses_nothing(serve_app, test_digits):
-    """Serve's Python proxy, two MnistApi replicas, 4 clients posting 8-drawing batches: SIGKILL one
-    replica. Without the retry the requests it held came back as plain-text 500s."""
+    """The test session's ingress (HAProxy by default), two MnistApi replicas, 4 clients posting
+    8-drawing batches: SIGKILL one replica. Without the retry the requests it held came back as
+    plain-text 500s."""
     wait_replicas(serve_app.name, "MnistApi", 2)
     victim = running_replicas(serve_app.name)["MnistApi"][0]
     summary = kill_under_load(f"{serve_app.url}/predict", batch_bodies(test_digits), victim["pid"])
-    print("ingress replica kill under load (Python proxy):", summary)
+    print("ingress replica kill under load:", summary)
     assert lossless(summary), summary
     wait_replicas(serve_app.name, "MnistApi", 2)  # Serve replaced it
     assert victim["replica_id"] not in [r["replica_id"] for r in running_replicas(serve_app.name)["MnistApi"]]
