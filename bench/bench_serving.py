@@ -2,13 +2,15 @@
 serves the same model with the same code (serving/plain.py), in the same run, on 127.0.0.1.
 
     python -m bench.bench_serving [--storage DIR] [--clients 1,8,32] [--requests 400,2000,4000]
-                                  [--ingress proxy,haproxy] [--colocated] [--floor]
+                                  [--ingress haproxy,proxy] [--split] [--floor]
     python -m bench.bench_serving --ramp [--ramp-profile 10:1,40:16,90:1]   # fixed vs autoscaled
     python -m bench.bench_serving --oip [--oip-clients 1,4] [--oip-requests 40,80] [--oip-batch 256]
     python -m bench.bench_serving --fold      # the served model with BatchNorm folded in, and without
 
-For each Serve ingress mode (Serve's Python proxy; HAProxy) it starts a fresh local cluster and
-deploys the API. Each level runs a bounded load (fixed request count, time limit) against Serve
+By default it measures the defaults: HAProxy on 127.0.0.1 and the colocated layout (MnistService),
+beside plain, in one run; --ingress haproxy,proxy adds Serve's Python proxy, --split the
+two-deployment layout (MnistApi -> MnistModel). For each ingress mode it starts a fresh local
+cluster and deploys the API. The report lists plain first, then the defaults. Each level runs a bounded load (fixed request count, time limit) against Serve
 and the plain server, in alternating order. Payload: MNIST test digits re-drawn as 280-400 px
 canvas PNGs (the common case). Writes bench/results/serving.{json,md,png}: p50/p95/p99 latency, throughput, Serve/plain
 ratios, and where the CPU goes (per process and per request). Both servers run at Ray's worker
@@ -53,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PLAIN_PORT = 8017
 BENCH_APP = "mnist-bench"
-COLOCATED_APP = "mnist-bench-colocated"
+SPLIT_APP = "mnist-bench-split"
 FLOOR_APP = "serve-floor"
 RAY_SYSTEM = ("gcs_server", "/raylet", "log_monitor.py", "dashboard/dashboard.py", "ray::DashboardAgent",
               "ray::RuntimeEnvAgent")  # shared processes whose work grows with Serve traffic
@@ -107,18 +109,18 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def deploy_serve(storage: Path, floor: bool, colocated: bool, label: str = "serve") -> dict[str, tuple]:
-    """Deploy the API app (and the colocated layout, the empty-endpoint floor); return
-    {series name: (URL of /predict, the pids whose CPU time counts)}."""
+def deploy_serve(storage: Path, floor: bool, split: bool, label: str = "serve") -> dict[str, tuple]:
+    """Deploy the API app in the default layout (and the split layout, the empty-endpoint floor);
+    return {series name: (URL of /predict, the pids whose CPU time counts)}, the default first."""
     apps = []
-    for name, colocate in [(BENCH_APP, False)] + [(COLOCATED_APP, True)] * colocated:
-        config = deploy.local_config(str(storage), name=name, route_prefix=f"/{name}", colocate=colocate)
+    for name, split_app in [(BENCH_APP, False)] + [(SPLIT_APP, True)] * split:
+        config = deploy.local_config(str(storage), name=name, route_prefix=f"/{name}", split=split_app)
         apps.append(at_ceiling(deploy.app_pair(config)[0]))  # the API only; the page is not measured
     if floor:
         apps.append({"name": FLOOR_APP, "route_prefix": f"/{FLOOR_APP}", "import_path": "bench.serve_floor:build",
                      "runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT)}}, "logging_config": apps[0]["logging_config"]})
     deploy.deploy({**config, "applications": apps})
-    series = {BENCH_APP: label, COLOCATED_APP: f"{label}, colocated", FLOOR_APP: f"{label}, empty endpoint"}
+    series = {BENCH_APP: label, SPLIT_APP: f"{label}, split", FLOOR_APP: f"{label}, empty endpoint"}
     targets = {}
     for app in apps:
         url = f"http://127.0.0.1:8000{app['route_prefix']}"
@@ -291,7 +293,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5))
     for i, server in enumerate(report["results"]):
-        style = ("o--" if server == "plain" else "^:" if "empty" in server else "d-" if "colocated" in server
+        style = ("o--" if server == "plain" else "^:" if "empty" in server else "d-" if "split" in server
                  else "s-")
         levels = [int(k) for k in report["results"][server]]
         rows = list(report["results"][server].values())
@@ -332,7 +334,7 @@ def ramp_config(storage: Path, replicas: str | dict) -> dict:
     """The API app with its autoscaled deployments either at fixed counts (replicas="max": each at
     its max_replicas, or {deployment: n}) or autoscaling (replicas={deployment: overrides of its
     autoscaling_config}, {} for the config as it is)."""
-    config = deploy.local_config(str(storage), name=RAMP_APP, route_prefix=f"/{RAMP_APP}")
+    config = deploy.local_config(str(storage), name=RAMP_APP, route_prefix=f"/{RAMP_APP}", split=True)
     api = deploy.app_pair(config)[0]
     for deployment in api["deployments"]:
         scaling = deployment.get("autoscaling_config")
@@ -481,7 +483,7 @@ def run_ramp(args) -> dict:
     profile = ramp_profile(args.ramp_profile)
     mode = args.ingress.split(",")[0]
     scaling = {d["name"]: d.get("autoscaling_config")
-               for d in deploy.app_pair(deploy.load_config())[0]["deployments"]}
+               for d in deploy.app_pair(deploy.local_config(str(storage), split=True))[0]["deployments"]}
     report = {"command": " ".join(["python -m bench.bench_serving", *sys.argv[1:]]), "machine": machine(),
               "ingress": INGRESS[mode], "autoscaling_config": scaling}
     local.up(haproxy=mode == "haproxy")
@@ -597,7 +599,7 @@ def run_oip(args) -> dict:
             raise SystemExit("a local Ray cluster is running; stop it, or measure a running app with --serve-url")
         local.up()
         try:
-            (predict_url, _), = deploy_serve(storage, floor=False, colocated=False).values()
+            (predict_url, _), = deploy_serve(storage, floor=False, split=False).values()
             report["rows"] = measure_oip(predict_url.removesuffix("/predict") + "/v2/models/mnist/infer", images, args)
         finally:
             local.down()
@@ -733,6 +735,7 @@ def run(args) -> dict:
               "payload": {"kind": "black-on-white PNG drawing, base64 in JSON", "bodies": len(bodies),
                           "mean_bytes": int(np.mean([len(b) for b in bodies]))},
               "results": {}}
+    order = []
     plain = start_plain(storage, args.plain_port)
     plain_url = f"http://127.0.0.1:{args.plain_port}/predict"
     try:
@@ -742,13 +745,16 @@ def run(args) -> dict:
         for mode in [] if args.serve_url else modes:
             local.up(haproxy=mode == "haproxy")
             try:
-                serve = deploy_serve(storage, args.floor, args.colocated, f"serve ({INGRESS[mode]})")
+                serve = deploy_serve(storage, args.floor, args.split, f"serve ({INGRESS[mode]})")
+                order += serve
                 measure_levels(args, bodies, serve, (plain_url, plain.pid), report["results"])
             finally:
                 local.down()
     finally:
         stop(plain)
-    report["results"] = {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in report["results"].items()}
+    order = ["plain", *order, *report["results"]]  # plain, then the defaults (the first cluster's first app)
+    report["results"] = {k: dict(sorted(report["results"][k].items(), key=lambda kv: int(kv[0])))
+                         for k in dict.fromkeys(order) if k in report["results"]}
     report["machine"]["loadavg_1m_after"] = os.getloadavg()[0]
     report["ratios"] = ratios(report)
     report["profile"] = profile_in_process(storage, bodies)
@@ -784,11 +790,12 @@ def main(argv=None) -> None:
     parser.add_argument("--plain-port", type=int, default=PLAIN_PORT)
     parser.add_argument("--serve-url", help="measure a running app instead of deploying mnist-bench")
     parser.add_argument("--serve-app", help="with --serve-url: its application name, for CPU accounting")
-    parser.add_argument("--ingress", default="proxy,haproxy",
-                        help="Serve ingress modes to measure, each on a fresh local cluster: proxy (Serve's "
-                             "Python proxy, the workstation default), haproxy (the KubeRay default); default both")
-    parser.add_argument("--colocated", action="store_true",
-                        help="also measure the colocated layout (API and model in one deployment)")
+    parser.add_argument("--ingress", default="haproxy",
+                        help="Serve ingress modes to measure, each on a fresh local cluster: haproxy (the "
+                             "default, locally on 127.0.0.1 and on KubeRay), proxy (Serve's Python proxy); "
+                             "default haproxy")
+    parser.add_argument("--split", action="store_true",
+                        help="also measure the split layout (MnistApi -> MnistModel; the default is colocated)")
     parser.add_argument("--floor", action="store_true",
                         help="also measure an empty Serve endpoint: the cost of Serve's HTTP path alone")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for serving.json/.md/.png")

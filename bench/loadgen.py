@@ -48,22 +48,25 @@ def build_request(url: str, body: bytes, headers: dict | None = None) -> tuple[s
     return "127.0.0.1", parts.port or 80, head.encode() + body
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """(status, body, whether the connection stays open): after `Connection: close` (uvicorn's
+    after a 500, HAProxy's from a process being replaced) the server closes it."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    keep_alive = "close" not in headers.get("connection", "").lower()
     if "content-length" in headers:
-        return status, await reader.readexactly(int(headers["content-length"]))
+        return status, await reader.readexactly(int(headers["content-length"])), keep_alive
     if headers.get("transfer-encoding", "").lower() == "chunked":
         chunks = []
         while True:
             size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
             chunk = await reader.readexactly(size + 2)
             if size == 0:
-                return status, b"".join(chunks)
+                return status, b"".join(chunks), keep_alive
             chunks.append(chunk[:-2])
-    return status, await reader.read()
+    return status, await reader.read(), False  # the body ends where the connection does
 
 
 async def _client(host, port, payloads, budget, deadline, result: LoadResult, check) -> None:
@@ -75,7 +78,10 @@ async def _client(host, port, payloads, budget, deadline, result: LoadResult, ch
             if conn is None:
                 conn = await asyncio.open_connection(host, port)
             conn[1].write(payload)
-            status, body = await read_response(conn[0])
+            status, body, keep_alive = await read_response(conn[0])
+            if not keep_alive:  # the next request goes on a new connection, as a real client's would
+                conn[1].close()
+                conn = None
         except (OSError, asyncio.IncompleteReadError, ValueError) as error:
             result.errors[type(error).__name__] = result.errors.get(type(error).__name__, 0) + 1
             if conn:

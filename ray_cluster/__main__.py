@@ -11,9 +11,9 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start a local Ray head on 127.0.0.1 (idempotent)")
     start.add_argument("--num-cpus", type=int, help="logical CPUs to offer (default: all cores)")
-    start.add_argument("--haproxy", action="store_true",
-                       help="Serve's HAProxy ingress: much faster, but its stats and metrics ports bind every "
-                            "interface (default: Serve's Python proxy, on 127.0.0.1 only)")
+    start.add_argument("--python-proxy", action="store_true",
+                       help="Serve's Python proxy as the ingress instead of HAProxy (the default, on 127.0.0.1 "
+                            "like every port of this cluster): slower, Ray's ingress before 2.56")
     commands.add_parser("down", help="stop the local Ray head started by `up`")
     commands.add_parser("status", help="print addresses and resources of the local cluster")
     commands.add_parser("env", help="print the exports that let a shell's Ray clients in (token auth): "
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            local.up(num_cpus=args.num_cpus, haproxy=args.haproxy)
+            local.up(num_cpus=args.num_cpus, haproxy=not args.python_proxy)
         elif args.command == "down":
             local.down()
         elif args.command == "env":

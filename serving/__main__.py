@@ -20,8 +20,9 @@ def main(argv=None) -> int:
         command.add_argument("--name", help="API application name (default mnist; the page is <name>-ui)")
         command.add_argument("--route-prefix", help="API route prefix (default /; the page is <prefix>/ui)")
         command.add_argument("--model-replicas", type=int, help="fixed number of model replicas")
-        command.add_argument("--colocate", action="store_true",
-                             help="API and model in one deployment: faster, but a replica loss drops requests")
+        command.add_argument("--split", action="store_true",
+                             help="API (MnistApi) and model (MnistModel) as two deployments, each scaled on "
+                                  "its own (default: one, MnistService: fastest; docs/SERVING.md)")
     commands.add_parser("status", help="applications on the local cluster")
     remove = commands.add_parser("delete", help="delete the applications deployed by `deploy`")
     remove.add_argument("--name", default="mnist")
@@ -43,7 +44,7 @@ def run(args) -> int:
         found = deploy.delete([args.name, f"{args.name}-ui"])
         print(f"deleted {', '.join(found)}" if found else f"{args.name} is not deployed")
         return 0
-    config = deploy.local_config(args.storage, args.name, args.route_prefix, args.model_replicas, args.colocate)
+    config = deploy.local_config(args.storage, args.name, args.route_prefix, args.model_replicas, args.split)
     if args.command == "config":
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return 0

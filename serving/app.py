@@ -15,9 +15,9 @@ replica) -> MnistModel.reply -> ModelServer.infer (a batch) -> ModelStore.predic
 Why the model has its own deployment: a model replica can die (or be replaced) without losing a
 request, because MnistApi sends the batch again to another replica. Why the page has its own
 application: Gradio keeps per-session state in its process, so it runs as a single replica.
-`colocate: true` (args) instead serves API and model from one deployment, MnistService: one
-Ray hop less per request, about 40% more throughput on 2 cores, but a replica that dies takes
-its in-flight requests with it (docs/SERVING.md compares them).
+serve_config.yaml sets `colocate: true` (args): API and model in one deployment, MnistService,
+the default layout because it measures fastest (no Ray hop per request; docs/SERVING.md, "Layout").
+The split layout above is `python -m serving deploy --split`.
 """
 import asyncio
 import logging

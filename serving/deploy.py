@@ -3,7 +3,7 @@ and print the URLs. The file is sized for the GKE cluster (the RayService runs i
 local config fits it to this node (`fit_to_node`: replicas capped, CPU requests scaled down), makes
 the storage root absolute and the code importable by the replicas.
 
-    python -m serving deploy [--storage DIR] [--name mnist] [--route-prefix /] [--model-replicas N]
+    python -m serving deploy [--storage DIR] [--name mnist] [--route-prefix /] [--model-replicas N] [--split]
     python -m serving config [--storage DIR]    # the local config, for `serve deploy FILE`
     python -m serving status | delete [--name mnist]   (delete removes <name> and <name>-ui)
 
@@ -20,12 +20,14 @@ from pathlib import Path
 
 import yaml
 
+from ray_cluster import replica_loopback
 from ray_cluster.local import DASHBOARD_URL, HOST, SERVE_PORT
 from serving.model_store import storage_root
 from training.storage import STORAGE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = Path(__file__).resolve().parent / "serve_config.yaml"
+SPLIT_MODEL = Path(__file__).resolve().parent / "serve_split.yaml"  # the model deployment when split
 APPS_PATH = "/api/serve/applications/"
 # serve_config.yaml is sized for the GKE cluster; local deploys fit it to this node (fit_to_node).
 LOCAL_CPUS = 2       # the 2-core workstation the local defaults are for; a larger machine gets the same
@@ -81,25 +83,30 @@ def ceiling(options: dict) -> int:
 
 
 def local_config(storage: str | None = None, name: str | None = None, route_prefix: str | None = None,
-                 model_replicas: int | None = None, colocate: bool = False, path: Path = SERVE_CONFIG,
+                 model_replicas: int | None = None, split: bool = False, path: Path = SERVE_CONFIG,
                  api_replicas: int | None = None) -> dict:
     """The config fitted to this node, with an absolute storage root and this checkout on the
     replicas' PYTHONPATH.
 
+    `split`: the two-deployment layout (MnistApi -> MnistModel) instead of the file's MnistService.
     `name` and `route_prefix` rename the API app; the page follows as <name>-ui at <prefix>/ui.
-    `model_replicas` / `api_replicas` pin a deployment at a fixed count instead of autoscaling.
+    `model_replicas` / `api_replicas` pin the deployment the page calls / the ingress at a fixed
+    count instead of autoscaling (colocated, both name MnistService: model_replicas wins).
     """
-    config = load_config(path)
-    config.setdefault("http_options", {}).setdefault("host", HOST)  # loopback; the file names no host
+    config = read_config(path)
     api, ui = app_pair(config)
-    if api_replicas and not colocate:
-        pin_replicas(model_and_ingress(api, ui)[1], api_replicas)
-    if colocate:
-        colocated(api, ui)
-    if model_replicas:  # MnistModel, or MnistService when colocated: the deployment the page calls
-        pin_replicas(model_and_ingress(api, ui)[0], model_replicas)
+    if split:
+        split_layout(api, ui)
+    fit_to_node(config)
+    config.setdefault("http_options", {}).setdefault("host", HOST)  # loopback; the file names no host
+    model, ingress = model_and_ingress(api, ui)
+    if api_replicas:
+        pin_replicas(ingress, api_replicas)
+    if model_replicas:
+        pin_replicas(model, model_replicas)
     for app in (api, ui):
         env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env.update(replica_loopback.hook_env())  # each replica's gRPC server on 127.0.0.1
         env["PYTHONPATH"] = str(ROOT)  # the replicas import serving/ and training/ from this checkout
         env["MNIST_CODE_HASH"] = code_hash()  # Serve redeploys when the config changes, so edits count
     api["runtime_env"]["env_vars"][STORAGE_ENV] = str(storage_root(storage))
@@ -126,19 +133,17 @@ def model_and_ingress(api: dict, ui: dict) -> tuple[dict, dict]:
     return model, (ingress[0] if ingress else model)  # colocated: one deployment is both
 
 
-def colocated(api: dict, ui: dict) -> None:
-    """API and model in one deployment, MnistService: the model's options (CPUs, user_config,
-    health checks, shutdown), and the ingress's for what faces HTTP (queues, backpressure, autoscaling)."""
-    from serving.app import MnistService  # the name only; imported here, where it is needed
-    model, ingress = model_and_ingress(api, ui)
-    facing = {key: ingress[key] for key in ("max_ongoing_requests", "max_queued_requests", "backpressure_config",
-                                            "autoscaling_config") if key in ingress}
-    service = {**model, **facing, "name": MnistService.name}
-    if "autoscaling_config" in service:  # it takes the HTTP requests, so the API's target fits
-        service.pop("num_replicas", None)
-    api["args"]["colocate"] = True
-    api["deployments"] = [service]
-    ui["args"]["model_deployment"] = service["name"]
+def split_layout(api: dict, ui: dict) -> None:
+    """The file's MnistService as two deployments: MnistApi takes its options (what faces HTTP:
+    queues, backpressure, autoscaling on requests, a core for decoding), MnistModel those of
+    serve_split.yaml with the service's user_config; the page calls MnistModel."""
+    from serving.app import MnistApi  # the name only; imported here, where it is needed
+    (service,) = api["deployments"]
+    model = {**yaml.safe_load(SPLIT_MODEL.read_text()), "user_config": service["user_config"]}
+    ingress = {**{k: v for k, v in service.items() if k != "user_config"}, "name": MnistApi.name}
+    api["args"]["colocate"] = False
+    api["deployments"] = [ingress, model]
+    ui["args"]["model_deployment"] = model["name"]
 
 
 def code_hash() -> str:

@@ -154,11 +154,12 @@ def served_in_a_thread(app, timeout: float = 30):
 
 
 def make_app(name: str, storage: Path, with_ui: bool = True, model_replicas: int | None = None,
-             api_replicas: int | None = None) -> ServeApp:
+             api_replicas: int | None = None, split: bool = True) -> ServeApp:
     """The config's applications under test names, as `python -m serving deploy` builds them
-    (`*_replicas`: a fixed count instead of the config's autoscaling)."""
+    (`*_replicas`: a fixed count instead of the config's autoscaling). Split by default: the
+    failover tests kill an ingress (MnistApi) or a model (MnistModel) replica, each on its own."""
     config = deploy.local_config(str(storage), name=name, route_prefix=f"/{name}", model_replicas=model_replicas,
-                                 api_replicas=api_replicas)
+                                 api_replicas=api_replicas, split=split)
     if not with_ui:
         config["applications"] = [deploy.app_pair(config)[0]]
     return ServeApp(name, f"/{name}", storage, config)

@@ -55,8 +55,8 @@ def test_the_head_gives_jobs_an_absolute_storage_root(tmp_path, monkeypatch):
     assert local.head_env()["MNIST_STORAGE"] == str(tmp_path.resolve() / "storage")
     monkeypatch.setenv("MNIST_STORAGE", "elsewhere")
     assert local.head_env()["MNIST_STORAGE"] == str(tmp_path.resolve() / "elsewhere")
-    assert local.head_env(haproxy=True).items() >= local.HAPROXY_ENV.items()
-    assert not local.head_env().keys() & local.HAPROXY_ENV.keys()
+    assert local.head_env().items() >= local.HAPROXY_ENV.items()  # HAProxy by default
+    assert not local.head_env(haproxy=False).keys() & local.HAPROXY_ENV.keys()
 
 
 def test_down_leaves_a_reused_pid_alone(tmp_path, monkeypatch):
@@ -180,3 +180,44 @@ def test_a_head_that_refuses_this_token_is_up_but_not_ours(tmp_path, monkeypatch
         server.shutdown()
         server.server_close()
     assert not local.is_up(timeout=0.5)
+
+
+def test_haproxy_runs_with_every_listener_of_rays_config_on_loopback(tmp_path):
+    """The wrapper Ray runs as HAProxy (RAY_SERVE_HAPROXY_BINARY_PATH) rewrites the config that
+    Ray's own template renders, then execs the real binary with Ray's arguments."""
+    import re
+
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+    from ray_cluster import haproxy_loopback
+    rendered = re.sub(r"\{\{ config\.\w*_port \}\}", "8404", HAPROXY_CONFIG_TEMPLATE)
+    rendered = re.sub(r"\{\{ config\.\w*host \}\}", "*", rendered).replace("{{ config.socket_path }}", "/s/admin.sock")
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(rendered)
+    stand_in = tmp_path / "haproxy"  # prints its arguments and the config it was given
+    stand_in.write_text('#!/bin/sh\necho "$@"\ncat "$3"\n')
+    stand_in.chmod(0o755)
+    env = {**local.head_env(), haproxy_loopback.REAL_BINARY_ENV: str(stand_in)}
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == haproxy_loopback.__file__
+    out = subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-db", "-f", str(config), "-sf", "7"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    args, _, text = out.partition("\n")
+    assert args == f"-db -f {config} -sf 7" and text == config.read_text()
+    binds = [line.split()[1] for line in text.splitlines() if line.strip().startswith("bind ")]
+    assert len(binds) >= 4 and all(b.startswith("127.0.0.1:") for b in binds), binds
+    assert "stats socket /s/admin.sock mode 600 level admin" in text  # not 666: the user's own
+
+
+def test_replicas_bind_their_grpc_server_on_loopback(monkeypatch, tmp_path):
+    """The worker setup hook (every local app's env_vars) turns the replica's "[::]:0" into 127.0.0.1."""
+    from ray.serve._private import replica
+    from ray_cluster import replica_loopback
+    from serving import deploy
+    bound = []
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", lambda server, address: bound.append(address) or 1)
+    replica_loopback.setup()
+    replica_loopback.setup()  # a second call does not wrap twice
+    replica.add_port_to_grpc_server(None, "[::]:0")
+    replica.add_port_to_grpc_server(None, "10.0.0.5:9000")
+    assert bound == ["127.0.0.1:0", "10.0.0.5:9000"]
+    for app in deploy.local_config(str(tmp_path))["applications"]:
+        assert app["runtime_env"]["env_vars"].items() >= replica_loopback.hook_env().items()

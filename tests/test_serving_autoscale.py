@@ -31,23 +31,24 @@ def deployments(config: dict) -> dict[str, dict]:
     return {d["name"]: d for d in api["deployments"]}
 
 
-def test_the_config_autoscales_between_a_floor_and_a_ceiling():
-    config = deploy.load_config()
+@pytest.mark.parametrize("split", [False, True], ids=["colocated", "split"])
+def test_the_config_autoscales_between_a_floor_and_a_ceiling(tmp_path, split):
+    config = deploy.local_config(str(tmp_path), split=split)
     ServeDeploySchema.model_validate(config)
-    for name in SCALED:
+    for name in (SCALED if split else ["MnistService"]):
         deployment = deployments(config)[name]
         assert "num_replicas" not in deployment  # Serve refuses both together
         scaling = AutoscalingConfig(**deployment["autoscaling_config"])
         assert 1 <= scaling.min_replicas < scaling.max_replicas  # never to zero: no cold start to fail on
         assert scaling.upscale_delay_s < scaling.downscale_delay_s  # grow fast, shrink slowly
         assert scaling.look_back_period_s > scaling.metrics_interval_s
-    model = deployments(config)["MnistModel"]
+    model = deployments(config)["MnistModel" if split else "MnistService"]
     # A 2-CPU workstation keeps a CPU for training even at the ceiling.
     assert model["autoscaling_config"]["max_replicas"] * model["ray_actor_options"]["num_cpus"] <= 1
 
 
 def test_fixed_replicas_replace_autoscaling(tmp_path):
-    config = deploy.local_config(str(tmp_path), model_replicas=3)
+    config = deploy.local_config(str(tmp_path), model_replicas=3, split=True)
     ServeDeploySchema.model_validate(config)
     model = deployments(config)["MnistModel"]
     assert model["num_replicas"] == 3 and "autoscaling_config" not in model
@@ -55,10 +56,11 @@ def test_fixed_replicas_replace_autoscaling(tmp_path):
 
 
 def test_the_colocated_service_scales_on_http_requests_like_the_api(tmp_path):
-    config = deploy.local_config(str(tmp_path), colocate=True)
+    config = deploy.local_config(str(tmp_path))
     ServeDeploySchema.model_validate(config)
     (service,) = deploy.app_pair(config)[0]["deployments"]
-    assert service["autoscaling_config"] == deployments(deploy.load_config())["MnistApi"]["autoscaling_config"]
+    split = deployments(deploy.local_config(str(tmp_path), split=True))
+    assert service["autoscaling_config"] == split["MnistApi"]["autoscaling_config"]
 
 
 def running(app: str) -> dict[str, int]:
@@ -119,7 +121,7 @@ def test_the_ramp_bench_compares_the_config_against_its_ceiling(tmp_path):
     fixed, scaled = ramp_config(tmp_path, "max"), ramp_config(tmp_path, {"MnistApi": {"upscale_delay_s": 1}})
     for config in (fixed, scaled):
         ServeDeploySchema.model_validate(config)
-    config = deployments(deploy.load_config())
+    config = deployments(deploy.local_config(str(tmp_path), split=True))
     for name in SCALED:
         assert deployments(fixed)[name]["num_replicas"] == config[name]["autoscaling_config"]["max_replicas"]
         assert "autoscaling_config" not in deployments(fixed)[name]
@@ -131,8 +133,8 @@ def test_the_ramp_bench_compares_the_config_against_its_ceiling(tmp_path):
 def test_the_steady_state_bench_pins_replicas_at_the_ceiling(tmp_path):
     """The latency/throughput table measures a fixed layout, not autoscaling's transients."""
     from bench.bench_serving import at_ceiling
-    for colocate in (False, True):
-        app = at_ceiling(deploy.app_pair(deploy.local_config(str(tmp_path), colocate=colocate))[0])
+    for split in (False, True):
+        app = at_ceiling(deploy.app_pair(deploy.local_config(str(tmp_path), split=split))[0])
         assert all("autoscaling_config" not in d and d["num_replicas"] == 2 for d in app["deployments"])
 
 

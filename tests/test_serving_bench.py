@@ -43,3 +43,33 @@ def test_bench_serving_fold_times_the_served_model_folded_and_unfolded(tmp_path)
     assert report["version"] == "v1" and list(report["rows"]) == ["1", "8"]
     assert all(row["folded"] > 0 and row["unfolded"] > 0 for row in report["rows"].values())
     assert "| 8 |" in bench_serving.fold_markdown(report)
+
+
+def test_loadgen_opens_a_new_connection_after_connection_close():
+    """A server that answers every request with `Connection: close` and closes (uvicorn after a
+    500, HAProxy while a process is replaced): no request of the load fails for it."""
+    import asyncio
+
+    from bench.loadgen import run_load
+
+    async def scenario():
+        connections = 0
+
+        async def answer_once(reader, writer):
+            nonlocal connections
+            connections += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer_once, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            result = await run_load(f"http://127.0.0.1:{port}/predict", [b"{}"], clients=2, requests=10, time_limit_s=20)
+        return result, connections
+
+    result, connections = asyncio.run(scenario())
+    assert (result.ok, result.errors, connections) == (10, {}, 10)

@@ -22,35 +22,48 @@ def test_the_config_is_a_valid_serve_config():
     assert ui["args"]["model_app"] == api["name"]
 
 
-def test_config_deployments_exist_and_ask_for_little_cpu():
+@pytest.mark.parametrize("split", [False, True], ids=["colocated", "split"])
+def test_config_deployments_exist_and_ask_for_little_cpu(tmp_path, split):
     """Training and serving share a 2-CPU machine: the model asks for a quarter, the rest for none."""
-    api, ui = deploy.app_pair(deploy.load_config())
-    built = {"MnistApi": serve_app.MnistApi, "MnistModel": serve_app.MnistModel, "MnistUI": serve_app.MnistUI}
+    api, ui = deploy.app_pair(deploy.local_config(str(tmp_path), split=split))
+    built = {"MnistApi": serve_app.MnistApi, "MnistModel": serve_app.MnistModel, "MnistUI": serve_app.MnistUI,
+             "MnistService": serve_app.MnistService}
     for app in (api, ui):
         for deployment in app["deployments"]:
             assert deployment["name"] in built
             assert deployment["ray_actor_options"]["num_cpus"] <= 0.25
-    model = next(d for d in api["deployments"] if d["name"] == "MnistModel")
+    model = next(d for d in api["deployments"] if d["name"] == ui["args"]["model_deployment"])
     serve_app.ModelConfig(**model["user_config"])  # reconfigure() accepts it
     assert model["max_ongoing_requests"] >= model["user_config"]["max_batch_size"]
-    assert ui["args"]["model_deployment"] == "MnistModel"
+    assert model["name"] == ("MnistModel" if split else "MnistService")
 
 
 def test_builders_accept_the_config_args():
     api, ui = deploy.app_pair(deploy.load_config())
     assert serve_app.build_app(api["args"]) is not None
-    assert serve_app.build_app({**api["args"], "colocate": True}) is not None
+    assert serve_app.build_app({**api["args"], "colocate": False}) is not None
     assert serve_app.build_ui(ui["args"]) is not None
     with pytest.raises(ValueError):
         serve_app.build_app({"max_body_bytes": 10, "colour": "red"})
 
 
-def test_colocated_layout(tmp_path):
-    config = deploy.local_config(str(tmp_path), colocate=True, model_replicas=2)
+def test_the_default_layout_is_colocated_and_split_is_one_option_away(tmp_path):
+    config = deploy.local_config(str(tmp_path), model_replicas=2)
     ServeDeploySchema.model_validate(config)
     api, ui = deploy.app_pair(config)
     assert [d["name"] for d in api["deployments"]] == ["MnistService"] and api["args"]["colocate"]
     assert api["deployments"][0]["num_replicas"] == 2 and ui["args"]["model_deployment"] == "MnistService"
+    split = deploy.local_config(str(tmp_path), split=True, model_replicas=2, api_replicas=3)
+    ServeDeploySchema.model_validate(split)
+    api, ui = deploy.app_pair(split)
+    ingress, model = api["deployments"]
+    assert (ingress["name"], model["name"], ui["args"]["model_deployment"]) == ("MnistApi", "MnistModel", "MnistModel")
+    assert not api["args"]["colocate"] and (ingress["num_replicas"], model["num_replicas"]) == (3, 2)
+    (service,) = deploy.app_pair(deploy.read_config())[0]["deployments"]
+    # the API takes what faces HTTP; the model keeps the service's batching
+    assert model["user_config"] == service["user_config"] and "user_config" not in ingress
+    for key in ("max_queued_requests", "backpressure_config", "health_check_timeout_s"):
+        assert ingress[key] == service[key]
 
 
 def test_local_config_points_at_an_absolute_storage_and_this_checkout(tmp_path):
@@ -60,7 +73,7 @@ def test_local_config_points_at_an_absolute_storage_and_this_checkout(tmp_path):
     assert api["runtime_env"]["env_vars"]["MNIST_STORAGE"] == str(tmp_path.resolve())
     assert Path(api["runtime_env"]["env_vars"]["PYTHONPATH"]) == Path(deploy.__file__).resolve().parents[1]
     assert (api["name"], api["route_prefix"], ui["name"], ui["route_prefix"]) == ("mine", "/mine", "mine-ui", "/mine/ui")
-    model = next(d for d in api["deployments"] if d["name"] == "MnistModel")
+    (model,) = api["deployments"]
     assert ui["args"]["model_app"] == "mine" and model["num_replicas"] == 3
     assert config["http_options"]["host"] == "127.0.0.1"
 
