@@ -1,14 +1,6 @@
-"""A KubeRay client on the official `kubernetes` package.
-
-KubeRay's own Python client is not published on PyPI; this is the equivalent: CustomObjectsApi,
-group ray.io, version v1, plurals rayclusters / rayjobs / rayservices. Each of
-`KubeRay(...).rayclusters`, `.rayjobs` and `.rayservices` has create, apply (server-side), get,
-list, delete and wait_ready (which reads the status the operator writes, with a timeout).
-API failures become the errors below, each saying what to do.
-
-It also applies (server-side) and deletes the few plain objects that go with them (namespace,
-storage, NetworkPolicies) for the CLI.
-"""
+"""A KubeRay client on the official `kubernetes` package (KubeRay's own is not on PyPI): create,
+server-side apply, get, list, delete and wait_ready on RayClusters, RayJobs and RayServices, and
+apply/delete of the plain objects beside them. API failures become errors that say what to do."""
 from __future__ import annotations
 
 import json
@@ -387,10 +379,10 @@ class KubeRay:
             return cls(namespace, client.ApiClient())
 
     def resource(self, kind: str) -> Resource:
-        for resource in (self.rayclusters, self.rayjobs, self.rayservices):
-            if resource.kind == kind:
-                return resource
-        raise KubeRayError(f"not a KubeRay kind: {kind}")
+        found = {r.kind: r for r in (self.rayclusters, self.rayjobs, self.rayservices)}.get(kind)
+        if not found:
+            raise KubeRayError(f"not a KubeRay kind: {kind}")
+        return found
 
     # ------------------------------------------------------------ plain objects for the CLI
 
@@ -422,23 +414,21 @@ class KubeRay:
         kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
         return _call(self.api_client, what, None, lambda: method(*args, **kwargs), retry=True)  # both idempotent
 
+    def _core(self, what: str, method: str, *args, **kwargs):
+        """A CoreV1Api read (retried)."""
+        call = getattr(client.CoreV1Api(self.api_client), method)
+        return _call(self.api_client, what, None, lambda: call(*args, **kwargs, _request_timeout=REQUEST_TIMEOUT), retry=True)
+
     def read_service(self, namespace: str, name: str) -> client.V1Service:
-        return _call(self.api_client, f"Service {namespace}/{name}", None,
-                     lambda: client.CoreV1Api(self.api_client).read_namespaced_service(
-                         name, namespace, _request_timeout=REQUEST_TIMEOUT), retry=True)
+        return self._core(f"Service {namespace}/{name}", "read_namespaced_service", name, namespace)
 
     def read_secret_keys(self, namespace: str, name: str) -> list[str]:
         """The data keys of a Secret (never its values): enough to say whether a token is there."""
-        secret = _call(self.api_client, f"Secret {namespace}/{name}", None,
-                       lambda: client.CoreV1Api(self.api_client).read_namespaced_secret(
-                           name, namespace, _request_timeout=REQUEST_TIMEOUT), retry=True)
-        return sorted(secret.data or {})
+        return sorted(self._core(f"Secret {namespace}/{name}", "read_namespaced_secret", name, namespace).data or {})
 
     def ray_pods(self, namespace: str) -> list[str]:
-        """Names of the pods that belong to some Ray cluster (labelled ray.io/cluster by KubeRay)."""
-        pods = _call(self.api_client, f"pods in namespace {namespace}", None,
-                     lambda: client.CoreV1Api(self.api_client).list_namespaced_pod(
-                         namespace, label_selector="ray.io/cluster", _request_timeout=REQUEST_TIMEOUT), retry=True)
+        """Names of the pods of any Ray cluster (KubeRay labels them ray.io/cluster)."""
+        pods = self._core(f"pods in namespace {namespace}", "list_namespaced_pod", namespace, label_selector="ray.io/cluster")
         return [pod.metadata.name for pod in pods.items]
 
 

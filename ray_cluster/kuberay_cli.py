@@ -1,9 +1,8 @@
 """`python -m ray_cluster kuberay up | status | train | serve | down | render`: MNIST on KubeRay.
 
-Every command renders k8s/ with kustomize under a small kustomization of its options
-(ray_cluster/manifests.py; pass the same options to each command), refuses invalid options before
-contacting the cluster, applies what it rendered (server-side apply), waits for the operator to
-report it ready, and prints the next step. See docs/GKE.md.
+Every command renders k8s/ with kustomize for its options (pass the same ones to each command),
+refuses invalid options before contacting the cluster, applies what it rendered (server-side
+apply), waits for the operator to report it ready, and prints the next step. See docs/GKE.md.
 """
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ POLL = 2.0  # seconds between status reads
 
 
 class _Lazy:
-    """`kuberay`, imported on first use: local commands (`python -m ray_cluster up`) should not
-    pay half a second for the kubernetes package."""
+    """`kuberay`, imported on first use: local commands need not load the kubernetes package."""
 
     def __getattr__(self, name):
         from ray_cluster import kuberay as module
@@ -149,12 +147,15 @@ def _progress(kind: str, name: str):
     return lambda summary: _say(f"  {kind} {name}: {summary}")
 
 
+def _label(obj: dict) -> str:
+    meta = obj["metadata"]
+    return f"{obj['kind']} " + (f"{meta['namespace']}/" if "namespace" in meta else "") + meta["name"]
+
+
 def _apply(cluster: kuberay.KubeRay, objects: list[dict]) -> None:
     for obj in objects:
-        meta = obj["metadata"]
-        where = f"{meta['namespace']}/" if "namespace" in meta else ""
         cluster.apply(obj)
-        _say(f"{obj['kind']} {where}{meta['name']}: applied")
+        _say(f"{_label(obj)}: applied")
 
 
 # ---------------------------------------------------------------- actions
@@ -320,22 +321,20 @@ def _wait_for_ray_pods_to_go(cluster: kuberay.KubeRay, o: manifests.Options, tim
 def down(args, o: manifests.Options) -> int:
     cluster = _connect(args, o)
     jobs = {job["metadata"]["name"] for job in _jobs_of(cluster, o)} | {o.rayjob_name}
-    ray_objects = [("RayService", o.service_name)] + [("RayJob", name) for name in sorted(jobs)] + [("RayCluster", o.name)]
+    ray_objects = [{"kind": kind, "metadata": {"name": name, "namespace": o.namespace}} for kind, name in
+                   [("RayService", o.service_name)] + [("RayJob", n) for n in sorted(jobs)] + [("RayCluster", o.name)]]
     # Deleting needs only names: the NFS address is not asked for.
     o_names = dataclasses.replace(o, nfs_server=o.nfs_server or "not-needed-to-delete.invalid")
     order = ["network", "env", "volume", "nfs", "namespace"]  # users of a thing go before it, namespaces last
     plain = sorted(manifests.render(o_names, order) if args.all else [],
                    key=lambda obj: (obj["kind"] == "Namespace", order.index(manifests.part_of(obj, o))))
-    for kind, name in ray_objects:
-        deleted = cluster.delete_object({"kind": kind, "metadata": {"name": name, "namespace": o.namespace}})
-        _say(f"{kind} {o.namespace}/{name}: {'deleted' if deleted else 'not found'}")
+    for obj in ray_objects:
+        _say(f"{_label(obj)}: {'deleted' if cluster.delete_object(obj) else 'not found'}")
     if args.all:
         _say("Waiting for the Ray pods to go before deleting the storage they mount...")
         _wait_for_ray_pods_to_go(cluster, o, _timeout(args, "down"))
     for obj in plain:
-        meta = obj["metadata"]
-        where = f"{meta['namespace']}/" if "namespace" in meta else ""
-        _say(f"{obj['kind']} {where}{meta['name']}: {'deleted' if cluster.delete_object(obj) else 'not found'}")
+        _say(f"{_label(obj)}: {'deleted' if cluster.delete_object(obj) else 'not found'}")
     if not args.all:
         _say("Kept the shared storage (trained models), NetworkPolicies and namespaces; `down --all` deletes them.")
     return 0

@@ -1,12 +1,6 @@
-"""The options of MNIST on KubeRay, and the objects they give: kustomize's output of k8s/.
-
-k8s/ is the one description of every object. `render(options)` writes a small kustomization of
-the options on top of it (images, patches, namespaces: `kustomization_files`) and renders it with
-the pinned kubectl's kustomize; with default options that is `kubectl kustomize
-k8s/overlays/<storage>` (a test checks). Invalid options are refused, every problem listed, before
-anything is rendered or sent. Also here: Serve's CPU demand against the serving pods, and readers
-of a live RayCluster.
-"""
+"""The options of MNIST on KubeRay, and their objects: kustomize's output of k8s/ under a small
+kustomization of the options (`kustomization_files`). Invalid options are refused, every problem
+listed, before anything is rendered or sent."""
 from __future__ import annotations
 
 import functools
@@ -53,9 +47,6 @@ INSTANCE = "app.kubernetes.io~1instance"   # the instance label, as a JSON Patch
 
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?")
-_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
 
 
 class InvalidOptions(ValueError):
@@ -161,15 +152,17 @@ def serve_service_name(service: str) -> str:
 
 # ---------------------------------------------------------------- validation
 
-def quantity_bytes(text: str) -> float | None:
-    """A Kubernetes memory/storage quantity in bytes ("4Gi", "500M"), or None if malformed."""
-    match = _QUANTITY.fullmatch(str(text))
-    return float(match.group(1)) * _UNITS[match.group(2)] if match else None
+def quantity(text) -> float | None:
+    """A Kubernetes quantity ("4Gi", "2500m") as a number, or None if malformed."""
+    from kubernetes.utils import parse_quantity  # imported late: local commands skip the kubernetes package
+    try:
+        return float(parse_quantity(text))
+    except ValueError:
+        return None
 
 
 def image_tag(image: str) -> str | None:
-    last = image.split("@", 1)[0].rsplit("/", 1)[-1]
-    return last.split(":", 1)[1] if ":" in last else None
+    return _image(image).get("newTag")
 
 
 def problems(o: Options) -> list[str]:
@@ -201,7 +194,7 @@ def problems(o: Options) -> list[str]:
         found.append(f"--workers {o.train_workers} is more than the worker group holds: {o.worker_pods} pods x "
                      f"{o.worker_cpus} CPUs = {slots} Train workers at most (raise --worker-pods or --worker-cpus)")
     for flag, value in (("--worker-memory", o.worker_memory), ("--head-memory", o.head_memory)):
-        if not quantity_bytes(value):
+        if not quantity(value):
             found.append(f"{flag} {value!r} is not a Kubernetes quantity such as 4Gi")
     tag = image_tag(o.image_ref)
     prefix = image_tag_prefix()
@@ -211,9 +204,9 @@ def problems(o: Options) -> list[str]:
                      "client must run the same Ray")
     if o.shared_storage not in STORAGE_KINDS:
         found.append(f"--shared-storage {o.shared_storage!r}: choose one of {', '.join(STORAGE_KINDS)}")
-    elif not quantity_bytes(o.size):
+    elif not quantity(o.size):
         found.append(f"--storage-size {o.size!r} is not a Kubernetes quantity such as 10Gi")
-    elif o.shared_storage == "filestore" and quantity_bytes(o.size) < quantity_bytes(FILESTORE_MIN):
+    elif o.shared_storage == "filestore" and quantity(o.size) < quantity(FILESTORE_MIN):
         found.append(f"--storage-size {o.size} is below Filestore's minimum of {FILESTORE_MIN}")
     for flag, ranges in (("--lb-source-range", o.lb_source_ranges), ("--node-range", (o.node_range,))):
         for cidr in ranges:
@@ -452,17 +445,15 @@ def _cluster_app_problems(app: dict, path: Path) -> list[str]:
 
 # ---------------------------------------------------------------- a live RayCluster
 
+def pod_cpus(template: dict) -> float:
+    return quantity(template["spec"]["containers"][0].get("resources", {}).get("limits", {}).get("cpu", "0"))
+
+
 def worker_slots(raycluster: dict) -> int:
     """Train workers a live RayCluster holds: worker pods x whole CPUs each, over its groups."""
-    slots = 0
-    for group in raycluster.get("spec", {}).get("workerGroupSpecs", []):
-        limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
-        cpu = str(limits.get("cpu", "0"))
-        cpus = int(cpu[:-1]) // 1000 if cpu.endswith("m") else int(float(cpu))
-        slots += int(group.get("replicas", 0)) * cpus
-    return slots
+    return sum(int(g.get("replicas", 0)) * int(pod_cpus(g["template"])) for g in raycluster["spec"]["workerGroupSpecs"])
 
 
 def worker_pods(raycluster: dict) -> int:
-    """Worker pods a live RayCluster asks for (replicas over its groups): `train`'s default --workers."""
-    return sum(int(group.get("replicas", 0)) for group in raycluster.get("spec", {}).get("workerGroupSpecs", []))
+    """Worker pods a live RayCluster asks for: `train`'s default --workers."""
+    return sum(int(group.get("replicas", 0)) for group in raycluster["spec"]["workerGroupSpecs"])

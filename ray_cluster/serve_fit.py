@@ -1,8 +1,6 @@
-"""Serve's CPU demand against the serving cluster's pods, checked on the rendered RayService.
-
-KubeRay's autoscaler adds a worker pod only for a replica that does not fit: a serving worker
-group too small for Serve's ceiling leaves replicas pending while Serve thinks it scaled.
-"""
+"""Serve's CPU demand against the serving cluster's pods, checked on the rendered RayService:
+KubeRay's autoscaler adds a pod only for a replica that does not fit, so a group too small for
+Serve's ceiling leaves replicas pending while Serve thinks it scaled."""
 from __future__ import annotations
 
 import math
@@ -11,10 +9,8 @@ import yaml
 
 
 def serve_replica_cpus(config: dict) -> dict[str, list[float]]:
-    """The CPUs each Serve replica asks for, at every deployment's floor ("min") and ceiling
-    ("max"): min_replicas / max_replicas with autoscaling_config, num_replicas without. Only what
-    the config states is known here: a deployment that names no num_cpus is counted at 1 CPU
-    (Serve's default; its decorator may ask for less), so the estimate errs on the large side."""
+    """The CPUs of each Serve replica at every deployment's floor ("min") and ceiling ("max"). A
+    deployment that names no num_cpus counts 1 (Serve's default): the estimate errs large."""
     demand = {"min": [], "max": []}
     for app in config.get("applications") or []:
         for deployment in app.get("deployments") or []:
@@ -32,9 +28,8 @@ def serve_replica_cpus(config: dict) -> dict[str, list[float]]:
 
 
 def pods_needed(replica_cpus: list[float], pod_cpus: float) -> float:
-    """Worker pods of pod_cpus CPUs that hold these replicas, packed first-fit by decreasing size
-    (each replica inside one pod, as Ray places an actor; 0-CPU replicas fit anywhere). math.inf
-    when a replica is larger than a pod."""
+    """Pods of pod_cpus CPUs that hold these replicas, each whole in one pod (as Ray places an
+    actor), packed first-fit by decreasing size; math.inf when a replica is larger than a pod."""
     free: list[float] = []
     for cpus in sorted((c for c in replica_cpus if c > 0), reverse=True):
         if cpus > pod_cpus:
@@ -49,13 +44,11 @@ def pods_needed(replica_cpus: list[float], pod_cpus: float) -> float:
 
 
 def problems(service: dict, path) -> list[str]:
-    """Checks a rendered RayService: its serving worker group must hold every replica at Serve's
-    ceiling within maxReplicas pods (else replicas stay pending while Serve thinks it scaled) and
-    at its floor within minReplicas (else the idle service needs a pod the autoscaler must first
-    add). The head has 0 CPUs. `path`: where the Serve config came from, for the message."""
+    """The serving group must hold Serve's replicas at their ceiling within maxReplicas pods and at
+    their floor within minReplicas (the head has 0 CPUs). `path`: the Serve config, for messages."""
+    from kubernetes.utils import parse_quantity  # late: local commands skip the kubernetes package
     (group,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    cpu = str(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
-    pod_cpus = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    pod_cpus = float(parse_quantity(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]))
     demand, found = serve_replica_cpus(yaml.safe_load(service["spec"]["serveConfigV2"])), []
     for level, flag in (("max", "--serve-max-pods"), ("min", "--serve-min-pods")):
         needed, pods = pods_needed(demand[level], pod_cpus), group[f"{level}Replicas"]
