@@ -1,12 +1,6 @@
-"""The KubeRay manifests, checked without a cluster (none can run here).
-
-Every object the CLI renders (kustomize of k8s/ under its kustomization of the options), for
-several parameter sets, is validated against the upstream Kubernetes
-schemas of pinned versions (kubernetes-validate, strict: unknown fields are errors) and the Ray
-objects also against the KubeRay v1.7.0 CRD schemas in ../shared/kuberay/crds (made strict the
-same way). Then the consistency rules of the KubeRay issue and the lockdown rules of the
-reliability issue are checked on the rendered YAML.
-"""
+"""The KubeRay manifests, checked without a cluster: what the CLI renders for several option sets
+(and kustomize's output of k8s/), strictly validated against pinned Kubernetes schemas and the
+KubeRay v1.7.0 CRDs (../shared/kuberay/crds), then checked for consistency and lockdown."""
 import copy
 import functools
 import ipaddress
@@ -661,15 +655,6 @@ def test_the_kustomize_tree_is_complete():
             assert path.resolve() in listed, f"{path} is in no kustomization"
 
 
-def test_the_serve_config_runs_in_the_cluster_as_it_is(rendered, serve_config):
-    service = one(rendered["defaults"], "RayService")
-    assert service["spec"]["serveConfigV2"] == serve_config.read_text()  # verbatim, not a transformed copy
-    # what the local config leaves to the pods, the pods set
-    for template in ray_pod_templates(rendered["defaults"]):
-        env = {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"]}
-        assert env[manifests.STORAGE_ENV] == MOUNT_PATH and env["RAY_SERVE_DEFAULT_HTTP_HOST"] == "0.0.0.0"
-
-
 LOCAL_ONLY_SERVE_CONFIGS = {
     "loopback host": ("http_options: {host: 127.0.0.1}\napplications:\n  - {name: a, import_path: x:y}\n", "http_options.host '127.0.0.1'"),
     "other port": ("http_options: {port: 9000}\napplications:\n  - {name: a, import_path: x:y}\n", "port 9000 is not 8000"),
@@ -705,6 +690,7 @@ def test_the_projects_serve_config_renders():
 
     local = yaml.safe_load(manifests.SERVE_CONFIG.read_text())
     (service,) = manifests.render(Options(), ["service"])
+    assert service["spec"]["serveConfigV2"] == manifests.SERVE_CONFIG.read_text()  # verbatim, not a transformed copy
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     parsed = ServeDeploySchema.model_validate(config)
     assert parsed.http_options.port == 8000 and "host" not in (config.get("http_options") or {})
@@ -827,14 +813,8 @@ def test_the_create_script(dry_run_env):
     assert "--role roles/artifactregistry.reader" in out and "-compute@developer.gserviceaccount.com" in out
     assert "gcloud services enable container.googleapis.com artifactregistry.googleapis.com --project proj" in out
     assert "europe-west4-docker.pkg.dev/proj/mnist/mnist-ray" in out
-    out = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "filestore", "RAY_OPERATOR": "addon"},
-                         capture_output=True, text=True, check=True).stdout
-    assert "--update-addons GcpFilestoreCsiDriver=ENABLED" in out and "--update-addons RayOperator=ENABLED" in out
-    assert "file.googleapis.com" in out
     bad = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "s3"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "nfs or filestore" in bad.stderr
-    elsewhere = subprocess.run(["bash", str(script)], env={**env, "ZONE": "us-central1-a"}, capture_output=True, text=True)
-    assert elsewhere.returncode == 2 and "is not a zone of REGION europe-west4" in elsewhere.stderr
     no_region = subprocess.run(["bash", str(script)], env={**env, "REGION": ""}, capture_output=True, text=True)
     assert no_region.returncode != 0 and "set REGION" in no_region.stderr
     text = script.read_text()
@@ -1076,35 +1056,6 @@ def test_the_autoscaler_reaches_the_api_server(objects):
 
 # ---------------------------------------------------------------- Serve's demand fits the pods
 
-def serve_cpus_at(config: dict, level: str) -> float:
-    """The CPUs Serve's replicas ask for when every deployment is at min_replicas or max_replicas
-    (num_replicas when not autoscaled): the sum of replicas x ray_actor_options.num_cpus."""
-    total = 0.0
-    for app in config["applications"]:
-        for deployment in app.get("deployments", []):
-            cpus = float((deployment.get("ray_actor_options") or {}).get("num_cpus", 1))
-            scaling = deployment.get("autoscaling_config")
-            replicas = scaling.get(f"{level}_replicas", 1) if scaling else deployment.get("num_replicas", 1)
-            total += int(replicas) * cpus
-    return total
-
-
-def test_the_serving_worker_group_holds_serves_replicas():
-    """serving/serve_config.yaml, as the RayService runs it: at max_replicas every replica fits in
-    maxReplicas worker pods, and at min_replicas in minReplicas pods (the head has no CPUs for them)."""
-    if not manifests.SERVE_CONFIG.is_file():
-        missing(f"{manifests.SERVE_CONFIG} does not exist yet")
-    spec = one(kustomize("overlays/filestore"), "RayService")["spec"]  # the CLI's defaults give the same
-    config = yaml.safe_load(spec["serveConfigV2"])
-    (group,) = spec["rayClusterConfig"]["workerGroupSpecs"]
-    pod_cpus = float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
-    assert spec["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    for level, pods in (("max", group["maxReplicas"]), ("min", group["minReplicas"])):
-        assert serve_cpus_at(config, level) <= pods * pod_cpus, (level, serve_cpus_at(config, level), pods, pod_cpus)
-        # and packed as Ray places actors: each replica inside one pod
-        assert serve_fit.pods_needed(serve_fit.serve_replica_cpus(config)[level], pod_cpus) <= pods, level
-
-
 GKE_SIZED_SERVE_CONFIG = """\
 applications:
   - name: mnist
@@ -1128,7 +1079,6 @@ def test_the_renderer_refuses_a_serve_config_the_pods_cannot_hold(tmp_path):
     path = tmp_path / "serve_config.yaml"
     path.write_text(GKE_SIZED_SERVE_CONFIG)  # 2 x 0.5 + 1 x 1 = 2 CPUs at the floor, 8 at the ceiling
     (service,) = manifests.render(Options(serve_config=path), ["service"])  # 1 to 4 pods of 2 CPUs: fits
-    assert serve_cpus_at(yaml.safe_load(service["spec"]["serveConfigV2"]), "max") == 8
     with pytest.raises(InvalidOptions, match=r"at max_replicas Serve asks for 8 CPUs \(4 worker pods of 2 CPUs\).*holds 3 \(--serve-max-pods\)"):
         manifests.render(Options(serve_config=path, serve_max_pods=3), ["service"])
     with pytest.raises(InvalidOptions, match=r"at min_replicas Serve asks for 2 CPUs.*holds 1 \(--serve-min-pods\)"):
@@ -1174,8 +1124,7 @@ NODE_CPUS_FOR_PODS = 7.5
 def pod_cpus(template: dict) -> float:
     """A pod's CPU request as the scheduler counts it: its containers' sum, or its largest init container."""
     def cpu(container):
-        text = str(container["resources"]["requests"]["cpu"])
-        return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+        return manifests.quantity(container["resources"]["requests"]["cpu"])
     return max(sum(cpu(c) for c in template["spec"]["containers"]),
                max((cpu(c) for c in template["spec"].get("initContainers", [])), default=0))
 
