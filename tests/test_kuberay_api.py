@@ -1,27 +1,21 @@
-"""The KubeRay client (ray_cluster/kuberay.py) and the `kuberay` CLI, against a stand-in.
-
-There is no Kubernetes API server here, so `StandIn` plays one: an HTTP server on 127.0.0.1,
-threads in this test process, stopped at teardown. It keeps objects in memory and answers the
-custom-object paths of ray.io/v1 (and the few core paths the CLI uses) the way the API server
-does: Status bodies for 404/409/403, "404 page not found" for an API group nobody installed,
-server-side apply as create-or-merge (field ownership is not tracked). It also plays the operator: each read of a Ray object can return the next
-status of a script, so the wait-until-ready logic sees realistic sequences. Every request is
-recorded, so the tests check paths, query strings, headers and bodies.
-"""
+"""The KubeRay client (ray_cluster/kuberay.py) and the `kuberay` CLI, against `StandIn`: an HTTP
+server on 127.0.0.1 that answers ray.io/v1 and the few core paths the way the API server does
+(Status bodies, "404 page not found" without the CRDs, server-side apply as create-or-merge),
+plays the operator (each read of a Ray object returns the next status of a script) and records
+every request."""
 import json
 import re
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
 from kubernetes import client
 
-from ray_cluster import kuberay, kuberay_cli, manifests
+from ray_cluster import kuberay, kuberay_cli
 from ray_cluster.__main__ import main
 from ray_cluster.kuberay import KubeRay
 
@@ -302,15 +296,6 @@ def test_raycluster_ready_needs_both_conditions(api):
     assert "RayClusterProvisioned=False" in seen[2] and "HeadPodReady=True" in seen[3]
 
 
-def test_raycluster_state_counts_when_the_operator_writes_no_conditions():
-    assert kuberay.raycluster_progress({"status": {"state": "ready"}}).ready
-    assert not kuberay.raycluster_progress({"status": {"state": "ready",
-                                                       "conditions": [condition("HeadPodReady", "False")]}}).ready
-    failure = kuberay.raycluster_progress({"status": {"conditions": [
-        condition("ReplicaFailure", "True", "FailedCreateWorkerPod", "pods are forbidden: violates PodSecurity")]}})
-    assert "ReplicaFailure=True (FailedCreateWorkerPod: pods are forbidden" in failure.summary
-
-
 def test_rayjob_waits_for_success(api):
     api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs", {"kind": "RayJob", "metadata": {"name": "t"}})
     api.script("rayjobs", "t", {"jobDeploymentStatus": "Initializing"},
@@ -395,9 +380,8 @@ def test_already_exists(api):
 
 @pytest.mark.parametrize("call", ["get", "delete"])
 def test_not_found(api, call):
-    args = {"get": ("gone",), "delete": ("gone",)}[call]
     with pytest.raises(kuberay.NotFound, match=r'RayService mnist/gone not found \(rayservices "gone" not found\)'):
-        getattr(api.client().rayservices, call)(*args)
+        getattr(api.client().rayservices, call)("gone")
 
 
 def test_forbidden_quotes_the_server_and_says_what_to_ask_for(api):
@@ -500,6 +484,8 @@ def test_cli_up_creates_everything_and_prints_the_next_steps(api, cli, capsys):
     assert "kubectl -n mnist port-forward svc/mnist-head-svc 8265:8265" in out
     assert ("ray job submit --address http://localhost:8265 --working-dir . -- python training/train.py "
             "--workers 3 --epochs 2 --batch-size 100 --storage /mnt/shared") in out
+    assert out.index("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"$(kubectl -n mnist get secret mnist") < \
+        out.index("ray job submit")
 
 
 def test_cli_up_again_leaves_storage_and_updates_the_cluster(api, cli, capsys):
@@ -540,6 +526,8 @@ def test_cli_train_submits_a_rayjob_and_waits(api, cli, capsys):
                                                   "--batch-size 100 --storage /mnt/shared --run-id r1")
     out = capsys.readouterr().out
     assert "kubectl -n mnist logs -f job/mnist-train" in out and "Training succeeded" in out
+    assert cli("train") == 1  # finished jobs keep their record
+    assert "already exists (finished jobs keep their record): pass --job-name" in capsys.readouterr().err
 
 
 def test_cli_train_reports_a_failed_job(api, cli, capsys):
@@ -567,14 +555,6 @@ def test_cli_train_checks_the_live_cluster_first(api, cli, capsys):
     assert cli("train", "--workers", "3") == 2  # the options allow 6, the live cluster holds 2
     assert "--workers 3 is more than RayCluster mnist holds (2 worker CPUs)" in capsys.readouterr().err
     assert not api.sent("POST")
-
-
-def test_cli_train_twice_names_the_way_out(api, cli, capsys):
-    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
-    api.script("rayjobs", "mnist-train", JOB_SUCCEEDED)
-    assert cli("train") == 0
-    assert cli("train") == 1
-    assert "already exists (finished jobs keep their record): pass --job-name" in capsys.readouterr().err
 
 
 def test_cli_serve_creates_then_updates_and_prints_the_address(api, cli, capsys, tmp_path):
@@ -613,44 +593,16 @@ def test_cli_status_and_down(api, cli, capsys):
         ["rayservices", "mnist-serve"], ["rayjobs", "mnist-train"], ["rayclusters", "mnist"]]
 
 
-def test_cli_down_all_deletes_storage_last_to_first(api, cli, capsys):
-    api.script("rayclusters", "mnist", CLUSTER_READY)
-    assert cli("up") == 0
-    assert cli("down", "--all") == 0
-    deleted = [r["path"].rsplit("/", 1)[-1] for r in api.sent("DELETE")]
-    assert deleted == ["mnist-serve", "mnist-train", "mnist", "mnist-serve", "mnist-training", "mnist-ray-env",
-                       "mnist-mnist-shared", "mnist-shared", "nfs-server", "nfs-disk", "nfs-server", "nfs-server",
-                       "mnist-nfs", "mnist"]
-    assert not [key for key in api.objects]
-
-
 def test_cli_without_the_operator_says_how_to_install_it(api, cli, capsys):
     api.crds_installed = False
     assert cli("status") == 1
     assert "helm install kuberay-operator" in capsys.readouterr().err
 
 
-def test_cli_render_sends_nothing(api, cli, capsys):
-    assert cli("render", "--part", "cluster", "--part", "job") == 0
-    docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in docs] == ["RayCluster", "RayJob"]
-    assert api.requests == []
-
-
 def test_cli_without_credentials(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert main(["kuberay", "status", "--kubeconfig", str(tmp_path / "none")]) == 1
     assert "no Kubernetes credentials" in capsys.readouterr().err
-
-
-def test_the_cli_is_wired_into_python_m_ray_cluster():
-    import argparse
-    parser = argparse.ArgumentParser()
-    commands = parser.add_subparsers(dest="command")
-    kuberay_cli.add_subparser(commands)
-    args = parser.parse_args(["kuberay", "down", "--all"])
-    assert callable(args.run) and args.all and args.action == "down"
-    assert Path(manifests.__file__).parent == Path(kuberay_cli.__file__).parent
 
 
 # ---------------------------------------------------------------- KubeRay v1.7.0's status machine, value by value
@@ -768,15 +720,6 @@ def test_every_serve_application_status(app_status):
     assert outcome(progress) == APPLICATION_STATUSES[app_status] and f"app mnist={app_status}" in progress.summary
 
 
-def test_a_rayservice_is_ready_only_for_its_current_generation():
-    ready = [condition("Ready", "True", "NonZeroServeEndpoints")]
-    stale = {"metadata": {"generation": 2}, "status": {"observedGeneration": 1, "conditions": ready}}
-    assert outcome(kuberay.rayservice_progress(stale)) == "wait"
-    assert "observedGeneration 1 < generation 2" in kuberay.rayservice_progress(stale).summary
-    current = {"metadata": {"generation": 2}, "status": {"observedGeneration": 2, "conditions": ready}}
-    assert outcome(kuberay.rayservice_progress(current)) == "ready"
-
-
 def test_serve_on_an_existing_service_waits_for_the_operator_to_see_the_patch(api, cli, capsys):
     api.put("/api/v1/namespaces/mnist/services", {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": "mnist-serve-serve-svc", "namespace": NAMESPACE},
@@ -819,6 +762,18 @@ def test_every_raycluster_condition_type(kind):
 @pytest.mark.parametrize("state", sorted(CLUSTER_STATES))
 def test_every_raycluster_state(state):
     assert outcome(kuberay.raycluster_progress({"status": {"state": state}})) == CLUSTER_STATES[state]
+    conditions = [condition("HeadPodReady", "False")]  # where the operator writes conditions, they decide
+    assert outcome(kuberay.raycluster_progress({"status": {"state": state, "conditions": conditions}})) != "ready"
+
+
+@pytest.mark.parametrize("progress, conditions", [
+    (kuberay.raycluster_progress, [condition("HeadPodReady", "True"), condition("RayClusterProvisioned", "True")]),
+    (kuberay.rayservice_progress, [condition("Ready", "True", "NonZeroServeEndpoints")])])
+def test_ready_only_for_the_current_generation(progress, conditions):
+    stale = progress({"metadata": {"generation": 2}, "status": {"observedGeneration": 1, "conditions": conditions}})
+    assert outcome(stale) == "wait" and "observedGeneration 1 < generation 2" in stale.summary
+    current = progress({"metadata": {"generation": 2}, "status": {"observedGeneration": 2, "conditions": conditions}})
+    assert outcome(current) == "ready"
 
 
 def test_up_ends_on_a_replica_failure(api, cli, capsys):
@@ -899,8 +854,12 @@ def test_down_all_waits_for_the_ray_pods_before_deleting_the_nfs_server(api, cli
     last_pod_list = max(i for i, (m, path) in enumerate(paths) if m == "GET" and path.endswith("/pods"))
     nfs_deletes = [i for i, (m, path) in enumerate(paths) if m == "DELETE" and "mnist-nfs" in path]
     assert nfs_deletes and last_pod_list < min(nfs_deletes)
-    assert ("DELETE", f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs/nightly") in paths
     assert "Waiting for the Ray pods to go" in capsys.readouterr().out
+    deleted = [r["path"].rsplit("/", 1)[-1] for r in api.sent("DELETE")]  # users of a thing before it
+    assert deleted == ["mnist-serve", "mnist-train", "nightly", "mnist", "mnist-serve", "mnist-training", "mnist-ray-env",
+                       "mnist-mnist-shared", "mnist-shared", "nfs-server", "nfs-disk", "nfs-server", "nfs-server",
+                       "mnist-nfs", "mnist"]
+    assert not [key for key in api.objects]
 
 
 def test_down_all_keeps_the_storage_while_ray_pods_remain(api, cli, capsys):
@@ -920,6 +879,8 @@ def test_render_refuses_a_volume_without_the_nfs_server(api, cli, capsys):
     (volume,) = [d for d in docs if d["kind"] == "PersistentVolume"]
     assert volume["spec"]["nfs"]["server"] == "10.4.0.9"
     assert cli("render", "--shared-storage", "filestore") == 0  # no PV, nothing to ask
+    assert cli("render", "--part", "cluster", "--part", "job", "--nfs-server", "10.4.0.9") == 0
+    assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)][-2:] == ["RayCluster", "RayJob"]
     assert api.requests == []
 
 
@@ -936,28 +897,6 @@ def test_status_reports_token_authentication_without_the_token(api, cli, capsys)
     assert ("token authentication: on; clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"$(kubectl -n mnist "
             "get secret mnist -o jsonpath='{.data.auth_token}' | base64 -d)\"") in out
     assert "c2VjcmV0LXRva2Vu" not in out and "secret-token" not in out
-
-
-def test_up_prints_how_to_submit_with_the_token(api, cli, capsys):
-    api.script("rayclusters", "mnist", CLUSTER_READY)
-    assert cli("up") == 0
-    out = capsys.readouterr().out
-    assert out.index("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"$(kubectl -n mnist get secret mnist") < \
-        out.index("ray job submit")
-
-
-def test_a_raycluster_is_ready_only_for_its_current_generation():
-    conditions = [condition("HeadPodReady", "True"), condition("RayClusterProvisioned", "True")]
-    stale = {"metadata": {"generation": 4}, "status": {"observedGeneration": 3, "conditions": conditions}}
-    assert outcome(kuberay.raycluster_progress(stale)) == "wait"
-    assert outcome(kuberay.raycluster_progress({"metadata": {"generation": 4},
-                                                "status": {"observedGeneration": 4, "conditions": conditions}})) == "ready"
-
-
-def test_status_without_permission_to_read_secrets(api, cli, capsys):
-    body = raycluster()
-    body["spec"]["authOptions"] = {"mode": "token"}
-    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", body)
     api.forbidden.add("secrets")
     assert cli("status") == 0
     assert "token authentication: on; Secret mnist/mnist holds the token (you may not read" in capsys.readouterr().out
