@@ -754,12 +754,14 @@ esac
 
 
 @pytest.fixture
-def dry_run_env(tmp_path) -> dict:
-    """DRY_RUN=1 with gcloud's lookups answered by FAKE_GCLOUD."""
+def create_script(tmp_path):
+    """Runs k8s/create-gke-cluster.sh with DRY_RUN=1, gcloud's lookups answered by FAKE_GCLOUD."""
     (tmp_path / "gcloud").write_text(FAKE_GCLOUD)
     (tmp_path / "gcloud").chmod(0o700)
-    return {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
-            "DRY_RUN": "1", "PROJECT": "proj", "REGION": "europe-west4"}
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+           "DRY_RUN": "1", "PROJECT": "proj", "REGION": "europe-west4"}
+    return lambda **extra: subprocess.run(["bash", str(ROOT / "k8s" / "create-gke-cluster.sh")],
+                                          env={**env, **extra}, capture_output=True, text=True)
 
 
 def test_the_create_script_is_clean_for_shellcheck_and_old_bash():
@@ -773,26 +775,13 @@ def test_the_create_script_is_clean_for_shellcheck_and_old_bash():
     assert result.returncode == 0, result.stdout
 
 
-def test_the_create_script_looks_the_zone_up(dry_run_env):
-    script = str(ROOT / "k8s" / "create-gke-cluster.sh")
-    out = subprocess.run(["bash", script], env={**dry_run_env, "REGION": "us-east1"},
-                         capture_output=True, text=True, check=True).stdout
-    assert "--location us-east1-b" in out and "us-east1-a" not in out
-    assert "serviceAccount:123456789-compute@" in out
-    wrong = subprocess.run(["bash", script], env={**dry_run_env, "ZONE": "us-central1-a"}, capture_output=True, text=True)
-    assert wrong.returncode == 2 and "is not a zone of REGION europe-west4" in wrong.stderr
-
-
-def test_the_create_script(dry_run_env):
-    script = ROOT / "k8s" / "create-gke-cluster.sh"
-    env = dry_run_env
-    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True).stdout
+def test_the_create_script(create_script):
+    out = create_script().stdout
     create = next(line for line in out.splitlines() if "clusters create" in line)
     assert "--enable-dataplane-v2" in create and "--location europe-west4-a" in create
     assert "--create-subnetwork name=mnist-nodes,range=10.20.0.0/22" in create  # the NFS export's clients
     assert "file.googleapis.com" not in out and "--update-addons" not in out  # defaults: nfs, helm
-    filestore = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "filestore", "RAY_OPERATOR": "addon"},
-                               capture_output=True, text=True, check=True).stdout
+    filestore = create_script(SHARED_STORAGE="filestore", RAY_OPERATOR="addon").stdout
     assert "services enable file.googleapis.com" in filestore
     assert "--update-addons GcpFilestoreCsiDriver=ENABLED" in filestore and "--update-addons RayOperator=ENABLED" in filestore
     assert "--workload-pool proj.svc.id.goog --workload-metadata GKE_METADATA" in create
@@ -801,24 +790,26 @@ def test_the_create_script(dry_run_env):
     pool = next(line for line in out.splitlines() if "node-pools create" in line)
     assert "--workload-metadata GKE_METADATA" in pool
     assert "--num-nodes 2 --disk-size 100 --enable-autoscaling --min-nodes 2 --max-nodes 4" in pool
-    resized = subprocess.run(["bash", str(script)], env={**env, "RAY_MIN_NODES": "1", "RAY_MAX_NODES": "6"},
-                             capture_output=True, text=True, check=True).stdout
+    resized = create_script(RAY_MIN_NODES="1", RAY_MAX_NODES="6").stdout
     assert "--num-nodes 1 --disk-size 100 --enable-autoscaling --min-nodes 1 --max-nodes 6" in resized
-    for low, high in (("5", "4"), ("x", "4"), ("0", "0")):
-        bad = subprocess.run(["bash", str(script)], env={**env, "RAY_MIN_NODES": low, "RAY_MAX_NODES": high},
-                             capture_output=True, text=True)
-        assert bad.returncode == 2 and "min <= max" in bad.stderr, (low, high)
     # one region for the cluster and the registry, so the image push lands where nodes pull
     assert "artifacts repositories create mnist --project proj --location europe-west4 " in out
     assert "--role roles/artifactregistry.reader" in out and "-compute@developer.gserviceaccount.com" in out
     assert "gcloud services enable container.googleapis.com artifactregistry.googleapis.com --project proj" in out
     assert "europe-west4-docker.pkg.dev/proj/mnist/mnist-ray" in out
-    bad = subprocess.run(["bash", str(script)], env={**env, "SHARED_STORAGE": "s3"}, capture_output=True, text=True)
-    assert bad.returncode == 2 and "nfs or filestore" in bad.stderr
-    no_region = subprocess.run(["bash", str(script)], env={**env, "REGION": ""}, capture_output=True, text=True)
-    assert no_region.returncode != 0 and "set REGION" in no_region.stderr
-    text = script.read_text()
+    east = create_script(REGION="us-east1").stdout  # a region without a zone "-a": looked up
+    assert "--location us-east1-b" in east and "us-east1-a" not in east and "serviceAccount:123456789-compute@" in east
+    text = (ROOT / "k8s" / "create-gke-cluster.sh").read_text()
     assert "|| echo" not in text and "|| true" not in text and "set -euo pipefail" in text
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(RAY_MIN_NODES="5", RAY_MAX_NODES="4"), "min <= max"), (dict(RAY_MIN_NODES="x"), "min <= max"),
+    (dict(RAY_MIN_NODES="0", RAY_MAX_NODES="0"), "min <= max"), (dict(SHARED_STORAGE="s3"), "nfs or filestore"),
+    (dict(ZONE="us-central1-a"), "is not a zone of REGION europe-west4"), (dict(REGION=""), "set REGION")])
+def test_the_create_script_refuses_bad_settings(create_script, env, message):
+    bad = create_script(**env)
+    assert bad.returncode == (1 if "REGION" in env else 2) and message in bad.stderr  # 1: bash's own ${REGION:?}
 
 
 def doc_patches() -> dict[str, str]:
@@ -1129,12 +1120,11 @@ def pod_cpus(template: dict) -> float:
                max((cpu(c) for c in template["spec"].get("initContainers", [])), default=0))
 
 
-def test_the_node_pool_holds_the_ray_pods_at_rest_and_at_the_ceiling(dry_run_env):
+def test_the_node_pool_holds_the_ray_pods_at_rest_and_at_the_ceiling(create_script):
     """create-gke-cluster.sh's --min-nodes holds every Ray pod of the default manifests at rest,
     and --max-nodes holds them with the serving group at maxReplicas plus a RayService upgrade's
     second cluster (its head and minReplicas workers), packed whole into nodes."""
-    env = dry_run_env
-    out = subprocess.run(["bash", str(ROOT / "k8s" / "create-gke-cluster.sh")], env=env, capture_output=True, text=True, check=True).stdout
+    out = create_script().stdout
     pool = shlex.split(next(line for line in out.splitlines() if "node-pools create ray" in line)[2:])
     flag = lambda name: pool[pool.index(name) + 1]
     assert flag("--machine-type") == "e2-standard-8"
