@@ -177,7 +177,7 @@ def up(args, o: manifests.Options) -> int:
     _say(f"Waiting up to {_timeout(args, 'up'):g} s for the RayCluster (pulling the image takes minutes)...")
     cluster.rayclusters.wait_ready(o.name, timeout=_timeout(args, "up"), poll=POLL,
                                  on_change=_progress("RayCluster", o.name))
-    head = manifests.head_service_name(o.name)
+    head = f"{o.name}-head-svc"  # named by KubeRay
     _say(f"\nRayCluster {o.name} is ready. The dashboard and job API stay inside the cluster; in another terminal:\n"
          f"  kubectl -n {o.namespace} port-forward svc/{head} 8265:8265\n"
          "Then train through the port-forward, with the cluster's token (token authentication is on):\n"
@@ -248,7 +248,7 @@ def serve(args, o: manifests.Options) -> int:
 
 def _external_address(cluster: kuberay.KubeRay, o: manifests.Options, deadline: float) -> str:
     """The LoadBalancer's IP (or hostname) once the cloud has assigned it."""
-    name = manifests.serve_service_name(o.service_name)
+    name = f"{o.service_name}-serve-svc"  # named by KubeRay
     while True:
         service = cluster.read_service(o.namespace, name)
         ingress = (service.status.load_balancer.ingress if service.status and service.status.load_balancer

@@ -32,7 +32,6 @@ STORAGE_ARGS = ("storage", "storage_root", "storage_path")  # Serve app args tha
 APP_DIR = "/home/ray/mnist"    # WORKDIR of k8s/Dockerfile: the project inside the image
 PYTHON_TAG = "py311"
 SERVE_PORT = 8000
-HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": SERVE_PORT}
 NAME_LIMITS = {"RayCluster": 53, "RayJob": 47, "RayService": 47}  # KubeRay's limits
 NFS_SERVICE = "nfs-server"
 # Storage kinds, each a component k8s/components/<kind>, and its default size (Filestore's is its minimum).
@@ -142,14 +141,6 @@ class Options:
         return self.storage_size or STORAGE_KINDS.get(self.shared_storage, "")
 
 
-def head_service_name(cluster: str) -> str:
-    return f"{cluster}-head-svc"   # named by KubeRay
-
-
-def serve_service_name(service: str) -> str:
-    return f"{service}-serve-svc"  # named by KubeRay
-
-
 # ---------------------------------------------------------------- validation
 
 def quantity(text) -> float | None:
@@ -237,9 +228,6 @@ def render(o: Options, parts: tuple[str, ...] | list[str] = PARTS) -> list[dict]
     """The objects of the requested parts, as kustomize renders k8s/ under this CLI's own small
     kustomization of the options (`kustomization_files`), in kustomize's order (namespaces first)."""
     check(o)
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise InvalidOptions([f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}"])
     if "volume" in parts and o.shared_storage == "nfs" and not o.nfs_server:
         raise InvalidOptions([
             "the NFS volume needs --nfs-server: the nodes that mount it do not resolve cluster DNS names. "
