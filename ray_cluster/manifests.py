@@ -225,8 +225,7 @@ class RenderError(RuntimeError):
 
 
 def render(o: Options, parts: tuple[str, ...] | list[str] = PARTS) -> list[dict]:
-    """The objects of the requested parts, as kustomize renders k8s/ under this CLI's own small
-    kustomization of the options (`kustomization_files`), in kustomize's order (namespaces first)."""
+    """The objects of these parts, in kustomize's order (namespaces first)."""
     check(o)
     if "volume" in parts and o.shared_storage == "nfs" and not o.nfs_server:
         raise InvalidOptions([
@@ -260,8 +259,7 @@ def kubectl() -> str:
 
 
 def kustomize(o: Options, serve_config: bool = True) -> list[dict]:
-    """`kubectl kustomize` of the CLI's kustomization of these options, written to a temporary
-    directory (kustomize wants paths into k8s/ relative; each file is one level below the top)."""
+    """`kubectl kustomize` of `kustomization_files`, written to a temporary directory."""
     with tempfile.TemporaryDirectory(prefix="mnist-kustomization-") as folder:
         k8s = os.path.relpath(K8S_DIR, Path(folder) / "app")
         for relative, content in kustomization_files(o, k8s, serve_config).items():
@@ -275,10 +273,9 @@ def kustomize(o: Options, serve_config: bool = True) -> list[dict]:
 
 
 def kustomization_files(o: Options, k8s: str = "../../k8s", serve_config: bool = True) -> dict[str, dict]:
-    """The CLI's kustomization (k8s: the path of k8s/ from a folder below it): k8s/base with the
-    storage kind's component (app/), the NFS server (nfs/, nfs storage only) and k8s/train (job/),
-    each in its namespace, with the options set by images and patches.
-    `serve_config`: put --serve-config into the RayService (else serving/'s)."""
+    """k8s/base with the storage component (app/), the NFS server (nfs/) and k8s/train (job/), each in
+    its namespace, the options set by images and patches. `k8s`: the path of k8s/ from app/ (kustomize
+    wants it relative). `serve_config`: put --serve-config into the RayService (else serving/'s)."""
     images = [_image(o.image_ref)]
     app = {"resources": [f"{k8s}/base"], "components": [f"{k8s}/components/{o.shared_storage}"],
            "namespace": o.namespace, "images": images, "patches": _app_patches(o, serve_config)}
@@ -386,8 +383,8 @@ def train_command(o: Options, script: str = f"{APP_DIR}/training/train.py") -> l
 
 
 def serve_config_v2(path: Path = SERVE_CONFIG) -> str:
-    """The Serve config file as it is (what kustomize copies too), once checked to run in the
-    cluster: the pods set the storage root and Serve's host, the image holds the code."""
+    """The Serve config file as it is, once checked to run in the cluster (the pods set the storage
+    root and Serve's host, the image holds the code)."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
