@@ -437,7 +437,7 @@ BAD_CLI_OPTIONS = [
     (["--serve-min-pods", "0"], "--serve-min-pods must be at least 1"),
     (["--serve-min-pods", "3", "--serve-max-pods", "2"], "--serve-max-pods 2 is below --serve-min-pods 3"),
     (["--worker-pods", "0"], "--worker-pods must be at least 1"),
-    (["--workers", "7"], "more than the worker group holds"),
+    (["--workers", "7"], "more than the worker group holds: 3 pods x 2 CPUs = 6"),
     (["--name", "n" * 54], "KubeRay allows at most 53"),
     (["--job-name", "j" * 48], "KubeRay allows at most 47"),
     (["--image", "us-docker.pkg.dev/p/r/mnist-ray:2.55.0-py311"], "to match the ray==2.60.0"),
