@@ -191,19 +191,21 @@ def embedded_k8s_objects(obj: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- schemas
 
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_every_object_is_valid_kubernetes(objects, version):
+def assert_valid(objects, crd_validators, version=K8S_VERSIONS[-1]) -> None:
+    """Ray objects against the KubeRay CRDs; every object (and the Kubernetes types inside Ray
+    objects) against Kubernetes' schemas."""
     for obj in objects:
+        if obj["kind"] in RAY_KINDS:
+            errors = sorted(crd_validators[obj["kind"]].iter_errors(obj), key=lambda e: list(e.path))
+            assert not errors, "\n".join(f"{obj['kind']} at {list(e.path)}: {e.message}" for e in errors)
         for part in embedded_k8s_objects(obj) if obj["kind"] in RAY_KINDS else [obj]:
             k8s_validate(part, version)
 
 
-def test_ray_objects_match_the_kuberay_v1_7_crds(objects, crd_validators):
-    ray_objects = [obj for obj in objects if obj["kind"] in RAY_KINDS]
-    assert sorted(obj["kind"] for obj in ray_objects) == sorted(RAY_KINDS)
-    for obj in ray_objects:
-        errors = sorted(crd_validators[obj["kind"]].iter_errors(obj), key=lambda e: list(e.path))
-        assert not errors, "\n".join(f"{obj['kind']} at {list(e.path)}: {e.message}" for e in errors)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_object_is_valid(objects, version, crd_validators):
+    assert sorted(obj["kind"] for obj in objects if obj["kind"] in RAY_KINDS) == sorted(RAY_KINDS)
+    assert_valid(objects, crd_validators, version)
 
 
 def test_the_validators_catch_typos(rendered, crd_validators):
@@ -622,13 +624,7 @@ def test_kubectl_kustomize_gives_complete_valid_objects(relative, crd_validators
     objects = kustomize(relative)
     for obj in objects:
         assert obj["metadata"].get("namespace") or obj["kind"] in ("Namespace", "PersistentVolume"), obj["metadata"]
-        if obj["kind"] in RAY_KINDS:
-            errors = list(crd_validators[obj["kind"]].iter_errors(obj))
-            assert not errors, f"{obj['kind']}: {errors[0].message} at {list(errors[0].path)}"
-            for part in embedded_k8s_objects(obj):
-                k8s_validate(part, K8S_VERSIONS[-1])
-        else:
-            k8s_validate(obj, K8S_VERSIONS[-1])
+    assert_valid(objects, crd_validators)
     if relative != "train":
         (service,) = [o for o in objects if o["kind"] == "RayService"]
         # the same file local deploys run, not a copy: kustomize reads serving/serve_config.yaml
@@ -819,9 +815,7 @@ def test_the_documented_overlay_patches_apply_and_validate(tmp_path, field, crd_
     out = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     objects = [o for o in yaml.safe_load_all(out.stdout) if o]
-    for obj in [o for o in objects if o["kind"] in RAY_KINDS]:
-        errors = list(crd_validators[obj["kind"]].iter_errors(obj))
-        assert not errors, errors[0].message
+    assert_valid(objects, crd_validators)
     (service,) = [o for o in objects if o["kind"] == "RayService"]
     if field == "replicas":
         (group,) = one(objects, "RayCluster")["spec"]["workerGroupSpecs"]
