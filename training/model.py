@@ -51,7 +51,7 @@ class Net(nn.Module):
 
 class NetV1(Net):
     """The network of the versions whose metadata names no architecture (the first published ones):
-    architecture): a 3x3 convolution at 28x28, then 2x2 pooling. Kept so that serving still loads
+    a 3x3 convolution at 28x28, then 2x2 pooling. Kept so that serving still loads
     them, and can roll back to one."""
     architecture = "net-v1"
 
