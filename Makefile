@@ -3,7 +3,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STORAGE ?= $(CURDIR)/storage
-TRAIN_ARGS ?= --workers 3 --epochs 2 --batch-size 100
+# Extra train.py flags, e.g. TRAIN_ARGS="--epochs 3"; the defaults are in training/defaults.py.
+TRAIN_ARGS ?=
 # The local cluster runs with token authentication: its clients get in with these exports.
 AS_CLIENT = eval "$$($(PY) -m ray_cluster env)" &&
 

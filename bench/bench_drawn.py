@@ -25,7 +25,7 @@ import torch
 
 from training.data import fetch_mnist, load_mnist
 from training.model import Net, network_for, to_input
-from training.storage import models_dir, resolve_storage
+from training.storage import metadata_path, model_path, models_dir, resolve_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -53,9 +53,8 @@ def newest_versions(storage: Path, count: int = 2) -> list[str]:
 
 
 def load_model(storage: Path, version: str) -> tuple[torch.nn.Module, dict]:
-    folder = models_dir(storage) / version
-    metadata = json.loads((folder / "metadata.json").read_text())
-    model = network_for(torch.load(folder / "model.pt", weights_only=True), metadata.get("architecture"))
+    metadata = json.loads(metadata_path(storage, version).read_text())
+    model = network_for(torch.load(model_path(storage, version), weights_only=True), metadata.get("architecture"))
     return model.eval(), metadata
 
 

@@ -45,7 +45,7 @@ from training.allocator import keep_freed_memory
 from training.data import fetch_mnist, load_mnist
 from training.calibration import calibrate
 from training.model import Net, SeedNet, evaluate, native_bf16, to_input
-from training.storage import models_dir, resolve_storage
+from training.storage import metadata_path, resolve_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -185,9 +185,9 @@ def finished_job(client, submission_id: str, timeout: float = 300):
 def ray_job(storage: Path, *train_args: str) -> dict:
     """Submit training/train.py to the local cluster, timed as `submitted` times it."""
     version, times = submitted(storage, *train_args)  # published whether or not --promote moved `latest`
-    if not (models_dir(storage) / version / "metadata.json").is_file():
+    if not metadata_path(storage, version).is_file():
         raise RuntimeError("the job did not publish a model")
-    metadata = json.loads((models_dir(storage) / version / "metadata.json").read_text())
+    metadata = json.loads(metadata_path(storage, version).read_text())
     return {"scheme": f"ray job {' '.join(train_args) or '(defaults)'}, {metadata['precision']}", **times,
             "test_accuracy": metadata["test_accuracy"],
             "workers": metadata["workers"], "rounds": metadata["rounds"], "epochs": metadata["epochs"],

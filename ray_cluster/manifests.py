@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from ray_cluster import serve_fit
+from training import defaults
 from training.storage import RUN_ID_RULE, STORAGE_ENV, is_run_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ class Options:
     name: str = "mnist"                # RayCluster name; the RayService is <name>-serve
     namespace: str = "mnist"
     image: str | None = None           # default mnist-ray:<ray>-py311 (push it to a registry)
-    worker_pods: int = 3               # pods in the RayCluster's worker group: the one training count
+    worker_pods: int = defaults.WORKERS  # pods in the RayCluster's worker group: the one training count
     worker_cpus: int = 2               # CPUs per worker pod (requests = limits)
     worker_memory: str = "4Gi"
     head_cpus: int = 2
@@ -91,8 +92,8 @@ class Options:
     storage_size: str | None = None    # default 10Gi (nfs disk) or 1Ti (Filestore's minimum)
     nfs_server: str | None = None      # the NFS Service's ClusterIP (nfs volume); `up` reads it
     workers: int | None = None         # Ray Train workers of the RayJob; default one per worker pod
-    epochs: int = 2
-    batch_size: int = 100
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
     rounds: int | None = None
     run_id: str | None = None
     job_name: str | None = None        # default <name>-train

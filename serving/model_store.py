@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from training.model import for_inference, network_for, to_input
-from training.storage import BadVersionName, PromotionError, models_dir, read_history, read_latest, resolve_storage
+from training.storage import (METADATA_FILE, MODEL_FILE, BadVersionName, PromotionError, model_path, read_history,
+                              read_latest, resolve_storage, version_dir)
 
 log = logging.getLogger("ray.serve")
 # Images per forward pass, however the calls were batched (32 calls of a 256-image tensor would
@@ -67,21 +68,21 @@ def _signature(path: Path) -> tuple:
 def load_version(storage: Path, version: str) -> Loaded:
     """Load and check one published version; raise Unusable with a message fit for /model (the
     full cause is chained, for the log)."""
-    folder = models_dir(storage) / version
+    folder = version_dir(storage, version)
     if not folder.is_dir():
         raise Unusable("its folder does not exist")
     try:
-        metadata = json.loads((folder / "metadata.json").read_text())
+        metadata = json.loads((folder / METADATA_FILE).read_text())
     except (OSError, ValueError) as error:
-        raise Unusable("metadata.json is missing or not valid JSON") from error
+        raise Unusable(f"{METADATA_FILE} is missing or not valid JSON") from error
     if not isinstance(metadata, dict):
-        raise Unusable("metadata.json is not a JSON object")
+        raise Unusable(f"{METADATA_FILE} is not a JSON object")
     try:
         # weights_only: a state_dict needs no pickled code, and a tampered file cannot run any.
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-        net = network_for(state, metadata.get("architecture"))  # versions before 2026-11-30 name none
+        state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
+        net = network_for(state, metadata.get("architecture"))  # no architecture: the first network, NetV1
     except Exception as error:
-        raise Unusable("model.pt is missing, corrupt, or not this network's weights") from error
+        raise Unusable(f"{MODEL_FILE} is missing, corrupt, or not this network's weights") from error
     inference = for_inference(net)
     with torch.inference_mode():
         probe = inference(torch.zeros(1, 1, 28, 28))
@@ -115,7 +116,7 @@ class ModelStore:
             if self.current and self.current.version == version:
                 self.error = None
             return False
-        signature = _signature(models_dir(self.storage) / version / "model.pt")
+        signature = _signature(model_path(self.storage, version))
         if self.error and (self.error.version, self.error.signature) == (version, signature):
             return False  # already failed on exactly these files; wait for a change
         try:

@@ -3,7 +3,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
-MODEL_NAME = "mnist"
+from training.storage import MODEL_NAME  # noqa: F401  (re-exported: the API names the model by it)
+
 MAX_IMAGES = 64  # per request, for `images`
 # N of a v2 tensor: 28x28 arrays need no image decoding, so a batch may be larger (256 FP32 images
 # are 803 KB binary, ~1.6 MB as JSON; the body limit still applies)

@@ -1131,3 +1131,12 @@ def test_the_node_pool_holds_the_ray_pods_at_rest_and_at_the_ceiling(create_scri
 def test_ray_pods_are_not_evicted_by_the_cluster_autoscaler(objects):
     for template in ray_pod_templates(objects):
         assert template["metadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+
+
+def test_the_checked_in_rayjob_runs_the_default_training_job():
+    """k8s/train/rayjob.yaml states its entrypoint for readers; it must be the one training/defaults.py gives."""
+    from training import defaults
+    job = yaml.safe_load((ROOT / "k8s" / "train" / "rayjob.yaml").read_text())
+    entrypoint = shlex.split(job["spec"]["entrypoint"])
+    flags = {flag: int(entrypoint[entrypoint.index(flag) + 1]) for flag in ("--workers", "--epochs", "--batch-size")}
+    assert flags == {"--workers": defaults.WORKERS, "--epochs": defaults.EPOCHS, "--batch-size": defaults.BATCH_SIZE}

@@ -50,8 +50,8 @@ class Net(nn.Module):
 
 
 class NetV1(Net):
-    """The network of the versions published before 2026-11-30 (their metadata names no
-    architecture): a 3x3 convolution at 28x28, then 2x2 pooling. Kept so that serving still loads
+    """The network of the versions whose metadata names no architecture (the first published ones):
+    a 3x3 convolution at 28x28, then 2x2 pooling. Kept so that serving still loads
     them, and can roll back to one."""
     architecture = "net-v1"
 

@@ -10,7 +10,8 @@ tests import these functions):
 <storage>/runs/<run_id>/rounds/round-NNN/     worker-RRR.pt, global.pt (+ worker-RRR.partial.pt
                                               while the round runs)                  worker_path, partial_path, global_path
 <storage>/runs/<run_id>/ray/                  Ray Train's run state and checkpoints  ray_dir
-<storage>/models/mnist/<version>/             published model.pt + metadata.json     version_dir
+<storage>/models/mnist/<version>/             published model.pt + metadata.json     version_dir,
+                                                                                     model_path, metadata_path
 <storage>/models/mnist/latest                 one line: the version serving loads    latest_path
 <storage>/models/mnist/history.json           the last promotions, oldest first      history_path
 
@@ -38,7 +39,8 @@ from pathlib import Path
 
 STORAGE_ENV = "MNIST_STORAGE"
 DEFAULT_STORAGE = "storage"  # relative to the working directory of the process that reads the root
-MODEL_NAME = "mnist"
+MODEL_NAME = "mnist"  # the one model: its folder under models/ and its name in the HTTP API
+MODEL_FILE, METADATA_FILE = "model.pt", "metadata.json"  # what a published version's folder holds
 FILE_MODE, DIR_MODE = 0o644, 0o755
 # A version (= run id) is one plain path component: `latest` is read by every serving replica,
 # and whatever it names is joined to the models folder.
@@ -164,6 +166,14 @@ def version_dir(storage: Path, version: str) -> Path:
     return models_dir(storage) / check_version_name(version)
 
 
+def model_path(storage: Path, version: str) -> Path:
+    return version_dir(storage, version) / MODEL_FILE
+
+
+def metadata_path(storage: Path, version: str) -> Path:
+    return version_dir(storage, version) / METADATA_FILE
+
+
 def latest_path(storage: Path) -> Path:
     return models_dir(storage) / LATEST
 
@@ -260,8 +270,8 @@ def publish_version(storage: Path, version: str, state_dict: dict, metadata: dic
         raise FileExistsError(f"model version {version} is already published at {final}")
     staging = Path(tempfile.mkdtemp(dir=root if root.exists() else _mkdir(root), prefix=f".{version}."))
     try:
-        atomic_torch_save(staging / "model.pt", state_dict)
-        atomic_write_json(staging / "metadata.json", metadata)
+        atomic_torch_save(staging / MODEL_FILE, state_dict)
+        atomic_write_json(staging / METADATA_FILE, metadata)
         staging.chmod(DIR_MODE)  # mkdtemp makes 0700
         os.replace(staging, final)
     except BaseException:
@@ -331,15 +341,15 @@ def version_metadata(storage: Path, version: str) -> dict:
         known = ", ".join(published_versions(storage)[-5:]) or "none"
         raise PromotionError(f"no published version '{version}' under {models_dir(storage)} (latest ones: {known})")
     try:
-        metadata = json.loads((folder / "metadata.json").read_text())
+        metadata = json.loads((folder / METADATA_FILE).read_text())
     except FileNotFoundError:
-        raise PromotionError(f"version '{version}' is incomplete: {folder} has no metadata.json") from None
+        raise PromotionError(f"version '{version}' is incomplete: {folder} has no {METADATA_FILE}") from None
     except (OSError, ValueError) as error:
-        raise PromotionError(f"version '{version}': cannot read {folder / 'metadata.json'} ({error})") from None
+        raise PromotionError(f"version '{version}': cannot read {folder / METADATA_FILE} ({error})") from None
     if not isinstance(metadata, dict):
-        raise PromotionError(f"version '{version}': {folder / 'metadata.json'} is not a JSON object")
-    if not (folder / "model.pt").is_file():
-        raise PromotionError(f"version '{version}' is incomplete: {folder} has no model.pt")
+        raise PromotionError(f"version '{version}': {folder / METADATA_FILE} is not a JSON object")
+    if not (folder / MODEL_FILE).is_file():
+        raise PromotionError(f"version '{version}' is incomplete: {folder} has no {MODEL_FILE}")
     return metadata
 
 

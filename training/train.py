@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 
 import torch  # noqa: E402
 
+from training import defaults  # noqa: E402
 from training.augment import DEFAULT as AUGMENTATION  # noqa: E402
 from training.aggregation import start_aggregator  # noqa: E402
 from training.data import MnistUnavailable, check_partition, fetch_mnist, write_shards  # noqa: E402
@@ -70,11 +71,14 @@ def run_id_type(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=positive_int, default=3, help="Ray Train workers = shards (default 3)")
-    parser.add_argument("--epochs", type=positive_int, default=2, help="passes of each worker over its shard (default 2)")
+    parser.add_argument("--workers", type=positive_int, default=defaults.WORKERS,
+                        help=f"Ray Train workers = shards (default {defaults.WORKERS})")
+    parser.add_argument("--epochs", type=positive_int, default=defaults.EPOCHS,
+                        help=f"passes of each worker over its shard (default {defaults.EPOCHS})")
     parser.add_argument("--rounds", type=positive_int, default=None,
                         help="FedAvg rounds over the whole training (default 2 per epoch)")
-    parser.add_argument("--batch-size", type=positive_int, default=100, help="examples per step per worker (default 100)")
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.BATCH_SIZE,
+                        help=f"examples per step per worker (default {defaults.BATCH_SIZE})")
     parser.add_argument("--lr", type=positive_float, default=5e-3, help="peak Adam learning rate of the one-cycle schedule (default 5e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, initial weights and shuffling (default 0)")
     parser.add_argument("--storage", default=None,
