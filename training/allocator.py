@@ -3,11 +3,9 @@
 A training step of Net allocates and frees activation and gradient buffers of a few hundred KB
 to a few MB. glibc's malloc serves blocks above its mmap threshold (128 KB at first) with a
 fresh mmap and gives them back with munmap when freed, so every step faults in and zeroes
-the same pages again: on an AMD EPYC (AVX2, 2 cores) a step spent ~15% of its time in the
-kernel. Raising the mmap and trim thresholds keeps those pages in the heap for the next step:
-one worker's step went from 112-114 ms to 85-89 ms, three workers sharing 2 cores from
-~170 to ~136 ms (the same machine, fp32, batch 100, augmentation on), and the kernel's share
-fell from ~18% to ~4%. The price: a process keeps up to `TRIM` of freed memory.
+the same pages again, and a step spends a good share of its time in the kernel. Raising the mmap
+and trim thresholds keeps those pages in the heap for the next step (docs/BENCHMARKS.md has the
+measured gain). The price: a process keeps up to `TRIM` of freed memory.
 
 Linux with glibc only (what Ray's images and GKE nodes run); elsewhere nothing changes.
 """

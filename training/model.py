@@ -1,11 +1,10 @@
 """The digit classifier, shared by training and serving.
 
 In the spirit of PyTorch's examples/mnist, with BatchNorm after every convolution and most of
-the convolutions at 14x14 and below. The first layer is a 5x5 convolution with stride 2, straight
-to 14x14: the network it replaced (NetV1, kept to load the versions it published) convolved at
-28x28 and then pooled, and the BatchNorm, ReLU and pooling of those 24 x 28 x 28 activations cost
-~10% of a training step, while the new layer scored as well (bench/model_sweep.py compares the
-candidates; the README, the job's own runs).
+the convolutions at 14x14 and below: the first layer is a 5x5 convolution with stride 2, straight
+to 14x14, because normalising and pooling full-size 28x28 activations costs a visible share of a
+step for no accuracy (bench/model_sweep.py compares the candidates; docs/BENCHMARKS.md has the
+figures). NetV1 is kept to load the versions published with the earlier architecture.
 """
 import copy
 
@@ -120,9 +119,8 @@ def initial_weights(seed: int) -> dict:
 
 def for_inference(model: nn.Module) -> nn.Module:
     """A copy of `model` for inference: every BatchNorm folded into the convolution before it
-    (torch's `fuse_conv_bn_eval`), the same function at less cost. On an AMD EPYC (AVX2),
-    evaluating 10,000 test images took 2.2 s instead of 4.3 s on one thread; serving a batch
-    of 32 images, 7.4 ms instead of 11.0 ms (bench_serving --fold). `model` is left in eval mode and otherwise unchanged.
+    (torch's `fuse_conv_bn_eval`): the same function at less cost (bench_serving --fold measures
+    it). `model` is left in eval mode and otherwise unchanged.
 
     The copy is made by swapping modules, not by torch.fx tracing (`fuse`): a trace patches
     torch.nn.Module for the whole process while it runs, so a serving replica loading a new version
