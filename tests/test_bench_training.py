@@ -8,7 +8,7 @@ from training.storage import read_latest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # The one-process references on 300 images (3 steps per epoch, 1 per seed worker) evaluated on 1,000
-# test images: the seed network's evaluation on all 10,000 took most of these tests' time.
+# test images: on all 10,000, the seed network's evaluations took most of the references' time.
 SMOKE = ("--baseline-subset", "300", "--test-subset", "1000")
 
 
