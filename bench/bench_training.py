@@ -393,6 +393,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweeps", action="store_true", help="also sweep rounds and workers (slow)")
     parser.add_argument("--job-args", default="", help="extra arguments for the Ray job (e.g. '--subset 3000')")
     parser.add_argument("--baseline-subset", type=int, default=None, help="baselines on fewer images (smoke tests)")
+    parser.add_argument("--test-subset", type=int, default=None,
+                        help="baselines evaluated on the first N test images (smoke tests; the jobs use all)")
     parser.add_argument("--profile-job", action="store_true",
                         help="only submit one job (--job-args) and print when each step of it showed in its log")
     parser.add_argument("--floor", action="store_true",
@@ -407,6 +409,8 @@ def main(argv=None) -> int:
     train, test = load_mnist(storage, train=True), load_mnist(storage, train=False)
     if args.baseline_subset:
         train = (train[0][:args.baseline_subset], train[1][:args.baseline_subset])
+    if args.test_subset:  # evaluating the seed's network on 10,000 images takes most of a smoke test
+        test = (test[0][:args.test_subset], test[1][:args.test_subset])
     started_ray = local.up()
     if args.profile_job:
         try:
