@@ -2,7 +2,7 @@
 
 Pure ASGI (not BaseHTTPMiddleware) so it can count body bytes as they arrive and stop a body that
 is larger than its Content-Length claimed. Gradio's page (/ui) keeps long-lived event streams
-open, so it gets the body limit but not the timeout.
+open, so it gets the body limit but not the timeout; StreamLifetimeMiddleware bounds those instead.
 """
 import asyncio
 import json
@@ -77,3 +77,44 @@ class LimitsMiddleware:
     async def _send_all(send, messages):
         for message in messages:
             await send(message)
+
+
+class StreamLifetimeMiddleware:
+    """Ends any `text/event-stream` response `max_lifetime_s` after its request arrived, so that
+    idle streams cannot hold every `max_ongoing_requests` slot of a replica; the inner app is
+    cancelled as on a client's disconnect. `farewell` is sent last (e.g. messages that tell the
+    client the stream is over). Every other response passes untouched, however long it takes."""
+
+    def __init__(self, app, max_lifetime_s: float, farewell: bytes = b""):
+        self.app, self.max_lifetime_s, self.farewell = app, max_lifetime_s, farewell
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        streaming, ended, cut = False, False, False
+
+        async def watched_send(message):
+            nonlocal streaming, ended
+            if cut:  # what the app says while it is being cancelled: the farewell is last
+                return
+            if message["type"] == "http.response.start":
+                streaming = any(name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                                for name, value in message.get("headers", []))
+            elif message["type"] == "http.response.body":
+                ended = not message.get("more_body", False)
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, watched_send))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.max_lifetime_s)
+            if task in done or not streaming or ended:  # ended: only background tasks left to run
+                return await task
+            cut = True
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            await send({"type": "http.response.body", "body": self.farewell, "more_body": False})
+        finally:
+            task.cancel()  # our own caller cancelled us (client gone): take the inner app with us

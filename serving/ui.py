@@ -34,6 +34,16 @@ BRUSH_RADIUS = 12     # a 24 px stroke: about 2.4 px after scaling to MNIST's 20
 ZOOM = 8              # the 28x28 input is shown at 224x224, pixels kept square
 CONCURRENCY = replica_cpus()  # recognitions running at once (their decoding is CPU work) ...
 QUEUE_SIZE = 64               # ... and waiting; more get Gradio's "queue is full" (HTTP 503)
+# Gradio's event streams (queue/data, heartbeat) stay open while a client wants, so a few hundred
+# idle ones would hold every `max_ongoing_requests` slot of the page's replica. A recognition's
+# stream lasts well under a second, and a full queue drains in far less than this (64 waiting,
+# under a second each, CONCURRENCY at a time), so the bound only ever ends idle streams.
+STREAM_LIFETIME_S = 120
+# What an ended stream says last: the page's client shows the error on any recognition still
+# pending and, told "close_stream", opens a new stream for the next one (it does not reopen one
+# that just ends: it would wait on it for ever).
+STREAM_END = (b'data: {"msg": "unexpected_error", "message": "The event stream was open too long; '
+              b'try again.", "success": false}\n\ndata: {"msg": "close_stream"}\n\n')
 # Gradio's Sketchpad starts with no tool selected ("select the draw tool to start"): pick the brush.
 SELECT_BRUSH = """() => {
   const started = Date.now();
@@ -179,14 +189,18 @@ def build_ui(backend) -> gr.Blocks:
 
 
 def mount_ui(app, backend, path: str = "/ui"):
-    """`app` (FastAPI) with the sketchpad mounted at `path`."""
-    return gr.mount_gradio_app(app, build_ui(backend), path=path, js=SELECT_BRUSH, max_file_size="4mb",
-                               footer_links=["api", "settings"])
+    """`app` (FastAPI) with the sketchpad mounted at `path`, its event streams bounded in time."""
+    from serving.limits import StreamLifetimeMiddleware
+    app = gr.mount_gradio_app(app, build_ui(backend), path=path, js=SELECT_BRUSH, max_file_size="4mb",
+                              footer_links=["api", "settings"])
+    app.add_middleware(StreamLifetimeMiddleware, max_lifetime_s=STREAM_LIFETIME_S, farewell=STREAM_END)
+    return app
 
 
 def ui_app(backend):
     """An ASGI app that is only the sketchpad, at its root (Serve mounts it at the route prefix),
-    inside the API's body limit (no time limit: Gradio keeps event streams open)."""
+    inside the API's body limit (no request time limit: Gradio keeps event streams open; they have
+    their own, STREAM_LIFETIME_S)."""
     from fastapi import FastAPI
 
     from serving.limits import LimitsMiddleware
