@@ -296,6 +296,19 @@ def test_killing_an_ingress_replica_under_load_loses_nothing(serve_app, test_dig
 
 
 @pytest.mark.ray
+def test_killing_a_model_replica_under_load_loses_nothing(serve_app, test_digits):
+    """SIGKILL one of two MnistModel replicas under load: the API sends the batches the dead
+    replica held to the other one, and Serve replaces it."""
+    wait_replicas(serve_app.name, "MnistModel", 2)
+    victim = running_replicas(serve_app.name)["MnistModel"][0]
+    summary = kill_under_load(f"{serve_app.url}/predict", batch_bodies(test_digits), victim["pid"])
+    print("model replica kill under load:", summary)
+    assert lossless(summary), summary
+    wait_for(lambda: victim["replica_id"] not in [r["replica_id"] for r in running_replicas(serve_app.name)["MnistModel"]]
+             and len(running_replicas(serve_app.name)["MnistModel"]) == 2, 120, "Serve to replace the killed replica")
+
+
+@pytest.mark.ray
 def test_killing_a_replica_of_the_default_layout_under_load_answers_no_error(ray_head, served_models, test_digits,
                                                                              tmp_path):
     """The default layout (MnistService: API and model in one replica) behind the default ingress,
