@@ -48,19 +48,11 @@ class Unreachable(KubeRayError):
     pass
 
 
-class StatusError(KubeRayError):
-    """A wait that ended without readiness; `status` is the object's last status seen."""
-
-    def __init__(self, message: str, status: dict | None):
-        super().__init__(message)
-        self.status = status
-
-
-class Failed(StatusError):
+class Failed(KubeRayError):
     """The object reached a state it will not recover from (a failed RayJob, for example)."""
 
 
-class WaitTimeout(StatusError):
+class WaitTimeout(KubeRayError):
     """The object was not ready in time."""
 
 
@@ -346,11 +338,11 @@ class Resource:
             if progress.ready:
                 return obj
             if progress.failed:
-                raise Failed(f"{self._what(name)} failed: {progress.failed}", obj.get("status"))
+                raise Failed(f"{self._what(name)} failed: {progress.failed}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WaitTimeout(f"{self._what(name)} was not ready after {timeout:g} s; last status: "
-                                  f"{progress.summary}", obj.get("status"))
+                                  f"{progress.summary}")
             time.sleep(min(poll, remaining))
 
 

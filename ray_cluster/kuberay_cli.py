@@ -258,7 +258,7 @@ def _external_address(cluster: kuberay.KubeRay, o: manifests.Options, deadline: 
                 return entry.ip or entry.hostname
         if time.monotonic() >= deadline:
             raise kuberay.WaitTimeout(f"Service {o.namespace}/{name} has no external address yet; "
-                                      f"`kubectl -n {o.namespace} get svc {name} -w` shows when it does", None)
+                                      f"`kubectl -n {o.namespace} get svc {name} -w` shows when it does")
         time.sleep(max(0.0, min(POLL, deadline - time.monotonic())))
 
 
@@ -314,7 +314,7 @@ def _wait_for_ray_pods_to_go(cluster: kuberay.KubeRay, o: manifests.Options, tim
         if time.monotonic() >= deadline:
             raise kuberay.WaitTimeout(
                 f"{len(pods)} Ray pod(s) still in {o.namespace} after {timeout:g} s ({', '.join(sorted(pods)[:5])}); "
-                "kept the NFS server and volume so their unmount can finish. Run `down --all` again later", None)
+                "kept the NFS server and volume so their unmount can finish. Run `down --all` again later")
         time.sleep(max(0.0, min(POLL, deadline - time.monotonic())))
 
 
