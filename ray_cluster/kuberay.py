@@ -1,6 +1,6 @@
 """A KubeRay client on the official `kubernetes` package (KubeRay's own is not on PyPI): create,
-server-side apply, get, list, delete and wait_ready on RayClusters, RayJobs and RayServices, and
-apply/delete of the plain objects beside them. API failures become errors that say what to do."""
+server-side apply, get, list and delete of the kinds the CLI uses (KINDS), one request path for all,
+and wait_ready on RayClusters, RayJobs and RayServices. API failures become errors that say what to do."""
 from __future__ import annotations
 
 import json
@@ -237,12 +237,8 @@ def _unreachable(api_client: client.ApiClient, error: Exception) -> Unreachable:
 
 REQUEST_TIMEOUT = (5.0, 30.0)   # seconds: connect, read; no request waits forever
 FIELD_MANAGER = "mnist-ray-cluster"  # who owns the fields the CLI applies (`kubectl get -o yaml --show-managed-fields`)
-# Server-side apply: the API server merges the body into the live object and records FIELD_MANAGER
-# as the owner of its fields; force takes over fields last set by another manager (a `kubectl edit`).
-APPLY = dict(field_manager=FIELD_MANAGER, force=True, field_validation="Strict",
-             _content_type="application/apply-patch+yaml")
 TRANSIENT_STATUS = {429, 500, 502, 503, 504}
-RETRIES = 4                      # transient failures a read or delete retries before giving up
+RETRIES = 4                      # transient failures a request retries before giving up (creates: none)
 BACKOFF = 0.5                    # seconds, doubled on each retry
 
 
@@ -254,108 +250,39 @@ def _transient(error: Exception) -> bool:
     return isinstance(error, urllib3.exceptions.HTTPError)
 
 
-def _call(api_client: client.ApiClient, what: str, plural: str | None, request: Callable, retry: bool = False):
-    """One API request with a timeout; `retry` (for idempotent ones) retries transient failures
-    with exponential backoff."""
-    attempts = 1 + (RETRIES if retry else 0)
-    for attempt in range(attempts):
-        try:
-            return request()
-        except (ApiException, urllib3.exceptions.HTTPError) as error:
-            if attempt + 1 < attempts and _transient(error):
-                time.sleep(BACKOFF * 2 ** attempt)
-                continue
-            final = translate(error, what, plural) if isinstance(error, ApiException) else _unreachable(api_client, error)
-            final.transient = _transient(error)
-            raise final from None
+def poll_until(check: Callable, timeout: float, poll: float, timed_out: Callable[[], Exception]):
+    """check() every `poll` seconds until it returns something true, and return that; at the
+    deadline raise timed_out()."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise timed_out()
+        time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
 
 
-# ---------------------------------------------------------------- Ray custom objects
+# ---------------------------------------------------------------- the API
 
-class Resource:
-    """One kind of KubeRay object in one namespace."""
-
-    def __init__(self, api: client.CustomObjectsApi, namespace: str, kind: str, plural: str,
-                 progress: Callable[[dict], Progress]):
-        self.api, self.namespace, self.kind, self.plural, self.progress = api, namespace, kind, plural, progress
-
-    def _what(self, name: str | None = None) -> str:
-        return f"{self.kind} {self.namespace}/{name}" if name else f"{self.plural} in namespace {self.namespace}"
-
-    def _call(self, name: str | None, request: Callable, retry: bool = False):
-        return _call(self.api.api_client, self._what(name), self.plural, request, retry)
-
-    def create(self, body: dict) -> dict:
-        if body.get("kind") != self.kind:
-            raise KubeRayError(f"expected a {self.kind}, got {body.get('kind')}")
-        return self._call(body["metadata"]["name"], lambda: self.api.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, body, field_validation="Strict",
-            _headers={"Content-Type": "application/json"},  # this method sets none by itself
-            _request_timeout=REQUEST_TIMEOUT))
-
-    def apply(self, body: dict) -> dict:
-        """Server-side apply: create it, or take this body's fields as ours (FIELD_MANAGER)."""
-        return self._call(body["metadata"]["name"], lambda: self.api.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, body["metadata"]["name"], body, **APPLY,
-            _request_timeout=REQUEST_TIMEOUT))
-
-    def get(self, name: str) -> dict:
-        return self._call(name, lambda: self.api.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, name, _request_timeout=REQUEST_TIMEOUT), retry=True)
-
-    def list(self, label_selector: str | None = None) -> list[dict]:
-        found = self._call(None, lambda: self.api.list_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, label_selector=label_selector,
-            _request_timeout=REQUEST_TIMEOUT), retry=True)
-        return found.get("items", [])
-
-    def delete(self, name: str) -> dict:
-        return self._call(name, lambda: self.api.delete_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, name, propagation_policy="Foreground",
-            _request_timeout=REQUEST_TIMEOUT), retry=True)
-
-    def wait_ready(self, name: str, timeout: float = 600.0, poll: float = 2.0,
-                   on_change: Callable[[str], None] | None = None) -> dict:
-        """Poll until the status says ready; raise Failed or WaitTimeout (with the last status)."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while True:
-            try:
-                obj = self.get(name)
-            except KubeRayError as error:
-                # An API server outage (a control-plane upgrade takes minutes) does not end a long
-                # wait: keep trying until the deadline. Anything else is final.
-                if not error.transient or time.monotonic() >= deadline:
-                    raise
-                if on_change:
-                    on_change(f"(retrying) {error}")
-                time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
-                continue
-            progress = self.progress(obj)
-            if on_change and progress.summary != last:
-                on_change(progress.summary)
-            last = progress.summary
-            if progress.ready:
-                return obj
-            if progress.failed:
-                raise Failed(f"{self._what(name)} failed: {progress.failed}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WaitTimeout(f"{self._what(name)} was not ready after {timeout:g} s; last status: "
-                                  f"{progress.summary}")
-            time.sleep(min(poll, remaining))
+PROGRESS = {"RayCluster": raycluster_progress, "RayJob": rayjob_progress, "RayService": rayservice_progress}
+# kind -> (API path, plural, namespaced): every kind the CLI applies, reads or deletes
+KINDS = {
+    "Namespace": ("api/v1", "namespaces", False),
+    "PersistentVolume": ("api/v1", "persistentvolumes", False),
+    **{kind: ("api/v1", kind.lower() + "s", True) for kind in ("ConfigMap", "PersistentVolumeClaim", "Service", "Secret", "Pod")},
+    "Deployment": ("apis/apps/v1", "deployments", True),
+    "NetworkPolicy": ("apis/networking.k8s.io/v1", "networkpolicies", True),
+    **{kind: (f"apis/{GROUP}/{VERSION}", kind.lower() + "s", True) for kind in PROGRESS},
+}
 
 
 class KubeRay:
-    """RayCluster, RayJob and RayService objects in one namespace."""
+    """Objects of KINDS, in one namespace unless told otherwise."""
 
     def __init__(self, namespace: str, api_client: client.ApiClient | None = None):
         self.namespace = namespace
         self.api_client = api_client or client.ApiClient()
-        api = client.CustomObjectsApi(self.api_client)
-        self.rayclusters = Resource(api, namespace, "RayCluster", "rayclusters", raycluster_progress)
-        self.rayjobs = Resource(api, namespace, "RayJob", "rayjobs", rayjob_progress)
-        self.rayservices = Resource(api, namespace, "RayService", "rayservices", rayservice_progress)
 
     @classmethod
     def connect(cls, namespace: str, kubeconfig: str | None = None, context: str | None = None) -> "KubeRay":
@@ -370,67 +297,89 @@ class KubeRay:
                                    "get-credentials CLUSTER --location LOCATION` or pass --kubeconfig") from None
             return cls(namespace, client.ApiClient())
 
-    def resource(self, kind: str) -> Resource:
-        found = {r.kind: r for r in (self.rayclusters, self.rayjobs, self.rayservices)}.get(kind)
-        if not found:
-            raise KubeRayError(f"not a KubeRay kind: {kind}")
-        return found
+    def request(self, method: str, kind: str, name: str | None = None, namespace: str | None = None,
+                body: dict | None = None, retry: bool = True, content_type: str = "application/json", **query):
+        """One API request on an object (a collection without `name`, or for POST), with a timeout;
+        `retry` (for idempotent ones) retries transient failures with exponential backoff."""
+        prefix, plural, namespaced = KINDS[kind]
+        namespace = namespace or self.namespace
+        what = (f"{kind} " + (f"{namespace}/" if namespaced else "") + name) if name else f"{plural} in namespace {namespace}"
+        path = f"/{prefix}" + (f"/namespaces/{namespace}" if namespaced else "") + f"/{plural}"
+        path += f"/{name}" if name and method != "POST" else ""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        attempts = 1 + (RETRIES if retry else 0)
+        for attempt in range(attempts):
+            try:
+                response = self.api_client.call_api(*self.api_client.param_serialize(
+                    method, path, query_params=list(query.items()), header_params=dict(headers), body=body,
+                    auth_settings=["BearerToken"]), _request_timeout=REQUEST_TIMEOUT)
+                response.read()
+                if not 200 <= response.status < 300:
+                    raise ApiException(http_resp=response)
+                return json.loads(response.data)
+            except (ApiException, urllib3.exceptions.HTTPError) as error:
+                if attempt + 1 < attempts and _transient(error):
+                    time.sleep(BACKOFF * 2 ** attempt)
+                    continue
+                final = (translate(error, what, plural if kind in PROGRESS else None) if isinstance(error, ApiException)
+                         else _unreachable(self.api_client, error))
+                final.transient = _transient(error)
+                raise final from None
 
-    # ------------------------------------------------------------ plain objects for the CLI
+    def create(self, body: dict) -> dict:
+        """Not retried: a create that failed with a 5xx may still have happened."""
+        return self.request("POST", body["kind"], body["metadata"]["name"], body["metadata"].get("namespace"),
+                            body, retry=False, fieldValidation="Strict")  # the API server refuses unknown fields
 
-    def apply(self, obj: dict) -> None:
-        """Server-side apply of a Ray object or one of the plain kinds the manifests hold."""
-        if obj["kind"] in _PLAIN:
-            self._plain(obj, "patch", obj, **APPLY)
-        else:
-            self.resource(obj["kind"]).apply(obj)
+    def apply(self, obj: dict) -> dict:
+        """Server-side apply: the API server creates the object or merges the body into it, and records
+        FIELD_MANAGER as the owner of its fields; force takes over fields another manager set (a `kubectl edit`)."""
+        meta = obj["metadata"]
+        return self.request("PATCH", obj["kind"], meta["name"], meta.get("namespace"), obj,
+                            content_type="application/apply-patch+yaml", fieldManager=FIELD_MANAGER, force=True,
+                            fieldValidation="Strict")
 
-    def delete_object(self, obj: dict) -> bool:
-        """Delete it; False if it was not there."""
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict:
+        return self.request("GET", kind, name, namespace)
+
+    def list(self, kind: str, namespace: str | None = None, label_selector: str | None = None) -> list[dict]:
+        selector = {"labelSelector": label_selector} if label_selector else {}
+        return self.request("GET", kind, namespace=namespace, **selector)["items"]
+
+    def delete(self, obj: dict) -> bool:
+        """Delete it (a Ray object once its pods are gone); False if it was not there."""
+        kind, meta = obj["kind"], obj["metadata"]
         try:
-            if obj["kind"] in _PLAIN:
-                self._plain(obj, "delete")
-            else:
-                self.resource(obj["kind"]).delete(obj["metadata"]["name"])
+            self.request("DELETE", kind, meta["name"], meta.get("namespace"),
+                         **({"propagationPolicy": "Foreground"} if kind in PROGRESS else {}))
             return True
         except NotFound:
             return False
 
-    def _plain(self, obj: dict, verb: str, *body, **kwargs):
-        api_class, suffix, namespaced = _PLAIN[obj["kind"]]
-        api = getattr(client, api_class)(self.api_client)
-        meta = obj["metadata"]
-        method = getattr(api, f"{verb}_namespaced_{suffix}" if namespaced else f"{verb}_{suffix}")
-        args = (meta["name"],) + ((meta["namespace"],) if namespaced else ()) + body  # patch_x(name, ns, body)
-        what = f"{obj['kind']} " + (f"{meta['namespace']}/" if namespaced else "") + meta["name"]
-        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
-        return _call(self.api_client, what, None, lambda: method(*args, **kwargs), retry=True)  # both idempotent
+    def wait_ready(self, kind: str, name: str, timeout: float = 600.0, poll: float = 2.0,
+                   on_change: Callable[[str], None] | None = None) -> dict:
+        """Poll a Ray object until its status says ready; raise Failed, or WaitTimeout with the last status."""
+        seen = {"summary": None, "error": None}
 
-    def _core(self, what: str, method: str, *args, **kwargs):
-        """A CoreV1Api read (retried)."""
-        call = getattr(client.CoreV1Api(self.api_client), method)
-        return _call(self.api_client, what, None, lambda: call(*args, **kwargs, _request_timeout=REQUEST_TIMEOUT), retry=True)
+        def check():
+            try:
+                obj = self.get(kind, name)
+            except KubeRayError as error:
+                # An API server outage (a control-plane upgrade takes minutes) does not end a long
+                # wait: keep trying until the deadline. Anything else is final.
+                if not error.transient:
+                    raise
+                seen["error"] = error
+                if on_change:
+                    on_change(f"(retrying) {error}")
+                return None
+            progress, seen["error"] = PROGRESS[kind](obj), None
+            if on_change and progress.summary != seen["summary"]:
+                on_change(progress.summary)
+            seen["summary"] = progress.summary
+            if progress.failed:
+                raise Failed(f"{kind} {self.namespace}/{name} failed: {progress.failed}")
+            return obj if progress.ready else None
 
-    def read_service(self, namespace: str, name: str) -> client.V1Service:
-        return self._core(f"Service {namespace}/{name}", "read_namespaced_service", name, namespace)
-
-    def read_secret_keys(self, namespace: str, name: str) -> list[str]:
-        """The data keys of a Secret (never its values): enough to say whether a token is there."""
-        return sorted(self._core(f"Secret {namespace}/{name}", "read_namespaced_secret", name, namespace).data or {})
-
-    def ray_pods(self, namespace: str) -> list[str]:
-        """Names of the pods of any Ray cluster (KubeRay labels them ray.io/cluster)."""
-        pods = self._core(f"pods in namespace {namespace}", "list_namespaced_pod", namespace, label_selector="ray.io/cluster")
-        return [pod.metadata.name for pod in pods.items]
-
-
-# kind -> (API class, method suffix, namespaced): patch_namespaced_service, delete_persistent_volume, ...
-_PLAIN = {
-    "Namespace": ("CoreV1Api", "namespace", False),
-    "ConfigMap": ("CoreV1Api", "config_map", True),
-    "PersistentVolume": ("CoreV1Api", "persistent_volume", False),
-    "PersistentVolumeClaim": ("CoreV1Api", "persistent_volume_claim", True),
-    "Service": ("CoreV1Api", "service", True),
-    "Deployment": ("AppsV1Api", "deployment", True),
-    "NetworkPolicy": ("NetworkingV1Api", "network_policy", True),
-}
+        return poll_until(check, timeout, poll, lambda: seen["error"] or WaitTimeout(
+            f"{kind} {self.namespace}/{name} was not ready after {timeout:g} s; last status: {seen['summary']}"))
