@@ -57,51 +57,23 @@ def add_subparser(commands) -> None:
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
-    d = manifests.Options()
-    add = parser.add_argument
-    add("--name", default=d.name, help=f"RayCluster name; the RayService is <name>-serve (default {d.name})")
-    add("--namespace", default=d.namespace, help=f"default {d.namespace}")
-    add("--image", default=os.environ.get("MNIST_IMAGE"),
-        help=f"project image pushed to a registry, tag {manifests.image_tag_prefix()}[-...] "
-             "(default $MNIST_IMAGE)")
-    add("--worker-pods", type=int, default=d.worker_pods,
-        help=f"RayCluster worker pods, one Train worker each unless --workers says otherwise (default {d.worker_pods})")
-    add("--worker-cpus", type=int, default=d.worker_cpus, help=f"CPUs per worker pod (default {d.worker_cpus})")
-    add("--worker-memory", default=d.worker_memory, help=f"memory per worker pod (default {d.worker_memory})")
-    add("--head-cpus", type=int, default=d.head_cpus, help=f"default {d.head_cpus}")
-    add("--head-memory", default=d.head_memory, help=f"default {d.head_memory}")
-    add("--serve-min-pods", type=int, default=d.serve_min_pods,
-        help=f"the fewest worker pods of the RayService's cluster, kept when idle (default {d.serve_min_pods})")
-    add("--serve-max-pods", type=int, default=d.serve_max_pods,
-        help=f"the most worker pods KubeRay's autoscaler adds for Serve's replicas (default {d.serve_max_pods})")
-    add("--shared-storage", default=d.shared_storage,
-        help=f"{' or '.join(manifests.STORAGE_KINDS)} (k8s/components/<kind>; default {d.shared_storage}: an NFS server on a GKE disk)")
-    add("--storage-size", help="default 10Gi for nfs, 1Ti (the minimum) for filestore")
-    add("--nfs-server", help="NFS server address for the volume (default: `up` reads the NFS Service's IP; "
-                             "`render` needs it)")
-    add("--node-range", default=d.node_range,
-        help=f"the nodes' subnet, the only clients the NFS export admits (create-gke-cluster.sh's NODE_RANGE, "
-             f"default {d.node_range})")
-    add("--lb-source-range", dest="lb_source_ranges", action="append",
-        help="a CIDR range allowed to reach the LoadBalancer (repeatable; default 0.0.0.0/0, everyone)")
-    add("--internal-lb", action="store_true", help="a VPC-internal LoadBalancer instead of a public address")
-    add("--workers", type=int, help="Ray Train workers (default: one per worker pod; `train`: per pod of the live RayCluster)")
-    add("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
-    add("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    add("--rounds", type=int, help="averaging rounds (default: train.py's)")
-    add("--run-id", help="training run id (default: train.py picks one)")
-    add("--job-name", help="RayJob name (default <name>-train)")
-    add("--operator-namespace", default=d.operator_namespace,
-        help=f"namespace of the KubeRay operator, allowed to reach the job API (default {d.operator_namespace})")
-    add("--serve-config", type=Path, default=d.serve_config, help="Serve config to run (default serving/serve_config.yaml)")
-    add("--kubeconfig", help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
-    add("--context", help="kubeconfig context (default: the current one)")
-    add("--timeout", type=float, help="seconds to wait (default: up 900, train 3600, serve 900, down --all 300)")
+    for option in dataclasses.fields(manifests.Options):
+        flag, default, help = "--" + option.name.replace("_", "-"), option.default, option.metadata["help"]
+        if option.name == "lb_source_ranges":  # repeatable; the dataclass's default stands for none given
+            parser.add_argument("--lb-source-range", dest=option.name, action="append", help=help)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=help)
+        else:
+            kind = int if "int" in option.type else Path if "Path" in option.type else str
+            default = os.environ.get("MNIST_IMAGE") if option.name == "image" else default
+            parser.add_argument(flag, type=kind, default=default, help=help + (" (default %(default)s)" if default else ""))
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--context", help="kubeconfig context (default: the current one)")
+    parser.add_argument("--timeout", type=float, help="seconds to wait (default: up 900, train 3600, serve 900, down --all 300)")
 
 
 def options_from_args(args: argparse.Namespace) -> manifests.Options:
-    names = {field.name for field in dataclasses.fields(manifests.Options)}
-    values = {name: getattr(args, name) for name in names}
+    values = {option.name: getattr(args, option.name) for option in dataclasses.fields(manifests.Options)}
     values["lb_source_ranges"] = tuple(args.lb_source_ranges or manifests.Options.lb_source_ranges)
     return manifests.Options(**values)
 
