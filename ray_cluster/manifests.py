@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from ray_cluster import serve_fit
+from ray_cluster import jobs, serve_fit
 from training import defaults
 from training.storage import RUN_ID_RULE, STORAGE_ENV, is_run_id
 
@@ -385,13 +385,9 @@ def nfs_clients(node_range: str) -> str:
 
 def train_command(o: Options, script: str = f"{APP_DIR}/training/train.py") -> list[str]:
     """The training command line (the RayJob's entrypoint; the CLI prints it for `ray job submit`)."""
-    command = ["python", script, "--workers", str(o.train_workers), "--epochs", str(o.epochs),
-               "--batch-size", str(o.batch_size), "--storage", MOUNT_PATH]
-    if o.rounds is not None:
-        command += ["--rounds", str(o.rounds)]
-    if o.run_id is not None:
-        command += ["--run-id", o.run_id]
-    return command
+    flags = ["--workers", o.train_workers, "--epochs", o.epochs, "--batch-size", o.batch_size]
+    flags += ["--rounds", o.rounds] * (o.rounds is not None) + ["--run-id", o.run_id] * (o.run_id is not None)
+    return jobs.train_command(MOUNT_PATH, *map(str, flags), script=script)
 
 
 def serve_config_v2(path: Path = SERVE_CONFIG) -> str:

@@ -468,7 +468,7 @@ def test_cli_train_submits_a_rayjob_and_waits(api, cli, capsys):
     assert post["path"] == "/apis/ray.io/v1/namespaces/mnist/rayjobs"
     assert post["body"]["spec"]["clusterSelector"] == {"ray.io/cluster": "mnist"}
     assert post["body"]["spec"]["entrypoint"] == ("python /home/ray/mnist/training/train.py --workers 3 --epochs 3 "
-                                                  "--batch-size 100 --storage /mnt/shared --run-id r1")
+                                                  "--batch-size 100 --run-id r1 --storage /mnt/shared")
     out = capsys.readouterr().out
     assert "kubectl -n mnist logs -f job/mnist-train" in out and "Training succeeded" in out
     assert cli("train") == 1  # finished jobs keep their record
