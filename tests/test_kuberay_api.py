@@ -21,13 +21,8 @@ from ray_cluster.kuberay import KubeRay
 
 NAMESPACE = "mnist"
 IMAGE = "us-central1-docker.pkg.dev/proj/mnist/mnist-ray:2.60.0-py311"
-RAY_PATH = re.compile(r"/apis/ray\.io/v1/namespaces/([^/]+)/(rayclusters|rayjobs|rayservices)(?:/([^/]+))?")
-CORE_PATHS = [
-    re.compile(r"/api/v1/(namespaces|persistentvolumes)(?:/([^/]+))?"),
-    re.compile(r"/api/v1/namespaces/[^/]+/(services|persistentvolumeclaims|configmaps|secrets|pods)(?:/([^/]+))?"),
-    re.compile(r"/apis/apps/v1/namespaces/[^/]+/(deployments)(?:/([^/]+))?"),
-    re.compile(r"/apis/networking\.k8s\.io/v1/namespaces/[^/]+/(networkpolicies)(?:/([^/]+))?"),
-]
+# /api/v1/ or /apis/<group>/v1/, then namespaces/<namespace>/ for a namespaced kind, then <plural>[/<name>]
+PATH = re.compile(r"/apis?/(?:(?P<group>[a-z0-9.]+)/)?v1(?:/namespaces/(?P<namespace>[^/]+)(?=/))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?")
 CLUSTER_IP = "10.12.0.7"
 EXTERNAL_IP = "203.0.113.7"
 
@@ -98,25 +93,15 @@ class StandIn:
     # ------------------------------------------------------------ request handling
 
     def handle(self, method: str, path: str, body) -> tuple[int, object]:
-        ray = RAY_PATH.fullmatch(path)
-        if ray:
-            namespace, plural, name = ray.groups()
-            if not self.crds_installed:
-                return 404, "404 page not found\n"
-            if plural in self.forbidden:
-                verb = {"GET": "get" if name else "list", "POST": "create", "PATCH": "patch", "APPLY": "patch", "DELETE": "delete"}[method]
-                return 403, status_body(403, "Forbidden", f'{plural}.ray.io is forbidden: User "dev" cannot {verb} '
-                                        f'resource "{plural}" in API group "ray.io" in the namespace "{namespace}"')
-            return self.crud(method, path.rsplit("/", 1)[0] if name else path, plural, name, body)
-        for core in CORE_PATHS:
-            match = core.fullmatch(path)
-            if match:
-                plural, name = match.groups()
-                if plural in self.forbidden:
-                    return 403, status_body(403, "Forbidden", f'{plural} "{name}" is forbidden: User "dev" cannot '
-                                            f'{method.lower()} resource "{plural}" in API group ""')
-                return self.crud(method, path.rsplit("/", 1)[0] if name else path, plural, name, body)
-        return 404, "404 page not found\n"
+        match = PATH.fullmatch(path)
+        if not match or (match["group"] == "ray.io" and not self.crds_installed):
+            return 404, "404 page not found\n"
+        plural, name = match["plural"], match["name"]
+        if plural in self.forbidden:
+            verb = {"GET": "get" if name else "list", "POST": "create", "PATCH": "patch", "APPLY": "patch", "DELETE": "delete"}[method]
+            return 403, status_body(403, "Forbidden", f'{plural} is forbidden: User "dev" cannot {verb} resource "{plural}" '
+                                    f'in API group "{match["group"] or ""}" in the namespace "{match["namespace"]}"')
+        return self.crud(method, path.rsplit("/", 1)[0] if name else path, plural, name, body)
 
     def crud(self, method, collection, plural, name, body):
         key = (collection, name or (body or {}).get("metadata", {}).get("name"))
@@ -152,8 +137,7 @@ class StandIn:
             return 200, self.objects[key]
         if method == "DELETE":  # built-in kinds answer with the object; custom objects with a Status
             obj = self.objects.pop(key)
-            return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"} if RAY_PATH.fullmatch(
-                f"{collection}/{name}") else obj
+            return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"} if plural.startswith("ray") else obj
         return 405, status_body(405, "MethodNotAllowed", method)
 
     def with_status(self, plural, name, obj):
@@ -188,11 +172,8 @@ class _Handler(BaseHTTPRequestHandler):
             failure = self.standin.failures.pop(0) if self.standin.failures else None
             if failure is None:
                 code, answer = self.standin.handle(method, parts.path, body)
-        if failure == "drop":  # the connection closes with no answer (an API server restarting)
-            self.close_connection = True
-            return
-        if failure == "slow":  # no answer within the client's read timeout
-            time.sleep(1.0)
+        if failure in ("drop", "slow"):  # no answer: an API server restarting, or past the client's read timeout
+            time.sleep(1.0 if failure == "slow" else 0)
             self.close_connection = True
             return
         if failure is not None:
