@@ -85,12 +85,9 @@ def _guarded(action):
             options = options_from_args(args)
             manifests.check(options)
             return action(args, options)
-        except manifests.InvalidOptions as error:
+        except (manifests.InvalidOptions, kuberay.KubeRayError, manifests.RenderError) as error:
             print(f"error: {error}", file=sys.stderr)
-            return 2
-        except (kuberay.KubeRayError, manifests.RenderError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(error, manifests.InvalidOptions) else 1
     return run
 
 

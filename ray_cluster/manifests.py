@@ -71,10 +71,6 @@ def image_tag_prefix() -> str:
     return f"{pinned_ray_version()}-{PYTHON_TAG}"
 
 
-def default_image() -> str:
-    return f"mnist-ray:{image_tag_prefix()}"
-
-
 def _option(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -122,7 +118,7 @@ class Options:
 
     @property
     def image_ref(self) -> str:
-        return self.image or default_image()
+        return self.image or f"mnist-ray:{image_tag_prefix()}"
 
     @property
     def service_name(self) -> str:

@@ -134,14 +134,8 @@ def crd_validators() -> dict[str, jsonschema.Draft7Validator]:
 
 # ---------------------------------------------------------------- walking the objects
 
-def ray_cluster_specs(obj: dict) -> list[dict]:
-    if obj["kind"] == "RayCluster":
-        return [obj["spec"]]
-    if obj["kind"] == "RayService":
-        return [obj["spec"]["rayClusterConfig"]]
-    if obj["kind"] == "RayJob" and "rayClusterSpec" in obj["spec"]:
-        return [obj["spec"]["rayClusterSpec"]]
-    return []
+def ray_cluster_specs(obj: dict) -> list[dict]:  # the RayJob runs on the RayCluster (clusterSelector): none
+    return {"RayCluster": [obj.get("spec")], "RayService": [obj.get("spec", {}).get("rayClusterConfig")]}.get(obj["kind"], [])
 
 
 def pod_templates(obj: dict) -> list[dict]:
@@ -295,6 +289,7 @@ def test_the_rayjob_fits_its_cluster(objects):
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"]
     assert not cluster["spec"].get("enableInTreeAutoscaling") and "autoscalerOptions" not in cluster["spec"]
     assert "runtimeEnvYAML" not in job["spec"]  # dependencies are in the image
+    assert "rayClusterSpec" not in job["spec"]  # it runs on the RayCluster, whose specs the tests check
 
 
 def test_the_head_lists_its_ports(objects):
@@ -494,7 +489,7 @@ def test_the_nfs_image_is_pinned_by_digest_and_exports_sync(objects):
 
 
 def test_token_authentication_on_both_clusters(objects):
-    specs = [s for obj in objects for s in ray_cluster_specs(obj) if obj["kind"] != "RayJob"]
+    specs = [s for obj in objects for s in ray_cluster_specs(obj)]
     assert len(specs) == 2
     for spec in specs:
         assert spec["authOptions"] == {"mode": "token"}  # KubeRay generates the token into a Secret
@@ -910,7 +905,7 @@ def head_pod_as_kuberay_builds_it(cluster_name: str, spec: dict) -> dict:
 
 
 def ray_clusters(objects) -> list[tuple[str, dict]]:
-    return [(o["metadata"]["name"], s) for o in objects if o["kind"] != "RayJob" for s in ray_cluster_specs(o)]
+    return [(o["metadata"]["name"], s) for o in objects for s in ray_cluster_specs(o)]
 
 
 def assert_serving_autoscales(service: dict) -> None:
