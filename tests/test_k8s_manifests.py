@@ -298,12 +298,6 @@ def test_the_head_lists_its_ports(objects):
         assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
 
 
-def test_names_are_within_kuberay_limits(objects):
-    for obj in objects:
-        if obj["kind"] in manifests.NAME_LIMITS:
-            assert len(obj["metadata"]["name"]) <= manifests.NAME_LIMITS[obj["kind"]], obj["metadata"]["name"]
-
-
 def test_only_the_serve_port_leaves_the_cluster(objects):
     services = [o for o in objects if o["kind"] == "Service"] + [o["spec"]["serveService"] for o in objects if o["kind"] == "RayService"]
     exposed = [s for s in services if s["spec"].get("type") in ("LoadBalancer", "NodePort")]
@@ -908,8 +902,8 @@ def ray_clusters(objects) -> list[tuple[str, dict]]:
     return [(o["metadata"]["name"], s) for o in objects for s in ray_cluster_specs(o)]
 
 
-def assert_serving_autoscales(service: dict) -> None:
-    spec = service["spec"]["rayClusterConfig"]
+def test_the_serving_cluster_autoscales(objects):  # and training does not: test_the_rayjob_fits_its_cluster
+    spec = one(objects, "RayService")["spec"]["rayClusterConfig"]
     assert spec["enableInTreeAutoscaling"] is True
     options = spec["autoscalerOptions"]
     assert options["version"] == "v2" and options["upscalingMode"] == "Default"
@@ -932,10 +926,6 @@ def assert_serving_autoscales(service: dict) -> None:
     assert sources == {"serviceAccountToken", "configMap", "downwardAPI"}
     for container in containers(spec["headGroupSpec"]["template"]):
         assert not [m for m in container.get("volumeMounts", []) if m["name"] == mount["name"]], container["name"]
-
-
-def test_the_serving_cluster_autoscales_and_training_does_not(objects):
-    assert_serving_autoscales(one(objects, "RayService"))
 
 
 def test_every_ray_cluster_meets_kuberays_validation_rules(objects):

@@ -456,14 +456,6 @@ def test_cli_train_submits_a_rayjob_and_waits(api, cli, capsys):
     assert "already exists (finished jobs keep their record): pass --job-name" in capsys.readouterr().err
 
 
-def test_cli_train_reports_a_failed_job(api, cli, capsys):
-    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
-    api.script("rayjobs", "mnist-train", {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED",
-                                          "message": "exit code 2"})
-    assert cli("train") == 1
-    assert "RayJob mnist/mnist-train failed: jobDeploymentStatus=Complete, jobStatus=FAILED (exit code 2)" in capsys.readouterr().err
-
-
 def test_cli_train_runs_one_worker_per_pod_of_the_live_cluster(api, cli, capsys):
     """Without --workers the live RayCluster's size is the count: whatever options created it,
     the job asks for one Train worker per worker pod it has now."""
@@ -626,17 +618,6 @@ def test_every_status_value(progress, obj, outcome, shows):
     assert shows in (result.failed or result.summary)
 
 
-def test_a_validation_failed_rayjob_ends_train_at_once(api, cli, capsys):
-    """v1.7.0 writes ValidationFailed once and never reconciles again: train must not wait its hour."""
-    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
-    api.script("rayjobs", "mnist-train", {"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed",
-                                          "message": "The RayJob spec is invalid: entrypoint is required"})
-    assert cli("train", "--timeout", "3600") == 1
-    err = capsys.readouterr().err
-    assert "refused the RayJob and will not retry" in err and "entrypoint is required" in err
-    assert api.reads[("rayjobs", "mnist-train")] == 1
-
-
 def test_serve_on_an_existing_service_waits_for_the_operator_to_see_the_patch(api, cli, capsys):
     api.put("/api/v1/namespaces/mnist/services", {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": "mnist-serve-serve-svc", "namespace": NAMESPACE},
@@ -657,21 +638,26 @@ def test_serve_on_an_existing_service_waits_for_the_operator_to_see_the_patch(ap
     assert "observedGeneration 1 < generation 2" in out and "UpgradeInProgress=True" in out
 
 
-def test_a_rayservice_the_operator_refuses_ends_serve_at_once(api, cli, capsys):
-    api.script("rayservices", "mnist-serve", {"conditions": [condition(
-        "Ready", "False", "ValidationFailed", "spec.rayClusterConfig.headGroupSpec: invalid")]})
-    assert cli("serve", "--timeout", "900") == 1
-    assert "the operator refused the RayService spec: spec.rayClusterConfig.headGroupSpec: invalid" in capsys.readouterr().err
-    assert api.reads[("rayservices", "mnist-serve")] == 1
-
-
-def test_up_ends_on_a_replica_failure(api, cli, capsys):
-    api.script("rayclusters", "mnist", {"state": "", "conditions": [
+@pytest.mark.parametrize("action, plural, name, status, words", [
+    ("up", "rayclusters", "mnist", {"state": "", "conditions": [
         condition("HeadPodReady", "False", "HeadPodNotFound"),
-        condition("ReplicaFailure", "True", "FailedCreateHeadPod", 'pods "mnist-head" is forbidden: violates PodSecurity "restricted:latest"')]})
-    assert cli("up", "--timeout", "900") == 1
-    assert 'a pod could not be created: FailedCreateHeadPod: pods "mnist-head" is forbidden' in capsys.readouterr().err
-    assert api.reads[("rayclusters", "mnist")] == 1
+        condition("ReplicaFailure", "True", "FailedCreateHeadPod", 'pods "mnist-head" is forbidden: violates PodSecurity')]},
+     'RayCluster mnist/mnist failed: a pod could not be created: FailedCreateHeadPod: pods "mnist-head" is forbidden'),
+    ("train", "rayjobs", "mnist-train", {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED", "message": "exit code 2"},
+     "RayJob mnist/mnist-train failed: jobDeploymentStatus=Complete, jobStatus=FAILED (exit code 2)"),
+    ("train", "rayjobs", "mnist-train", {"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed",
+                                         "message": "The RayJob spec is invalid: entrypoint is required"},
+     "refused the RayJob and will not retry: ValidationFailed: The RayJob spec is invalid: entrypoint is required"),
+    ("serve", "rayservices", "mnist-serve", {"conditions": [condition(
+        "Ready", "False", "ValidationFailed", "spec.rayClusterConfig.headGroupSpec: invalid")]},
+     "the operator refused the RayService spec: spec.rayClusterConfig.headGroupSpec: invalid")])
+def test_a_status_that_cannot_end_well_ends_the_command_at_once(api, cli, capsys, action, plural, name, status, words):
+    """Not after its hour: v1.7.0 writes ValidationFailed once and never reconciles the object again."""
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())  # train runs on a live RayCluster
+    api.script(plural, name, status)
+    assert cli(action, "--timeout", "3600") == 1
+    assert words in capsys.readouterr().err
+    assert api.reads[(plural, name)] == 1
 
 
 # ---------------------------------------------------------------- requests: timeouts and retries
