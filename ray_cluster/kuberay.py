@@ -69,23 +69,19 @@ def _conditions(status: dict) -> dict[str, dict]:
     return {c.get("type"): c for c in status.get("conditions") or []}
 
 
-def _describe(conditions: dict[str, dict], types: tuple[str, ...]) -> list[str]:
-    parts = []
-    for kind in types:
-        if kind in conditions:
-            c = conditions[kind]
-            detail = ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
-            parts.append(f"{kind}={c.get('status')}" + (f" ({detail})" if detail else ""))
-    return parts
+def _detail(fields: dict) -> str:
+    """"reason: message", or whichever of the two is there."""
+    return ": ".join(x for x in (fields.get("reason"), fields.get("message")) if x)
 
 
-def _generation_note(obj: dict) -> str | None:
-    """Why the status may be stale: the operator has not yet seen the latest spec (after a patch)."""
-    generation = (obj.get("metadata") or {}).get("generation")
-    observed = (obj.get("status") or {}).get("observedGeneration")
-    if generation is not None and observed is not None and observed < generation:
-        return f"observedGeneration {observed} < generation {generation}"
-    return None
+def _describe(obj: dict, conditions: dict[str, dict], types: tuple[str, ...]) -> tuple[list[str], bool]:
+    """The conditions of these types in words, and whether the status is stale: the operator has not
+    yet seen the latest spec (after a patch), which the words then say too."""
+    parts = [f"{t}={conditions[t].get('status')}" + (f" ({_detail(conditions[t])})" if _detail(conditions[t]) else "")
+             for t in types if t in conditions]
+    generation, observed = (obj.get("metadata") or {}).get("generation"), (obj.get("status") or {}).get("observedGeneration")
+    stale = generation is not None and observed is not None and observed < generation
+    return parts + ([f"observedGeneration {observed} < generation {generation}"] if stale else []), stale
 
 
 def raycluster_progress(obj: dict) -> Progress:
@@ -97,18 +93,13 @@ def raycluster_progress(obj: dict) -> Progress:
         ready = all(conditions.get(t, {}).get("status") == "True" for t in ("HeadPodReady", "RayClusterProvisioned"))
     else:  # an operator that does not write conditions still writes state
         ready = status.get("state") == "ready"
+    described, stale = _describe(obj, conditions, ("HeadPodReady", "RayClusterProvisioned", "ReplicaFailure",
+                                                   "RayClusterSuspending", "RayClusterSuspended"))
     parts = [f"state={status.get('state', '-')}",
-             f"workers ready {status.get('readyWorkerReplicas', 0)}/{status.get('desiredWorkerReplicas', '?')}"]
-    parts += _describe(conditions, ("HeadPodReady", "RayClusterProvisioned", "ReplicaFailure",
-                                    "RayClusterSuspending", "RayClusterSuspended"))
-    stale = _generation_note(obj)
-    if stale:
-        parts.append(stale)
+             f"workers ready {status.get('readyWorkerReplicas', 0)}/{status.get('desiredWorkerReplicas', '?')}"] + described
     failed = None
-    replica_failure = conditions.get("ReplicaFailure", {})
-    if replica_failure.get("status") == "True":
-        failed = ("a pod could not be created: " + ": ".join(
-            x for x in (replica_failure.get("reason"), replica_failure.get("message")) if x))
+    if conditions.get("ReplicaFailure", {}).get("status") == "True":
+        failed = "a pod could not be created: " + _detail(conditions["ReplicaFailure"])
     elif status.get("state") == "failed":
         failed = f"state=failed ({status.get('reason', 'no reason given')})"
     elif status.get("state") == "suspended" or conditions.get("RayClusterSuspended", {}).get("status") == "True":
@@ -123,8 +114,6 @@ def raycluster_progress(obj: dict) -> Progress:
 # a value a later operator adds) is still under way.
 JOB_DEPLOYMENT_TERMINAL = {"Complete", "Failed", "ValidationFailed"}
 JOB_DEPLOYMENT_STOPPED = {"Suspending": "is being suspended (spec.suspend)", "Suspended": "is suspended (spec.suspend)"}
-# JobStatus (the Ray job itself): STOPPED, SUCCEEDED and FAILED are terminal (IsJobTerminal).
-JOB_TERMINAL = {"STOPPED", "SUCCEEDED", "FAILED"}
 
 
 def rayjob_progress(obj: dict) -> Progress:
@@ -132,14 +121,14 @@ def rayjob_progress(obj: dict) -> Progress:
     status = obj.get("status") or {}
     deployment = status.get("jobDeploymentStatus") or "New"
     job = status.get("jobStatus") or "-"
-    detail = ": ".join(x for x in (status.get("reason"), status.get("message")) if x)
+    detail = _detail(status)
     summary = f"jobDeploymentStatus={deployment}, jobStatus={job}" + (f" ({detail})" if detail else "")
     ready = deployment == "Complete" and job == "SUCCEEDED"
     failed = None
     if deployment == "ValidationFailed":
         failed = f"the operator refused the RayJob and will not retry: {detail or summary}; fix the spec, " \
                  "delete the RayJob and create it again"
-    elif job in ("FAILED", "STOPPED"):
+    elif job in ("FAILED", "STOPPED"):  # the terminal JobStatus values (IsJobTerminal) other than SUCCEEDED
         failed = summary
     elif deployment in JOB_DEPLOYMENT_TERMINAL and not ready:
         failed = summary
@@ -164,11 +153,8 @@ def rayservice_progress(obj: dict) -> Progress:
     status = obj.get("status") or {}
     conditions = _conditions(status)
     ready_condition = conditions.get("Ready", {})
-    parts = [f"serviceStatus={status.get('serviceStatus', '-')}", f"endpoints={status.get('numServeEndpoints', 0)}"]
-    parts += _describe(conditions, ("Ready", "UpgradeInProgress", "RollbackInProgress", "Suspending", "Suspended"))
-    stale = _generation_note(obj)
-    if stale:
-        parts.append(stale)
+    described, stale = _describe(obj, conditions, ("Ready", "UpgradeInProgress", "RollbackInProgress", "Suspending", "Suspended"))
+    parts = [f"serviceStatus={status.get('serviceStatus', '-')}", f"endpoints={status.get('numServeEndpoints', 0)}"] + described
     failed = None
     for side in ("activeServiceStatus", "pendingServiceStatus"):
         for app, app_status in ((status.get(side) or {}).get("applicationStatuses") or {}).items():
