@@ -181,13 +181,12 @@ def problems(o: Options) -> list[str]:
                      "at most 59 characters (the NFS server uses <namespace>-nfs)")
     for flag, value in (("--worker-pods", o.worker_pods), ("--worker-cpus", o.worker_cpus),
                         ("--head-cpus", o.head_cpus), ("--serve-min-pods", o.serve_min_pods),
-                        ("--workers", o.train_workers), ("--epochs", o.epochs), ("--batch-size", o.batch_size)):
+                        ("--workers", o.train_workers), ("--epochs", o.epochs), ("--batch-size", o.batch_size),
+                        ("--rounds", 1 if o.rounds is None else o.rounds)):
         if value < 1:  # a Serve floor of 0 pods would leave its replicas nowhere to run (the head has 0 CPUs)
             found.append(f"{flag} must be at least 1 (got {value})")
     if o.serve_max_pods < o.serve_min_pods:  # KubeRay refuses minReplicas > maxReplicas
         found.append(f"--serve-max-pods {o.serve_max_pods} is below --serve-min-pods {o.serve_min_pods}")
-    if o.rounds is not None and o.rounds < 1:
-        found.append(f"--rounds must be at least 1 (got {o.rounds})")
     slots = o.worker_pods * o.worker_cpus
     if o.worker_pods >= 1 and o.worker_cpus >= 1 and o.train_workers > slots:
         found.append(f"--workers {o.train_workers} is more than the worker group holds: {o.worker_pods} pods x "

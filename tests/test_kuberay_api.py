@@ -360,6 +360,7 @@ def cli(api, tmp_path, monkeypatch):
 
 BAD_CLI_OPTIONS = [
     (["--workers", "0"], "--workers must be at least 1"),
+    (["--rounds", "0"], "--rounds must be at least 1 (got 0)"),
     (["--serve-min-pods", "0"], "--serve-min-pods must be at least 1"),
     (["--serve-min-pods", "3", "--serve-max-pods", "2"], "--serve-max-pods 2 is below --serve-min-pods 3"),
     (["--worker-pods", "0"], "--worker-pods must be at least 1"),
