@@ -221,7 +221,7 @@ def _external_address(cluster: kuberay.KubeRay, o: manifests.Options, deadline: 
 
     def address():
         ingress = ((cluster.get("Service", name).get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
-        return next((entry.get("ip") or entry.get("hostname") for entry in ingress if entry.get("ip") or entry.get("hostname")), None)
+        return next(filter(None, (entry.get("ip") or entry.get("hostname") for entry in ingress)), None)
     return kuberay.poll_until(address, deadline - time.monotonic(), POLL, lambda: kuberay.WaitTimeout(
         f"Service {o.namespace}/{name} has no external address yet; `kubectl -n {o.namespace} get svc {name} -w` "
         "shows when it does"))

@@ -22,7 +22,8 @@ from ray_cluster.kuberay import KubeRay
 NAMESPACE = "mnist"
 IMAGE = "us-central1-docker.pkg.dev/proj/mnist/mnist-ray:2.60.0-py311"
 # /api/v1/ or /apis/<group>/v1/, then namespaces/<namespace>/ for a namespaced kind, then <plural>[/<name>]
-PATH = re.compile(r"/apis?/(?:(?P<group>[a-z0-9.]+)/)?v1(?:/namespaces/(?P<namespace>[^/]+)(?=/))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?")
+PATH = re.compile(r"/apis?/(?:(?P<group>[a-z0-9.]+)/)?v1(?:/namespaces/(?P<namespace>[^/]+)(?=/))?"
+                  r"/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?")
 CLUSTER_IP = "10.12.0.7"
 EXTERNAL_IP = "203.0.113.7"
 
