@@ -477,25 +477,35 @@ def test_cli_train_checks_the_live_cluster_first(api, cli, capsys):
     assert not api.sent("POST")
 
 
-def test_cli_serve_creates_then_updates_and_prints_the_address(api, cli, capsys, tmp_path):
-    serve_config = tmp_path / "serve_config.yaml"
-    api.script("rayservices", "mnist-serve", {"conditions": [condition("Ready", "False", "Initializing")]}, SERVICE_READY)
+def test_cli_serve_creates_then_updates_and_waits_for_the_operator_to_see_the_update(api, cli, capsys, tmp_path):
+    ready = {**SERVICE_READY, "observedGeneration": 1}
+    api.script("rayservices", "mnist-serve", {"conditions": [condition("Ready", "False", "Initializing")]}, ready)
     api.put("/api/v1/namespaces/mnist/services", {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": "mnist-serve-serve-svc", "namespace": NAMESPACE},
         "spec": {"type": "LoadBalancer", "ports": [{"name": "serve", "port": 8000}]},
         "status": {"loadBalancer": {"ingress": [{"ip": EXTERNAL_IP}]}}})
     assert cli("serve") == 0
     (apply,) = api.sent("PATCH")
-    assert apply["body"]["spec"]["serveConfigV2"] == serve_config.read_text()  # the file as it is
+    assert apply["body"]["spec"]["serveConfigV2"] == (tmp_path / "serve_config.yaml").read_text()  # the file as it is
     out = capsys.readouterr().out
     assert "app mnist=RUNNING" in out and "endpoints=2, Ready=True (NonZeroServeEndpoints)" in out
     assert f"Serving at http://{EXTERNAL_IP}:8000/" in out
+    # The update makes generation 2. The operator first still reports Ready=True for generation 1,
+    # then an upgrade, and only then Ready for generation 2.
+    upgrading = {**ready, "observedGeneration": 2,
+                 "conditions": ready["conditions"] + [condition("UpgradeInProgress", "True", "BothActivePendingClustersExist")]}
+    api.script("rayservices", "mnist-serve", ready, upgrading, {**ready, "observedGeneration": 2})
+    api.reads.clear()
     assert cli("serve", "--serve-min-pods", "2", "--serve-max-pods", "3") == 0
     assert api.applied() == ["/apis/ray.io/v1/namespaces/mnist/rayservices/mnist-serve"] * 2
     patch = api.sent("PATCH")[-1]
     (group,) = patch["body"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 3)
     assert patch["body"]["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    assert api.get(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices", "mnist-serve")["metadata"]["generation"] == 2
+    assert api.reads[("rayservices", "mnist-serve")] == 3
+    out = capsys.readouterr().out
+    assert "observedGeneration 1 < generation 2" in out and "UpgradeInProgress=True" in out
 
 
 def test_cli_status_and_down(api, cli, capsys):
@@ -618,26 +628,6 @@ def test_every_status_value(progress, obj, outcome, shows):
     assert not (result.ready and result.failed), result
     assert ("ready" if result.ready else "fail" if result.failed else "wait") == outcome
     assert shows in (result.failed or result.summary)
-
-
-def test_serve_on_an_existing_service_waits_for_the_operator_to_see_the_patch(api, cli, capsys):
-    api.put("/api/v1/namespaces/mnist/services", {
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "mnist-serve-serve-svc", "namespace": NAMESPACE},
-        "spec": {"type": "LoadBalancer"}, "status": {"loadBalancer": {"ingress": [{"ip": EXTERNAL_IP}]}}})
-    api.script("rayservices", "mnist-serve", {**SERVICE_READY, "observedGeneration": 1})
-    assert cli("serve") == 0
-    # The patch makes generation 2. The operator first still reports Ready=True for generation 1,
-    # then an upgrade, and only then Ready for generation 2.
-    upgrading = {**SERVICE_READY, "observedGeneration": 2,
-                 "conditions": SERVICE_READY["conditions"] + [condition("UpgradeInProgress", "True", "BothActivePendingClustersExist")]}
-    api.script("rayservices", "mnist-serve", {**SERVICE_READY, "observedGeneration": 1}, upgrading,
-               {**SERVICE_READY, "observedGeneration": 2})
-    api.reads.clear()
-    assert cli("serve", "--serve-min-pods", "2") == 0
-    assert api.get(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices", "mnist-serve")["metadata"]["generation"] == 2
-    assert api.reads[("rayservices", "mnist-serve")] == 3
-    out = capsys.readouterr().out
-    assert "observedGeneration 1 < generation 2" in out and "UpgradeInProgress=True" in out
 
 
 @pytest.mark.parametrize("action, plural, name, status, words", [
