@@ -453,23 +453,20 @@ def test_cli_train_submits_a_rayjob_and_waits(api, cli, capsys):
     assert "already exists (finished jobs keep their record): pass --job-name" in capsys.readouterr().err
 
 
-def test_cli_train_runs_one_worker_per_pod_of_the_live_cluster(api, cli, capsys):
-    """Without --workers the live RayCluster's size is the count: whatever options created it,
-    the job asks for one Train worker per worker pod it has now."""
-    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster(pods=5, cpus="2"))
-    api.script("rayjobs", "mnist-train", JOB_SUCCEEDED)
-    assert cli("train") == 0  # the options' --worker-pods is 3: the live cluster's 5 win
-    (post,) = api.sent("POST")
-    assert " --workers 5 " in post["body"]["spec"]["entrypoint"]
-
-
-def test_cli_train_checks_the_live_cluster_first(api, cli, capsys):
+def test_cli_train_sizes_the_job_by_the_live_cluster(api, cli, capsys):
+    """Without --workers the live RayCluster's size is the count: whatever options created it, the
+    job asks for one Train worker per worker pod it has now. More than it holds is refused."""
     assert cli("train") == 1
     assert "RayCluster mnist/mnist not found: run `python -m ray_cluster kuberay up` first" in capsys.readouterr().err
     api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster(pods=1, cpus="2"))
     assert cli("train", "--workers", "3") == 2  # the options allow 6, the live cluster holds 2
     assert "--workers 3 is more than RayCluster mnist holds (2 worker CPUs)" in capsys.readouterr().err
     assert not api.sent("POST")
+    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster(pods=5, cpus="2"))
+    api.script("rayjobs", "mnist-train", JOB_SUCCEEDED)
+    assert cli("train") == 0  # the options' --worker-pods is 3: the live cluster's 5 win
+    (post,) = api.sent("POST")
+    assert " --workers 5 " in post["body"]["spec"]["entrypoint"]
 
 
 def test_cli_serve_creates_then_updates_and_waits_for_the_operator_to_see_the_update(api, cli, capsys, tmp_path):
