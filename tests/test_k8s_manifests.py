@@ -627,6 +627,8 @@ LOCAL_ONLY_SERVE_CONFIGS = {
     "storage arg": ("applications:\n  - {name: a, import_path: x:y, args: {storage: ./storage}}\n", "args.storage"),
     "pip": ("applications:\n  - name: a\n    import_path: x:y\n    runtime_env: {pip: [torch]}\n", "bake them into the image"),
     "no import path": ("applications:\n  - {name: a}\n", "has no import_path"),
+    "no applications": ("proxy_location: EveryNode\n", "has no `applications:` list"),
+    "no file": (None, "serve_config.yaml not found"),
 }
 
 
@@ -634,17 +636,10 @@ LOCAL_ONLY_SERVE_CONFIGS = {
 def test_serve_configs_that_cannot_run_in_the_cluster_are_refused(tmp_path, case):
     text, message = LOCAL_ONLY_SERVE_CONFIGS[case]
     path = tmp_path / "serve_config.yaml"
-    path.write_text(text)
+    if text is not None:
+        path.write_text(text)
     with pytest.raises(InvalidOptions, match=re.escape(message)):
         manifests.serve_config_v2(path)
-
-
-def test_serve_config_files_that_are_missing_or_empty_are_refused(tmp_path):
-    with pytest.raises(InvalidOptions, match="not found"):
-        manifests.serve_config_v2(tmp_path / "absent.yaml")
-    (tmp_path / "empty.yaml").write_text("proxy_location: EveryNode\n")
-    with pytest.raises(InvalidOptions, match="applications"):
-        manifests.serve_config_v2(tmp_path / "empty.yaml")
 
 
 @pytest.mark.filterwarnings("ignore")  # pydantic deprecation warnings from inside ray.serve
