@@ -53,6 +53,7 @@ class Answers:
 
     def __init__(self):
         self.statuses, self.errors, self.retried_503, self.lock = {}, {}, 0, threading.Lock()
+        self.samples = {}  # the first body of each status other than 200, to say where an error came from
 
     def count(self, table: dict, key) -> None:
         with self.lock:
@@ -65,7 +66,7 @@ class Answers:
     def summary(self) -> dict:
         requests = sum(self.statuses.values()) + sum(self.errors.values())
         return {"requests": requests, "statuses": dict(self.statuses), "errors": dict(self.errors),
-                "503s_answered_on_retry": self.retried_503}
+                "503s_answered_on_retry": self.retried_503, "samples": dict(self.samples)}
 
 
 def post(connection, path: str, body: bytes) -> tuple[int, bytes, str | None]:
@@ -97,6 +98,8 @@ def post_loop(url: str, bodies: list[bytes], answers: Answers, stop) -> None:
             connection.close()
             continue
         answers.count(answers.statuses, status if status != 200 or valid_answer(answer) else "wrong answer")
+        if status != 200:
+            answers.samples.setdefault(str(status), answer[:300].decode(errors="replace"))
     connection.close()
 
 
