@@ -3,7 +3,6 @@
 run, an ordinary client keeps getting 200s with p95 under 1 s. The costs themselves are measured
 without Ray in test_cost_oracle.py."""
 import base64
-import json
 import threading
 import time
 from collections import Counter
