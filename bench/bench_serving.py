@@ -49,7 +49,8 @@ from serving import deploy
 from serving.deploy import running_replicas
 from bench.drawings import encode, redraw
 from training.data import fetch_mnist, load_mnist
-from training.storage import read_latest, resolve_storage
+from training.storage import resolve_storage
+from training.versions import read_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from training.model import for_inference, network_for, to_input
-from training.storage import (METADATA_FILE, MODEL_FILE, BadVersionName, PromotionError, model_path, read_history,
-                              read_latest, resolve_storage, version_dir)
+from training.storage import METADATA_FILE, MODEL_FILE, model_path, resolve_storage, version_dir
+from training.versions import BadVersionName, PromotionError, read_history, read_latest
 
 log = logging.getLogger("ray.serve")
 # Images per forward pass, however the calls were batched (32 calls of a 256-image tensor would

@@ -17,7 +17,8 @@ from ray_cluster.jobs import ray_job_submit, submit_training, train_command  # n
 from serving import deploy
 from serving.deploy import running_replicas  # noqa: F401  (the tests import it from here)
 from training.model import Net, to_input
-from training.storage import models_dir, publish_model
+from training.storage import models_dir
+from training.versions import publish_model
 
 
 

@@ -13,7 +13,8 @@ from ray.util.state import list_actors, list_placement_groups
 
 from ray_cluster import local
 from tests.helpers import submit_training, wait_for, wait_for_job, wait_while_job_runs
-from training.storage import global_path, models_dir, partial_path, read_latest
+from training.storage import global_path, models_dir, partial_path
+from training.versions import read_latest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # Two rounds of 30 steps with a checkpoint every 4 steps: the kill lands inside round 1, after

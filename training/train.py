@@ -37,7 +37,7 @@ from training.augment import DEFAULT as AUGMENTATION  # noqa: E402
 from training.aggregation import start_aggregator  # noqa: E402
 from training.data import MnistUnavailable, check_partition, fetch_mnist, write_shards  # noqa: E402
 from training.model import Net, initial_weights  # noqa: E402
-from training.models import POLICIES, TOLERANCE, publish_run  # noqa: E402
+from training.versions import POLICIES, TOLERANCE, publish_run  # noqa: E402
 from training.storage import (RUN_ID_RULE, STORAGE_ENV, atomic_torch_save, claim_run_dir,  # noqa: E402
                               given_storage, global_path, init_path, is_run_id, manifest_path, new_run_id,
                               ray_dir, run_dir, sha256_file)
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="make the new version the served one (move `latest`): auto = only a full-data run "
                              f"(no --subset) at least as accurate as the serving version less {100 * TOLERANCE:.1f} "
                              "point, or when nothing serves yet; always; never (default auto). The version is "
-                             "published in any case; `python -m training.models promote VERSION` serves it later")
+                             "published in any case; `python -m training.versions promote VERSION` serves it later")
     parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray Train may make (default 2)")
     return parser
 
@@ -286,7 +286,7 @@ def publish(args, storage: Path, run_id: str, rounds: list[dict], train_seconds:
     path, decision = publish_run(storage, run_id, final, metadata, args.promote)
     print_table(rounds)
     print(f"test accuracy {metadata['test_accuracy']:.4f}  model {path}  ({train_seconds:.1f} s)", flush=True)
-    hint = "" if decision.promote else f"; to serve it: python -m training.models promote {run_id}"
+    hint = "" if decision.promote else f"; to serve it: python -m training.versions promote {run_id}"
     print(f"{run_id}: {decision.summary}{hint}", flush=True)  # the last line says what serves now
 
 
