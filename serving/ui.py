@@ -16,7 +16,7 @@ from serving.api import ApiError
 from serving.budget import check_sketch_files, check_sources, replica_cpus, run_bounded
 from serving.model_store import NoModel
 from serving.preprocess import BadImage, preprocess
-from training.storage import private_dir, private_state_dir
+from training.private_dirs import private_dir, private_state_dir
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network here, and no tracking anyway
 if "GRADIO_TEMP_DIR" not in os.environ:  # uploads land here: private to this user, not a shared /tmp name
