@@ -44,11 +44,18 @@ from training.aggregation import FedAvg
 from training.allocator import keep_freed_memory
 from training.data import fetch_mnist, load_mnist
 from training.calibration import calibrate
-from training.model import Net, SeedNet, evaluate, native_bf16, to_input
+from bench.seed_net import SeedNet
+from training.model import Net, evaluate, to_input
 from training.storage import metadata_path, resolve_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+
+
+def native_bf16() -> bool:
+    """True where the CPU reports native bfloat16 (AVX512_BF16 or AMX). Informational only: the
+    flag does not predict speed (training/calibration.py times the step instead)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def train_plain(model, images, labels, epochs: int, batch_size: int, lr: float, shuffle: bool, seed: int,
