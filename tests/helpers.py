@@ -18,7 +18,7 @@ from serving import deploy
 from serving.deploy import running_replicas  # noqa: F401  (the tests import it from here)
 from training.model import Net, to_input
 from training.storage import models_dir
-from training.versions import publish_model
+from training.versions import promote_version, publish_version
 
 
 
@@ -191,6 +191,14 @@ def train_net(images: torch.Tensor, labels: torch.Tensor, steps: int, seed: int,
         optimiser.step()
         schedule.step()
     return net.state_dict()
+
+
+def publish_model(storage: Path, version: str, state_dict: dict, metadata: dict) -> Path:
+    """Publish <version>/ and point `latest` at it (a training run decides by its policy instead:
+    training.versions.publish_run)."""
+    final = publish_version(storage, version, state_dict, metadata)
+    promote_version(storage, version, note="published")
+    return final
 
 
 def publish(storage: Path, version: str, state: dict, accuracy: float) -> None:

@@ -18,10 +18,10 @@ import torch
 from bench.loadgen import load
 from training import train, versions
 from training.versions import TOLERANCE, decide, publish_run
-from tests.helpers import wait_for, wait_on_every_replica
+from tests.helpers import publish_model, wait_for, wait_on_every_replica
 from training.storage import history_path, models_dir, run_dir
-from training.versions import (PromotionError, promote_version, publish_model, publish_version, read_history,
-                               read_latest, rollback_version)
+from training.versions import (PromotionError, promote_version, publish_version, read_history, read_latest,
+                               rollback_version)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"w": torch.zeros(4)}  # the promotion code never looks inside model.pt

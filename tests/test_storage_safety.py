@@ -12,7 +12,8 @@ from torch import nn
 from serving.model_store import ModelStore
 from training.model import Net, NetV1, for_inference, to_input
 from training.storage import check_version_name, claim_run_dir, models_dir
-from training.versions import BadVersionName, promote_version, publish_model, read_latest
+from tests.helpers import publish_model
+from training.versions import BadVersionName, promote_version, read_latest
 import training.storage as storage_module
 import training.versions as versions_module
 

@@ -39,13 +39,6 @@ TOLERANCE = 0.001
 
 # ---------------------------------------------------------------- publishing and reading `latest`
 
-def publish_model(storage: Path, version: str, state_dict: dict, metadata: dict) -> Path:
-    """Publish <version>/ and point `latest` at it (training itself promotes by a policy: publish_run)."""
-    final = publish_version(storage, version, state_dict, metadata)
-    promote_version(storage, version, note="published")
-    return final
-
-
 def publish_version(storage: Path, version: str, state_dict: dict, metadata: dict) -> Path:
     """Write <version>/ completely under a temporary name and rename it; `latest` does not move."""
     root = models_dir(storage)
