@@ -98,8 +98,8 @@ def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict,
 
 class Aggregator:
     """A run's aggregator as a Ray actor: the process, torch and the test images stay loaded
-    between rounds, so a round pays only for averaging and evaluation (a fresh task per round
-    spent ~2.5 s more starting a process and reading the test set).
+    between rounds, so a round pays only for averaging and evaluation, not for starting a process
+    and reading the test set again (docs/BENCHMARKS.md has the gap it closed).
 
     Every worker calls aggregate(r) once round r's worker files are all written; the first call
     averages, the others get the same metrics back. Averaging is idempotent, so a restarted

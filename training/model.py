@@ -31,7 +31,8 @@ class Net(nn.Module):
         self.features = self.layers()
         self.fc1 = nn.Linear(96 * 3 * 3, 128)
         self.fc2 = nn.Linear(128, 10)
-        # NHWC: oneDNN's convolutions run 1.6x faster per training step on CPU (and at inference).
+        # NHWC: oneDNN's CPU convolutions are faster channels-last, in training and at inference
+        # (docs/BENCHMARKS.md has the step times).
         self.to(memory_format=torch.channels_last)
 
     @staticmethod
@@ -102,7 +103,7 @@ def for_inference(model: nn.Module) -> nn.Module:
 
     The copy is made by swapping modules, not by torch.fx tracing (`fuse`): a trace patches
     torch.nn.Module for the whole process while it runs, so a serving replica loading a new version
-    broke the requests it was answering meanwhile ("module is not installed as a submodule")."""
+    would break the requests it answers meanwhile ("module is not installed as a submodule")."""
     model.eval()
     folded = copy.deepcopy(model)
     for block in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:

@@ -210,8 +210,8 @@ def run(args) -> int:
         claim_run_dir(storage, run_id)
     except FileExistsError:
         raise UserError(f"run {run_id} already exists at {run_dir(storage, run_id)}; pick another --run-id") from None
-    # The driver splits (0.4-0.5 s): a splitter task's own process spent ~3.5 s of CPU starting
-    # and importing torch, while Ray Train's start-up needs both cores.
+    # The driver splits: a splitter task would start a process and import torch while Ray
+    # Train's start-up needs the cores (docs/TRAINING.md has the timings).
     manifest = write_shards(storage, run_id, args.workers, args.seed, args.subset, args.partition)
     atomic_torch_save(init_path(storage, run_id), initial_weights(args.seed))
     aggregator = start_aggregator(storage, run_id, manifest, args.strategy)  # lives as long as this run
