@@ -44,6 +44,7 @@ import numpy as np
 import psutil
 
 from bench.loadgen import load
+from bench.machine import cpu_info
 from ray_cluster import local
 from serving import deploy
 from serving.deploy import running_replicas
@@ -249,9 +250,7 @@ def fold_markdown(report: dict) -> str:
 # ---------------------------------------------------------------- report
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_info()[0], "python": platform.python_version(),
             "loadavg_1m_before": os.getloadavg()[0]}
 
 
