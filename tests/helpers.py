@@ -92,8 +92,18 @@ def wait_for_job(client, job_id: str, timeout: float = 420):
 
 # ---------------------------------------------------------------- Serve
 
+class ApiClient:
+    """Calls to the API at `self.url`, the same for a Serve app and an in-process one."""
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def model(self) -> dict:
+        return httpx.get(f"{self.url}/model", timeout=30).json()
+
+
 @dataclass
-class ServeApp:
+class ServeApp(ApiClient):
     name: str
     prefix: str
     storage: Path
@@ -111,29 +121,17 @@ class ServeApp:
     def names(self) -> list[str]:
         return [app["name"] for app in self.config["applications"]]
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
-
-    def model(self) -> dict:
-        return httpx.get(f"{self.url}/model", timeout=30).json()
-
     @property
     def max_body_bytes(self) -> int:
         return self.config["applications"][0]["args"]["max_body_bytes"]
 
 
 @dataclass
-class LocalApi:
+class LocalApi(ApiClient):
     """The API app (serving.api.create_api over the model in this process) served by uvicorn."""
     url: str
     storage: Path
     max_body_bytes: int
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
-
-    def model(self) -> dict:
-        return httpx.get(f"{self.url}/model", timeout=30).json()
 
 
 @contextlib.contextmanager
