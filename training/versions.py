@@ -32,8 +32,8 @@ from training.storage import (DIR_MODE, METADATA_FILE, MODEL_FILE, BadVersionNam
 
 POLICIES = ("auto", "always", "never")
 # auto promotes a full-data run scoring at least the serving model's test accuracy less this:
-# 0.1 point, 10 of the 10,000 test images: about the spread of one recipe over seeds (three seeds of
-# the chosen one gave 99.29-99.40% in bench/model_sweep.py), so a rerun is not refused for noise.
+# 0.1 point, 10 of the 10,000 test images: about the spread of one recipe over seeds (docs/BENCHMARKS.md,
+# "How the model was chosen"), so a rerun is not refused for noise.
 TOLERANCE = 0.001
 
 
