@@ -27,8 +27,8 @@ from pathlib import Path
 # BadVersionName and PromotionError are defined with the name rules that raise them; import them from here.
 from training.storage import (DIR_MODE, METADATA_FILE, MODEL_FILE, BadVersionName, PromotionError,
                               atomic_torch_save, atomic_write_bytes, atomic_write_json, check_version_name,
-                              fsync_dir, history_path, is_version_name, latest_path, models_dir, resolve_storage,
-                              run_dir, version_dir)
+                              fsync_dir, history_path, is_version_name, latest_path, metadata_path, model_path,
+                              models_dir, resolve_storage, run_dir, version_dir)
 
 POLICIES = ("auto", "always", "never")
 # auto promotes a full-data run scoring at least the serving model's test accuracy less this:
@@ -111,15 +111,16 @@ def version_metadata(storage: Path, version: str) -> dict:
     if not folder.is_dir():
         known = ", ".join(published_versions(storage)[-5:]) or "none"
         raise PromotionError(f"no published version '{version}' under {models_dir(storage)} (latest ones: {known})")
+    path = metadata_path(storage, version)
     try:
-        metadata = json.loads((folder / METADATA_FILE).read_text())
+        metadata = json.loads(path.read_text())
     except FileNotFoundError:
         raise PromotionError(f"version '{version}' is incomplete: {folder} has no {METADATA_FILE}") from None
     except (OSError, ValueError) as error:
-        raise PromotionError(f"version '{version}': cannot read {folder / METADATA_FILE} ({error})") from None
+        raise PromotionError(f"version '{version}': cannot read {path} ({error})") from None
     if not isinstance(metadata, dict):
-        raise PromotionError(f"version '{version}': {folder / METADATA_FILE} is not a JSON object")
-    if not (folder / MODEL_FILE).is_file():
+        raise PromotionError(f"version '{version}': {path} is not a JSON object")
+    if not model_path(storage, version).is_file():
         raise PromotionError(f"version '{version}' is incomplete: {folder} has no {MODEL_FILE}")
     return metadata
 
