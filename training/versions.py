@@ -104,7 +104,6 @@ def promotion_lock(storage: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-
 def version_metadata(storage: Path, version: str) -> dict:
     """The metadata of a complete published version; PromotionError says what is wrong otherwise."""
     folder = version_dir(storage, version)
