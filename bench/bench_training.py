@@ -291,7 +291,8 @@ def write_report(results: dict, out: Path) -> None:
     lines = ["| scheme | test accuracy | wall time (s) | time / baseline | until Ray marked the job done (s) |",
              "|---|---|---|---|---|"]
     for run in [results["baseline"], results["net_plain"], results["seed"], results["job"],
-                *([results["job_no_augment"]] if "job_no_augment" in results else []), results["job_fp32"],
+                *([results["job_no_augment"]] if "job_no_augment" in results else []),
+                *([results["job_fp32"]] if results["job_fp32"] != results["job"] else []),
                 *results.get("sweeps", [])]:
         accuracy, job_end = run.get("test_accuracy"), run.get("job_end_seconds")
         lines.append(f"| {run['scheme']} | {'' if accuracy is None else f'{100 * accuracy:.2f}%'} "
@@ -344,7 +345,7 @@ def plot(results: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     job = results["job"]
-    for run, style in ((job, "o-"), (results["job_fp32"], "s--")):
+    for run, style in ((job, "o-"), *([(results["job_fp32"], "s--")] if results["job_fp32"] != job else [])):
         ax.plot(range(1, len(run["round_accuracy"]) + 1), [100 * a for a in run["round_accuracy"]], style,
                 label=f"this project (FedAvg, {run['rounds']} rounds, {run['precision']})")
     ax.axhline(100 * results["seed"]["test_accuracy"], color="tab:red", ls="--", label="seed's averaged model")
@@ -438,7 +439,9 @@ def main(argv=None) -> int:
             results["net_plain"] = net_plain(train, test)
             results["job"] = ray_job(storage, *args.job_args.split())
         results["seed"] = seed_scheme(train, test)
-        results["job_fp32"] = ray_job(storage, *args.job_args.split(), "--precision", "fp32")
+        # Where --precision auto already chose fp32, the fp32 job is the same job: it is not run twice.
+        results["job_fp32"] = results["job"] if results["job"]["precision"] == "fp32" else \
+            ray_job(storage, *args.job_args.split(), "--precision", "fp32")
         if args.sweeps:
             results["sweeps"] = sweeps(storage)
     finally:
@@ -446,7 +449,7 @@ def main(argv=None) -> int:
             local.down()
     write_report(results, args.out)
     print((args.out / "training.md").read_text())
-    for key in ("job", "job_fp32"):
+    for key in ("job", "job_fp32")[:1 if results["job_fp32"] == results["job"] else 2]:
         job = results[key]
         print(f"{job['scheme']}: job / baseline wall time {job['seconds'] / results['baseline']['seconds']:.2f}x, "
               f"/ Net plain {job['seconds'] / results['net_plain']['seconds']:.2f}x, accuracy {100 * job['test_accuracy']:.2f}%")

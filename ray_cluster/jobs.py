@@ -16,8 +16,9 @@ TRAIN_SCRIPT = "training/train.py"
 
 def train_command(storage: Path, *train_args: str, python: str = "python", script: str = TRAIN_SCRIPT) -> list[str]:
     """The job's entrypoint: training/train.py (or another `script` of this repository that takes
-    --storage) on a storage root, run from the job's copy of this repository (its working dir)."""
-    return [python, script, "--storage", str(storage), *train_args]
+    --storage) on a storage root, run from the job's copy of this repository (its working dir), or
+    from the image on Kubernetes (manifests.train_command)."""
+    return [python, script, *train_args, "--storage", str(storage)]
 
 
 def submit_training(client, storage: Path, *train_args: str, python: str = "python",

@@ -1,6 +1,6 @@
 """A KubeRay client on the official `kubernetes` package (KubeRay's own is not on PyPI): create,
-server-side apply, get, list, delete and wait_ready on RayClusters, RayJobs and RayServices, and
-apply/delete of the plain objects beside them. API failures become errors that say what to do."""
+server-side apply, get, list and delete of the kinds the CLI uses (KINDS), one request path for all,
+and wait_ready on RayClusters, RayJobs and RayServices. API failures become errors that say what to do."""
 from __future__ import annotations
 
 import json
@@ -48,19 +48,11 @@ class Unreachable(KubeRayError):
     pass
 
 
-class StatusError(KubeRayError):
-    """A wait that ended without readiness; `status` is the object's last status seen."""
-
-    def __init__(self, message: str, status: dict | None):
-        super().__init__(message)
-        self.status = status
-
-
-class Failed(StatusError):
+class Failed(KubeRayError):
     """The object reached a state it will not recover from (a failed RayJob, for example)."""
 
 
-class WaitTimeout(StatusError):
+class WaitTimeout(KubeRayError):
     """The object was not ready in time."""
 
 
@@ -77,23 +69,19 @@ def _conditions(status: dict) -> dict[str, dict]:
     return {c.get("type"): c for c in status.get("conditions") or []}
 
 
-def _describe(conditions: dict[str, dict], types: tuple[str, ...]) -> list[str]:
-    parts = []
-    for kind in types:
-        if kind in conditions:
-            c = conditions[kind]
-            detail = ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
-            parts.append(f"{kind}={c.get('status')}" + (f" ({detail})" if detail else ""))
-    return parts
+def _detail(fields: dict) -> str:
+    """"reason: message", or whichever of the two is there."""
+    return ": ".join(x for x in (fields.get("reason"), fields.get("message")) if x)
 
 
-def _generation_note(obj: dict) -> str | None:
-    """Why the status may be stale: the operator has not yet seen the latest spec (after a patch)."""
-    generation = (obj.get("metadata") or {}).get("generation")
-    observed = (obj.get("status") or {}).get("observedGeneration")
-    if generation is not None and observed is not None and observed < generation:
-        return f"observedGeneration {observed} < generation {generation}"
-    return None
+def _describe(obj: dict, conditions: dict[str, dict], types: tuple[str, ...]) -> tuple[list[str], bool]:
+    """The conditions of these types in words, and whether the status is stale: the operator has not
+    yet seen the latest spec (after a patch), which the words then say too."""
+    parts = [f"{t}={conditions[t].get('status')}" + (f" ({_detail(conditions[t])})" if _detail(conditions[t]) else "")
+             for t in types if t in conditions]
+    generation, observed = (obj.get("metadata") or {}).get("generation"), (obj.get("status") or {}).get("observedGeneration")
+    stale = generation is not None and observed is not None and observed < generation
+    return parts + ([f"observedGeneration {observed} < generation {generation}"] if stale else []), stale
 
 
 def raycluster_progress(obj: dict) -> Progress:
@@ -105,18 +93,13 @@ def raycluster_progress(obj: dict) -> Progress:
         ready = all(conditions.get(t, {}).get("status") == "True" for t in ("HeadPodReady", "RayClusterProvisioned"))
     else:  # an operator that does not write conditions still writes state
         ready = status.get("state") == "ready"
+    described, stale = _describe(obj, conditions, ("HeadPodReady", "RayClusterProvisioned", "ReplicaFailure",
+                                                   "RayClusterSuspending", "RayClusterSuspended"))
     parts = [f"state={status.get('state', '-')}",
-             f"workers ready {status.get('readyWorkerReplicas', 0)}/{status.get('desiredWorkerReplicas', '?')}"]
-    parts += _describe(conditions, ("HeadPodReady", "RayClusterProvisioned", "ReplicaFailure",
-                                    "RayClusterSuspending", "RayClusterSuspended"))
-    stale = _generation_note(obj)
-    if stale:
-        parts.append(stale)
+             f"workers ready {status.get('readyWorkerReplicas', 0)}/{status.get('desiredWorkerReplicas', '?')}"] + described
     failed = None
-    replica_failure = conditions.get("ReplicaFailure", {})
-    if replica_failure.get("status") == "True":
-        failed = ("a pod could not be created: " + ": ".join(
-            x for x in (replica_failure.get("reason"), replica_failure.get("message")) if x))
+    if conditions.get("ReplicaFailure", {}).get("status") == "True":
+        failed = "a pod could not be created: " + _detail(conditions["ReplicaFailure"])
     elif status.get("state") == "failed":
         failed = f"state=failed ({status.get('reason', 'no reason given')})"
     elif status.get("state") == "suspended" or conditions.get("RayClusterSuspended", {}).get("status") == "True":
@@ -131,8 +114,6 @@ def raycluster_progress(obj: dict) -> Progress:
 # a value a later operator adds) is still under way.
 JOB_DEPLOYMENT_TERMINAL = {"Complete", "Failed", "ValidationFailed"}
 JOB_DEPLOYMENT_STOPPED = {"Suspending": "is being suspended (spec.suspend)", "Suspended": "is suspended (spec.suspend)"}
-# JobStatus (the Ray job itself): STOPPED, SUCCEEDED and FAILED are terminal (IsJobTerminal).
-JOB_TERMINAL = {"STOPPED", "SUCCEEDED", "FAILED"}
 
 
 def rayjob_progress(obj: dict) -> Progress:
@@ -140,14 +121,14 @@ def rayjob_progress(obj: dict) -> Progress:
     status = obj.get("status") or {}
     deployment = status.get("jobDeploymentStatus") or "New"
     job = status.get("jobStatus") or "-"
-    detail = ": ".join(x for x in (status.get("reason"), status.get("message")) if x)
+    detail = _detail(status)
     summary = f"jobDeploymentStatus={deployment}, jobStatus={job}" + (f" ({detail})" if detail else "")
     ready = deployment == "Complete" and job == "SUCCEEDED"
     failed = None
     if deployment == "ValidationFailed":
         failed = f"the operator refused the RayJob and will not retry: {detail or summary}; fix the spec, " \
                  "delete the RayJob and create it again"
-    elif job in ("FAILED", "STOPPED"):
+    elif job in ("FAILED", "STOPPED"):  # the terminal JobStatus values (IsJobTerminal) other than SUCCEEDED
         failed = summary
     elif deployment in JOB_DEPLOYMENT_TERMINAL and not ready:
         failed = summary
@@ -172,11 +153,8 @@ def rayservice_progress(obj: dict) -> Progress:
     status = obj.get("status") or {}
     conditions = _conditions(status)
     ready_condition = conditions.get("Ready", {})
-    parts = [f"serviceStatus={status.get('serviceStatus', '-')}", f"endpoints={status.get('numServeEndpoints', 0)}"]
-    parts += _describe(conditions, ("Ready", "UpgradeInProgress", "RollbackInProgress", "Suspending", "Suspended"))
-    stale = _generation_note(obj)
-    if stale:
-        parts.append(stale)
+    described, stale = _describe(obj, conditions, ("Ready", "UpgradeInProgress", "RollbackInProgress", "Suspending", "Suspended"))
+    parts = [f"serviceStatus={status.get('serviceStatus', '-')}", f"endpoints={status.get('numServeEndpoints', 0)}"] + described
     failed = None
     for side in ("activeServiceStatus", "pendingServiceStatus"):
         for app, app_status in ((status.get(side) or {}).get("applicationStatuses") or {}).items():
@@ -245,12 +223,8 @@ def _unreachable(api_client: client.ApiClient, error: Exception) -> Unreachable:
 
 REQUEST_TIMEOUT = (5.0, 30.0)   # seconds: connect, read; no request waits forever
 FIELD_MANAGER = "mnist-ray-cluster"  # who owns the fields the CLI applies (`kubectl get -o yaml --show-managed-fields`)
-# Server-side apply: the API server merges the body into the live object and records FIELD_MANAGER
-# as the owner of its fields; force takes over fields last set by another manager (a `kubectl edit`).
-APPLY = dict(field_manager=FIELD_MANAGER, force=True, field_validation="Strict",
-             _content_type="application/apply-patch+yaml")
 TRANSIENT_STATUS = {429, 500, 502, 503, 504}
-RETRIES = 4                      # transient failures a read or delete retries before giving up
+RETRIES = 4                      # transient failures a request retries before giving up (creates: none)
 BACKOFF = 0.5                    # seconds, doubled on each retry
 
 
@@ -262,108 +236,39 @@ def _transient(error: Exception) -> bool:
     return isinstance(error, urllib3.exceptions.HTTPError)
 
 
-def _call(api_client: client.ApiClient, what: str, plural: str | None, request: Callable, retry: bool = False):
-    """One API request with a timeout; `retry` (for idempotent ones) retries transient failures
-    with exponential backoff."""
-    attempts = 1 + (RETRIES if retry else 0)
-    for attempt in range(attempts):
-        try:
-            return request()
-        except (ApiException, urllib3.exceptions.HTTPError) as error:
-            if attempt + 1 < attempts and _transient(error):
-                time.sleep(BACKOFF * 2 ** attempt)
-                continue
-            final = translate(error, what, plural) if isinstance(error, ApiException) else _unreachable(api_client, error)
-            final.transient = _transient(error)
-            raise final from None
+def poll_until(check: Callable, timeout: float, poll: float, timed_out: Callable[[], Exception]):
+    """check() every `poll` seconds until it returns something true, and return that; at the
+    deadline raise timed_out()."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise timed_out()
+        time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
 
 
-# ---------------------------------------------------------------- Ray custom objects
+# ---------------------------------------------------------------- the API
 
-class Resource:
-    """One kind of KubeRay object in one namespace."""
-
-    def __init__(self, api: client.CustomObjectsApi, namespace: str, kind: str, plural: str,
-                 progress: Callable[[dict], Progress]):
-        self.api, self.namespace, self.kind, self.plural, self.progress = api, namespace, kind, plural, progress
-
-    def _what(self, name: str | None = None) -> str:
-        return f"{self.kind} {self.namespace}/{name}" if name else f"{self.plural} in namespace {self.namespace}"
-
-    def _call(self, name: str | None, request: Callable, retry: bool = False):
-        return _call(self.api.api_client, self._what(name), self.plural, request, retry)
-
-    def create(self, body: dict) -> dict:
-        if body.get("kind") != self.kind:
-            raise KubeRayError(f"expected a {self.kind}, got {body.get('kind')}")
-        return self._call(body["metadata"]["name"], lambda: self.api.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, body, field_validation="Strict",
-            _headers={"Content-Type": "application/json"},  # this method sets none by itself
-            _request_timeout=REQUEST_TIMEOUT))
-
-    def apply(self, body: dict) -> dict:
-        """Server-side apply: create it, or take this body's fields as ours (FIELD_MANAGER)."""
-        return self._call(body["metadata"]["name"], lambda: self.api.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, body["metadata"]["name"], body, **APPLY,
-            _request_timeout=REQUEST_TIMEOUT))
-
-    def get(self, name: str) -> dict:
-        return self._call(name, lambda: self.api.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, name, _request_timeout=REQUEST_TIMEOUT), retry=True)
-
-    def list(self, label_selector: str | None = None) -> list[dict]:
-        found = self._call(None, lambda: self.api.list_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, label_selector=label_selector,
-            _request_timeout=REQUEST_TIMEOUT), retry=True)
-        return found.get("items", [])
-
-    def delete(self, name: str) -> dict:
-        return self._call(name, lambda: self.api.delete_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.plural, name, propagation_policy="Foreground",
-            _request_timeout=REQUEST_TIMEOUT), retry=True)
-
-    def wait_ready(self, name: str, timeout: float = 600.0, poll: float = 2.0,
-                   on_change: Callable[[str], None] | None = None) -> dict:
-        """Poll until the status says ready; raise Failed or WaitTimeout (with the last status)."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while True:
-            try:
-                obj = self.get(name)
-            except KubeRayError as error:
-                # An API server outage (a control-plane upgrade takes minutes) does not end a long
-                # wait: keep trying until the deadline. Anything else is final.
-                if not error.transient or time.monotonic() >= deadline:
-                    raise
-                if on_change:
-                    on_change(f"(retrying) {error}")
-                time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
-                continue
-            progress = self.progress(obj)
-            if on_change and progress.summary != last:
-                on_change(progress.summary)
-            last = progress.summary
-            if progress.ready:
-                return obj
-            if progress.failed:
-                raise Failed(f"{self._what(name)} failed: {progress.failed}", obj.get("status"))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WaitTimeout(f"{self._what(name)} was not ready after {timeout:g} s; last status: "
-                                  f"{progress.summary}", obj.get("status"))
-            time.sleep(min(poll, remaining))
+PROGRESS = {"RayCluster": raycluster_progress, "RayJob": rayjob_progress, "RayService": rayservice_progress}
+# kind -> (API path, plural, namespaced): every kind the CLI applies, reads or deletes
+KINDS = {
+    "Namespace": ("api/v1", "namespaces", False),
+    "PersistentVolume": ("api/v1", "persistentvolumes", False),
+    **{kind: ("api/v1", kind.lower() + "s", True) for kind in ("ConfigMap", "PersistentVolumeClaim", "Service", "Secret", "Pod")},
+    "Deployment": ("apis/apps/v1", "deployments", True),
+    "NetworkPolicy": ("apis/networking.k8s.io/v1", "networkpolicies", True),
+    **{kind: (f"apis/{GROUP}/{VERSION}", kind.lower() + "s", True) for kind in PROGRESS},
+}
 
 
 class KubeRay:
-    """RayCluster, RayJob and RayService objects in one namespace."""
+    """Objects of KINDS, in one namespace unless told otherwise."""
 
     def __init__(self, namespace: str, api_client: client.ApiClient | None = None):
         self.namespace = namespace
         self.api_client = api_client or client.ApiClient()
-        api = client.CustomObjectsApi(self.api_client)
-        self.rayclusters = Resource(api, namespace, "RayCluster", "rayclusters", raycluster_progress)
-        self.rayjobs = Resource(api, namespace, "RayJob", "rayjobs", rayjob_progress)
-        self.rayservices = Resource(api, namespace, "RayService", "rayservices", rayservice_progress)
 
     @classmethod
     def connect(cls, namespace: str, kubeconfig: str | None = None, context: str | None = None) -> "KubeRay":
@@ -378,67 +283,89 @@ class KubeRay:
                                    "get-credentials CLUSTER --location LOCATION` or pass --kubeconfig") from None
             return cls(namespace, client.ApiClient())
 
-    def resource(self, kind: str) -> Resource:
-        found = {r.kind: r for r in (self.rayclusters, self.rayjobs, self.rayservices)}.get(kind)
-        if not found:
-            raise KubeRayError(f"not a KubeRay kind: {kind}")
-        return found
+    def request(self, method: str, kind: str, name: str | None = None, namespace: str | None = None,
+                body: dict | None = None, retry: bool = True, content_type: str = "application/json", **query):
+        """One API request on an object (a collection without `name`, or for POST), with a timeout;
+        `retry` (for idempotent ones) retries transient failures with exponential backoff."""
+        prefix, plural, namespaced = KINDS[kind]
+        namespace = namespace or self.namespace
+        what = (f"{kind} " + (f"{namespace}/" if namespaced else "") + name) if name else f"{plural} in namespace {namespace}"
+        path = f"/{prefix}" + (f"/namespaces/{namespace}" if namespaced else "") + f"/{plural}"
+        path += f"/{name}" if name and method != "POST" else ""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        attempts = 1 + (RETRIES if retry else 0)
+        for attempt in range(attempts):
+            try:
+                response = self.api_client.call_api(*self.api_client.param_serialize(
+                    method, path, query_params=list(query.items()), header_params=dict(headers), body=body,
+                    auth_settings=["BearerToken"]), _request_timeout=REQUEST_TIMEOUT)
+                response.read()
+                if not 200 <= response.status < 300:
+                    raise ApiException(http_resp=response)
+                return json.loads(response.data)
+            except (ApiException, urllib3.exceptions.HTTPError) as error:
+                if attempt + 1 < attempts and _transient(error):
+                    time.sleep(BACKOFF * 2 ** attempt)
+                    continue
+                final = (translate(error, what, plural if kind in PROGRESS else None) if isinstance(error, ApiException)
+                         else _unreachable(self.api_client, error))
+                final.transient = _transient(error)
+                raise final from None
 
-    # ------------------------------------------------------------ plain objects for the CLI
+    def create(self, body: dict) -> dict:
+        """Not retried: a create that failed with a 5xx may still have happened."""
+        return self.request("POST", body["kind"], body["metadata"]["name"], body["metadata"].get("namespace"),
+                            body, retry=False, fieldValidation="Strict")  # the API server refuses unknown fields
 
-    def apply(self, obj: dict) -> None:
-        """Server-side apply of a Ray object or one of the plain kinds the manifests hold."""
-        if obj["kind"] in _PLAIN:
-            self._plain(obj, "patch", obj, **APPLY)
-        else:
-            self.resource(obj["kind"]).apply(obj)
+    def apply(self, obj: dict) -> dict:
+        """Server-side apply: the API server creates the object or merges the body into it, and records
+        FIELD_MANAGER as the owner of its fields; force takes over fields another manager set (a `kubectl edit`)."""
+        meta = obj["metadata"]
+        return self.request("PATCH", obj["kind"], meta["name"], meta.get("namespace"), obj,
+                            content_type="application/apply-patch+yaml", fieldManager=FIELD_MANAGER, force=True,
+                            fieldValidation="Strict")
 
-    def delete_object(self, obj: dict) -> bool:
-        """Delete it; False if it was not there."""
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict:
+        return self.request("GET", kind, name, namespace)
+
+    def list(self, kind: str, namespace: str | None = None, label_selector: str | None = None) -> list[dict]:
+        selector = {"labelSelector": label_selector} if label_selector else {}
+        return self.request("GET", kind, namespace=namespace, **selector)["items"]
+
+    def delete(self, obj: dict) -> bool:
+        """Delete it (a Ray object once its pods are gone); False if it was not there."""
+        kind, meta = obj["kind"], obj["metadata"]
         try:
-            if obj["kind"] in _PLAIN:
-                self._plain(obj, "delete")
-            else:
-                self.resource(obj["kind"]).delete(obj["metadata"]["name"])
+            self.request("DELETE", kind, meta["name"], meta.get("namespace"),
+                         **({"propagationPolicy": "Foreground"} if kind in PROGRESS else {}))
             return True
         except NotFound:
             return False
 
-    def _plain(self, obj: dict, verb: str, *body, **kwargs):
-        api_class, suffix, namespaced = _PLAIN[obj["kind"]]
-        api = getattr(client, api_class)(self.api_client)
-        meta = obj["metadata"]
-        method = getattr(api, f"{verb}_namespaced_{suffix}" if namespaced else f"{verb}_{suffix}")
-        args = (meta["name"],) + ((meta["namespace"],) if namespaced else ()) + body  # patch_x(name, ns, body)
-        what = f"{obj['kind']} " + (f"{meta['namespace']}/" if namespaced else "") + meta["name"]
-        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
-        return _call(self.api_client, what, None, lambda: method(*args, **kwargs), retry=True)  # both idempotent
+    def wait_ready(self, kind: str, name: str, timeout: float = 600.0, poll: float = 2.0,
+                   on_change: Callable[[str], None] | None = None) -> dict:
+        """Poll a Ray object until its status says ready; raise Failed, or WaitTimeout with the last status."""
+        seen = {"summary": None, "error": None}
 
-    def _core(self, what: str, method: str, *args, **kwargs):
-        """A CoreV1Api read (retried)."""
-        call = getattr(client.CoreV1Api(self.api_client), method)
-        return _call(self.api_client, what, None, lambda: call(*args, **kwargs, _request_timeout=REQUEST_TIMEOUT), retry=True)
+        def check():
+            try:
+                obj = self.get(kind, name)
+            except KubeRayError as error:
+                # An API server outage (a control-plane upgrade takes minutes) does not end a long
+                # wait: keep trying until the deadline. Anything else is final.
+                if not error.transient:
+                    raise
+                seen["error"] = error
+                if on_change:
+                    on_change(f"(retrying) {error}")
+                return None
+            progress, seen["error"] = PROGRESS[kind](obj), None
+            if on_change and progress.summary != seen["summary"]:
+                on_change(progress.summary)
+            seen["summary"] = progress.summary
+            if progress.failed:
+                raise Failed(f"{kind} {self.namespace}/{name} failed: {progress.failed}")
+            return obj if progress.ready else None
 
-    def read_service(self, namespace: str, name: str) -> client.V1Service:
-        return self._core(f"Service {namespace}/{name}", "read_namespaced_service", name, namespace)
-
-    def read_secret_keys(self, namespace: str, name: str) -> list[str]:
-        """The data keys of a Secret (never its values): enough to say whether a token is there."""
-        return sorted(self._core(f"Secret {namespace}/{name}", "read_namespaced_secret", name, namespace).data or {})
-
-    def ray_pods(self, namespace: str) -> list[str]:
-        """Names of the pods of any Ray cluster (KubeRay labels them ray.io/cluster)."""
-        pods = self._core(f"pods in namespace {namespace}", "list_namespaced_pod", namespace, label_selector="ray.io/cluster")
-        return [pod.metadata.name for pod in pods.items]
-
-
-# kind -> (API class, method suffix, namespaced): patch_namespaced_service, delete_persistent_volume, ...
-_PLAIN = {
-    "Namespace": ("CoreV1Api", "namespace", False),
-    "ConfigMap": ("CoreV1Api", "config_map", True),
-    "PersistentVolume": ("CoreV1Api", "persistent_volume", False),
-    "PersistentVolumeClaim": ("CoreV1Api", "persistent_volume_claim", True),
-    "Service": ("CoreV1Api", "service", True),
-    "Deployment": ("AppsV1Api", "deployment", True),
-    "NetworkPolicy": ("NetworkingV1Api", "network_policy", True),
-}
+        return poll_until(check, timeout, poll, lambda: seen["error"] or WaitTimeout(
+            f"{kind} {self.namespace}/{name} was not ready after {timeout:g} s; last status: {seen['summary']}"))

@@ -57,51 +57,23 @@ def add_subparser(commands) -> None:
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
-    d = manifests.Options()
-    add = parser.add_argument
-    add("--name", default=d.name, help=f"RayCluster name; the RayService is <name>-serve (default {d.name})")
-    add("--namespace", default=d.namespace, help=f"default {d.namespace}")
-    add("--image", default=os.environ.get("MNIST_IMAGE"),
-        help=f"project image pushed to a registry, tag {manifests.image_tag_prefix()}[-...] "
-             "(default $MNIST_IMAGE)")
-    add("--worker-pods", type=int, default=d.worker_pods,
-        help=f"RayCluster worker pods, one Train worker each unless --workers says otherwise (default {d.worker_pods})")
-    add("--worker-cpus", type=int, default=d.worker_cpus, help=f"CPUs per worker pod (default {d.worker_cpus})")
-    add("--worker-memory", default=d.worker_memory, help=f"memory per worker pod (default {d.worker_memory})")
-    add("--head-cpus", type=int, default=d.head_cpus, help=f"default {d.head_cpus}")
-    add("--head-memory", default=d.head_memory, help=f"default {d.head_memory}")
-    add("--serve-min-pods", type=int, default=d.serve_min_pods,
-        help=f"the fewest worker pods of the RayService's cluster, kept when idle (default {d.serve_min_pods})")
-    add("--serve-max-pods", type=int, default=d.serve_max_pods,
-        help=f"the most worker pods KubeRay's autoscaler adds for Serve's replicas (default {d.serve_max_pods})")
-    add("--shared-storage", default=d.shared_storage,
-        help=f"{' or '.join(manifests.STORAGE_KINDS)} (k8s/components/<kind>; default {d.shared_storage}: an NFS server on a GKE disk)")
-    add("--storage-size", help="default 10Gi for nfs, 1Ti (the minimum) for filestore")
-    add("--nfs-server", help="NFS server address for the volume (default: `up` reads the NFS Service's IP; "
-                             "`render` needs it)")
-    add("--node-range", default=d.node_range,
-        help=f"the nodes' subnet, the only clients the NFS export admits (create-gke-cluster.sh's NODE_RANGE, "
-             f"default {d.node_range})")
-    add("--lb-source-range", dest="lb_source_ranges", action="append",
-        help="a CIDR range allowed to reach the LoadBalancer (repeatable; default 0.0.0.0/0, everyone)")
-    add("--internal-lb", action="store_true", help="a VPC-internal LoadBalancer instead of a public address")
-    add("--workers", type=int, help="Ray Train workers (default: one per worker pod; `train`: per pod of the live RayCluster)")
-    add("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
-    add("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    add("--rounds", type=int, help="averaging rounds (default: train.py's)")
-    add("--run-id", help="training run id (default: train.py picks one)")
-    add("--job-name", help="RayJob name (default <name>-train)")
-    add("--operator-namespace", default=d.operator_namespace,
-        help=f"namespace of the KubeRay operator, allowed to reach the job API (default {d.operator_namespace})")
-    add("--serve-config", type=Path, default=d.serve_config, help="Serve config to run (default serving/serve_config.yaml)")
-    add("--kubeconfig", help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
-    add("--context", help="kubeconfig context (default: the current one)")
-    add("--timeout", type=float, help="seconds to wait (default: up 900, train 3600, serve 900, down --all 300)")
+    for option in dataclasses.fields(manifests.Options):
+        flag, default, help = "--" + option.name.replace("_", "-"), option.default, option.metadata["help"]
+        if option.name == "lb_source_ranges":  # repeatable; the dataclass's default stands for none given
+            parser.add_argument("--lb-source-range", dest=option.name, action="append", help=help)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=help)
+        else:
+            kind = int if "int" in option.type else Path if "Path" in option.type else str
+            default = os.environ.get("MNIST_IMAGE") if option.name == "image" else default
+            parser.add_argument(flag, type=kind, default=default, help=help + (" (default %(default)s)" if default else ""))
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--context", help="kubeconfig context (default: the current one)")
+    parser.add_argument("--timeout", type=float, help="seconds to wait (default: up 900, train 3600, serve 900, down --all 300)")
 
 
 def options_from_args(args: argparse.Namespace) -> manifests.Options:
-    names = {field.name for field in dataclasses.fields(manifests.Options)}
-    values = {name: getattr(args, name) for name in names}
+    values = {option.name: getattr(args, option.name) for option in dataclasses.fields(manifests.Options)}
     values["lb_source_ranges"] = tuple(args.lb_source_ranges or manifests.Options.lb_source_ranges)
     return manifests.Options(**values)
 
@@ -113,12 +85,9 @@ def _guarded(action):
             options = options_from_args(args)
             manifests.check(options)
             return action(args, options)
-        except manifests.InvalidOptions as error:
+        except (manifests.InvalidOptions, kuberay.KubeRayError, manifests.RenderError) as error:
             print(f"error: {error}", file=sys.stderr)
-            return 2
-        except (kuberay.KubeRayError, manifests.RenderError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(error, manifests.InvalidOptions) else 1
     return run
 
 
@@ -171,12 +140,12 @@ def up(args, o: manifests.Options) -> int:
     _apply(cluster, manifests.render(o, ["namespace", "nfs"]))
     if o.shared_storage == "nfs" and not o.nfs_server:
         # Nodes mount the volume and may not resolve cluster DNS: give the PV the Service's IP.
-        service = cluster.read_service(o.nfs_namespace, manifests.NFS_SERVICE)
-        o = dataclasses.replace(o, nfs_server=service.spec.cluster_ip)
+        service = cluster.get("Service", manifests.NFS_SERVICE, o.nfs_namespace)
+        o = dataclasses.replace(o, nfs_server=service["spec"]["clusterIP"])
     _apply(cluster, manifests.render(o, ["volume", "network", "env", "cluster"]))
     _say(f"Waiting up to {_timeout(args, 'up'):g} s for the RayCluster (pulling the image takes minutes)...")
-    cluster.rayclusters.wait_ready(o.name, timeout=_timeout(args, "up"), poll=POLL,
-                                 on_change=_progress("RayCluster", o.name))
+    cluster.wait_ready("RayCluster", o.name, timeout=_timeout(args, "up"), poll=POLL,
+                       on_change=_progress("RayCluster", o.name))
     head = f"{o.name}-head-svc"  # named by KubeRay
     _say(f"\nRayCluster {o.name} is ready. The dashboard and job API stay inside the cluster; in another terminal:\n"
          f"  kubectl -n {o.namespace} port-forward svc/{head} 8265:8265\n"
@@ -200,7 +169,7 @@ def train(args, o: manifests.Options) -> int:
     _require_registry(o)
     cluster = _connect(args, o)
     try:
-        live = cluster.rayclusters.get(o.name)
+        live = cluster.get("RayCluster", o.name)
     except kuberay.NotFound:
         raise kuberay.NotFound(f"RayCluster {o.namespace}/{o.name} not found: run "
                                "`python -m ray_cluster kuberay up` first") from None
@@ -212,7 +181,7 @@ def train(args, o: manifests.Options) -> int:
                                         f"({slots} worker CPUs)"])
     (job,) = manifests.render(o, ["job"])
     try:
-        cluster.rayjobs.create(job)
+        cluster.create(job)
     except kuberay.AlreadyExists:
         raise kuberay.AlreadyExists(
             f"RayJob {o.namespace}/{o.rayjob_name} already exists (finished jobs keep their record): pass "
@@ -222,8 +191,8 @@ def train(args, o: manifests.Options) -> int:
          f"  logs: kubectl -n {o.namespace} logs -f job/{o.rayjob_name}")
     if args.no_wait:
         return 0
-    cluster.rayjobs.wait_ready(o.rayjob_name, timeout=_timeout(args, "train"), poll=POLL,
-                               on_change=_progress("RayJob", o.rayjob_name))
+    cluster.wait_ready("RayJob", o.rayjob_name, timeout=_timeout(args, "train"), poll=POLL,
+                       on_change=_progress("RayJob", o.rayjob_name))
     _say(f"\nTraining succeeded; the model is published under {manifests.MOUNT_PATH}/models/mnist. "
          "Serve it with `python -m ray_cluster kuberay serve`.")
     return 0
@@ -239,7 +208,7 @@ def serve(args, o: manifests.Options) -> int:
         return 0
     timeout = _timeout(args, "serve")
     deadline = time.monotonic() + timeout
-    cluster.rayservices.wait_ready(name, timeout=timeout, poll=POLL, on_change=_progress("RayService", name))
+    cluster.wait_ready("RayService", name, timeout=timeout, poll=POLL, on_change=_progress("RayService", name))
     address = _external_address(cluster, o, deadline)
     _say(f"\nServing at http://{address}:{manifests.SERVE_PORT}/ (Gradio sketchpad at /ui/). "
          "Only this port is exposed.")
@@ -249,29 +218,25 @@ def serve(args, o: manifests.Options) -> int:
 def _external_address(cluster: kuberay.KubeRay, o: manifests.Options, deadline: float) -> str:
     """The LoadBalancer's IP (or hostname) once the cloud has assigned it."""
     name = f"{o.service_name}-serve-svc"  # named by KubeRay
-    while True:
-        service = cluster.read_service(o.namespace, name)
-        ingress = (service.status.load_balancer.ingress if service.status and service.status.load_balancer
-                   else None) or []
-        for entry in ingress:
-            if entry.ip or entry.hostname:
-                return entry.ip or entry.hostname
-        if time.monotonic() >= deadline:
-            raise kuberay.WaitTimeout(f"Service {o.namespace}/{name} has no external address yet; "
-                                      f"`kubectl -n {o.namespace} get svc {name} -w` shows when it does", None)
-        time.sleep(max(0.0, min(POLL, deadline - time.monotonic())))
+
+    def address():
+        ingress = ((cluster.get("Service", name).get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+        return next(filter(None, (entry.get("ip") or entry.get("hostname") for entry in ingress)), None)
+    return kuberay.poll_until(address, deadline - time.monotonic(), POLL, lambda: kuberay.WaitTimeout(
+        f"Service {o.namespace}/{name} has no external address yet; `kubectl -n {o.namespace} get svc {name} -w` "
+        "shows when it does"))
 
 
 def status(args, o: manifests.Options) -> int:
     cluster = _connect(args, o)
-    for resource, name in ((cluster.rayclusters, o.name), (cluster.rayservices, o.service_name)):
+    for kind, name in (("RayCluster", o.name), ("RayService", o.service_name)):
         try:
-            obj = resource.get(name)
-            _say(f"{resource.kind} {o.namespace}/{name}: {resource.progress(obj).summary}")
+            obj = cluster.get(kind, name)
+            _say(f"{kind} {o.namespace}/{name}: {kuberay.PROGRESS[kind](obj).summary}")
         except kuberay.NotFound:
-            _say(f"{resource.kind} {o.namespace}/{name}: not created")
+            _say(f"{kind} {o.namespace}/{name}: not created")
             continue
-        if resource.kind == "RayCluster":
+        if kind == "RayCluster":
             _say(f"  token authentication: {_token_state(cluster, o, obj)}")
     jobs = _jobs_of(cluster, o)
     for job in jobs:
@@ -287,7 +252,7 @@ def _token_state(cluster: kuberay.KubeRay, o: manifests.Options, raycluster: dic
         return "off (spec.authOptions)"
     secret = auth.get("secretName") or o.name
     try:
-        keys = cluster.read_secret_keys(o.namespace, secret)
+        keys = cluster.get("Secret", secret).get("data") or {}  # its keys say whether a token is there
     except kuberay.NotFound:
         return f"on, but Secret {o.namespace}/{secret} does not exist yet (KubeRay creates it)"
     except kuberay.Forbidden:
@@ -299,23 +264,21 @@ def _token_state(cluster: kuberay.KubeRay, o: manifests.Options, raycluster: dic
 
 def _jobs_of(cluster: kuberay.KubeRay, o: manifests.Options) -> list[dict]:
     """The RayJobs that run on this RayCluster, whatever their names (--job-name)."""
-    return [job for job in cluster.rayjobs.list()
+    return [job for job in cluster.list("RayJob")
             if (job.get("spec", {}).get("clusterSelector") or {}).get("ray.io/cluster") == o.name]
 
 
 def _wait_for_ray_pods_to_go(cluster: kuberay.KubeRay, o: manifests.Options, timeout: float) -> None:
     """A hard NFS mount whose server is gone blocks the unmount: pods and namespace would stay
     Terminating. So the storage goes only once no pod of any Ray cluster is left."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pods = cluster.ray_pods(o.namespace)
-        if not pods:
-            return
-        if time.monotonic() >= deadline:
-            raise kuberay.WaitTimeout(
-                f"{len(pods)} Ray pod(s) still in {o.namespace} after {timeout:g} s ({', '.join(sorted(pods)[:5])}); "
-                "kept the NFS server and volume so their unmount can finish. Run `down --all` again later", None)
-        time.sleep(max(0.0, min(POLL, deadline - time.monotonic())))
+    pods = []
+
+    def gone():  # KubeRay labels the pods of any Ray cluster ray.io/cluster
+        pods[:] = sorted(pod["metadata"]["name"] for pod in cluster.list("Pod", label_selector="ray.io/cluster"))
+        return not pods
+    kuberay.poll_until(gone, timeout, POLL, lambda: kuberay.WaitTimeout(
+        f"{len(pods)} Ray pod(s) still in {o.namespace} after {timeout:g} s ({', '.join(pods[:5])}); "
+        "kept the NFS server and volume so their unmount can finish. Run `down --all` again later"))
 
 
 def down(args, o: manifests.Options) -> int:
@@ -329,12 +292,12 @@ def down(args, o: manifests.Options) -> int:
     plain = sorted(manifests.render(o_names, order) if args.all else [],
                    key=lambda obj: (obj["kind"] == "Namespace", order.index(manifests.part_of(obj, o))))
     for obj in ray_objects:
-        _say(f"{_label(obj)}: {'deleted' if cluster.delete_object(obj) else 'not found'}")
+        _say(f"{_label(obj)}: {'deleted' if cluster.delete(obj) else 'not found'}")
     if args.all:
         _say("Waiting for the Ray pods to go before deleting the storage they mount...")
         _wait_for_ray_pods_to_go(cluster, o, _timeout(args, "down"))
     for obj in plain:
-        _say(f"{_label(obj)}: {'deleted' if cluster.delete_object(obj) else 'not found'}")
+        _say(f"{_label(obj)}: {'deleted' if cluster.delete(obj) else 'not found'}")
     if not args.all:
         _say("Kept the shared storage (trained models), NetworkPolicies and namespaces; `down --all` deletes them.")
     return 0

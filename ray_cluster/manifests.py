@@ -14,12 +14,12 @@ import subprocess
 import sys
 import tempfile
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ray_cluster import serve_fit
+from ray_cluster import jobs, serve_fit
 from training import defaults
 from training.storage import RUN_ID_RULE, STORAGE_ENV, is_run_id
 
@@ -71,37 +71,44 @@ def image_tag_prefix() -> str:
     return f"{pinned_ray_version()}-{PYTHON_TAG}"
 
 
-def default_image() -> str:
-    return f"mnist-ray:{image_tag_prefix()}"
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class Options:
-    """Everything a user may set. Pass the same options to every command."""
-    name: str = "mnist"                # RayCluster name; the RayService is <name>-serve
-    namespace: str = "mnist"
-    image: str | None = None           # default mnist-ray:<ray>-py311 (push it to a registry)
-    worker_pods: int = defaults.WORKERS  # pods in the RayCluster's worker group: the one training count
-    worker_cpus: int = 2               # CPUs per worker pod (requests = limits)
-    worker_memory: str = "4Gi"
-    head_cpus: int = 2
-    head_memory: str = "4Gi"
-    serve_min_pods: int = 1            # the RayService's worker pods, which KubeRay's autoscaler
-    serve_max_pods: int = 4            # keeps between these two (minReplicas, maxReplicas)
-    shared_storage: str = "nfs"        # nfs | filestore
-    storage_size: str | None = None    # default 10Gi (nfs disk) or 1Ti (Filestore's minimum)
-    nfs_server: str | None = None      # the NFS Service's ClusterIP (nfs volume); `up` reads it
-    workers: int | None = None         # Ray Train workers of the RayJob; default one per worker pod
-    epochs: int = defaults.EPOCHS
-    batch_size: int = defaults.BATCH_SIZE
-    rounds: int | None = None
-    run_id: str | None = None
-    job_name: str | None = None        # default <name>-train
-    operator_namespace: str = "kuberay-system"
-    serve_config: Path = SERVE_CONFIG
-    lb_source_ranges: tuple[str, ...] = ("0.0.0.0/0",)  # who may reach the LoadBalancer's port 8000
-    internal_lb: bool = False          # a VPC-internal LoadBalancer instead of a public address
-    node_range: str = "10.20.0.0/22"   # the nodes' subnet, the NFS export's only clients (they mount it)
+    """Everything a user may set: the CLI's flag --<field-name> each, with its help. Pass the same
+    options to every command."""
+    name: str = _option("mnist", "RayCluster name; the RayService is <name>-serve")
+    namespace: str = _option("mnist", "namespace of the Ray objects; the NFS server's is <namespace>-nfs")
+    image: str | None = _option(None, "project image pushed to a registry, tag <ray>-py311[-...] (default "
+                                      "$MNIST_IMAGE, else mnist-ray:<ray>-py311, which only `render` takes)")
+    worker_pods: int = _option(defaults.WORKERS, "RayCluster worker pods, one Train worker each unless --workers "
+                                                 "says otherwise: the one training count")
+    worker_cpus: int = _option(2, "CPUs per worker pod (requests = limits)")
+    worker_memory: str = _option("4Gi", "memory per worker pod")
+    head_cpus: int = _option(2, "CPUs of each head pod")
+    head_memory: str = _option("4Gi", "memory of each head pod")
+    serve_min_pods: int = _option(1, "the fewest worker pods of the RayService's cluster, kept when idle")
+    serve_max_pods: int = _option(4, "the most worker pods KubeRay's autoscaler adds for Serve's replicas")
+    shared_storage: str = _option("nfs", "nfs (an NFS server on a GKE disk) or filestore: k8s/components/<kind>")
+    storage_size: str | None = _option(None, "default 10Gi for nfs, 1Ti (the minimum) for filestore")
+    nfs_server: str | None = _option(None, "NFS server address for the volume (default: `up` reads the NFS "
+                                           "Service's ClusterIP; `render` needs it)")
+    workers: int | None = _option(None, "Ray Train workers (default: one per worker pod; `train`: per pod of "
+                                        "the live RayCluster)")
+    epochs: int = _option(defaults.EPOCHS, "training epochs")
+    batch_size: int = _option(defaults.BATCH_SIZE, "training batch size")
+    rounds: int | None = _option(None, "averaging rounds (default: train.py's)")
+    run_id: str | None = _option(None, "training run id (default: train.py picks one)")
+    job_name: str | None = _option(None, "RayJob name (default <name>-train)")
+    operator_namespace: str = _option("kuberay-system", "namespace of the KubeRay operator, allowed to reach the job API")
+    serve_config: Path = _option(SERVE_CONFIG, "Serve config the RayService runs")
+    lb_source_ranges: tuple[str, ...] = _option(("0.0.0.0/0",), "a CIDR range allowed to reach the LoadBalancer's "
+                                                                "port 8000 (repeatable; default everyone)")
+    internal_lb: bool = _option(False, "a VPC-internal LoadBalancer instead of a public address")
+    node_range: str = _option("10.20.0.0/22", "the nodes' subnet, the only clients the NFS export admits "
+                                              "(create-gke-cluster.sh's NODE_RANGE)")
 
     @property
     def train_workers(self) -> int:
@@ -111,7 +118,7 @@ class Options:
 
     @property
     def image_ref(self) -> str:
-        return self.image or default_image()
+        return self.image or f"mnist-ray:{image_tag_prefix()}"
 
     @property
     def service_name(self) -> str:
@@ -174,13 +181,12 @@ def problems(o: Options) -> list[str]:
                      "at most 59 characters (the NFS server uses <namespace>-nfs)")
     for flag, value in (("--worker-pods", o.worker_pods), ("--worker-cpus", o.worker_cpus),
                         ("--head-cpus", o.head_cpus), ("--serve-min-pods", o.serve_min_pods),
-                        ("--workers", o.train_workers), ("--epochs", o.epochs), ("--batch-size", o.batch_size)):
+                        ("--workers", o.train_workers), ("--epochs", o.epochs), ("--batch-size", o.batch_size),
+                        ("--rounds", 1 if o.rounds is None else o.rounds)):
         if value < 1:  # a Serve floor of 0 pods would leave its replicas nowhere to run (the head has 0 CPUs)
             found.append(f"{flag} must be at least 1 (got {value})")
     if o.serve_max_pods < o.serve_min_pods:  # KubeRay refuses minReplicas > maxReplicas
         found.append(f"--serve-max-pods {o.serve_max_pods} is below --serve-min-pods {o.serve_min_pods}")
-    if o.rounds is not None and o.rounds < 1:
-        found.append(f"--rounds must be at least 1 (got {o.rounds})")
     slots = o.worker_pods * o.worker_cpus
     if o.worker_pods >= 1 and o.worker_cpus >= 1 and o.train_workers > slots:
         found.append(f"--workers {o.train_workers} is more than the worker group holds: {o.worker_pods} pods x "
@@ -374,13 +380,9 @@ def nfs_clients(node_range: str) -> str:
 
 def train_command(o: Options, script: str = f"{APP_DIR}/training/train.py") -> list[str]:
     """The training command line (the RayJob's entrypoint; the CLI prints it for `ray job submit`)."""
-    command = ["python", script, "--workers", str(o.train_workers), "--epochs", str(o.epochs),
-               "--batch-size", str(o.batch_size), "--storage", MOUNT_PATH]
-    if o.rounds is not None:
-        command += ["--rounds", str(o.rounds)]
-    if o.run_id is not None:
-        command += ["--run-id", o.run_id]
-    return command
+    flags = ["--workers", o.train_workers, "--epochs", o.epochs, "--batch-size", o.batch_size]
+    flags += ["--rounds", o.rounds] * (o.rounds is not None) + ["--run-id", o.run_id] * (o.run_id is not None)
+    return jobs.train_command(MOUNT_PATH, *map(str, flags), script=script)
 
 
 def serve_config_v2(path: Path = SERVE_CONFIG) -> str:

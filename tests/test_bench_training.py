@@ -21,7 +21,7 @@ def test_training_benchmark_runs_and_writes_its_report(ray_head, mnist_storage, 
     assert results["net_plain"]["precision"] in ("fp32", "bf16") and results["net_plain"]["calibration"]["screen_ms"]
     assert "flags" in results["machine"] and "cores" in results["machine"]
     assert results["job"]["rounds"] == 2 and len(results["job"]["round_accuracy"]) == 2
-    assert results["job_fp32"]["precision"] == "fp32"
+    assert results["job_fp32"]["precision"] == "fp32"  # the default job itself where auto chose fp32
     assert all(0 < results[k]["test_accuracy"] <= 1 for k in ("baseline", "net_plain", "seed", "job", "job_fp32"))
     assert all(0 < results[k]["job_end_seconds"] <= results[k]["seconds"] for k in ("job", "job_fp32"))
     report = (tmp_path / "training.md").read_text()

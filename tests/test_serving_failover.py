@@ -53,6 +53,7 @@ class Answers:
 
     def __init__(self):
         self.statuses, self.errors, self.retried_503, self.lock = {}, {}, 0, threading.Lock()
+        self.samples = {}  # the first body of each status other than 200, to say where an error came from
 
     def count(self, table: dict, key) -> None:
         with self.lock:
@@ -65,7 +66,7 @@ class Answers:
     def summary(self) -> dict:
         requests = sum(self.statuses.values()) + sum(self.errors.values())
         return {"requests": requests, "statuses": dict(self.statuses), "errors": dict(self.errors),
-                "503s_answered_on_retry": self.retried_503}
+                "503s_answered_on_retry": self.retried_503, "samples": dict(self.samples)}
 
 
 def post(connection, path: str, body: bytes) -> tuple[int, bytes, str | None]:
@@ -97,6 +98,8 @@ def post_loop(url: str, bodies: list[bytes], answers: Answers, stop) -> None:
             connection.close()
             continue
         answers.count(answers.statuses, status if status != 200 or valid_answer(answer) else "wrong answer")
+        if status != 200:
+            answers.samples.setdefault(str(status), answer[:300].decode(errors="replace"))
     connection.close()
 
 
@@ -293,6 +296,19 @@ def test_killing_an_ingress_replica_under_load_loses_nothing(serve_app, test_dig
     assert no_error_answered(summary), summary
     wait_replicas(serve_app.name, "MnistApi", 2)  # Serve replaced it
     assert victim["replica_id"] not in [r["replica_id"] for r in running_replicas(serve_app.name)["MnistApi"]]
+
+
+@pytest.mark.ray
+def test_killing_a_model_replica_under_load_loses_nothing(serve_app, test_digits):
+    """SIGKILL one of two MnistModel replicas under load: the API sends the batches the dead
+    replica held to the other one, and Serve replaces it."""
+    wait_replicas(serve_app.name, "MnistModel", 2)
+    victim = running_replicas(serve_app.name)["MnistModel"][0]
+    summary = kill_under_load(f"{serve_app.url}/predict", batch_bodies(test_digits), victim["pid"])
+    print("model replica kill under load:", summary)
+    assert lossless(summary), summary
+    wait_for(lambda: victim["replica_id"] not in [r["replica_id"] for r in running_replicas(serve_app.name)["MnistModel"]]
+             and len(running_replicas(serve_app.name)["MnistModel"]) == 2, 120, "Serve to replace the killed replica")
 
 
 @pytest.mark.ray

@@ -12,15 +12,11 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors, list_placement_groups
 
 from ray_cluster import local
-from tests.helpers import submit_training, wait_for, wait_for_job, wait_while_job_runs
+from tests.helpers import REFERENCE_ARGS, submit_training, wait_for, wait_for_job, wait_while_job_runs
 from training.storage import global_path, models_dir, partial_path
 from training.versions import read_latest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-# Two rounds of 30 steps with a checkpoint every 4 steps: the kill lands inside round 1, after
-# round 0's checkpoint and after every worker's first mid-round checkpoint.
-KILL_ARGS = ["--subset", "9000", "--workers", "3", "--epochs", "2", "--rounds", "2", "--checkpoint-steps", "4",
-             "--seed", "3", "--promote", "always"]
 # Eight short rounds: a stop after round 0 lands while training is still going.
 STOP_ARGS = ["--subset", "3000", "--workers", "3", "--epochs", "4", "--rounds", "8", "--seed", "3"]
 
@@ -49,12 +45,11 @@ def accuracy(storage: Path, version: str) -> float:
     return json.loads((models_dir(storage) / version / "metadata.json").read_text())["test_accuracy"]
 
 
-def test_worker_killed_mid_round_resumes_and_matches_an_undisturbed_run(client, mnist_storage):
-    calm, hurt = f"calm-{uuid.uuid4().hex[:6]}", f"kill-{uuid.uuid4().hex[:6]}"
-    job = submit_training(client, mnist_storage, "--run-id", calm, *KILL_ARGS)
-    assert wait_for_job(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
-
-    job = submit_training(client, mnist_storage, "--run-id", hurt, *KILL_ARGS)
+def test_worker_killed_mid_round_resumes_and_matches_an_undisturbed_run(client, reference_run):
+    """The session's reference job again (REFERENCE_ARGS), with one Train worker SIGKILLed inside
+    round 1: it resumes and publishes a model that scores as the undisturbed one did."""
+    mnist_storage, calm, hurt = reference_run["storage"], reference_run["run_id"], f"kill-{uuid.uuid4().hex[:6]}"
+    job = submit_training(client, mnist_storage, "--run-id", hurt, *REFERENCE_ARGS, "--promote", "always")
     pids = wait_while_job_runs(client, job, lambda: len(p := train_worker_pids(client, job)) == 3 and p, 300,
                                "the Train workers' pids")
     wait_while_job_runs(client, job, lambda: global_path(mnist_storage, hurt, 0).exists()
@@ -104,6 +99,7 @@ def test_killed_driver_publishes_nothing_and_its_run_id_is_refused_after(client,
     assert not (models_dir(mnist_storage) / run_id).exists()
     assert not [p for p in models_dir(mnist_storage).glob(f".{run_id}*")]
 
-    again = submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)
+    again = submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)  # the run id is taken
     assert wait_for_job(client, again, timeout=120) == JobStatus.FAILED
     assert f"run {run_id} already exists" in client.get_job_logs(again)
+    assert read_latest(mnist_storage) == before
