@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.machine import cpu_info
 from training.data import fetch_mnist, load_mnist
 from training.model import Net, network_for, to_input
 from training.storage import metadata_path, model_path, models_dir, resolve_storage
@@ -172,10 +173,7 @@ def augmentation_cost(storage: Path, steps: int = 60, batch: int = 100, precisio
 
 
 def machine() -> str:
-    import platform
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{cpu_info()[0]}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def write_report(results: dict, out: Path) -> None:

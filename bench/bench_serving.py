@@ -44,12 +44,14 @@ import numpy as np
 import psutil
 
 from bench.loadgen import load
+from bench.machine import cpu_info
 from ray_cluster import local
 from serving import deploy
 from serving.deploy import running_replicas
 from bench.drawings import encode, redraw
 from training.data import fetch_mnist, load_mnist
-from training.storage import read_latest, resolve_storage
+from training.storage import resolve_storage
+from training.versions import read_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -239,19 +241,23 @@ def fold_markdown(report: dict) -> str:
              "|---:|---:|---:|---:|"]
     for size, row in report["rows"].items():
         lines.append(f"| {size} | {row['unfolded']} | {row['folded']} | {row['folded'] / row['unfolded']:.2f}x |")
-    m = report["machine"]
-    lines.append(f"\nVersion {report['version']}, one thread, medians of interleaved samples. Machine: "
-                 f"{m['cpus']} CPUs ({m['cpu_model']}), load average {m['loadavg_1m_before']:.2f} before.")
+    lines.append(f"\nVersion {report['version']}, one thread, medians of interleaved samples. "
+                 + machine_sentence(report["machine"]))
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- report
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_info()[0], "python": platform.python_version(),
             "loadavg_1m_before": os.getloadavg()[0]}
+
+
+def machine_sentence(m: dict) -> str:
+    """The machine() a report was measured on, and the load after the run where it was taken."""
+    after = f" and {m['loadavg_1m_after']:.2f} after" if "loadavg_1m_after" in m else ""
+    return (f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, load average "
+            f"{m['loadavg_1m_before']:.2f} before{after}.")
 
 
 def ratios(report: dict) -> dict:
@@ -278,9 +284,8 @@ def markdown(report: dict) -> str:
               "|---:|" + "---:|" * len(series)]
     lines += [f"| {level} | " + " | ".join(f"{r[name]['throughput']}, {r[name]['p50']}" for name in series) + " |"
               for level, r in report["ratios"].items()]
-    m, p = report["machine"], report["profile"]
-    lines += ["", f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, load average "
-                  f"{m['loadavg_1m_before']:.2f} before and {m['loadavg_1m_after']:.2f} after.",
+    p = report["profile"]
+    lines += ["", machine_sentence(report["machine"]),
               f"In-process, per request: decode + preprocess {p['decode_preprocess_ms']} ms, model "
               f"{p['model_1_image_ms']} ms for one image or {p['model_32_images_ms_per_image']} ms per image "
               "in a batch of 32.", f"Command: `{report['command']}`"]
@@ -641,10 +646,8 @@ def ramp_markdown(report: dict) -> str:
                      f"{np.median(p95) if p95 else '-'} | {np.median(rps) if rps else '-'} | {max(s['MnistApi']['running'] for s in run['samples'])} | "
                      f"{max(s['MnistModel']['running'] for s in run['samples'])} | " +
                      " | ".join(f"{r['up_s']}, {r['down_s']}" for r in reactions(run).values()) + " |")
-    m = report["machine"]
     lines += ["", f"Ingress: {report['ingress']}. Autoscaling: `{json.dumps(report['autoscaling_config'])}`",
-              f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), load average {m['loadavg_1m_before']:.2f} before "
-              f"and {m['loadavg_1m_after']:.2f} after.", f"Command: `{report['command']}`"]
+              machine_sentence(report["machine"]), f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -690,11 +693,9 @@ def oip_markdown(oip: dict) -> str:
         codec = [str(r.get(k, "")) for k in ("client_encode_ms", "server_parse_ms", "client_decode_ms")]
         lines.append(f"| {r['form']} | {r['batch']} | {r['body_bytes']} | {r['clients']} | {r['requests']} | {r['ok']} | "
                      f"{r['throughput_rps']} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | " + " | ".join(codec) + " |")
-    m = oip["machine"]
     lines += ["", f"Bodies as tritonclient.http {oip['tritonclient']} builds them (JSON: `binary_data=False` and JSON outputs; "
                   "binary: the client's defaults). Encode/parse/decode: one batch, in-process. "
-                  f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), load average {m['loadavg_1m_before']:.2f} before and "
-                  f"{m['loadavg_1m_after']:.2f} after.", f"Command: `{oip['command']}`"]
+                  + machine_sentence(oip["machine"]), f"Command: `{oip['command']}`"]
     return "\n".join(lines) + "\n"
 
 

@@ -44,11 +44,19 @@ from training.aggregation import FedAvg
 from training.allocator import keep_freed_memory
 from training.data import fetch_mnist, load_mnist
 from training.calibration import calibrate
-from training.model import Net, SeedNet, evaluate, native_bf16, to_input
+from bench.machine import cpu_info
+from bench.seed_net import SeedNet
+from training.model import Net, evaluate, to_input
 from training.storage import metadata_path, resolve_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+
+
+def native_bf16() -> bool:
+    """True where the CPU reports native bfloat16 (AVX512_BF16 or AMX). Informational only: the
+    flag does not predict speed (training/calibration.py times the step instead)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def train_plain(model, images, labels, epochs: int, batch_size: int, lr: float, shuffle: bool, seed: int,
@@ -370,17 +378,7 @@ def plot(results: dict, out: Path) -> None:
 
 def machine() -> str:
     """The CPU model and the flags that decide training speed, with the core count and torch."""
-    import platform
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
+    model, flags = cpu_info()
     relevant = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16") if f in flags]
     return (f"{model}, {os.cpu_count()} cores, flags {' '.join(relevant) or 'unknown'} "
             f"(torch: capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {native_bf16()}), "

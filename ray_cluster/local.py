@@ -25,7 +25,8 @@ from pathlib import Path
 
 import psutil
 
-from training.storage import STORAGE_ENV, private_dir, private_state_dir, resolve_storage
+from training.private_dirs import private_dir, private_state_dir
+from training.storage import STORAGE_ENV, resolve_storage
 
 HOST = "127.0.0.1"
 GCS_PORT = 6379

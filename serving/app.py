@@ -204,6 +204,7 @@ class UIArgs(BaseModel):
 
 
 def build_app(args: dict | None = None) -> serve.Application:
+    """The mnist application (the API and the model) from its serve_config.yaml args."""
     options = AppArgs(**(args or {}))
     limits = Limits(**options.model_dump(include=set(Limits.model_fields))).model_dump()
     if options.colocate:
@@ -212,5 +213,6 @@ def build_app(args: dict | None = None) -> serve.Application:
 
 
 def build_ui(args: dict | None = None) -> serve.Application:
+    """The mnist-ui application (the sketchpad page, serving/ui.py) from its serve_config.yaml args."""
     options = UIArgs(**(args or {}))
     return MnistUI.bind(options.model_app, options.model_deployment)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from training.model import for_inference, network_for, to_input
-from training.storage import (METADATA_FILE, MODEL_FILE, BadVersionName, PromotionError, model_path, read_history,
-                              read_latest, resolve_storage, version_dir)
+from training.storage import METADATA_FILE, MODEL_FILE, metadata_path, model_path, resolve_storage, version_dir
+from training.versions import BadVersionName, PromotionError, read_history, read_latest
 
 log = logging.getLogger("ray.serve")
 # Images per forward pass, however the calls were batched (32 calls of a 256-image tensor would
@@ -72,14 +72,14 @@ def load_version(storage: Path, version: str) -> Loaded:
     if not folder.is_dir():
         raise Unusable("its folder does not exist")
     try:
-        metadata = json.loads((folder / METADATA_FILE).read_text())
+        metadata = json.loads(metadata_path(storage, version).read_text())
     except (OSError, ValueError) as error:
         raise Unusable(f"{METADATA_FILE} is missing or not valid JSON") from error
     if not isinstance(metadata, dict):
         raise Unusable(f"{METADATA_FILE} is not a JSON object")
     try:
         # weights_only: a state_dict needs no pickled code, and a tampered file cannot run any.
-        state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(model_path(storage, version), map_location="cpu", weights_only=True)
         net = network_for(state, metadata.get("architecture"))  # no architecture: the first network, NetV1
     except Exception as error:
         raise Unusable(f"{MODEL_FILE} is missing, corrupt, or not this network's weights") from error

@@ -16,7 +16,7 @@ from serving.api import ApiError
 from serving.budget import check_sketch_files, check_sources, replica_cpus, run_bounded
 from serving.model_store import NoModel
 from serving.preprocess import BadImage, preprocess
-from training.storage import private_dir, private_state_dir
+from training.private_dirs import private_dir, private_state_dir
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network here, and no tracking anyway
 if "GRADIO_TEMP_DIR" not in os.environ:  # uploads land here: private to this user, not a shared /tmp name
@@ -153,7 +153,8 @@ def image_sources(component, payload) -> list:
     return [payload.path] if payload.path else []
 
 
-def build_ui(backend) -> gr.Blocks:
+def sketchpad_blocks(backend) -> gr.Blocks:
+    """The page's Gradio Blocks: sketchpad, prediction, what the model saw; each stroke calls `backend`."""
     page = Page(backend)
     # delete_cache: uploaded sketches older than an hour are removed every hour
     with gr.Blocks(title="MNIST digit recogniser", delete_cache=(3600, 3600)) as demo:
@@ -191,7 +192,7 @@ def build_ui(backend) -> gr.Blocks:
 def mount_ui(app, backend, path: str = "/ui"):
     """`app` (FastAPI) with the sketchpad mounted at `path`, its event streams bounded in time."""
     from serving.limits import StreamLifetimeMiddleware
-    app = gr.mount_gradio_app(app, build_ui(backend), path=path, js=SELECT_BRUSH, max_file_size="4mb",
+    app = gr.mount_gradio_app(app, sketchpad_blocks(backend), path=path, js=SELECT_BRUSH, max_file_size="4mb",
                               footer_links=["api", "settings"])
     app.add_middleware(StreamLifetimeMiddleware, max_lifetime_s=STREAM_LIFETIME_S, farewell=STREAM_END)
     return app

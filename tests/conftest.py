@@ -21,7 +21,7 @@ from tests.helpers import (RECIPE, REFERENCE_ARGS, LocalApi, ServeApp, make_app,
 from training import model as model_module
 from training.data import fetch_mnist, load_mnist
 from training.model import Net, evaluate, initial_weights
-from training.storage import promote_version, publish_version, read_latest
+from training.versions import promote_version, publish_version, read_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"

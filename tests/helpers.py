@@ -17,7 +17,8 @@ from ray_cluster.jobs import ray_job_submit, submit_training, train_command  # n
 from serving import deploy
 from serving.deploy import running_replicas  # noqa: F401  (the tests import it from here)
 from training.model import Net, to_input
-from training.storage import models_dir, publish_model
+from training.storage import models_dir
+from training.versions import promote_version, publish_version
 
 
 
@@ -97,8 +98,18 @@ def wait_for_job(client, job_id: str, timeout: float = 420):
 
 # ---------------------------------------------------------------- Serve
 
+class ApiClient:
+    """Calls to the API at `self.url`, the same for a Serve app and an in-process one."""
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def model(self) -> dict:
+        return httpx.get(f"{self.url}/model", timeout=30).json()
+
+
 @dataclass
-class ServeApp:
+class ServeApp(ApiClient):
     name: str
     prefix: str
     storage: Path
@@ -116,29 +127,17 @@ class ServeApp:
     def names(self) -> list[str]:
         return [app["name"] for app in self.config["applications"]]
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
-
-    def model(self) -> dict:
-        return httpx.get(f"{self.url}/model", timeout=30).json()
-
     @property
     def max_body_bytes(self) -> int:
         return self.config["applications"][0]["args"]["max_body_bytes"]
 
 
 @dataclass
-class LocalApi:
+class LocalApi(ApiClient):
     """The API app (serving.api.create_api over the model in this process) served by uvicorn."""
     url: str
     storage: Path
     max_body_bytes: int
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
-
-    def model(self) -> dict:
-        return httpx.get(f"{self.url}/model", timeout=30).json()
 
 
 @contextlib.contextmanager
@@ -196,6 +195,14 @@ def train_net(images: torch.Tensor, labels: torch.Tensor, steps: int, seed: int,
         optimiser.step()
         schedule.step()
     return net.state_dict()
+
+
+def publish_model(storage: Path, version: str, state_dict: dict, metadata: dict) -> Path:
+    """Publish <version>/ and point `latest` at it (a training run decides by its policy instead:
+    training.versions.publish_run)."""
+    final = publish_version(storage, version, state_dict, metadata)
+    promote_version(storage, version, note="published")
+    return final
 
 
 def publish(storage: Path, version: str, state: dict, accuracy: float) -> None:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from bench import bench_training, train_floor
-from training.storage import read_latest
+from training.versions import read_latest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # The one-process references on 300 images (3 steps per epoch, 1 per seed worker) evaluated on 1,000

@@ -207,7 +207,7 @@ def test_a_forward_pass_of_thousands_of_images_is_split(tmp_path):
     import torch
     from serving.model_store import ModelStore
     from training.model import Net
-    from training.storage import publish_model
+    from tests.helpers import publish_model
     torch.set_num_threads(1)  # no thread pool in the parent: the forked child runs torch alone
     publish_model(tmp_path, "v1", Net().state_dict(), {"version": "v1"})
     store = ModelStore(tmp_path)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
-import psutil
 import pytest
 import yaml
 
 from ray_cluster import manifests, serve_fit
 from ray_cluster.manifests import MOUNT_PATH, InvalidOptions, Options
+from tests.browser import under_ci  # CI=1 (.ci/run sets it): a missing tool fails instead of skipping
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = Path(os.environ.get("KUBERAY_CRD_DIR") or Path(__file__).resolve().parents[2] / "shared" / "kuberay" / "crds")
@@ -60,16 +60,6 @@ applications:
     args:
       num_replicas: 2
 """
-
-
-def under_ci() -> bool:
-    """True when CI is set, or when some ancestor process is the .ci/run script."""
-    if os.environ.get("CI"):
-        return True
-    try:
-        return any(".ci/run" in " ".join(parent.cmdline()) for parent in psutil.Process().parents())
-    except psutil.Error:
-        return False
 
 
 def missing(reason: str):

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from ray_cluster import kuberay_cli, local, manifests
-from training.storage import private_dir
+from training.private_dirs import private_dir
 from tests.helpers import wait_for
 
 # A stand-in head: a session leader whose child moves to a process group of its own.

@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from bench.loadgen import load
-from training import models, train
-from training.models import TOLERANCE, decide, publish_run
-from tests.helpers import wait_for, wait_on_every_replica
-from training.storage import (PromotionError, history_path, models_dir, promote_version, publish_model,
-                              publish_version, read_history, read_latest, rollback_version, run_dir)
+from training import train, versions
+from training.versions import TOLERANCE, decide, publish_run
+from tests.helpers import publish_model, wait_for, wait_on_every_replica
+from training.storage import history_path, models_dir, run_dir
+from training.versions import (PromotionError, promote_version, publish_version, read_history, read_latest,
+                               rollback_version)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"w": torch.zeros(4)}  # the promotion code never looks inside model.pt
@@ -31,15 +32,15 @@ def meta(version: str, accuracy: float, subset: int | None = None, created: str 
 
 
 def cli(storage: Path | None, *args: str) -> subprocess.CompletedProcess:
-    """`python -m training.models [--storage STORAGE] ARGS`, run in this process: its exit code and output."""
+    """`python -m training.versions [--storage STORAGE] ARGS`, run in this process: its exit code and output."""
     argv = (["--storage", str(storage)] if storage is not None else []) + list(args)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = models.main(argv)
+            code = versions.main(argv)
         except SystemExit as error:  # argparse's errors
             code = error.code
-    return subprocess.CompletedProcess(["training.models", *argv], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(["training.versions", *argv], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture
@@ -200,14 +201,14 @@ def test_a_storage_root_without_models_is_refused_and_left_alone(tmp_path):
 PROMOTER = """
 import sys
 from pathlib import Path
-from training import storage
-storage.HISTORY_LENGTH = 10_000  # keep every entry, so a lost one shows
+from training import versions
+versions.HISTORY_LENGTH = 10_000  # keep every entry, so a lost one shows
 root, stop, moves = Path(sys.argv[1]), Path(sys.argv[2]), 0
 for i in range(5000):  # until the runs are done
     if stop.exists():
         break
     version = ("serving-v", "alt")[i % 2]
-    moves += storage.promote_version(root, version) != version
+    moves += versions.promote_version(root, version) != version
 print(moves)
 """
 
@@ -216,7 +217,7 @@ def test_a_concurrent_promote_and_finishing_runs_leave_latest_complete_and_the_h
     """Another process promotes back and forth while runs finish and promote themselves: every
     `latest` seen names a complete version, and every move is in the history, in order (without
     the lock, moves overtake each other between `latest` and the history and entries get lost)."""
-    monkeypatch.setattr("training.storage.HISTORY_LENGTH", 10_000)
+    monkeypatch.setattr("training.versions.HISTORY_LENGTH", 10_000)
     publish_version(storage, "alt", WEIGHTS, meta("alt", 0.99))
     seen, stop = Counter(), threading.Event()
 
@@ -270,20 +271,20 @@ def test_prune_keeps_serving_and_its_predecessor_and_dry_run_deletes_nothing(sto
     assert dry.returncode == 0 and snapshot(storage) == before
     assert "would remove 4 versions" in dry.stdout  # serving-v, old-1, old-2, new-1: never served
 
-    report = models.prune(storage, keep=1, dry_run=False)
+    report = versions.prune(storage, keep=1, dry_run=False)
     assert sorted(r["version"] for r in report["removed"]) == ["old-1", "old-2", "serving-v"]
     assert sorted(p.name for p in models_dir(storage).iterdir() if p.is_dir()) == ["cur", "new-1", "prev"]
     assert not run_dir(storage, "old-1").exists() and run_dir(storage, "prev").exists()
     assert report["bytes"] >= 2000 and read_latest(storage) == "cur"
 
-    models.prune(storage, keep=0, dry_run=False)
+    versions.prune(storage, keep=0, dry_run=False)
     assert sorted(p.name for p in models_dir(storage).iterdir() if p.is_dir()) == ["cur", "prev"]
     assert rollback_version(storage) == ("cur", "prev")
 
 
 def test_prune_leaves_a_folder_without_metadata_alone(storage):
     (models_dir(storage) / "half").mkdir()
-    models.prune(storage, keep=0, dry_run=False)
+    versions.prune(storage, keep=0, dry_run=False)
     assert (models_dir(storage) / "half").is_dir() and read_latest(storage) == "serving-v"
 
 

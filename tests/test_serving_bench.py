@@ -35,7 +35,8 @@ def test_bench_serving_oip_runs(serve_app, mnist_storage, tmp_path):
 def test_bench_serving_fold_times_the_served_model_folded_and_unfolded(tmp_path):
     """--fold's measurement (no Ray): the served version's predict, folded and unfolded, per batch size."""
     from training.model import Net
-    from training.storage import promote_version, publish_model
+    from tests.helpers import publish_model
+    from training.versions import promote_version
 
     publish_model(tmp_path, "v1", Net().state_dict(), {"version": "v1", "architecture": Net.architecture})
     promote_version(tmp_path, "v1")

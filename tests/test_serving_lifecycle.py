@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from bench.loadgen import load
+from bench.seed_net import SeedNet
 from serving import deploy
 from tests.helpers import make_app, point_latest, publish, running_replicas, wait_for, wait_on_every_replica
-from training.model import SeedNet
 from training.storage import models_dir
 
 pytestmark = pytest.mark.ray

@@ -11,9 +11,11 @@ from torch import nn
 
 from serving.model_store import ModelStore
 from training.model import Net, NetV1, for_inference, to_input
-from training.storage import (BadVersionName, check_version_name, claim_run_dir, models_dir, promote_version,
-                              publish_model, read_latest)
+from training.storage import check_version_name, claim_run_dir, models_dir
+from tests.helpers import publish_model
+from training.versions import BadVersionName, promote_version, read_latest
 import training.storage as storage_module
+import training.versions as versions_module
 
 PLAIN = ["v1", "20261129T142500Z-3fa2", "run_7.b-c", "A" * 128]
 NOT_PLAIN = ["", "..", "../v1", "a/../b", "/etc/passwd", "v1/model.pt", ".hidden", "a..b", "v1\\x", "ü", "A" * 129,
@@ -87,7 +89,8 @@ def test_a_run_id_is_claimed_by_exactly_one_of_many_at_once(tmp_path):
 def test_publication_is_readable_by_others_and_fsyncs_the_folders(tmp_path, monkeypatch):
     synced = []
     real = storage_module.fsync_dir
-    monkeypatch.setattr(storage_module, "fsync_dir", lambda path: (synced.append(path), real(path)))
+    for module in (storage_module, versions_module):  # the atomic writes' fsyncs and publication's own
+        monkeypatch.setattr(module, "fsync_dir", lambda path: (synced.append(path), real(path)))
     final = publish_model(tmp_path, "v1", Net().state_dict(), metadata("v1"))
     root = models_dir(tmp_path)
     assert stat.S_IMODE(final.stat().st_mode) == 0o755
@@ -177,7 +180,7 @@ def test_a_replica_whose_latest_fails_falls_back_along_the_history_never_to_a_tr
     """A replica starting while `latest` cannot load serves the last version that served (history.json),
     not the newest folder: a trial that was not promoted, or a folder pruned meanwhile, is skipped."""
     import os
-    from training.storage import publish_version
+    from training.versions import publish_version
     publish_model(tmp_path, "v1", Net().state_dict(), metadata("v1"))
     publish_model(tmp_path, "v2", Net().state_dict(), metadata("v2"))
     publish_version(tmp_path, "trial", Net().state_dict(), metadata("trial"))  # --promote never

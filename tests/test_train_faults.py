@@ -13,7 +13,8 @@ from ray.util.state import list_actors, list_placement_groups
 
 from ray_cluster import local
 from tests.helpers import submit_training, wait_for, wait_for_job, wait_while_job_runs
-from training.storage import global_path, metadata_path, model_path, models_dir, partial_path, read_latest
+from training.storage import global_path, metadata_path, model_path, models_dir, partial_path
+from training.versions import read_latest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # Eight short rounds: a stop after round 0 lands while training is still going.

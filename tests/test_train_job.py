@@ -10,7 +10,8 @@ from tests.helpers import submit_training, wait_for_job
 from training.augment import DEFAULT as DEFAULT_AUGMENTATION
 from training.data import load_mnist
 from training.model import Net, evaluate
-from training.storage import models_dir, read_latest
+from training.storage import models_dir
+from training.versions import read_latest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -15,7 +15,8 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from tests.helpers import submit_training, wait_for, wait_for_job, wait_while_job_runs
 from training.data import load_mnist
 from training.model import Net, evaluate
-from training.storage import global_path, models_dir, read_latest, worker_path
+from training.storage import global_path, models_dir, worker_path
+from training.versions import read_latest
 
 DASHBOARD_PORT = 8275
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -9,7 +9,7 @@ from serving.plain import LocalBackend
 from serving.ui import Page
 from training.augment import DEFAULT
 from training.model import initial_weights
-from training.storage import publish_model
+from tests.helpers import publish_model
 
 
 def version_line(storage, version: str, metadata: dict) -> str:

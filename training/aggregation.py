@@ -98,8 +98,8 @@ def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict,
 
 class Aggregator:
     """A run's aggregator as a Ray actor: the process, torch and the test images stay loaded
-    between rounds, so a round pays only for averaging and evaluation (a fresh task per round
-    spent ~2.5 s more starting a process and reading the test set).
+    between rounds, so a round pays only for averaging and evaluation, not for starting a process
+    and reading the test set again (docs/BENCHMARKS.md has the gap it closed).
 
     Every worker calls aggregate(r) once round r's worker files are all written; the first call
     averages, the others get the same metrics back. Averaging is idempotent, so a restarted
@@ -109,13 +109,13 @@ class Aggregator:
         keep_freed_memory()
         self.storage, self.run_id, self.manifest, self.strategy = storage, run_id, manifest, strategy
         self.test_set = load_mnist(Path(storage), train=False)
-        self.rounds: dict[int, dict] = {}
+        self.metrics_by_round: dict[int, dict] = {}  # each round's result, for the workers that call after the first
 
     def aggregate(self, round_index: int) -> dict:
-        if round_index not in self.rounds:
-            self.rounds[round_index] = aggregate_round(self.storage, self.run_id, round_index, self.manifest,
-                                                       test_set=self.test_set, strategy=self.strategy)
-        return self.rounds[round_index]
+        if round_index not in self.metrics_by_round:
+            self.metrics_by_round[round_index] = aggregate_round(self.storage, self.run_id, round_index, self.manifest,
+                                                                 test_set=self.test_set, strategy=self.strategy)
+        return self.metrics_by_round[round_index]
 
 
 def start_aggregator(storage: Path, run_id: str, manifest: dict, strategy: str = "fedavg"):

@@ -1,10 +1,10 @@
 """Pick a job's training precision and torch threads by timing the real training step, once per job.
 
-CPU flags do not predict speed: on an Intel Xeon with AVX512_BF16 (no AMX) a bf16-autocast step
-of Net took 84 ms against 66-71 ms in fp32; on an AMD EPYC Zen 4 bf16 was ~1.7x faster; on an
-AMD EPYC VM that exposes only AVX2, bf16 was ~9x slower. So the job times a few warm steps of its
-own model on its own data in every candidate setting and keeps the fastest, unless that is within
-the margin of the simplest setting (fp32, fewest threads), which then wins.
+CPU flags do not predict speed: bf16 autocast is faster than fp32 on some CPUs with native bf16,
+slower on others that have it, and far slower where it is emulated (docs/BENCHMARKS.md has the
+measurements). So the job times a few warm steps of its own model on its own data in every
+candidate setting and keeps the fastest, unless that is within the margin of the simplest setting
+(fp32, fewest threads), which then wins.
 
 One decision per job: rank 0 decides (see decide()) and every worker trains in that setting, so a
 job never mixes precisions and a seeded run is reproducible. The decision is cached on the shared

@@ -31,7 +31,8 @@ class Net(nn.Module):
         self.features = self.layers()
         self.fc1 = nn.Linear(96 * 3 * 3, 128)
         self.fc2 = nn.Linear(128, 10)
-        # NHWC: oneDNN's convolutions run 1.6x faster per training step on CPU (and at inference).
+        # NHWC: oneDNN's CPU convolutions are faster channels-last, in training and at inference
+        # (docs/BENCHMARKS.md has the step times).
         self.to(memory_format=torch.channels_last)
 
     @staticmethod
@@ -83,32 +84,10 @@ def network_for(state_dict: dict, architecture: str | None = None) -> nn.Module:
     raise RuntimeError("the weights fit no known network:\n" + "\n".join(errors))
 
 
-class SeedNet(nn.Module):
-    """The seed project's network (Conv32-Conv64-MaxPool-Dropout-Dense10), for baselines only."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3)
-        self.conv2 = nn.Conv2d(32, 64, 3)
-        self.dropout = nn.Dropout(0.25)
-        self.fc = nn.Linear(64 * 12 * 12, 10)
-
-    def forward(self, x):
-        x = F.relu(self.conv2(F.relu(self.conv1(x))))
-        x = self.dropout(F.max_pool2d(x, 2))
-        return self.fc(torch.flatten(x, 1))
-
-
 def to_input(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 images [N, 28, 28] (white digit on black) -> normalised float [N, 1, 28, 28]."""
     x = images_uint8.to(torch.float32).div_(255.0)
     return ((x - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
-
-
-def native_bf16() -> bool:
-    """True where the CPU reports native bfloat16 (AVX512_BF16 or AMX). Informational only: the
-    flag does not predict speed (training/calibration.py times the step instead)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def initial_weights(seed: int) -> dict:
@@ -124,7 +103,7 @@ def for_inference(model: nn.Module) -> nn.Module:
 
     The copy is made by swapping modules, not by torch.fx tracing (`fuse`): a trace patches
     torch.nn.Module for the whole process while it runs, so a serving replica loading a new version
-    broke the requests it was answering meanwhile ("module is not installed as a submodule")."""
+    would break the requests it answers meanwhile ("module is not installed as a submodule")."""
     model.eval()
     folded = copy.deepcopy(model)
     for block in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:

@@ -37,7 +37,7 @@ from training.augment import DEFAULT as AUGMENTATION  # noqa: E402
 from training.aggregation import start_aggregator  # noqa: E402
 from training.data import MnistUnavailable, check_partition, fetch_mnist, write_shards  # noqa: E402
 from training.model import Net, initial_weights  # noqa: E402
-from training.models import POLICIES, TOLERANCE, publish_run  # noqa: E402
+from training.versions import POLICIES, TOLERANCE, publish_run  # noqa: E402
 from training.storage import (RUN_ID_RULE, STORAGE_ENV, atomic_torch_save, claim_run_dir,  # noqa: E402
                               given_storage, global_path, init_path, is_run_id, manifest_path, new_run_id,
                               ray_dir, run_dir, sha256_file)
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="make the new version the served one (move `latest`): auto = only a full-data run "
                              f"(no --subset) at least as accurate as the serving version less {100 * TOLERANCE:.1f} "
                              "point, or when nothing serves yet; always; never (default auto). The version is "
-                             "published in any case; `python -m training.models promote VERSION` serves it later")
+                             "published in any case; `python -m training.versions promote VERSION` serves it later")
     parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray Train may make (default 2)")
     return parser
 
@@ -210,8 +210,8 @@ def run(args) -> int:
         claim_run_dir(storage, run_id)
     except FileExistsError:
         raise UserError(f"run {run_id} already exists at {run_dir(storage, run_id)}; pick another --run-id") from None
-    # The driver splits (0.4-0.5 s): a splitter task's own process spent ~3.5 s of CPU starting
-    # and importing torch, while Ray Train's start-up needs both cores.
+    # The driver splits: a splitter task would start a process and import torch while Ray
+    # Train's start-up needs the cores (docs/TRAINING.md has the timings).
     manifest = write_shards(storage, run_id, args.workers, args.seed, args.subset, args.partition)
     atomic_torch_save(init_path(storage, run_id), initial_weights(args.seed))
     aggregator = start_aggregator(storage, run_id, manifest, args.strategy)  # lives as long as this run
@@ -220,11 +220,11 @@ def run(args) -> int:
           f"partition {args.partition}", flush=True)
     for rank, shard in enumerate(manifest["shards"]):
         print(f"  shard {rank}: {shard['count']} images, per class {shard['class_histogram']}", flush=True)
-    rounds = fit(args, storage, run_id, manifest, aggregator, worker_cpus, threads)
+    round_metrics = fit(args, storage, run_id, manifest, aggregator, worker_cpus, threads)
     # Not in a `finally`: killed while workers wait for it, it would fail them, and Ray Train would
     # start a new worker group as the job ends. A failed job's actors end with the job anyway.
     ray.kill(aggregator)
-    publish(args, storage, run_id, rounds, time.perf_counter() - started)
+    publish(args, storage, run_id, round_metrics, time.perf_counter() - started)
     return 0
 
 
@@ -266,7 +266,7 @@ def torch_trainer(train_loop, config: dict, workers: int, worker_cpus: float, ru
                                                      placement_strategy="SPREAD"))
 
 
-def publish(args, storage: Path, run_id: str, rounds: list[dict], train_seconds: float) -> None:
+def publish(args, storage: Path, run_id: str, round_metrics: list[dict], train_seconds: float) -> None:
     """Publish the last round's average as version `run_id`; promote it by --promote."""
     final = torch.load(global_path(storage, run_id, args.rounds - 1), weights_only=True)["state_dict"]
     setting = json.loads(decision_path(storage, run_id).read_text())
@@ -274,7 +274,7 @@ def publish(args, storage: Path, run_id: str, rounds: list[dict], train_seconds:
     metadata = {"version": run_id, "run_id": run_id, "workers": args.workers, "epochs": args.epochs,
                 "rounds": args.rounds, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "subset": args.subset, "architecture": Net.architecture,
-                "test_accuracy": rounds[-1]["test_accuracy"], "round_metrics": rounds,
+                "test_accuracy": round_metrics[-1]["test_accuracy"], "round_metrics": round_metrics,
                 "precision": setting["precision"], "threads": setting["threads"], "calibration": setting,
                 "reproduce": reproduce_command(args, setting),
                 "strategy": args.strategy, "partition": args.partition, "inject_fault": args.inject_fault,
@@ -284,9 +284,9 @@ def publish(args, storage: Path, run_id: str, rounds: list[dict], train_seconds:
                 "shards_manifest_sha256": sha256_file(manifest_path(storage, run_id)),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     path, decision = publish_run(storage, run_id, final, metadata, args.promote)
-    print_table(rounds)
+    print_table(round_metrics)
     print(f"test accuracy {metadata['test_accuracy']:.4f}  model {path}  ({train_seconds:.1f} s)", flush=True)
-    hint = "" if decision.promote else f"; to serve it: python -m training.models promote {run_id}"
+    hint = "" if decision.promote else f"; to serve it: python -m training.versions promote {run_id}"
     print(f"{run_id}: {decision.summary}{hint}", flush=True)  # the last line says what serves now
 
 
@@ -392,9 +392,9 @@ def reachable(address: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def print_table(rounds: list[dict]) -> None:
+def print_table(round_metrics: list[dict]) -> None:
     print(f"{'round':>5}  {'test acc':>8}  {'test loss':>9}  {'worker train loss':<30}  {'seconds':>7}")
-    for r in rounds:
+    for r in round_metrics:
         losses = " ".join(f"{w['train_loss']:.3f}" for w in r["workers"])
         seconds = max(w["seconds"] for w in r["workers"]) + r["aggregate_seconds"]
         print(f"{r['round']:>5}  {r['test_accuracy']:>8.4f}  {r['test_loss']:>9.4f}  {losses:<30}  {seconds:>7.1f}")

@@ -1,9 +1,10 @@
-"""Published model versions and which one serves: the promotion policy and a CLI to look and to move.
+"""The published-versions registry: publishing a version, which one serves (`latest`), moving it
+(promote, rollback: locked, recorded in history.json), the promotion policy, pruning, and a CLI.
 
-    python -m training.models list                 versions, accuracy, run, created; which one serves
-    python -m training.models promote VERSION      point `latest` at VERSION
-    python -m training.models rollback             back to the version that served before
-    python -m training.models prune --keep N [--dry-run]
+    python -m training.versions list                 versions, accuracy, run, created; which one serves
+    python -m training.versions promote VERSION      point `latest` at VERSION
+    python -m training.versions rollback             back to the version that served before
+    python -m training.versions prune --keep N [--dry-run]
 
 Every successful training run publishes a version; serving follows `latest`, which moves only
 by a promotion: the run's own (`train.py --promote auto|always|never`) or this CLI's. Each
@@ -16,20 +17,203 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from training.storage import (PromotionError, is_version_name, models_dir, promote_version, promotion_lock,
-                              published_versions, publish_version, point_latest_locked, read_history, resolve_storage,
-                              serving_version, rollback_target, rollback_version, run_dir, version_metadata)
+# BadVersionName and PromotionError are defined with the name rules that raise them; import them from here.
+from training.storage import (DIR_MODE, METADATA_FILE, MODEL_FILE, BadVersionName, PromotionError,
+                              atomic_torch_save, atomic_write_bytes, atomic_write_json, check_version_name,
+                              fsync_dir, history_path, is_version_name, latest_path, metadata_path, model_path,
+                              models_dir, resolve_storage, run_dir, version_dir)
 
 POLICIES = ("auto", "always", "never")
 # auto promotes a full-data run scoring at least the serving model's test accuracy less this:
-# 0.1 point, 10 of the 10,000 test images: about the spread of one recipe over seeds (three seeds of
-# the chosen one gave 99.29-99.40% in bench/model_sweep.py), so a rerun is not refused for noise.
+# 0.1 point, 10 of the 10,000 test images: about the spread of one recipe over seeds (docs/BENCHMARKS.md,
+# "How the model was chosen"), so a rerun is not refused for noise.
 TOLERANCE = 0.001
+
+
+# ---------------------------------------------------------------- publishing and reading `latest`
+
+def publish_version(storage: Path, version: str, state_dict: dict, metadata: dict) -> Path:
+    """Write <version>/ completely under a temporary name and rename it; `latest` does not move."""
+    root = models_dir(storage)
+    final = version_dir(storage, version)
+    if final.exists():
+        raise FileExistsError(f"model version {version} is already published at {final}")
+    staging = Path(tempfile.mkdtemp(dir=root if root.exists() else _mkdir(root), prefix=f".{version}."))
+    try:
+        atomic_torch_save(staging / MODEL_FILE, state_dict)
+        atomic_write_json(staging / METADATA_FILE, metadata)
+        staging.chmod(DIR_MODE)  # mkdtemp makes 0700
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(root)
+    return final
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_latest(storage: Path) -> str | None:
+    """The published version that `latest` names, or None before the first publication.
+    BadVersionName if it names anything but a plain version name (a path, '..')."""
+    try:
+        text = latest_path(storage).read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    return check_version_name(text) if text else None
+
+
+def serving_version(storage: Path) -> str | None:
+    """read_latest for promotion: a `latest` that names no plain version counts as nothing serving
+    (serving refuses it and keeps its model), so promoting a good version repairs it."""
+    try:
+        return read_latest(storage)
+    except BadVersionName:
+        return None
+
+
+# ---------------------------------------------------------------- promotion: moving `latest`
+
+HISTORY_LENGTH = 20  # promotions kept in history.json: enough to roll back several times
+
+
+@contextmanager
+def promotion_lock(storage: Path):
+    """Serialise every move of `latest` (the CLI, finishing runs) across processes and pods.
+
+    flock on a file beside `latest`: Linux's NFS client maps it to an NFS lock, so it holds on
+    the shared volume too. Not reentrant: the *_locked functions expect it held."""
+    import fcntl
+
+    lock = _mkdir(models_dir(storage)) / ".promotion.lock"
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def version_metadata(storage: Path, version: str) -> dict:
+    """The metadata of a complete published version; PromotionError says what is wrong otherwise."""
+    folder = version_dir(storage, version)
+    if not folder.is_dir():
+        known = ", ".join(published_versions(storage)[-5:]) or "none"
+        raise PromotionError(f"no published version '{version}' under {models_dir(storage)} (latest ones: {known})")
+    path = metadata_path(storage, version)
+    try:
+        metadata = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PromotionError(f"version '{version}' is incomplete: {folder} has no {METADATA_FILE}") from None
+    except (OSError, ValueError) as error:
+        raise PromotionError(f"version '{version}': cannot read {path} ({error})") from None
+    if not isinstance(metadata, dict):
+        raise PromotionError(f"version '{version}': {path} is not a JSON object")
+    if not model_path(storage, version).is_file():
+        raise PromotionError(f"version '{version}' is incomplete: {folder} has no {MODEL_FILE}")
+    return metadata
+
+
+def published_versions(storage: Path) -> list[str]:
+    """Names of the version folders (complete or not), sorted; staging folders start with '.'."""
+    root = models_dir(storage)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_history(storage: Path) -> list[dict]:
+    """Past promotions, oldest first: [{"version", "at", "note", maybe "rolled_back_at"}]; [] at first."""
+    path = history_path(storage)
+    try:
+        history = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as error:
+        raise PromotionError(f"{path} is not readable JSON ({error}); fix or delete it (it only guides rollback)") from None
+    if not (isinstance(history, list) and all(isinstance(e, dict) and isinstance(e.get("version"), str) for e in history)):
+        raise PromotionError(f"{path} is malformed: expected a list of {{\"version\": ...}} entries; "
+                             "fix or delete it (it only guides rollback)")
+    return history
+
+
+def point_latest_locked(storage: Path, version: str, note: str) -> None:
+    """Move `latest` to a complete version and record it in the history (hold promotion_lock).
+
+    `latest` is renamed into place first: a crash before the history is written leaves the
+    previous entry last, which is still where a rollback should go."""
+    history = read_history(storage)
+    serving = serving_version(storage)
+    if serving and _head(history) != serving and _complete(storage, serving):  # moved by hand or older code
+        history.append({"version": serving, "at": _now(), "note": "found serving (moved outside this history)"})
+    history.append({"version": version, "at": _now(), "note": note})
+    atomic_write_bytes(latest_path(storage), f"{version}\n".encode())
+    atomic_write_json(history_path(storage), history[-HISTORY_LENGTH:])
+
+
+def _complete(storage: Path, version: str) -> bool:
+    try:
+        version_metadata(storage, version)
+        return True
+    except PromotionError:
+        return False
+
+
+def _head(history: list[dict]) -> str | None:
+    """The version the history says serves: its last entry not rolled back."""
+    return next((e["version"] for e in reversed(history) if not e.get("rolled_back_at")), None)
+
+
+def promote_version(storage: Path, version: str, note: str = "promoted by hand") -> str | None:
+    """Point `latest` at a complete version; returns the version that served before."""
+    with promotion_lock(storage):
+        version_metadata(storage, version)
+        read_history(storage)  # a malformed history stops us before anything moves
+        before = serving_version(storage)
+        if before != version:
+            point_latest_locked(storage, version, note)
+    return before
+
+
+def rollback_target(history: list[dict], serving: str | None) -> tuple[str, list[dict]]:
+    """The version that served before `serving`, and the history with the entries rolled back
+    from marked (kept, so the list of versions that once served stays whole)."""
+    marked = [dict(entry) for entry in history]
+    index = len(marked)
+    while index and (marked[index - 1]["version"] == serving or marked[index - 1].get("rolled_back_at")):
+        marked[index - 1].setdefault("rolled_back_at", _now())
+        index -= 1
+    if not index:
+        raise PromotionError(f"nothing to roll back to: the history has no version that served before '{serving}'")
+    return marked[index - 1]["version"], marked
+
+
+def rollback_version(storage: Path) -> tuple[str | None, str]:
+    """Point `latest` back at the version that served before; returns (from, to).
+
+    The rolled-back entries are marked, so a second rollback goes one further back."""
+    with promotion_lock(storage):
+        serving = serving_version(storage)
+        target, kept = rollback_target(read_history(storage), serving)
+        version_metadata(storage, target)
+        # History first: a crash before `latest` moves leaves the target last, so rolling back again still goes there.
+        atomic_write_json(history_path(storage), kept)
+        atomic_write_bytes(latest_path(storage), f"{target}\n".encode())
+    return serving, target
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------- the policy
@@ -213,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--storage", default=argparse.SUPPRESS,
                         help="storage root (default $MNIST_STORAGE, else ./storage; /mnt/shared in a pod)")
-    parser = argparse.ArgumentParser(prog="python -m training.models", description=__doc__, parents=[common],
+    parser = argparse.ArgumentParser(prog="python -m training.versions", description=__doc__, parents=[common],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", parents=[common], help="versions and which one serves")
