@@ -138,23 +138,18 @@ def ray_cluster_specs(obj: dict) -> list[dict]:  # the RayJob runs on the RayClu
     return {"RayCluster": [obj.get("spec")], "RayService": [obj.get("spec", {}).get("rayClusterConfig")]}.get(obj["kind"], [])
 
 
+def ray_pod_templates(objects) -> list[dict]:
+    return [t for obj in objects for spec in ray_cluster_specs(obj)
+            for t in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]]
+
+
 def pod_templates(obj: dict) -> list[dict]:
-    templates = [spec["headGroupSpec"]["template"] for spec in ray_cluster_specs(obj)]
-    templates += [group["template"] for spec in ray_cluster_specs(obj) for group in spec.get("workerGroupSpecs", [])]
-    if obj["kind"] == "RayJob":
-        templates.append(obj["spec"]["submitterPodTemplate"])
-    if obj["kind"] == "Deployment":
-        templates.append(obj["spec"]["template"])
-    return templates
+    other = {"RayJob": ["submitterPodTemplate"], "Deployment": ["template"]}.get(obj["kind"], [])
+    return ray_pod_templates([obj]) + [obj["spec"][key] for key in other]
 
 
 def containers(template: dict) -> list[dict]:
     return template["spec"].get("initContainers", []) + template["spec"]["containers"]
-
-
-def ray_pod_templates(objects) -> list[dict]:
-    return [t for obj in objects for spec in ray_cluster_specs(obj)
-            for t in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]]
 
 
 def one(objects, kind, name=None) -> dict:
@@ -229,14 +224,9 @@ def test_ray_versions_agree_with_the_pin(rendered):
     assert f"\nFROM rayproject/ray:{pin}-py311\n" in dockerfile
     assert f"ray.__version__ == '{pin}'" in dockerfile
     assert f"\nWORKDIR {manifests.APP_DIR}\n" in dockerfile
-    for objects in rendered.values():
-        for obj in objects:
-            for spec in ray_cluster_specs(obj):
-                assert spec["rayVersion"] == pin
-            for template in pod_templates(obj):
-                for container in containers(template):
-                    if obj["kind"] != "Deployment":  # the NFS server has its own image
-                        assert manifests.image_tag(container["image"]).startswith(f"{pin}-py311")
+    # Every Ray container runs --image (test_each_option_reaches_its_fields), whose tag check() ties to the pin.
+    for spec in [s for objects in rendered.values() for obj in objects for s in ray_cluster_specs(obj)]:
+        assert spec["rayVersion"] == pin
     # The plain YAML files hold the defaults: they must name the pinned Ray too.
     for path in (ROOT / "k8s" / "base").glob("*.yaml"):
         text = path.read_text()
@@ -499,20 +489,15 @@ def test_serving_pods_mount_the_shared_volume_read_only(objects):
             assert mount["readOnly"] is True, container["name"]
         (claim,) = [v["persistentVolumeClaim"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v]
         assert claim["readOnly"] is True
-        pop_gradio_uploads(copy.deepcopy(template))
+        # Gradio's upload dir (GRADIO_TEMP_DIR) is a size-limited emptyDir
+        (container,) = template["spec"]["containers"]
+        uploads = {e["name"]: e.get("value") for e in container["env"]}["GRADIO_TEMP_DIR"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == uploads]
+        (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
+        assert set(volume) == {"name", "emptyDir"} and volume["emptyDir"]["sizeLimit"], volume
     for template in ray_pod_templates([cluster]):  # training writes the models
         for container in containers(template):
             assert not [m for m in container["volumeMounts"] if m.get("readOnly")]
-
-
-def pop_gradio_uploads(template: dict) -> None:
-    """A serving pod has Gradio's upload dir (GRADIO_TEMP_DIR) in a size-limited emptyDir: take it out."""
-    (container,) = template["spec"]["containers"]
-    (env,) = [e for e in container["env"] if e["name"] == "GRADIO_TEMP_DIR"]
-    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == env["value"]]
-    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
-    assert set(volume) == {"name", "emptyDir"} and volume["emptyDir"]["sizeLimit"], volume
-    container["env"].remove(env), container["volumeMounts"].remove(mount), template["spec"]["volumes"].remove(volume)
 
 
 def test_every_ray_pod_runs_serve_behind_haproxy_like_local_haproxy_mode(objects):
@@ -1031,17 +1016,6 @@ def test_replicas_are_packed_whole_into_pods():
     assert serve_fit.serve_replica_cpus(config) == {"min": [0.5, 0.5, 1.0, 0.0], "max": [0.5] * 8 + [1.0] * 4 + [0.0]}
     auto = {"applications": [{"deployments": [{"name": "a", "num_replicas": "auto"}]}]}  # Serve's default: 1 CPU
     assert len(serve_fit.serve_replica_cpus(auto)["max"]) == 100
-
-
-def test_the_training_worker_count_is_set_in_one_place(rendered):
-    """The worker group's size is the count: train.py --workers follows it (one worker per pod)
-    unless --workers is given."""
-    for name in ("defaults", "longest-names", "nfs-by-ip"):  # option sets that leave --workers unset
-        objects = rendered[name]
-        entrypoint = shlex.split(one(objects, "RayJob")["spec"]["entrypoint"])
-        (group,) = one(objects, "RayCluster")["spec"]["workerGroupSpecs"]
-        assert int(entrypoint[entrypoint.index("--workers") + 1]) == group["replicas"]
-    assert Options(worker_pods=5).train_workers == 5 and Options(worker_pods=5, workers=2).train_workers == 2
 
 
 # e2-standard-8, the script's Ray node: 7.91 CPUs allocatable after GKE's reservation, less about
