@@ -299,24 +299,18 @@ def test_missing_crds_say_how_to_install_the_operator(api, call):
     assert "Ray operator add-on" in message
 
 
-def test_already_exists(api):
-    clusters = api.client()
-    clusters.create(raycluster())
-    with pytest.raises(kuberay.AlreadyExists, match="RayCluster mnist/mnist already exists; .*kuberay down"):
-        clusters.create(raycluster())
-
-
-def test_not_found(api):
-    with pytest.raises(kuberay.NotFound, match=r'RayService mnist/gone not found \(rayservices "gone" not found\)'):
-        api.client().get("RayService", "gone")
-
-
-def test_forbidden_quotes_the_server_and_says_what_to_ask_for(api):
-    api.forbidden.add("rayjobs")
-    with pytest.raises(kuberay.Forbidden) as error:
-        api.client().create({"kind": "RayJob", "metadata": {"name": "t"}})
-    assert 'User "dev" cannot create resource "rayjobs"' in str(error.value)
-    assert "RBAC on rayjobs.ray.io" in str(error.value)
+@pytest.mark.parametrize("forbidden, call, error, words", [
+    ("", lambda c: c.create(raycluster()) and c.create(raycluster()), kuberay.AlreadyExists,
+     ["RayCluster mnist/mnist already exists; `python -m ray_cluster kuberay down` deletes it"]),
+    ("", lambda c: c.get("RayService", "gone"), kuberay.NotFound,
+     ['RayService mnist/gone not found (rayservices "gone" not found)']),
+    ("rayjobs", lambda c: c.create({"kind": "RayJob", "metadata": {"name": "t"}}), kuberay.Forbidden,
+     ['User "dev" cannot create resource "rayjobs"', "RBAC on rayjobs.ray.io"])])
+def test_api_errors_say_what_happened(api, forbidden, call, error, words):
+    api.forbidden.add(forbidden)
+    with pytest.raises(error) as raised:
+        call(api.client())
+    assert all(w in str(raised.value) for w in words), str(raised.value)
 
 
 def test_an_unreachable_api_server(api, fast_retries):
@@ -651,29 +645,25 @@ def fast_retries(monkeypatch):
     monkeypatch.setattr(kuberay, "BACKOFF", 0.01)
 
 
-@pytest.mark.parametrize("failures", [[503, 500], [429], [502, 504, 503], ["drop"]])
-def test_reads_retry_transient_failures(api, fast_retries, failures):
+GIVE_UP = [503] * (kuberay.RETRIES + 1)
+
+
+@pytest.mark.parametrize("call, failures, requests, error", [
+    ("get", [503, 500], 3, None), ("get", [429], 2, None), ("get", [502, 504, 503], 4, None),  # transient: retried
+    ("get", ["drop"], 2, None),
+    ("get", GIVE_UP, kuberay.RETRIES + 1, "HTTP 503"),  # given up after the retries
+    ("create", GIVE_UP, 1, "HTTP 503"),  # a create that failed with a 5xx may still have happened: not repeated
+    *[("get", [code], 1, "") for code in (400, 401, 403, 404, 409, 422)]])  # an answer about the request: final
+def test_transient_failures_are_retried_and_others_are_final(api, fast_retries, call, failures, requests, error):
     api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
     api.failures = list(failures)
-    assert api.client().get("RayCluster", "mnist")["metadata"]["name"] == "mnist"
-    assert len(api.sent("GET")) >= len(failures) + 1 - failures.count("drop")
-
-
-@pytest.mark.parametrize("call, tries", [("get", kuberay.RETRIES + 1), ("create", 1)])
-def test_reads_give_up_after_the_retries_and_creates_are_not_retried(api, fast_retries, call, tries):
-    """A create that failed with a 5xx may still have happened: it is reported, not repeated."""
-    api.failures = [503] * (kuberay.RETRIES + 1)
-    with pytest.raises(kuberay.KubeRayError, match="HTTP 503"):
-        getattr(api.client(), call)(*(("RayCluster", "mnist") if call == "get" else (raycluster(),)))
-    assert len(api.requests) == tries
-
-
-@pytest.mark.parametrize("code", [400, 401, 403, 404, 409, 422])
-def test_client_errors_fail_at_once(api, fast_retries, code):
-    api.failures = [code]
-    with pytest.raises(kuberay.KubeRayError):
-        api.client().get("RayCluster", "mnist")
-    assert len(api.requests) == 1
+    cluster, args = api.client(), (("RayCluster", "mnist") if call == "get" else (raycluster("new"),))
+    if error is None:
+        assert getattr(cluster, call)(*args)["metadata"]["name"] == "mnist"
+    else:
+        with pytest.raises(kuberay.KubeRayError, match=error):
+            getattr(cluster, call)(*args)
+    assert len(api.requests) == requests
 
 
 def test_every_request_has_a_timeout(api, monkeypatch, fast_retries):
