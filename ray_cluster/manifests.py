@@ -212,8 +212,6 @@ def problems(o: Options) -> list[str]:
                 ipaddress.ip_network(cidr)
             except ValueError:
                 found.append(f"{flag} {cidr!r} is not a CIDR range such as 203.0.113.0/24")
-    if not o.lb_source_ranges:
-        found.append("--lb-source-range: give at least one range (0.0.0.0/0 admits everyone)")
     if o.run_id is not None and not is_run_id(o.run_id):
         found.append(f"--run-id {o.run_id!r}: {RUN_ID_RULE}")
     return found

@@ -41,7 +41,6 @@ PARAMETER_SETS = {
     "filestore": dict(shared_storage="filestore", name="digits", namespace="ml-team", worker_pods=1,
                       worker_cpus=1, workers=1, operator_namespace="default", storage_size="2Ti"),
     "longest-names": dict(name="a" * 41, job_name="j" * 47, nfs_server=NFS_IP),  # <name>-serve is 47 characters
-    "nfs-by-ip": dict(nfs_server="10.8.0.12", job_name="nightly", image=f"{PUSHED}:2.60.0-py311"),
 }
 
 SAMPLE_SERVE_CONFIG = """\
@@ -638,29 +637,6 @@ def test_the_projects_serve_config_renders():
     assert [a.import_path for a in parsed.applications] == [a["import_path"] for a in local["applications"]]
     for app in config["applications"]:
         assert not {"pip", "conda", "uv", "working_dir"} & set(app.get("runtime_env") or {})
-
-
-BAD_OPTIONS = {  # besides the CLI's (test_kuberay_api.py: BAD_CLI_OPTIONS), which go through the same check
-    "zero cpus": (dict(worker_cpus=0), "--worker-cpus must be at least 1"),
-    "RayService name over 47": (dict(name="a" * 42), "RayService name 'aaaa"),
-    "name not DNS": (dict(name="MNIST_1"), "lowercase letters"),
-    "image of another python": (dict(image=f"{PUSHED}:2.60.0-py310"), "must be '2.60.0-py311'"),
-    "image without tag": (dict(image=PUSHED), "must be '2.60.0-py311'"),
-    "latest image": (dict(image=f"{PUSHED}:latest"), "must be '2.60.0-py311'"),
-    "filestore under 1Ti": (dict(shared_storage="filestore", storage_size="100Gi"), "Filestore's minimum"),
-    "bad run id": (dict(run_id="../x"), "--run-id"),
-    "nfs volume without its server": (dict(), "the NFS volume needs --nfs-server"),
-    "no load balancer range": (dict(nfs_server=NFS_IP, lb_source_ranges=()), "give at least one range"),
-    "bad node range": (dict(nfs_server=NFS_IP, node_range="10.0.0.0/33"), "--node-range"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
-def test_invalid_options_are_refused(case):
-    params, message = BAD_OPTIONS[case]
-    with pytest.raises(InvalidOptions) as refused:
-        manifests.render(Options(**params))
-    assert message in str(refused.value)
 
 
 def test_kustomize_failures_are_reported_with_its_message(monkeypatch, tmp_path):

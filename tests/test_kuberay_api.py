@@ -20,7 +20,8 @@ from ray_cluster.__main__ import main
 from ray_cluster.kuberay import KubeRay
 
 NAMESPACE = "mnist"
-IMAGE = "us-central1-docker.pkg.dev/proj/mnist/mnist-ray:2.60.0-py311"
+REPOSITORY = "us-central1-docker.pkg.dev/proj/mnist/mnist-ray"
+IMAGE = f"{REPOSITORY}:2.60.0-py311"
 # /api/v1/ or /apis/<group>/v1/, then namespaces/<namespace>/ for a namespaced kind, then <plural>[/<name>]
 PATH = re.compile(r"/apis?/(?:(?P<group>[a-z0-9.]+)/)?v1(?:/namespaces/(?P<namespace>[^/]+)(?=/))?"
                   r"/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?")
@@ -367,6 +368,14 @@ BAD_CLI_OPTIONS = [
     (["--shared-storage", "s3"], "--shared-storage 's3': choose one of nfs, filestore"),
     (["--worker-memory", "lots"], "--worker-memory 'lots' is not a Kubernetes quantity"),
     (["--lb-source-range", "everyone"], "--lb-source-range 'everyone' is not a CIDR range"),
+    (["--node-range", "10.0.0.0/33"], "--node-range '10.0.0.0/33' is not a CIDR range"),
+    (["--name", "a" * 42], "RayService name 'aaaa"),
+    (["--name", "MNIST_1"], "lowercase letters"),
+    (["--image", f"{REPOSITORY}:2.60.0-py310"], "must be '2.60.0-py311'"),
+    (["--image", REPOSITORY], "must be '2.60.0-py311'"),
+    (["--image", f"{REPOSITORY}:latest"], "must be '2.60.0-py311'"),
+    (["--shared-storage", "filestore", "--storage-size", "100Gi"], "below Filestore's minimum of 1Ti"),
+    (["--run-id", "../x"], "--run-id '../x'"),
 ]
 
 
