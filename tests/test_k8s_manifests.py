@@ -242,12 +242,16 @@ def test_one_storage_root_everywhere(objects):
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     ray_templates = ray_pod_templates(objects)
     assert len(ray_templates) == 4  # training head + workers, serving head + workers
+    serving = ray_pod_templates([one(objects, "RayService")])
     for template in ray_templates:
         spec = template["spec"]
         volumes = {v["name"]: v for v in spec["volumes"]}
         for container in containers(template):
             (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == MOUNT_PATH]
-            assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+            source = volumes[mount["name"]]["persistentVolumeClaim"]
+            assert source["claimName"] == claim["metadata"]["name"]
+            # training writes the models, serving only reads them
+            assert mount.get("readOnly", False) == source.get("readOnly", False) == (template in serving)
         env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
         assert env[manifests.STORAGE_ENV] == MOUNT_PATH
     entrypoint = shlex.split(one(objects, "RayJob")["spec"]["entrypoint"])
@@ -279,13 +283,7 @@ def test_the_rayjob_fits_its_cluster(objects):
     assert "rayClusterSpec" not in job["spec"]  # it runs on the RayCluster, whose specs the tests check
 
 
-def test_the_head_lists_its_ports(objects):
-    for spec in [s for obj in objects for s in ray_cluster_specs(obj)]:
-        ports = {p["name"]: p["containerPort"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
-        assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
-
-
-def test_only_the_serve_port_leaves_the_cluster(objects):
+def test_only_the_serve_port_leaves_the_cluster(objects):  # and the heads list their ports
     services = [o for o in objects if o["kind"] == "Service"] + [o["spec"]["serveService"] for o in objects if o["kind"] == "RayService"]
     exposed = [s for s in services if s["spec"].get("type") in ("LoadBalancer", "NodePort")]
     assert len(exposed) == 1
@@ -293,6 +291,8 @@ def test_only_the_serve_port_leaves_the_cluster(objects):
     assert exposed[0]["spec"]["allocateLoadBalancerNodePorts"] is False  # no NodePort on every node
     for spec in [s for obj in objects for s in ray_cluster_specs(obj)]:
         assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+        ports = {p["name"]: p["containerPort"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
         assert not spec["headGroupSpec"].get("enableIngress")
     assert not [o for o in objects if o["kind"] in ("Ingress", "Gateway", "HTTPRoute")]
     for obj in objects:
@@ -480,23 +480,13 @@ def test_token_authentication_on_both_clusters(objects):
         assert not [e for c in containers(template) for e in c.get("env", []) if e["name"].startswith("RAY_AUTH")]
 
 
-def test_serving_pods_mount_the_shared_volume_read_only(objects):
-    cluster, service = one(objects, "RayCluster"), one(objects, "RayService")
-    for template in ray_pod_templates([service]):
-        for container in containers(template):
-            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == MOUNT_PATH]
-            assert mount["readOnly"] is True, container["name"]
-        (claim,) = [v["persistentVolumeClaim"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v]
-        assert claim["readOnly"] is True
-        # Gradio's upload dir (GRADIO_TEMP_DIR) is a size-limited emptyDir
+def test_serving_pods_keep_gradio_uploads_in_a_small_empty_dir(objects):
+    for template in ray_pod_templates([one(objects, "RayService")]):
         (container,) = template["spec"]["containers"]
         uploads = {e["name"]: e.get("value") for e in container["env"]}["GRADIO_TEMP_DIR"]
         (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == uploads]
         (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
         assert set(volume) == {"name", "emptyDir"} and volume["emptyDir"]["sizeLimit"], volume
-    for template in ray_pod_templates([cluster]):  # training writes the models
-        for container in containers(template):
-            assert not [m for m in container["volumeMounts"] if m.get("readOnly")]
 
 
 def test_every_ray_pod_runs_serve_behind_haproxy_like_local_haproxy_mode(objects):
