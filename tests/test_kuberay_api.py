@@ -222,10 +222,8 @@ SERVICE_READY = {"serviceStatus": "Running", "numServeEndpoints": 2,
 
 # ---------------------------------------------------------------- the client: requests
 
-@pytest.mark.parametrize("kind, collection", [
+@pytest.mark.parametrize("kind, collection", [  # RayJob's and RayService's paths: the CLI's train and serve tests
     ("RayCluster", f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters"),
-    ("RayJob", f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs"),
-    ("RayService", f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices"),
     ("Deployment", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"),
     ("PersistentVolume", "/api/v1/persistentvolumes")])  # cluster-wide
 def test_create_get_list_apply_delete(api, kind, collection):
@@ -274,16 +272,6 @@ def test_raycluster_ready_needs_both_conditions(api):
     assert api.reads[("rayclusters", "mnist")] == 4
     assert "HeadPodReady=False (HeadPodNotFound)" in seen[1]
     assert "RayClusterProvisioned=False" in seen[2] and "HeadPodReady=True" in seen[3]
-
-
-def test_a_wait_ends_on_a_failure_with_the_operators_words(api):
-    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs", {"kind": "RayJob", "metadata": {"name": "t"}})
-    api.script("rayjobs", "t", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-               {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "past activeDeadlineSeconds"})
-    with pytest.raises(kuberay.Failed, match=r"RayJob mnist/t failed: jobDeploymentStatus=Failed, jobStatus=- "
-                                             r"\(DeadlineExceeded: past activeDeadlineSeconds\)"):
-        api.client().wait_ready("RayJob", "t", timeout=10, poll=0.01)
-    assert api.reads[("rayjobs", "t")] == 2
 
 
 # ---------------------------------------------------------------- the client: errors
