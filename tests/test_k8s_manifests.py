@@ -16,12 +16,12 @@ from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
-import psutil
 import pytest
 import yaml
 
 from ray_cluster import manifests, serve_fit
 from ray_cluster.manifests import MOUNT_PATH, InvalidOptions, Options
+from tests import browser
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = Path(os.environ.get("KUBERAY_CRD_DIR") or Path(__file__).resolve().parents[2] / "shared" / "kuberay" / "crds")
@@ -61,19 +61,9 @@ applications:
 """
 
 
-def under_ci() -> bool:
-    """True when CI is set, or when some ancestor process is the .ci/run script."""
-    if os.environ.get("CI"):
-        return True
-    try:
-        return any(".ci/run" in " ".join(parent.cmdline()) for parent in psutil.Process().parents())
-    except psutil.Error:
-        return False
-
-
 def missing(reason: str):
     """Fail in CI (it must have what the test needs), skip with the reason elsewhere."""
-    if under_ci():
+    if browser.under_ci():  # .ci/run sets CI=1
         pytest.fail(f"{reason} (CI must provide it)")
     pytest.skip(reason)
 
