@@ -352,6 +352,8 @@ def test_network_policies(objects):
     by_cluster = {}
     for policy in policies:
         selected = policy["spec"]["podSelector"]["matchLabels"]
+        # Ingress only: the serving head's autoscaler sidecar calls the API server (443). A policy
+        # selects pods of its own namespace only, so no other policy can restrict that egress.
         assert policy["spec"]["policyTypes"] == ["Ingress"]
         assert (selected.items() <= training_labels.items()) != (selected.items() <= serving_labels.items())
         by_cluster["training" if selected.items() <= training_labels.items() else "serving"] = policy
@@ -615,8 +617,6 @@ def test_the_projects_serve_config_renders():
     parsed = ServeDeploySchema.model_validate(config)
     assert parsed.http_options.port == 8000 and "host" not in (config.get("http_options") or {})
     assert [a.import_path for a in parsed.applications] == [a["import_path"] for a in local["applications"]]
-    for app in config["applications"]:
-        assert not {"pip", "conda", "uv", "working_dir"} & set(app.get("runtime_env") or {})
 
 
 def test_kustomize_failures_are_reported_with_its_message(monkeypatch, tmp_path):
@@ -915,16 +915,6 @@ def test_the_head_pod_kuberay_builds_passes_pod_security_and_the_schemas(objects
                 assert holds_token == (container["name"] == "autoscaler" and mount["mountPath"] == TOKEN_DIR)
         if spec.get("enableInTreeAutoscaling"):
             assert [c["name"] for c in template["spec"]["containers"]] == ["ray-head", "autoscaler"]
-
-
-def test_the_autoscaler_reaches_the_api_server(objects):
-    """The sidecar calls the Kubernetes API (443): no NetworkPolicy may restrict the serving head's
-    egress without allowing it. Ours restrict ingress only."""
-    service = one(objects, "RayService")
-    labels = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
-    for policy in [o for o in objects if o["kind"] == "NetworkPolicy"]:
-        if policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items():
-            assert "Egress" not in policy["spec"]["policyTypes"], policy["metadata"]["name"]
 
 
 # ---------------------------------------------------------------- Serve's demand fits the pods
