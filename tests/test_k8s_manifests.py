@@ -341,39 +341,35 @@ def test_filestore_needs_no_privileged_pod(rendered):
     assert "privileged" in guide and "Filestore" in guide  # the exception is documented
 
 
+def selects(selector: dict, labels: dict) -> bool:
+    return selector["matchLabels"].items() <= labels.items()
+
+
 def test_network_policies(objects):
     """One policy per Ray cluster: each admits its own pods, the operator (and the training
     cluster the submitter) on 8265, and only the serving cluster opens 8000, from anywhere."""
     cluster, service = one(objects, "RayCluster"), one(objects, "RayService")
-    training_labels = cluster["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
-    serving_labels = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
     policies = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == cluster["metadata"]["namespace"]]
-    assert len(policies) == 2
-    by_cluster = {}
-    for policy in policies:
-        selected = policy["spec"]["podSelector"]["matchLabels"]
-        # Ingress only: the serving head's autoscaler sidecar calls the API server (443). A policy
-        # selects pods of its own namespace only, so no other policy can restrict that egress.
-        assert policy["spec"]["policyTypes"] == ["Ingress"]
-        assert (selected.items() <= training_labels.items()) != (selected.items() <= serving_labels.items())
-        by_cluster["training" if selected.items() <= training_labels.items() else "serving"] = policy
-    for side, labels, other in (("training", training_labels, serving_labels), ("serving", serving_labels, training_labels)):
-        policy = by_cluster[side]
-        templates = ray_pod_templates([cluster] if side == "training" else [service])
-        for template in templates:  # every pod of the cluster is isolated by its policy
-            assert policy["spec"]["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    # Ingress only: the serving head's autoscaler sidecar calls the API server (443). A policy
+    # selects pods of its own namespace only, so no other policy can restrict that egress.
+    assert len(policies) == 2 and all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
+    for obj, other in ((cluster, service), (service, cluster)):
+        labels, other_labels = (ray_pod_templates([o])[0]["metadata"]["labels"] for o in (obj, other))
+        (policy,) = [p for p in policies if selects(p["spec"]["podSelector"], labels)]
+        assert not selects(policy["spec"]["podSelector"], other_labels)
+        for template in ray_pod_templates([obj]):  # every pod of the cluster is isolated by its policy
+            assert selects(policy["spec"]["podSelector"], template["metadata"]["labels"])
         peers, operator, *rest = policy["spec"]["ingress"]
         (peer,) = peers["from"]
-        assert "ports" not in peers and peer["podSelector"]["matchLabels"].items() <= labels.items()
         # the other cluster's pods are not peers: no dashboard, job server or GCS across clusters
-        assert not peer["podSelector"]["matchLabels"].items() <= other.items()
+        assert "ports" not in peers and selects(peer["podSelector"], labels)
+        assert not selects(peer["podSelector"], other_labels)
         assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
         assert operator["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
-        for source in operator["from"]:
-            assert not source["podSelector"]["matchLabels"].items() <= other.items()
-        if side == "training":
+        assert not [source for source in operator["from"] if selects(source["podSelector"], other_labels)]
+        if obj is cluster:
             submitter = one(objects, "RayJob")["spec"]["submitterPodTemplate"]["metadata"]["labels"]
-            assert operator["from"][1]["podSelector"]["matchLabels"].items() <= submitter.items()
+            assert selects(operator["from"][1]["podSelector"], submitter)
             assert not labels.items() <= submitter.items()  # the submitter is not a Ray peer
             assert rest == []  # the training cluster opens nothing else
         else:
@@ -387,7 +383,7 @@ def test_the_nfs_server_admits_only_the_nfs_port_and_exports_only_to_the_nodes(o
         return  # Filestore: no server pod
     (server,) = servers
     (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == server["metadata"]["namespace"]]
-    assert policy["spec"]["podSelector"]["matchLabels"].items() <= server["spec"]["template"]["metadata"]["labels"].items()
+    assert selects(policy["spec"]["podSelector"], server["spec"]["template"]["metadata"]["labels"])
     # No `from`: the kubelets mount from node addresses, which no NetworkPolicy peer names reliably.
     assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 2049}]}]
     (container,) = server["spec"]["template"]["spec"]["containers"]
