@@ -337,8 +337,6 @@ def test_filestore_needs_no_privileged_pod(rendered):
     objects = rendered["filestore"]
     assert not [o for o in objects if o["kind"] in ("Deployment", "PersistentVolume")]
     assert one(objects, "PersistentVolumeClaim")["spec"]["storageClassName"] == "standard-rwx"
-    guide = (ROOT / "docs" / "GKE.md").read_text()
-    assert "privileged" in guide and "Filestore" in guide  # the exception is documented
 
 
 def selects(selector: dict, labels: dict) -> bool:
@@ -735,7 +733,8 @@ def test_the_guide_covers_the_steps_a_first_user_needs():
     assert "${REGION:-" not in guide and "ZONE%-*" not in guide  # one region, set once
     from ray_cluster.kuberay_cli import token_export
     assert token_export(Options()) in guide  # the line a test submits a job with (test_local_cluster.py)
-    for needle in ("--enable-auth", "get-auth-string", "allocateLoadBalancerNodePorts: false", "SHARED_STORAGE=nfs RAY_OPERATOR=helm"):
+    for needle in ("--enable-auth", "get-auth-string", "allocateLoadBalancerNodePorts: false", "SHARED_STORAGE=nfs RAY_OPERATOR=helm",
+                   "privileged"):  # the NFS server's exception to the lockdown is documented
         assert needle in guide, needle
     not_verified = guide.split("## Not verified here", 1)[1]
     for needle in ("Token authentication", "digest", "NetworkPolicies", "Workload Identity", "Memorystore",
