@@ -291,14 +291,14 @@ def test_missing_crds_say_how_to_install_the_operator(api, call):
 
 
 @pytest.mark.parametrize("forbidden, call, error, words", [
-    ("", lambda c: c.create(raycluster()) and c.create(raycluster()), kuberay.AlreadyExists,
+    ((), lambda c: c.create(raycluster()) and c.create(raycluster()), kuberay.AlreadyExists,
      ["RayCluster mnist/mnist already exists; `python -m ray_cluster kuberay down` deletes it"]),
-    ("", lambda c: c.get("RayService", "gone"), kuberay.NotFound,
+    ((), lambda c: c.get("RayService", "gone"), kuberay.NotFound,
      ['RayService mnist/gone not found (rayservices "gone" not found)']),
-    ("rayjobs", lambda c: c.create({"kind": "RayJob", "metadata": {"name": "t"}}), kuberay.Forbidden,
+    (("rayjobs",), lambda c: c.create({"kind": "RayJob", "metadata": {"name": "t"}}), kuberay.Forbidden,
      ['User "dev" cannot create resource "rayjobs"', "RBAC on rayjobs.ray.io"])])
 def test_api_errors_say_what_happened(api, forbidden, call, error, words):
-    api.forbidden.add(forbidden)
+    api.forbidden.update(forbidden)
     with pytest.raises(error) as raised:
         call(api.client())
     assert all(w in str(raised.value) for w in words), str(raised.value)
