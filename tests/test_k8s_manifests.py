@@ -733,8 +733,8 @@ def test_the_guide_covers_the_steps_a_first_user_needs():
     assert "${REGION:-" not in guide and "ZONE%-*" not in guide  # one region, set once
     from ray_cluster.kuberay_cli import token_export
     assert token_export(Options()) in guide  # the line a test submits a job with (test_local_cluster.py)
-    for needle in ("--enable-auth", "get-auth-string", "allocateLoadBalancerNodePorts: false", "SHARED_STORAGE=nfs RAY_OPERATOR=helm",
-                   "privileged"):  # the NFS server's exception to the lockdown is documented
+    for needle in ("--enable-auth", "get-auth-string", "allocateLoadBalancerNodePorts: false",
+                   "SHARED_STORAGE=nfs RAY_OPERATOR=helm", "privileged"):  # privileged: the NFS server's exception
         assert needle in guide, needle
     not_verified = guide.split("## Not verified here", 1)[1]
     for needle in ("Token authentication", "digest", "NetworkPolicies", "Workload Identity", "Memorystore",
