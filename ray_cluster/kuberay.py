@@ -178,11 +178,9 @@ def _status_message(error: ApiException) -> tuple[str, dict]:
     try:
         body = json.loads(error.body or "")
     except (TypeError, ValueError):
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
-    text = body.get("message") or (error.body or "").strip() or error.reason or ""
-    return text, body
+        body = None
+    body = body if isinstance(body, dict) else {}  # a Status object, else the text is the message
+    return body.get("message") or (error.body or "").strip() or error.reason or "", body
 
 
 def translate(error: ApiException, what: str, plural: str | None = None) -> KubeRayError:

@@ -212,8 +212,6 @@ def problems(o: Options) -> list[str]:
                 ipaddress.ip_network(cidr)
             except ValueError:
                 found.append(f"{flag} {cidr!r} is not a CIDR range such as 203.0.113.0/24")
-    if not o.lb_source_ranges:
-        found.append("--lb-source-range: give at least one range (0.0.0.0/0 admits everyone)")
     if o.run_id is not None and not is_run_id(o.run_id):
         found.append(f"--run-id {o.run_id!r}: {RUN_ID_RULE}")
     return found
@@ -287,24 +285,22 @@ def kustomization_files(o: Options, k8s: str = "../../k8s", serve_config: bool =
     app = {"resources": [f"{k8s}/base"], "components": [f"{k8s}/components/{o.shared_storage}"],
            "namespace": o.namespace, "images": images, "patches": _app_patches(o, serve_config)}
     job = {"resources": [f"{k8s}/train"], "namespace": o.namespace, "images": images,
-           "patches": [_patch("RayJob", [
-               _set("/metadata/name", o.rayjob_name), _set("/spec/clusterSelector", {"ray.io/cluster": o.name}),
-               _set("/spec/entrypoint", shlex.join(train_command(o)))])]}
+           "patches": [_patch("RayJob", {"/metadata/name": o.rayjob_name,
+                                         "/spec/clusterSelector": {"ray.io/cluster": o.name},
+                                         "/spec/entrypoint": shlex.join(train_command(o))})]}
     files = {"app/kustomization.yaml": app, "job/kustomization.yaml": job}
     if o.shared_storage == "nfs":
         files["nfs/kustomization.yaml"] = {
             "resources": [f"{k8s}/components/nfs/server"], "namespace": o.nfs_namespace,
-            "patches": [_patch("PersistentVolumeClaim", [_set("/spec/resources/requests/storage", o.size)]),
-                        _patch("Deployment", [_set("/spec/template/spec/containers/0/env/2/value",
-                                                   nfs_clients(o.node_range))])]}
+            "patches": [_patch("PersistentVolumeClaim", {"/spec/resources/requests/storage": o.size}),
+                        _patch("Deployment", {"/spec/template/spec/containers/0/env/2/value":
+                                              nfs_clients(o.node_range)})]}
     return {"kustomization.yaml": {"resources": sorted(name.split("/")[0] for name in files)}, **files}
 
 
-def _set(path: str, value) -> dict:
-    return {"op": "add", "path": path, "value": value}  # JSON Patch's add also replaces a member
-
-
-def _patch(kind: str, operations: list[dict], name: str | None = None) -> dict:
+def _patch(kind: str, values: dict, name: str | None = None) -> dict:
+    """A JSON Patch that sets each path to its value (JSON Patch's add also replaces a member)."""
+    operations = [{"op": "add", "path": path, "value": value} for path, value in values.items()]
     target = {"kind": kind, **({"name": name} if name else {})}
     return {"target": target, "patch": json.dumps(operations)}  # JSON: no YAML 1.1 surprises ("no", "y")
 
@@ -318,47 +314,46 @@ def _image(reference: str) -> dict:
 
 
 def _app_patches(o: Options, serve_config: bool) -> list[dict]:
-    claim = [_set("/metadata/name", o.claim_name), _set("/spec/resources/requests/storage", o.size)]
-    patches = [_patch("RayCluster", [_set("/metadata/name", o.name)] + _cluster(o, "/spec", o.name, o.worker_pods,
-                                                                                o.worker_pods)),
-               _patch("ConfigMap", [_set("/metadata/name", o.env_config_map)], "mnist-ray-env")]
-    service = [_set("/metadata/name", o.service_name),
-               _set("/spec/serveService/spec/loadBalancerSourceRanges", list(o.lb_source_ranges))]
-    service += _cluster(o, "/spec/rayClusterConfig", o.service_name, o.serve_min_pods, o.serve_max_pods)
+    service = {"/metadata/name": o.service_name,
+               "/spec/serveService/spec/loadBalancerSourceRanges": list(o.lb_source_ranges),
+               **_cluster(o, "/spec/rayClusterConfig", o.service_name, o.serve_min_pods, o.serve_max_pods)}
     if serve_config:
-        service.append(_set("/spec/serveConfigV2", serve_config_v2(o.serve_config)))
+        service["/spec/serveConfigV2"] = serve_config_v2(o.serve_config)
     if o.internal_lb:
-        service.append(_set("/spec/serveService/metadata/annotations", {INTERNAL_LB_ANNOTATION: "Internal"}))
-    patches.append(_patch("RayService", service))
+        service["/spec/serveService/metadata/annotations"] = {INTERNAL_LB_ANNOTATION: "Internal"}
+    cluster = {"/metadata/name": o.name, **_cluster(o, "/spec", o.name, o.worker_pods, o.worker_pods)}
+    patches = [_patch("RayCluster", cluster), _patch("RayService", service),
+               _patch("ConfigMap", {"/metadata/name": o.env_config_map}, "mnist-ray-env")]
     for policy, name, instance in (("mnist-training", f"{o.name}-training", o.name),
                                    ("mnist-serve", o.service_name, o.service_name)):
-        patches.append(_patch("NetworkPolicy", [
-            _set("/metadata/name", name), _set(f"/spec/podSelector/matchLabels/{INSTANCE}", instance),
-            _set(f"/spec/ingress/0/from/0/podSelector/matchLabels/{INSTANCE}", instance),
-            _set("/spec/ingress/1/from/0/namespaceSelector/matchLabels/kubernetes.io~1metadata.name",
-                 o.operator_namespace)], policy))
+        patches.append(_patch("NetworkPolicy", {
+            "/metadata/name": name, f"/spec/podSelector/matchLabels/{INSTANCE}": instance,
+            f"/spec/ingress/0/from/0/podSelector/matchLabels/{INSTANCE}": instance,
+            "/spec/ingress/1/from/0/namespaceSelector/matchLabels/kubernetes.io~1metadata.name": o.operator_namespace},
+            policy))
+    claim = {"/metadata/name": o.claim_name, "/spec/resources/requests/storage": o.size}
     if o.shared_storage == "nfs":  # a PersistentVolume bound to exactly this claim
-        claim.append(_set("/spec/volumeName", o.volume_name))
-        patches.append(_patch("PersistentVolume", [
-            _set("/metadata/name", o.volume_name), _set("/spec/capacity/storage", o.size),
-            _set("/spec/claimRef", {"namespace": o.namespace, "name": o.claim_name}),
-            _set("/spec/nfs/server", o.nfs_server or "nfs-server-cluster-ip-not-set.invalid")]))
+        claim["/spec/volumeName"] = o.volume_name
+        patches.append(_patch("PersistentVolume", {
+            "/metadata/name": o.volume_name, "/spec/capacity/storage": o.size,
+            "/spec/claimRef": {"namespace": o.namespace, "name": o.claim_name},
+            "/spec/nfs/server": o.nfs_server or "nfs-server-cluster-ip-not-set.invalid"}))
     return patches + [_patch("PersistentVolumeClaim", claim)]
 
 
-def _cluster(o: Options, spec: str, instance: str, low: int, high: int) -> list[dict]:
+def _cluster(o: Options, spec: str, instance: str, low: int, high: int) -> dict:
     """A Ray cluster spec's options: worker counts, its pods' instance label, sizes, claim and env."""
-    operations = [_set(f"{spec}/workerGroupSpecs/0/{key}", count)
-                  for key, count in (("replicas", low), ("minReplicas", low), ("maxReplicas", high))]
+    values = {f"{spec}/workerGroupSpecs/0/{key}": count
+              for key, count in (("replicas", low), ("minReplicas", low), ("maxReplicas", high))}
     for group, cpus, memory in (("headGroupSpec", o.head_cpus, o.head_memory),
                                 ("workerGroupSpecs/0", o.worker_cpus, o.worker_memory)):
         template = f"{spec}/{group}/template"
-        operations += [_set(f"{template}/metadata/labels/{INSTANCE}", instance),
-                       _set(f"{template}/spec/volumes/0/persistentVolumeClaim/claimName", o.claim_name),
-                       _set(f"{template}/spec/containers/0/envFrom/0/configMapRef/name", o.env_config_map)]
-        operations += [_set(f"{template}/spec/containers/0/resources/{side}/{key}", value)
-                       for side in ("requests", "limits") for key, value in (("cpu", str(cpus)), ("memory", memory))]
-    return operations
+        values |= {f"{template}/metadata/labels/{INSTANCE}": instance,
+                   f"{template}/spec/volumes/0/persistentVolumeClaim/claimName": o.claim_name,
+                   f"{template}/spec/containers/0/envFrom/0/configMapRef/name": o.env_config_map}
+        values |= {f"{template}/spec/containers/0/resources/{side}/{key}": value
+                   for side in ("requests", "limits") for key, value in (("cpu", str(cpus)), ("memory", memory))}
+    return values
 
 
 def to_yaml(objects: list[dict]) -> str:

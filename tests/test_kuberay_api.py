@@ -20,7 +20,8 @@ from ray_cluster.__main__ import main
 from ray_cluster.kuberay import KubeRay
 
 NAMESPACE = "mnist"
-IMAGE = "us-central1-docker.pkg.dev/proj/mnist/mnist-ray:2.60.0-py311"
+REPOSITORY = "us-central1-docker.pkg.dev/proj/mnist/mnist-ray"
+IMAGE = f"{REPOSITORY}:2.60.0-py311"
 # /api/v1/ or /apis/<group>/v1/, then namespaces/<namespace>/ for a namespaced kind, then <plural>[/<name>]
 PATH = re.compile(r"/apis?/(?:(?P<group>[a-z0-9.]+)/)?v1(?:/namespaces/(?P<namespace>[^/]+)(?=/))?"
                   r"/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?")
@@ -68,8 +69,10 @@ class StandIn:
         self.server.server_close()
         self.thread.join(timeout=5)
 
-    def client(self) -> KubeRay:
-        return KubeRay(NAMESPACE, client.ApiClient(client.Configuration(host=self.url)))
+    def client(self, host: str | None = None) -> KubeRay:
+        configuration = client.Configuration(host=host or self.url)
+        configuration.retries = 0  # only the client's own retries: requests counted exactly
+        return KubeRay(NAMESPACE, client.ApiClient(configuration))
 
     def script(self, plural: str, name: str, *statuses: dict) -> None:
         """The operator's view: each read returns the next status; the last one stays."""
@@ -221,10 +224,8 @@ SERVICE_READY = {"serviceStatus": "Running", "numServeEndpoints": 2,
 
 # ---------------------------------------------------------------- the client: requests
 
-@pytest.mark.parametrize("kind, collection", [
+@pytest.mark.parametrize("kind, collection", [  # RayJob's and RayService's paths: the CLI's train and serve tests
     ("RayCluster", f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters"),
-    ("RayJob", f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs"),
-    ("RayService", f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices"),
     ("Deployment", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"),
     ("PersistentVolume", "/api/v1/persistentvolumes")])  # cluster-wide
 def test_create_get_list_apply_delete(api, kind, collection):
@@ -275,16 +276,6 @@ def test_raycluster_ready_needs_both_conditions(api):
     assert "RayClusterProvisioned=False" in seen[2] and "HeadPodReady=True" in seen[3]
 
 
-def test_a_wait_ends_on_a_failure_with_the_operators_words(api):
-    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs", {"kind": "RayJob", "metadata": {"name": "t"}})
-    api.script("rayjobs", "t", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-               {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "past activeDeadlineSeconds"})
-    with pytest.raises(kuberay.Failed, match=r"RayJob mnist/t failed: jobDeploymentStatus=Failed, jobStatus=- "
-                                             r"\(DeadlineExceeded: past activeDeadlineSeconds\)"):
-        api.client().wait_ready("RayJob", "t", timeout=10, poll=0.01)
-    assert api.reads[("rayjobs", "t")] == 2
-
-
 # ---------------------------------------------------------------- the client: errors
 
 @pytest.mark.parametrize("call", ["create", "apply", "get", "list", "delete"])
@@ -299,35 +290,26 @@ def test_missing_crds_say_how_to_install_the_operator(api, call):
     assert "Ray operator add-on" in message
 
 
-def test_already_exists(api):
-    clusters = api.client()
-    clusters.create(raycluster())
-    with pytest.raises(kuberay.AlreadyExists, match="RayCluster mnist/mnist already exists; .*kuberay down"):
-        clusters.create(raycluster())
-
-
-def test_not_found(api):
-    with pytest.raises(kuberay.NotFound, match=r'RayService mnist/gone not found \(rayservices "gone" not found\)'):
-        api.client().get("RayService", "gone")
-
-
-def test_forbidden_quotes_the_server_and_says_what_to_ask_for(api):
-    api.forbidden.add("rayjobs")
-    with pytest.raises(kuberay.Forbidden) as error:
-        api.client().create({"kind": "RayJob", "metadata": {"name": "t"}})
-    assert 'User "dev" cannot create resource "rayjobs"' in str(error.value)
-    assert "RBAC on rayjobs.ray.io" in str(error.value)
+@pytest.mark.parametrize("forbidden, call, error, words", [
+    ((), lambda c: c.create(raycluster()) and c.create(raycluster()), kuberay.AlreadyExists,
+     ["RayCluster mnist/mnist already exists; `python -m ray_cluster kuberay down` deletes it"]),
+    ((), lambda c: c.get("RayService", "gone"), kuberay.NotFound,
+     ['RayService mnist/gone not found (rayservices "gone" not found)']),
+    (("rayjobs",), lambda c: c.create({"kind": "RayJob", "metadata": {"name": "t"}}), kuberay.Forbidden,
+     ['User "dev" cannot create resource "rayjobs"', "RBAC on rayjobs.ray.io"])])
+def test_api_errors_say_what_happened(api, forbidden, call, error, words):
+    api.forbidden.update(forbidden)
+    with pytest.raises(error) as raised:
+        call(api.client())
+    assert all(w in str(raised.value) for w in words), str(raised.value)
 
 
 def test_an_unreachable_api_server(api, fast_retries):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    configuration = client.Configuration(host=f"http://127.0.0.1:{port}")
-    configuration.retries = 0
-    cluster = KubeRay(NAMESPACE, client.ApiClient(configuration))
     with pytest.raises(kuberay.Unreachable, match=f"cannot reach the Kubernetes API at http://127.0.0.1:{port}"):
-        cluster.get("RayCluster", "mnist")
+        api.client(f"http://127.0.0.1:{port}").get("RayCluster", "mnist")
 
 
 def test_other_errors_keep_the_servers_message():
@@ -373,6 +355,14 @@ BAD_CLI_OPTIONS = [
     (["--shared-storage", "s3"], "--shared-storage 's3': choose one of nfs, filestore"),
     (["--worker-memory", "lots"], "--worker-memory 'lots' is not a Kubernetes quantity"),
     (["--lb-source-range", "everyone"], "--lb-source-range 'everyone' is not a CIDR range"),
+    (["--node-range", "10.0.0.0/33"], "--node-range '10.0.0.0/33' is not a CIDR range"),
+    (["--name", "a" * 42], "RayService name 'aaaa"),
+    (["--name", "MNIST_1"], "lowercase letters"),
+    (["--image", f"{REPOSITORY}:2.60.0-py310"], "must be '2.60.0-py311'"),
+    (["--image", REPOSITORY], "must be '2.60.0-py311'"),
+    (["--image", f"{REPOSITORY}:latest"], "must be '2.60.0-py311'"),
+    (["--shared-storage", "filestore", "--storage-size", "100Gi"], "below Filestore's minimum of 1Ti"),
+    (["--run-id", "../x"], "--run-id '../x'"),
 ]
 
 
@@ -651,37 +641,31 @@ def fast_retries(monkeypatch):
     monkeypatch.setattr(kuberay, "BACKOFF", 0.01)
 
 
-@pytest.mark.parametrize("failures", [[503, 500], [429], [502, 504, 503], ["drop"]])
-def test_reads_retry_transient_failures(api, fast_retries, failures):
+GIVE_UP = [503] * (kuberay.RETRIES + 1)
+
+
+@pytest.mark.parametrize("call, failures, requests, error", [
+    ("get", [503, 500], 3, None), ("get", [429], 2, None), ("get", [502, 504, 503], 4, None),  # transient: retried
+    ("get", ["drop"], 2, None),
+    ("get", GIVE_UP, kuberay.RETRIES + 1, "HTTP 503"),  # given up after the retries
+    ("create", GIVE_UP, 1, "HTTP 503"),  # a create that failed with a 5xx may still have happened: not repeated
+    *[("get", [code], 1, "") for code in (400, 401, 403, 404, 409, 422)]])  # an answer about the request: final
+def test_transient_failures_are_retried_and_others_are_final(api, fast_retries, call, failures, requests, error):
     api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
     api.failures = list(failures)
-    assert api.client().get("RayCluster", "mnist")["metadata"]["name"] == "mnist"
-    assert len(api.sent("GET")) >= len(failures) + 1 - failures.count("drop")
-
-
-@pytest.mark.parametrize("call, tries", [("get", kuberay.RETRIES + 1), ("create", 1)])
-def test_reads_give_up_after_the_retries_and_creates_are_not_retried(api, fast_retries, call, tries):
-    """A create that failed with a 5xx may still have happened: it is reported, not repeated."""
-    api.failures = [503] * (kuberay.RETRIES + 1)
-    with pytest.raises(kuberay.KubeRayError, match="HTTP 503"):
-        getattr(api.client(), call)(*(("RayCluster", "mnist") if call == "get" else (raycluster(),)))
-    assert len(api.requests) == tries
-
-
-@pytest.mark.parametrize("code", [400, 401, 403, 404, 409, 422])
-def test_client_errors_fail_at_once(api, fast_retries, code):
-    api.failures = [code]
-    with pytest.raises(kuberay.KubeRayError):
-        api.client().get("RayCluster", "mnist")
-    assert len(api.requests) == 1
+    cluster, args = api.client(), (("RayCluster", "mnist") if call == "get" else (raycluster("new"),))
+    if error is None:
+        assert getattr(cluster, call)(*args)["metadata"]["name"] == "mnist"
+    else:
+        with pytest.raises(kuberay.KubeRayError, match=error or None):
+            getattr(cluster, call)(*args)
+    assert len(api.requests) == requests
 
 
 def test_every_request_has_a_timeout(api, monkeypatch, fast_retries):
     monkeypatch.setattr(kuberay, "REQUEST_TIMEOUT", (1.0, 0.2))
     monkeypatch.setattr(kuberay, "RETRIES", 0)
-    configuration = client.Configuration(host=api.url)
-    configuration.retries = 0
-    cluster = KubeRay(NAMESPACE, client.ApiClient(configuration))
+    cluster = api.client()
     for call in (lambda: cluster.get("RayCluster", "mnist"), lambda: cluster.create(raycluster()),
                  lambda: cluster.list("Pod"), lambda: cluster.apply(raycluster()), lambda: cluster.delete(raycluster())):
         api.failures = ["slow"]
