@@ -29,6 +29,7 @@ def test_job_publishes_the_model_and_auto_keeps_the_serving_one_for_a_subset_run
     folder = models_dir(storage) / run_id
     assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "model.pt"]
     assert f"model {folder}" in output
+    assert output.count("job setting: ") == 1  # rank 0's one decision, shown once (training.worker.say)
     lines = output.splitlines()
     last = lines[next(i for i, line in enumerate(lines) if f"model {folder}" in line) + 1]  # the driver's last
     assert last.startswith(f"{run_id}: kept {serving} (99.34%) because this run trained on --subset 9000"), last

@@ -15,6 +15,7 @@ exactly where it stopped, without replaying anything.
 import copy
 import json
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,13 @@ from training.storage import atomic_torch_save, global_path, init_path, partial_
 LABEL_SMOOTHING = 0.1  # worth +0.1 point of test accuracy in two epochs (bench/model_sweep.py)
 # Ray Train's checkpoint of a round: a copy of the round's average, and the round's index.
 CHECKPOINT_MODEL, CHECKPOINT_ROUND = "global.pt", "round.txt"
+
+
+def say(line: str) -> None:
+    """One line in the job's log. In its workers Ray Train patches print() to log through the root
+    logger and also echo to Ray's redirected stdout, so a plain print shows twice; the process's own
+    stdout, which Ray forwards to the driver, shows it once."""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def train_func(config: dict) -> None:
@@ -132,7 +140,7 @@ class WorkerState:
             with checkpoint.as_directory() as folder:
                 self.model.load_state_dict(torch.load(Path(folder, CHECKPOINT_MODEL), weights_only=True)["state_dict"])
                 self.round = int(Path(folder, CHECKPOINT_ROUND).read_text()) + 1
-            print(f"worker {self.rank}: resuming after round {self.round - 1} from {checkpoint.path}", flush=True)
+            say(f"worker {self.rank}: resuming after round {self.round - 1} from {checkpoint.path}")
         self.set_anchor()
         newest_first = [(self.round, worker_path), (self.round, partial_path), (self.round - 1, worker_path)]
         own = [(r, path_of(storage, self.run_id, r, self.rank)) for r, path_of in newest_first if r >= 0]
@@ -151,8 +159,7 @@ class WorkerState:
         if round_index == self.round:  # inside the round: its own model and progress too
             self.model.load_state_dict(saved["state_dict"])
             self.progress = dict(saved["progress"])
-            print(f"worker {self.rank}: resuming round {self.round} at step {self.progress['step']} "
-                  f"from {path.name}", flush=True)
+            say(f"worker {self.rank}: resuming round {self.round} at step {self.progress['step']} from {path.name}")
 
     def next_round(self, averaged: dict) -> None:
         self.model.load_state_dict(averaged)
@@ -252,8 +259,8 @@ def job_setting(rank: int, model, images, labels, config: dict, barrier) -> dict
                          config["threads"], config.get("pin_threads"), config.get("recalibrate", False),
                          lambda settings: calibrate_worker(model, images, labels, config, settings))
         timed = f"; calibration {setting.get('screen_ms', {})} {setting.get('step_ms', {})}" if "step_ms" in setting else ""
-        print(f"job setting: {setting['precision']}, {setting['threads']} torch thread(s) per worker "
-              f"({setting['source']}){timed}", flush=True)
+        say(f"job setting: {setting['precision']}, {setting['threads']} torch thread(s) per worker "
+            f"({setting['source']}){timed}")
     barrier()
     return json.loads(path.read_text())
 
@@ -282,7 +289,7 @@ def injected_fault(fault: dict | None, rank: int, weights: dict) -> dict:
         broken = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()}
     else:
         broken = {k: v * fault["factor"] if v.is_floating_point() else v for k, v in weights.items()}
-    print(f"worker {rank}: sending {fault['kind']} weights (--inject-fault)", flush=True)
+    say(f"worker {rank}: sending {fault['kind']} weights (--inject-fault)")
     return {"state_dict": broken}
 
 
