@@ -85,7 +85,7 @@ def test_a_fresh_worker_starts_from_the_runs_initial_weights(tmp_path):
     assert same_weights(state.model.state_dict(), initial)
 
 
-def test_a_restart_mid_round_resumes_the_workers_own_model_schedule_and_progress(tmp_path, capsys):
+def test_a_restart_mid_round_resumes_the_workers_own_model_schedule_and_progress(tmp_path, capfd):
     before = trained(state_of(), 3)
     before.round = 2
     before.save(partial_path(tmp_path, "run-a", 2, 1))
@@ -97,7 +97,7 @@ def test_a_restart_mid_round_resumes_the_workers_own_model_schedule_and_progress
     assert same_weights(state.model.state_dict(), before.model.state_dict())  # its own, not the average
     assert state.schedule.state_dict() == before.schedule.state_dict()
     assert state.optimizer.param_groups[0]["lr"] == before.optimizer.param_groups[0]["lr"]
-    logs = capsys.readouterr().out
+    logs = capfd.readouterr().out  # training.worker.say writes to the process stdout
     assert "resuming after round 1" in logs and "resuming round 2 at step 3" in logs
 
 
