@@ -16,7 +16,7 @@ from ray_cluster import local
 from serving import deploy
 from serving.plain import create_plain_app
 from serving.schemas import Limits
-from tests.helpers import (RECIPE, REFERENCE_ARGS, LocalApi, ServeApp, make_app, publish, ray_job_submit,
+from tests.helpers import (RECIPE, LocalApi, ServeApp, make_app, publish, ray_job_submit,
                            served_in_a_thread, stop_unfinished_jobs, train_net, wait_on_every_replica)
 from training import model as model_module
 from training.data import fetch_mnist, load_mnist
@@ -115,12 +115,18 @@ def served_models(mnist_storage) -> dict:
 
 # ---------------------------------------------------------------- one real training job
 
+# Two rounds of 30 steps per worker with a checkpoint every 4 steps: small enough to be quick, long
+# enough that the fault test's kill lands inside round 1, after every worker's first checkpoint in it.
+REFERENCE_ARGS = ("--subset", "9000", "--workers", "3", "--epochs", "2", "--rounds", "2", "--checkpoint-steps", "4",
+                  "--seed", "3")
+
+
 @pytest.fixture(scope="session")
 def reference_run(ray_head, mnist_storage) -> dict:
     """One undisturbed `ray job submit` of training/train.py (REFERENCE_ARGS), under the default
-    --promote auto while a full-data version serves. The job tests read what it published, the
-    reproduce test runs its metadata's command again, and the fault test kills a worker in a run
-    of the same arguments and compares: one job instead of three."""
+    --promote auto while a full-data version serves. The job tests read what it published; the
+    fault test runs its metadata's `reproduce` command again with a worker killed and compares the
+    weights bit for bit: one job where there were three."""
     serving = f"serving-{uuid.uuid4().hex[:6]}"  # a full-data version that serves while the job runs
     publish_version(mnist_storage, serving, initial_weights(0), {
         "version": serving, "run_id": serving, "subset": None, "test_accuracy": 0.9934, "created_at": "2026-01-01"})

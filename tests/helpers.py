@@ -85,12 +85,6 @@ def stop_unfinished_jobs(client, timeout: float = 60) -> list[str]:
     return running
 
 
-# Two rounds of 30 steps per worker with a checkpoint every 4 steps: small enough to be quick, long
-# enough that the fault test's kill lands inside round 1, after every worker's first checkpoint in it.
-REFERENCE_ARGS = ("--subset", "9000", "--workers", "3", "--epochs", "2", "--rounds", "2", "--checkpoint-steps", "4",
-                  "--seed", "3")
-
-
 def wait_for_job(client, job_id: str, timeout: float = 420):
     """The terminal status of a Ray job (JobSubmissionClient), once it has one."""
     return wait_for(lambda: (s := client.get_job_status(job_id)).is_terminal() and s, timeout, f"job {job_id}")
