@@ -3,10 +3,12 @@
     python -m bench.bench_federated                      # the full grid at the default job size (long)
     python -m bench.bench_federated --job-args "--subset 600 --epochs 1 --rounds 2" \\
         --partitions iid --strategies fedavg --out /tmp/fed   # a smoke run
+    python -m bench.bench_federated --partitions dirichlet:0.1 --strategies fedavg,fedprox:0.01 \
+        --rounds 4,16 --no-faults --out bench/results/federated-rounds   # rounds as a third axis
 
 Every cell is one `ray job submit` of training/train.py (3 workers, 2 epochs, batch 100 unless
 --job-args says otherwise) on the local Ray cluster, in one precision (--precision, default fp32,
-so cells differ only in partition and strategy). Writes bench/results/federated.{json,md} with
+so cells differ only in partition, strategy and rounds). Writes bench/results/federated.{json,md} with
 accuracy per round, final accuracy and wall time per cell, federated_rounds.png (accuracy per
 round) and federated_shards.png (each partition's class mix per shard), and the CPU it ran on.
 """
@@ -25,14 +27,17 @@ STRATEGIES = ("fedavg", "fedprox:0.01", "fedadam:0.01", "median", "trimmed-mean:
 FAULTS = (("fedavg", "nan:1"), ("median", "scale:1:100"))  # on iid: the issue's two faulty workers
 
 
-def cells(partitions, strategies, faults) -> list[dict]:
-    grid = [{"partition": p, "strategy": s, "fault": None} for p in partitions for s in strategies]
-    return grid + [{"partition": "iid", "strategy": s, "fault": f} for s, f in faults]
+def cells(partitions, strategies, faults, rounds=(None,)) -> list[dict]:
+    """Partition x strategy x rounds (None: the job's default), then the faulty-worker cells."""
+    grid = [{"partition": p, "strategy": s, "fault": None, "rounds": r}
+            for p in partitions for s in strategies for r in rounds]
+    return grid + [{"partition": "iid", "strategy": s, "fault": f, "rounds": None} for s, f in faults]
 
 
 def run_cell(storage: Path, cell: dict, job_args: list[str], precision: str) -> dict:
     flags = [*job_args, "--precision", precision, "--promote", "never", "--partition", cell["partition"],
-             "--strategy", cell["strategy"], *(["--inject-fault", cell["fault"]] if cell["fault"] else [])]
+             "--strategy", cell["strategy"], *(["--inject-fault", cell["fault"]] if cell["fault"] else []),
+             *(["--rounds", str(cell["rounds"])] if cell.get("rounds") else [])]
     try:
         return {**cell, **ray_job(storage, *flags)}
     except RuntimeError as error:  # a cell that fails (fewer than half the workers usable) is a result too
@@ -42,14 +47,16 @@ def run_cell(storage: Path, cell: dict, job_args: list[str], precision: str) -> 
 def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "federated.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| partition | strategy | fault | final accuracy | accuracy per round | wall time (s) |", "|---" * 6 + "|"]
+    lines = ["| partition | strategy | fault | rounds | final accuracy | accuracy per round | wall time (s) |",
+             "|---" * 7 + "|"]
     for r in results["cells"]:
         if "error" in r:
-            lines.append(f"| {r['partition']} | {r['strategy']} | {r['fault'] or ''} | failed | | |")
+            lines.append(f"| {r['partition']} | {r['strategy']} | {r['fault'] or ''} | {r.get('rounds') or ''} "
+                         f"| failed | | |")
             continue
         rounds = " ".join(f"{100 * a:.2f}" for a in r["round_accuracy"])
-        lines.append(f"| {r['partition']} | {r['strategy']} | {r['fault'] or ''} | {100 * r['test_accuracy']:.2f}% "
-                     f"| {rounds} | {r['seconds']:.1f} |")
+        lines.append(f"| {r['partition']} | {r['strategy']} | {r['fault'] or ''} | {len(r['round_accuracy'])} "
+                     f"| {100 * r['test_accuracy']:.2f}% | {rounds} | {r['seconds']:.1f} |")
     lines += ["", f"Job flags: {results['job_args'] or '(defaults)'} --precision {results['precision']}",
               f"Machine: {results['machine']}"]
     (out / "federated.md").write_text("\n".join(lines) + "\n")
@@ -66,10 +73,11 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
     for axis, partition in zip(axes[0], partitions):
         for r in rows:
             if r["partition"] == partition and "round_accuracy" in r:
-                label = r["strategy"] + (f" ({r['fault']})" if r["fault"] else "")
-                axis.plot(range(1, len(r["round_accuracy"]) + 1), [100 * a for a in r["round_accuracy"]],
+                n = len(r["round_accuracy"])
+                label = f"{r['strategy']}, {n} rounds" + (f" ({r['fault']})" if r["fault"] else "")
+                axis.plot([(i + 1) / n for i in range(n)], [100 * a for a in r["round_accuracy"]],
                           marker="o", label=label)
-        axis.set(title=partition, xlabel="round", ylabel="test accuracy (%)")
+        axis.set(title=partition, xlabel="fraction of the training done", ylabel="test accuracy (%)")
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -107,18 +115,21 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="every cell's precision")
     parser.add_argument("--partitions", default=",".join(PARTITIONS), help="comma-separated --partition values")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated --strategy values")
+    parser.add_argument("--rounds", default="", help="comma-separated --rounds values, each a cell of its own "
+                        "(default: the job's own)")
     parser.add_argument("--no-faults", action="store_true", help="skip the two faulty-worker cells")
     args = parser.parse_args(argv)
     storage = resolve_storage(args.storage or args.out / "storage")
     fetch_mnist(storage, args.data_source)
     partitions, strategies = args.partitions.split(","), args.strategies.split(",")
+    rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else [None]
     args.out.mkdir(parents=True, exist_ok=True)
     plot_shards(load_mnist(storage, train=True)[1].numpy(), partitions, 3, 0, args.out / "federated_shards.png")
     started_ray = local.up()
     try:
         results = {"machine": machine(), "job_args": args.job_args, "precision": args.precision,
                    "cells": [run_cell(storage, cell, args.job_args.split(), args.precision)
-                             for cell in cells(partitions, strategies, () if args.no_faults else FAULTS)]}
+                             for cell in cells(partitions, strategies, () if args.no_faults else FAULTS, rounds)]}
     finally:
         if started_ray:  # leave a cluster someone else started running
             local.down()

@@ -1,13 +1,16 @@
-"""FedAvg is the exact sample-weighted mean, and the aggregator averages only this round's models."""
+"""FedAvg is the exact sample-weighted mean; the aggregator answers every worker of a round with
+the one average of exactly that round's results, saved once as the round's checkpoint."""
+import asyncio
 import uuid
 
 import pytest
+import ray
 import torch
 
-from training.aggregation import AggregationError, FedAvg, aggregate_round, load_worker_results
-from training.data import write_shards
+from training.aggregation import AggregationError, Aggregator, FedAvg, aggregate_round, check_results
+from training.data import load_mnist, write_shards
 from training.model import Net
-from training.storage import global_path, init_path, worker_path
+from training.storage import checkpoint_round_path, global_path, init_path
 
 
 def random_state(seed: int) -> dict:
@@ -46,53 +49,108 @@ def test_fedavg_refuses_mismatched_models():
         FedAvg().aggregate([(random_state(1), 1), (bad, 1)])
 
 
-def save_worker(storage, run_id, round_index, rank, num_samples, **overrides):
-    record = {"run_id": run_id, "round": round_index, "rank": rank, "num_samples": num_samples,
-              "state_dict": random_state(rank), "train_loss": 0.5, "train_accuracy": 0.9, "seconds": 1.0}
-    path = worker_path(storage, run_id, round_index, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({**record, **overrides}, path)
+def worker_result(rank: int, num_samples: int, round_index: int = 0, **overrides) -> dict:
+    return {"rank": rank, "round": round_index, "num_samples": num_samples, "state_dict": random_state(rank),
+            "train_loss": 0.5, "train_accuracy": 0.9, "seconds": 1.0, **overrides}
+
+
+def nan_state(seed: int) -> dict:
+    return {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in random_state(seed).items()}
+
+
+@pytest.fixture(scope="module")
+def test_set(mnist_storage):
+    images, labels = load_mnist(mnist_storage, train=False)
+    return images[:500], labels[:500]
+
+
+def test_a_round_is_the_strategys_aggregate_scored_on_the_test_set(test_set):
+    results = [worker_result(0, 100), worker_result(1, 300)]
+    averaged, server_state, metrics = aggregate_round(random_state(9), {}, results, "fedavg", 0, test_set)
+    expected = FedAvg().aggregate([(random_state(0), 100), (random_state(1), 300)])
+    assert all(torch.equal(averaged[k], expected[k]) for k in expected) and server_state == {}
+    model = Net()
+    model.load_state_dict(expected)
+    from training.model import evaluate
+    assert metrics["test_accuracy"] == evaluate(model, *test_set)["accuracy"]
+    assert [w["rank"] for w in metrics["workers"]] == [0, 1] and metrics["dropped"] == []
+
+
+@pytest.mark.parametrize("problem", ["missing", "stale round", "wrong count"])
+def test_results_that_are_not_this_rounds_are_refused(problem):
+    shards = {"shards": [{"count": 100}, {"count": 300}]}
+    results = [worker_result(0, 100, round_index=1), worker_result(1, 300, round_index=1)]
+    if problem == "missing":
+        results.pop()
+    elif problem == "stale round":
+        results[1]["round"] = 0
+    else:
+        results[1]["num_samples"] = 301
+    with pytest.raises(AggregationError, match="worker 1"):
+        check_results(results, shards, 1)
+
+
+def test_a_nan_worker_is_dropped_with_a_warning_and_the_rest_averaged(test_set, capsys):
+    results = [worker_result(r, 100 * (r + 1)) for r in range(3)]
+    results[1]["state_dict"] = nan_state(1)
+    averaged, _, metrics = aggregate_round(random_state(9), {}, results, "fedavg", 0, test_set)
+    assert metrics["dropped"] == [{"rank": 1, "reason": "non-finite weights"}]
+    assert "WARNING dropped worker 1" in capsys.readouterr().out
+    expected = FedAvg().aggregate([(random_state(r), 100 * (r + 1)) for r in (0, 2)])
+    assert all(torch.equal(averaged[k], expected[k]) for k in expected)
+
+
+def test_the_round_fails_clearly_when_fewer_than_half_remain(test_set):
+    results = [worker_result(r, 100, state_dict=nan_state(r)) for r in range(2)]
+    with pytest.raises(AggregationError, match="only 0 of 2 workers sent usable weights"):
+        aggregate_round(random_state(9), {}, results, "fedavg", 0, test_set)
 
 
 @pytest.fixture
-def run(mnist_storage):
+def aggregator(mnist_storage, monkeypatch):
+    """The actor's class in this process (no Ray: ray.put hands the object back as it is)."""
+    monkeypatch.setattr(ray, "put", lambda value: value)
     run_id = f"unit-agg-{uuid.uuid4().hex[:8]}"
     manifest = write_shards(mnist_storage, run_id, num_shards=2, seed=0, subset=200)
     torch.save(random_state(9), init_path(mnist_storage, run_id))  # the weights round 0 started from
-    return mnist_storage, run_id, manifest
+    return lambda: Aggregator(str(mnist_storage), run_id, manifest, threads=1), mnist_storage, run_id, manifest
 
 
-def test_aggregator_averages_evaluates_and_saves(run):
-    storage, run_id, manifest = run
-    for rank, shard in enumerate(manifest["shards"]):
-        save_worker(storage, run_id, 0, rank, shard["count"])
-    metrics = aggregate_round(str(storage), run_id, 0, manifest, threads=1)
+def submit_all(actor, round_index: int, results: list[dict]) -> list:
+    async def all_of_them():
+        return await asyncio.gather(*(actor.submit(round_index, r) for r in results), return_exceptions=True)
+    return asyncio.run(all_of_them())
+
+
+def test_every_worker_waits_for_the_last_result_and_gets_the_one_saved_average(aggregator):
+    make, storage, run_id, manifest = aggregator
+    actor = make()
+    counts = [s["count"] for s in manifest["shards"]]
+    replies = submit_all(actor, 0, [worker_result(r, counts[r]) for r in (1, 0)])  # in any order
+    assert replies[0] is replies[1]
+    expected = FedAvg().aggregate([(random_state(r), counts[r]) for r in (0, 1)])
+    assert all(torch.equal(replies[0]["weights"][k], expected[k]) for k in expected)
     saved = torch.load(global_path(storage, run_id, 0), weights_only=True)
-    expected = FedAvg().aggregate([(random_state(r), s["count"]) for r, s in enumerate(manifest["shards"])])
-    assert saved["run_id"] == run_id and saved["round"] == 0
-    assert all(torch.equal(saved["state_dict"][k], expected[k]) for k in expected)
-    assert 0 <= metrics["test_accuracy"] <= 1 and len(metrics["workers"]) == 2
+    assert saved["round"] == 0 and all(torch.equal(saved["state_dict"][k], expected[k]) for k in expected)
+    assert saved["metrics"] == replies[0]["metrics"] and checkpoint_round_path(storage, run_id, 0).read_text() == "0"
+    assert replies[0]["checkpoint"] == str(global_path(storage, run_id, 0).parent)
+
+    # A restarted aggregator (its memory lost) answers a saved round from its checkpoint, alone,
+    # and starts the next round from that checkpoint.
+    again = make()
+    late = submit_all(again, 0, [worker_result(0, counts[0])])[0]
+    assert late["metrics"] == replies[0]["metrics"] and all(torch.equal(late["weights"][k], expected[k]) for k in expected)
+    fresh = make()
+    next_round = submit_all(fresh, 1, [worker_result(r, counts[r], round_index=1) for r in (0, 1)])[0]
+    assert next_round["metrics"]["round"] == 1 and global_path(storage, run_id, 1).exists()
 
 
-@pytest.mark.parametrize("problem", ["missing", "stale run", "stale round", "wrong count", "corrupt"])
-def test_aggregator_fails_loudly_on_the_wrong_models(run, problem):
-    storage, run_id, manifest = run
-    save_worker(storage, run_id, 1, 0, manifest["shards"][0]["count"])
-    count = manifest["shards"][1]["count"]
-    if problem == "stale run":
-        save_worker(storage, "an-earlier-run", 1, 1, count)  # a leftover file from another run
-        worker_path(storage, "an-earlier-run", 1, 1).rename(worker_path(storage, run_id, 1, 1))
-    elif problem == "stale round":
-        save_worker(storage, run_id, 1, 1, count, round=0)
-    elif problem == "wrong count":
-        save_worker(storage, run_id, 1, 1, count + 1)
-    elif problem == "corrupt":
-        worker_path(storage, run_id, 1, 1).write_bytes(b"not a torch file")
-    with pytest.raises(AggregationError):
-        load_worker_results(storage, run_id, 1, manifest)
-    with pytest.raises(AggregationError):
-        aggregate_round(str(storage), run_id, 1, manifest, threads=1)
-    assert not global_path(storage, run_id, 1).exists()
+def test_a_failed_round_fails_every_worker_and_saves_nothing(aggregator):
+    make, storage, run_id, manifest = aggregator
+    results = [worker_result(r, s["count"], state_dict=nan_state(r)) for r, s in enumerate(manifest["shards"])]
+    replies = submit_all(make(), 0, results)
+    assert all(isinstance(r, AggregationError) and "fewer than half" in str(r) for r in replies)
+    assert not global_path(storage, run_id, 0).exists()
 
 
 def test_evaluation_folds_batchnorm_without_changing_the_model_or_its_scores():
@@ -116,28 +174,3 @@ def test_evaluation_folds_batchnorm_without_changing_the_model_or_its_scores():
     assert scores["loss"] == pytest.approx(expected_loss, rel=1e-4)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert model.state_dict()["features.0.1.running_var"].equal(random_state(4)["features.0.1.running_var"])
-
-
-def test_a_nan_worker_is_dropped_with_a_warning_and_the_rest_averaged(mnist_storage, capsys):
-    run_id = f"unit-agg-{uuid.uuid4().hex[:8]}"
-    manifest = write_shards(mnist_storage, run_id, num_shards=3, seed=0, subset=300)
-    torch.save(random_state(9), init_path(mnist_storage, run_id))
-    poisoned = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in random_state(1).items()}
-    for rank, shard in enumerate(manifest["shards"]):
-        save_worker(mnist_storage, run_id, 0, rank, shard["count"], **({"state_dict": poisoned} if rank == 1 else {}))
-    metrics = aggregate_round(str(mnist_storage), run_id, 0, manifest, threads=1)
-    assert metrics["dropped"] == [{"rank": 1, "reason": "non-finite weights"}]
-    assert "WARNING dropped worker 1" in capsys.readouterr().out
-    saved = torch.load(global_path(mnist_storage, run_id, 0), weights_only=True)["state_dict"]
-    expected = FedAvg().aggregate([(random_state(r), manifest["shards"][r]["count"]) for r in (0, 2)])
-    assert all(torch.equal(saved[k], expected[k]) for k in expected)
-
-
-def test_the_round_fails_clearly_when_fewer_than_half_remain(run):
-    storage, run_id, manifest = run
-    nan = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in random_state(1).items()}
-    for rank, shard in enumerate(manifest["shards"]):
-        save_worker(storage, run_id, 0, rank, shard["count"], state_dict=nan)
-    with pytest.raises(AggregationError, match="only 0 of 2 workers sent usable weights"):
-        aggregate_round(str(storage), run_id, 0, manifest, threads=1)
-    assert not global_path(storage, run_id, 0).exists()

@@ -7,7 +7,9 @@ from bench import bench_federated
 def test_the_grid_covers_every_partition_and_strategy_plus_the_faulty_workers():
     cells = bench_federated.cells(bench_federated.PARTITIONS, bench_federated.STRATEGIES, bench_federated.FAULTS)
     assert len(cells) == 4 * 5 + 2
-    assert {"partition": "iid", "strategy": "median", "fault": "scale:1:100"} in cells
+    assert {"partition": "iid", "strategy": "median", "fault": "scale:1:100", "rounds": None} in cells
+    longer = bench_federated.cells(["iid"], ["fedavg"], (), rounds=[4, 16])
+    assert [c["rounds"] for c in longer] == [4, 16]
 
 
 def test_the_report_has_a_row_per_cell_and_both_plots(tmp_path):
@@ -17,7 +19,8 @@ def test_the_report_has_a_row_per_cell_and_both_plots(tmp_path):
     bench_federated.write_report({"machine": {"cpu": "AMD EPYC"}, "job_args": "", "precision": "fp32", "cells": rows},
                                  tmp_path)
     table = (tmp_path / "federated.md").read_text()
-    assert "| iid | fedavg |  | 99.41% | 98.00 99.41 | 70.2 |" in table and "| classes:3 | median |  | failed |" in table
+    assert "| iid | fedavg |  | 2 | 99.41% | 98.00 99.41 | 70.2 |" in table
+    assert "| classes:3 | median |  |  | failed |" in table
     assert "AMD EPYC" in table and (tmp_path / "federated_rounds.png").stat().st_size > 0
     labels = np.random.default_rng(0).integers(0, 10, 3000)
     bench_federated.plot_shards(labels, ["iid", "dirichlet:0.1"], 3, 0, tmp_path / "shards.png")

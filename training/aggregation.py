@@ -1,12 +1,15 @@
 """The run's aggregator (a Ray actor): each round's new global model, by the run's strategy.
 
-The driver (training/train.py) starts one aggregator per run and hands it to the workers; after
-each round every worker asks it for that round's global model, which it computes once from the
-workers' files (training/strategies.py: FedAvg by default, the sample-weighted mean), saves as
-global.pt and returns with the round's metrics (the workers report those to Ray Train). Workers
-whose weights are non-finite or far out of range are dropped from the round first (see
-strategies.screen_results); the round fails if fewer than half remain.
+The driver (training/train.py) starts one aggregator per run and hands it to the workers. After
+each round every worker sends it its result (weights, sample count, training metrics) through
+Ray's object store and waits. Once all have arrived, the aggregator drops workers whose weights
+are non-finite or far out of range (strategies.screen_results; the round fails if fewer than half
+remain), aggregates the rest by the run's strategy (training/strategies.py: FedAvg by default),
+evaluates the result on the test set, saves it once as the round's Ray Train checkpoint (what a
+restart resumes from and the driver publishes) and puts it once into the object store, where
+every worker takes it to start the next round.
 """
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -16,12 +19,12 @@ import torch
 from training.allocator import keep_freed_memory
 from training.data import load_mnist
 from training.model import Net, evaluate
-from training.storage import atomic_torch_save, global_path, init_path, worker_path
+from training.storage import atomic_torch_save, atomic_write_bytes, checkpoint_round_path, global_path, init_path
 from training.strategies import StrategyError, WorkerResult, make_strategy, screen_results, weighted_mean
 
 
 class AggregationError(RuntimeError):
-    """A round's worker models are missing, stale, corrupt or inconsistent with the run."""
+    """A round's worker results are inconsistent with the run, or too few are usable."""
 
 
 class FedAvg:
@@ -34,40 +37,25 @@ class FedAvg:
             raise AggregationError(str(error)) from None
 
 
-def load_worker_results(storage: Path, run_id: str, round_index: int, manifest: dict) -> list[dict]:
-    """The N worker models of exactly this run and round, checked against the shard manifest."""
-    results = []
+def check_results(results: list[dict], manifest: dict, round_index: int) -> None:
+    """One result per shard, each of this round and with its shard's sample count."""
     for rank, shard in enumerate(manifest["shards"]):
-        path = worker_path(storage, run_id, round_index, rank)
-        try:
-            result = torch.load(path, weights_only=True)
-        except FileNotFoundError:
-            raise AggregationError(f"round {round_index}: worker {rank}'s model {path} is missing") from None
-        except Exception as error:
-            raise AggregationError(f"round {round_index}: worker {rank}'s model {path} is unreadable: {error}") from None
-        expected = {"run_id": run_id, "round": round_index, "rank": rank, "num_samples": shard["count"]}
+        result = next((r for r in results if r["rank"] == rank), None)
+        if result is None:
+            raise AggregationError(f"round {round_index}: worker {rank} sent no result")
+        expected = {"round": round_index, "num_samples": shard["count"]}
         actual = {key: result.get(key) for key in expected}
         if actual != expected:
-            raise AggregationError(f"{path} is not this round's model: expected {expected}, found {actual}")
-        results.append(result)
-    return results
+            raise AggregationError(f"round {round_index}: worker {rank}'s result is not this round's: "
+                                   f"expected {expected}, found {actual}")
 
 
-def round_start(storage: Path, run_id: str, round_index: int) -> tuple[dict, dict]:
-    """The global weights the workers started round `round_index` from, and the strategy's state then."""
-    if round_index == 0:
-        return torch.load(init_path(storage, run_id), weights_only=True), {}
-    previous = torch.load(global_path(storage, run_id, round_index - 1), weights_only=True)
-    return previous["state_dict"], previous.get("server_state", {})
-
-
-def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict, threads: int = 0,
-                    test_set: tuple[torch.Tensor, torch.Tensor] | None = None, strategy: str = "fedavg") -> dict:
-    """This round's new global model by `strategy`, evaluated on the 10,000 test images, saved as global.pt."""
-    started = time.perf_counter()
-    torch.set_num_threads(threads or min(4, os.cpu_count() or 1))
-    storage, rule = Path(storage), make_strategy(strategy)
-    results = load_worker_results(storage, run_id, round_index, manifest)
+def aggregate_round(start: dict, server_state: dict, results: list[dict], strategy: str, round_index: int,
+                    test_set: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """The round's new global weights by `strategy` from the round's starting weights and the
+    workers' results, the strategy's new server state, and the round's metrics (with the new
+    weights' score on `test_set`). Reads and writes nothing."""
+    rule = make_strategy(strategy)
     kept, dropped = screen_results([WorkerResult(r["rank"], r["state_dict"], r["num_samples"]) for r in results],
                                    rule.robust)
     for drop in dropped:
@@ -75,51 +63,115 @@ def aggregate_round(storage: str, run_id: str, round_index: int, manifest: dict,
     if 2 * len(kept) < len(results):
         raise AggregationError(f"round {round_index}: only {len(kept)} of {len(results)} workers sent usable weights "
                                f"(dropped: {dropped}); fewer than half remain, so the run stops here")
-    start, state = round_start(storage, run_id, round_index)
     try:
-        averaged, state = rule.aggregate(start, kept, state)
+        averaged, server_state = rule.aggregate(start, kept, server_state)
     except StrategyError as error:
         raise AggregationError(f"round {round_index}: {error}") from None
     model = Net()
     model.load_state_dict(averaged)
-    test = evaluate(model, *(test_set or load_mnist(storage, train=False)))
-    atomic_torch_save(global_path(storage, run_id, round_index),
-                      {"run_id": run_id, "round": round_index, "state_dict": averaged, "server_state": state})
+    test = evaluate(model, *test_set)
     metrics = {"round": round_index, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                "workers": [{"rank": r["rank"], "train_loss": r["train_loss"],
                             "train_accuracy": r["train_accuracy"], "seconds": r["seconds"]} for r in results],
-               "strategy": str(rule), "dropped": dropped,
-               "aggregate_seconds": time.perf_counter() - started}
+               "strategy": str(rule), "dropped": dropped}
     slowest = max(results, key=lambda r: r["seconds"])
     print(f"[aggregator] round {round_index}: test accuracy {test['accuracy']:.4f}, slowest worker "
           f"{slowest['rank']} {slowest['seconds']:.1f} s", flush=True)
-    return metrics
+    return averaged, server_state, metrics
+
+
+def round_start(storage: Path, run_id: str, round_index: int) -> tuple[dict, dict]:
+    """The global weights round `round_index` started from, and the strategy's state then, as saved."""
+    if round_index == 0:
+        return torch.load(init_path(storage, run_id), weights_only=True), {}
+    previous = torch.load(global_path(storage, run_id, round_index - 1), weights_only=True)
+    return previous["state_dict"], previous.get("server_state", {})
+
+
+def save_checkpoint(storage: Path, run_id: str, round_index: int, averaged: dict, server_state: dict,
+                    metrics: dict) -> None:
+    """The round's average (with the strategy's state and the round's metrics) as a Ray Train
+    checkpoint folder."""
+    atomic_torch_save(global_path(storage, run_id, round_index),
+                      {"run_id": run_id, "round": round_index, "state_dict": averaged, "server_state": server_state,
+                       "metrics": metrics})
+    atomic_write_bytes(checkpoint_round_path(storage, run_id, round_index), str(round_index).encode())
 
 
 class Aggregator:
-    """A run's aggregator as a Ray actor: the process, torch and the test images stay loaded
-    between rounds, so a round pays only for averaging and evaluation, not for starting a process
-    and reading the test set again (docs/BENCHMARKS.md has the gap it closed).
+    """A run's aggregator as an async Ray actor: torch, the test images and the last average stay
+    in memory between rounds, and each worker's submit() waits (without holding the actor) until
+    the round's last result arrives; that call aggregates, and every call returns the same reply.
 
-    Every worker calls aggregate(r) once round r's worker files are all written; the first call
-    averages, the others get the same metrics back. Averaging is idempotent, so a restarted
-    actor (its memory lost) simply averages again."""
+    Ray restarts a lost aggregator and retries the workers' pending calls: a round it had already
+    saved is answered from its checkpoint, one it had not is aggregated when its results have
+    arrived again, from the start read back from the last checkpoint. Aggregating is idempotent,
+    so a round redone gives the same average."""
 
-    def __init__(self, storage: str, run_id: str, manifest: dict, strategy: str = "fedavg"):
+    def __init__(self, storage: str, run_id: str, manifest: dict, strategy: str = "fedavg", threads: int = 0):
         keep_freed_memory()
-        self.storage, self.run_id, self.manifest, self.strategy = storage, run_id, manifest, strategy
-        self.test_set = load_mnist(Path(storage), train=False)
-        self.metrics_by_round: dict[int, dict] = {}  # each round's result, for the workers that call after the first
+        torch.set_num_threads(threads or min(4, os.cpu_count() or 1))
+        self.storage, self.run_id, self.manifest, self.strategy = Path(storage), run_id, manifest, strategy
+        self.test_set = load_mnist(self.storage, train=False)
+        self.results: dict[int, dict[int, dict]] = {}  # round -> rank -> result, until the round is aggregated
+        self.replies: dict[int, dict | Exception] = {}  # round -> what every worker of that round gets back
+        self.done: dict[int, asyncio.Event] = {}
+        self.last: tuple[int, dict, dict] | None = None  # (round, average, server state) of the last round aggregated
 
-    def aggregate(self, round_index: int) -> dict:
-        if round_index not in self.metrics_by_round:
-            self.metrics_by_round[round_index] = aggregate_round(self.storage, self.run_id, round_index, self.manifest,
-                                                                 test_set=self.test_set, strategy=self.strategy)
-        return self.metrics_by_round[round_index]
+    async def submit(self, round_index: int, result: dict) -> dict:
+        """Worker `result["rank"]`'s result of a round; returns once the round is aggregated:
+        {"metrics", "weights" (an ObjectRef of the new global weights), "checkpoint" (its folder)}."""
+        if round_index not in self.replies and global_path(self.storage, self.run_id, round_index).exists():
+            self.replies[round_index] = self.reply(torch.load(global_path(self.storage, self.run_id, round_index),
+                                                              weights_only=True))  # saved before a restart
+        if round_index not in self.replies:
+            self.results.setdefault(round_index, {})[result["rank"]] = result
+            done = self.done.setdefault(round_index, asyncio.Event())
+            if len(self.results[round_index]) == len(self.manifest["shards"]):
+                try:
+                    self.replies[round_index] = self.finish(round_index)
+                except Exception as error:  # every waiting worker fails with it, rather than waiting forever
+                    self.replies[round_index] = error
+                done.set()
+            else:
+                await done.wait()
+        reply = self.replies[round_index]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def finish(self, round_index: int) -> dict:
+        started = time.perf_counter()
+        arrived = self.results.pop(round_index)
+        results = [arrived[rank] for rank in sorted(arrived)]
+        check_results(results, self.manifest, round_index)
+        start, server_state = self.start_of(round_index)
+        averaged, server_state, metrics = aggregate_round(start, server_state, results, self.strategy,
+                                                          round_index, self.test_set)
+        metrics["aggregate_seconds"] = time.perf_counter() - started
+        save_checkpoint(self.storage, self.run_id, round_index, averaged, server_state, metrics)
+        for old in (self.replies, self.done):
+            old.pop(round_index - 2, None)  # no worker waits for a round two behind
+        return self.reply({"round": round_index, "state_dict": averaged, "server_state": server_state,
+                           "metrics": metrics})
+
+    def reply(self, saved: dict) -> dict:
+        """What every worker gets back for a round: its metrics, its average (put into the object
+        store once) and its checkpoint folder."""
+        import ray
+
+        self.last = (saved["round"], saved["state_dict"], saved["server_state"])
+        return {"metrics": saved["metrics"], "weights": ray.put(saved["state_dict"]),
+                "checkpoint": str(global_path(self.storage, self.run_id, saved["round"]).parent)}
+
+    def start_of(self, round_index: int) -> tuple[dict, dict]:
+        if self.last and self.last[0] == round_index - 1:
+            return self.last[1], self.last[2]
+        return round_start(self.storage, self.run_id, round_index)  # a restarted aggregator
 
 
 def start_aggregator(storage: Path, run_id: str, manifest: dict, strategy: str = "fedavg"):
-    """The run's aggregator actor, checking every round's worker models against `manifest`.
+    """The run's aggregator actor, checking every round's worker results against `manifest`.
 
     It asks for no CPU: it works only while every worker waits for it, and so a second run on a
     full cluster can never leave it unscheduled. Ray may restart it (say, on another node)."""

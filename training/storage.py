@@ -8,9 +8,12 @@ tests import these functions):
 <storage>/runs/<run_id>/                      one training run (claimed atomically)  run_dir, claim_run_dir
 <storage>/runs/<run_id>/shards/               shard-RRR.npz per worker + manifest.json  shard_path, manifest_path
 <storage>/runs/<run_id>/init.pt               the seeded initial weights             init_path
-<storage>/runs/<run_id>/rounds/round-NNN/     worker-RRR.pt, global.pt (+ worker-RRR.partial.pt
-                                              while the round runs)                  worker_path, partial_path, global_path
-<storage>/runs/<run_id>/ray/                  Ray Train's run state and checkpoints  ray_dir
+<storage>/runs/<run_id>/rounds/round-NNN/     worker-RRR.pt: each worker's state at the round's end
+                                              (+ worker-RRR.partial.pt while the round runs)  worker_path, partial_path
+<storage>/runs/<run_id>/ray/                  Ray Train's run state                  ray_dir
+<storage>/runs/<run_id>/ray/<run_id>/round-NNN/  the round's average (global.pt, round.txt): the
+                                              aggregator writes it, Ray Train keeps it as the
+                                              round's checkpoint                     checkpoint_dir, global_path
 <storage>/models/mnist/<version>/             published model.pt + metadata.json     version_dir,
                                                                                      model_path, metadata_path
 <storage>/models/mnist/latest                 one line: the version serving loads    latest_path
@@ -37,6 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 STORAGE_ENV = "MNIST_STORAGE"
+CHECKPOINT_MODEL, CHECKPOINT_ROUND = "global.pt", "round.txt"  # the files of a round's checkpoint folder
 DEFAULT_STORAGE = "storage"  # relative to the working directory of the process that reads the root
 MODEL_NAME = "mnist"  # the one model: its folder under models/ and its name in the HTTP API
 MODEL_FILE, METADATA_FILE = "model.pt", "metadata.json"  # what a published version's folder holds
@@ -142,7 +146,7 @@ def round_dir(storage: Path, run_id: str, round_index: int) -> Path:
 
 
 def worker_path(storage: Path, run_id: str, round_index: int, rank: int) -> Path:
-    """A worker's state at the end of a round: what the aggregator averages."""
+    """A worker's state at the end of a round (model, optimizer, schedule): what it resumes from."""
     return round_dir(storage, run_id, round_index) / f"worker-{rank:03d}.pt"
 
 
@@ -151,9 +155,20 @@ def partial_path(storage: Path, run_id: str, round_index: int, rank: int) -> Pat
     return round_dir(storage, run_id, round_index) / f"worker-{rank:03d}.partial.pt"
 
 
+def checkpoint_dir(storage: Path, run_id: str, round_index: int) -> Path:
+    """The round's Ray Train checkpoint, inside the run's Ray Train folder (RunConfig(name=run_id,
+    storage_path=ray_dir)), where Ray takes a checkpoint without copying it (NO_UPLOAD)."""
+    return ray_dir(storage, run_id) / run_id / f"round-{round_index:03d}"
+
+
 def global_path(storage: Path, run_id: str, round_index: int) -> Path:
-    """The round's averaged model."""
-    return round_dir(storage, run_id, round_index) / "global.pt"
+    """The round's averaged model (and the strategy's server state): what a restart resumes from."""
+    return checkpoint_dir(storage, run_id, round_index) / CHECKPOINT_MODEL
+
+
+def checkpoint_round_path(storage: Path, run_id: str, round_index: int) -> Path:
+    """The round's index, beside its average: what a resumed worker reads to know where it stands."""
+    return checkpoint_dir(storage, run_id, round_index) / CHECKPOINT_ROUND
 
 
 def models_dir(storage: Path) -> Path:

@@ -4,9 +4,10 @@
              decides, from the run's decision, the cache or by timing the step; the others wait)
     resume   from Ray Train's last checkpoint (the last averaged round, else init.pt) and this
              worker's own newest saved state: a WorkerState
-    rounds   train the round's steps (saving the state every --checkpoint-steps), save it for the
-             aggregator, take the run's average from the aggregator the driver started, and
-             report the round's metrics to Ray Train (rank 0 with the average as the checkpoint)
+    rounds   train the round's steps (saving the state every --checkpoint-steps and at the end),
+             send the weights to the aggregator the driver started and wait for the run's average
+             (both through Ray's object store), and report the round's metrics to Ray Train
+             (rank 0 with the aggregator's saved average as the checkpoint)
 
 The batches, their augmentation and the learning-rate schedule follow from the seed, the rank and
 the step, and the state carries the optimizer and the schedule, so a restarted worker continues
@@ -16,7 +17,6 @@ import copy
 import json
 import logging
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +30,10 @@ from training.calibration import calibrate, candidates, decide
 from training.data import load_shard
 from training.model import Net, to_input
 from training.strategies import make_strategy
-from training.storage import atomic_torch_save, global_path, init_path, partial_path, run_dir, worker_path
+from training.storage import (CHECKPOINT_MODEL, CHECKPOINT_ROUND, atomic_torch_save, init_path, partial_path, run_dir,
+                              worker_path)
 
 LABEL_SMOOTHING = 0.1  # worth +0.1 point of test accuracy in two epochs (bench/model_sweep.py)
-# Ray Train's checkpoint of a round: a copy of the round's average, and the round's index.
-CHECKPOINT_MODEL, CHECKPOINT_ROUND = "global.pt", "round.txt"
 
 
 def say(line: str) -> None:
@@ -68,22 +67,22 @@ def train_func(config: dict) -> None:
     state.resume(storage, ray.train.get_checkpoint())
 
     for round_index in range(state.round, rounds):
-        # Train: the rest of the round, then save the state the aggregator averages.
+        # Train: the rest of the round, then save the state a restart resumes from.
         first, last = round_bounds(total_steps, rounds, round_index)
         train_round(state, storage, order, images, labels, first, last, setting["precision"], config, strategy)
         state.save(worker_path(storage, run_id, round_index, rank), num_samples=len(labels),
-                   **injected_fault(config.get("inject_fault"), rank, state.model.state_dict()),
                    node_id=ray.get_runtime_context().get_node_id(),
                    precision=setting["precision"], threads=setting["threads"], **state.round_metrics())
         partial_path(storage, run_id, round_index, rank).unlink(missing_ok=True)
 
-        # Average: once every worker has saved, all continue from the aggregator's average.
-        barrier()
-        metrics = ray.get(config["aggregator"].aggregate.remote(round_index))
-        state.next_round(torch.load(global_path(storage, run_id, round_index), weights_only=True)["state_dict"])
+        # Average: the aggregator answers once every worker's weights have reached it.
+        result = {"rank": rank, "round": round_index, "num_samples": len(labels), "state_dict": state.model.state_dict(),
+                  **injected_fault(config.get("inject_fault"), rank, state.model.state_dict()), **state.round_metrics()}
+        reply = ray.get(config["aggregator"].submit.remote(round_index, result))
+        state.next_round(ray.get(reply["weights"]))
 
-        # Report: the round's metrics, and (rank 0) the average as the checkpoint a restart resumes from.
-        report_round(metrics, rank, global_path(storage, run_id, round_index))
+        # Report: the round's metrics, and (rank 0) the average's folder as the checkpoint a restart resumes from.
+        report_round(reply["metrics"], rank, reply["checkpoint"])
 
 
 def quiet_reports() -> None:
@@ -293,15 +292,14 @@ def injected_fault(fault: dict | None, rank: int, weights: dict) -> dict:
     return {"state_dict": broken}
 
 
-def report_round(metrics: dict, rank: int, averaged: Path) -> None:
+def report_round(metrics: dict, rank: int, checkpoint: str) -> None:
     """The round's metrics to Ray Train (the dashboard shows them; the driver reads them from the
-    result); rank 0 attaches the average as the checkpoint a restarted worker group resumes from."""
+    result); rank 0 names the aggregator's saved average as the checkpoint a restarted worker group
+    resumes from (already in the run's Ray Train folder: nothing to copy)."""
     import ray.train
 
     if rank != 0:
         ray.train.report(metrics)  # every worker reports (a barrier); rank 0's report is the one kept
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, CHECKPOINT_MODEL).write_bytes(averaged.read_bytes())
-        Path(tmp, CHECKPOINT_ROUND).write_text(str(metrics["round"]))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint(checkpoint),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
