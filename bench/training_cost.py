@@ -8,6 +8,7 @@
   It is a model fitted to the measured walls at RTT ~0 (one machine, loopback), not a measurement
   between nodes: wall(RTT) = measured wall + synchronisations x (hops x RTT / 2 + bytes / bandwidth).
 """
+import math
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -61,14 +62,17 @@ class Sync:
 def ddp_sync(steps: int, epochs: int, workers: int, gradient_bytes: int, buffer_bytes: int) -> Sync:
     """Ray Train's DDP recipe (gloo): every step, one all-reduce of the gradients (one bucket:
     `Net`'s 0.7 MB fit DDP's first 25 MB bucket, and it is ready only when backward ends, so
-    nothing overlaps it) as a ring: 2(n-1) sequential hops, each node sending 2(n-1)/n of the
-    bytes; and DDP's broadcast of the BatchNorm buffers from rank 0 before every forward (one hop).
-    Every epoch a `ray.train.report` (a barrier through the controller: one round trip)."""
+    nothing overlaps it) as gloo's ring: 2(n-1) sequential hops, each node sending 2(n-1)/n of the
+    bytes; and DDP's broadcast of the BatchNorm buffers from rank 0 before every forward (gloo's
+    binomial tree: ceil(log2 n) hops). Every epoch a `ray.train.report` (a barrier through the
+    controller: one round trip)."""
     if workers < 2:
         return Sync(count=0, hops=0, bytes_per_sync=0, extra_hops=2 * epochs)
     ring_hops = 2 * (workers - 1)
+    broadcast_hops = math.ceil(math.log2(workers))
     sent = 2 * (workers - 1) / workers * gradient_bytes
-    return Sync(count=steps, hops=ring_hops + 1, bytes_per_sync=sent + buffer_bytes, extra_hops=2 * epochs)
+    return Sync(count=steps, hops=ring_hops + broadcast_hops, bytes_per_sync=sent + buffer_bytes,
+                extra_hops=2 * epochs)
 
 
 def job_round_trips(workers: int, partial_saves: int) -> int:

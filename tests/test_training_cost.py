@@ -29,7 +29,7 @@ def test_epoch_costs_fit_each_scheme_and_compare_the_job_growth_with_the_plain_a
 def test_ddp_synchronises_every_step_with_a_ring_all_reduce():
     sync = ddp_sync(steps=400, epochs=2, workers=3, gradient_bytes=742_472, buffer_bytes=1_736)
     assert sync.count == 400
-    assert sync.hops == 2 * 2 + 1  # ring: 2(n-1) hops, plus the buffers' broadcast
+    assert sync.hops == 2 * 2 + 2  # ring: 2(n-1) hops, plus the buffers' broadcast down a tree of 3
     assert sync.bytes_per_sync == pytest.approx(4 / 3 * 742_472 + 1_736)
     # one worker: no all-reduce at all, only the per-epoch reports
     alone = ddp_sync(steps=400, epochs=2, workers=1, gradient_bytes=742_472, buffer_bytes=1_736)
@@ -61,3 +61,49 @@ def test_rtt_model_says_when_the_job_is_already_faster_or_never_is():
     cheap, dear = Sync(count=1, hops=1, bytes_per_sync=0), Sync(count=100, hops=1, bytes_per_sync=0)
     assert rtt_model(60.0, cheap, 64.0, dear, 1e9, [0, 10])["job_faster_from_rtt_ms"] == 0.0
     assert rtt_model(70.0, dear, 64.0, cheap, 1e9, [0, 10])["job_faster_from_rtt_ms"] is None
+
+
+# ---------------------------------------------------------------- the reports, from made-up runs (no Ray)
+
+def made_up_runs():
+    def job(epochs, seconds):
+        return {"seconds": seconds, "test_accuracy": 0.994, "epochs": epochs, "precision": "fp32", "workers": 3,
+                "rounds": 2 * epochs, "aggregate_seconds": [1.5] * (2 * epochs)}
+    ddp = {"seconds": 64.0, "test_accuracy": 0.995, "epochs": 2, "precision": "fp32", "workers": 3, "steps": 400,
+           "gradient_bytes": 742_472, "buffer_bytes": 1_736, "allreduce_ms_median": 2.0}
+    runs = [{"epochs": e, "job": job(e, 30 + 21 * e), "net_plain": {"seconds": 4 + 18 * e, "test_accuracy": 0.995,
+                                                                      "precision": "fp32", "epochs": e}}
+            for e in (2, 4, 8)]
+    runs[0]["ddp"] = ddp
+    return runs, ddp
+
+
+def test_epoch_report_names_fixed_costs_per_epoch_costs_and_the_growth_ratio(tmp_path):
+    from bench import bench_training
+
+    runs, _ = made_up_runs()
+    sweep = {"machine": "AMD EPYC, 2 cores", "runs": runs,
+             "costs": epoch_costs(bench_training.sweep_points(runs))}
+    bench_training.write_epoch_report(sweep, tmp_path)
+    report = (tmp_path / "training_epochs.md").read_text()
+    assert "| 2 | 72.0 | 99.40% | 64.0 | 99.50% | 40.0 |" in report
+    assert "fixed cost" in report and "| 30.0 | 21.0 |" in report
+    assert "126.0 s / 108.0 s = **1.17x**" in report and "AMD EPYC" in report
+    assert (tmp_path / "training_epochs.png").stat().st_size > 0
+
+
+def test_rtt_report_from_the_measured_job_and_ddp_rows(tmp_path):
+    from bench import bench_training
+
+    runs, ddp = made_up_runs()
+    rtt = bench_training.rtt_results(runs[0]["job"], ddp, [], bandwidth_bit_s=1e9)
+    # the default job: 4 rounds of 100 steps per worker, one mid-round checkpoint each (every 50 steps)
+    assert rtt["measured"]["partial_saves_per_round"] == 1 and rtt["job_sync"]["count"] == 4
+    assert rtt["ddp_sync"]["count"] == 400
+    assert rtt["job_seconds"][0] > 72.0 and rtt["ddp_seconds"][0] > 64.0  # the bandwidth term, even at RTT 0
+    assert 0 < rtt["job_faster_from_rtt_ms"] < 10
+    bench_training.write_rtt_report({"machine": "AMD EPYC, 2 cores", **rtt}, tmp_path)
+    report = (tmp_path / "training_rtt.md").read_text()
+    assert "A model, not a measurement" in report and "pulls ahead" not in report
+    assert f"The job is faster from an RTT of **{rtt['job_faster_from_rtt_ms']:.1f} ms**." in report
+    assert (tmp_path / "training_rtt.png").stat().st_size > 0
