@@ -523,8 +523,13 @@ RTTS_MS = [0, 1, 2, 5, 10, 20, 30, 40, 50]
 
 
 def state_bytes() -> int:
-    """Bytes of `Net`'s weights as a worker saves them (parameters and BatchNorm buffers)."""
+    """Bytes of `Net`'s weights as a worker sends them (parameters and BatchNorm buffers)."""
     return sum(t.numel() * t.element_size() for t in Net().state_dict().values())
+
+
+def worker_state_bytes() -> int:
+    """Bytes of a worker's saved state, near enough: the weights and Adam's two moments per parameter."""
+    return state_bytes() + 2 * sum(p.numel() * p.element_size() for p in Net().parameters())
 
 
 def rtt_results(job: dict, ddp: dict, job_args: list[str], bandwidth_bit_s: float) -> dict:
@@ -533,7 +538,8 @@ def rtt_results(job: dict, ddp: dict, job_args: list[str], bandwidth_bit_s: floa
     images = config.subset or 60_000
     round_steps = job["epochs"] * -(-(images // job["workers"]) // config.batch_size) // job["rounds"]
     partial_saves = (round_steps - 1) // config.checkpoint_steps if config.checkpoint_steps else 0
-    job_sync = training_cost.job_sync(job["rounds"], job["workers"], state_bytes(), partial_saves)
+    job_sync = training_cost.job_sync(job["rounds"], job["workers"], state_bytes(), worker_state_bytes(),
+                                      partial_saves)
     ddp_sync = training_cost.ddp_sync(ddp["steps"], ddp["epochs"], ddp["workers"], ddp["gradient_bytes"],
                                       ddp["buffer_bytes"])
     model = training_cost.rtt_model(job["seconds"], job_sync, ddp["seconds"], ddp_sync, bandwidth_bit_s, RTTS_MS)
@@ -543,7 +549,7 @@ def rtt_results(job: dict, ddp: dict, job_args: list[str], bandwidth_bit_s: floa
         "job_rounds": job["rounds"], "ddp_steps": ddp["steps"], "workers": job["workers"],
         "job_aggregate_seconds_per_round": statistics.mean(aggregate) if aggregate else None,
         "ddp_allreduce_ms": ddp.get("allreduce_ms_median"),
-        "weight_bytes": state_bytes(), "gradient_bytes": ddp["gradient_bytes"], "partial_saves_per_round": partial_saves}
+        "weight_bytes": state_bytes(), "worker_state_bytes": worker_state_bytes(), "gradient_bytes": ddp["gradient_bytes"], "partial_saves_per_round": partial_saves}
     return model
 
 
@@ -558,7 +564,7 @@ def write_rtt_report(rtt: dict, out: Path) -> None:
              "| | job (federated averaging) | Ray Train DDP recipe |", "|---|---|---|",
              f"| wall measured here (s) | {measured['job_seconds']:.1f} | {measured['ddp_seconds']:.1f} |",
              f"| synchronisations | {rtt['job_sync']['count']} rounds | {rtt['ddp_sync']['count']} all-reduces (one per step) |",
-             f"| one-way hops each | {rtt['job_sync']['hops']:g} (every storage operation and RPC a round trip) "
+             f"| one-way hops each | {rtt['job_sync']['hops']:g} (every storage operation and call a round trip) "
              f"| {rtt['ddp_sync']['hops']:g} (ring: 2(n-1), + the buffers' broadcast: ceil(log2 n)) |",
              f"| bytes each, busiest link | {rtt['job_sync']['bytes_per_sync'] / 1e6:.2f} MB "
              f"| {rtt['ddp_sync']['bytes_per_sync'] / 1e6:.2f} MB |",

@@ -75,25 +75,27 @@ def ddp_sync(steps: int, epochs: int, workers: int, gradient_bytes: int, buffer_
                 extra_hops=2 * epochs)
 
 
-def job_round_trips(workers: int, partial_saves: int) -> int:
+def job_round_trips(partial_saves: int) -> int:
     """Round trips in one round of the job, counting every file operation on the shared storage
-    (NFS) as one round trip, in the order a worker meets them (training/worker.py):
-    write its weights atomically (create, write, rename: 3), drop its partial file (1), the barrier
-    (1), the call to the aggregator (1), which reads the n workers' files (open + read: 2 each) and
-    writes the average (3); the worker reads it (2); rank 0 copies it for Ray Train's checkpoint
-    (2), Ray Train stores the checkpoint (3) and the report's barrier (1). Each mid-round
-    checkpoint (--checkpoint-steps) is another atomic write (3). A deliberately generous count."""
-    return 3 + 1 + 1 + 1 + 2 * workers + 3 + 2 + 2 + 3 + 1 + 3 * partial_saves
+    (NFS) and every call as one, in the order a worker meets them (training/worker.py, with the
+    weights through Ray's object store, issue 28): save its state atomically (create, write,
+    rename: 3), drop its partial file (1), send its weights to the aggregator and wait for its
+    answer (1), which comes once the last worker's weights are in and the average is saved as the
+    round's checkpoint (3); fetch the average from the object store (1); the report's barrier
+    through Ray Train's controller (1). Each mid-round checkpoint (--checkpoint-steps) is another
+    atomic write (3). A deliberately generous count."""
+    return 3 + 1 + 1 + 3 + 1 + 1 + 3 * partial_saves
 
 
-def job_sync(rounds: int, workers: int, weight_bytes: int, partial_saves_per_round: int) -> Sync:
-    """This project's job: `rounds` rounds, each `job_round_trips` round trips and, over the storage
-    server's link (the busiest), n worker files in, n read by the aggregator, the average out
-    and read by n workers, and the checkpoint copied and stored: (3n + 3) x the weights, plus the
-    mid-round checkpoints (n each)."""
-    trips = job_round_trips(workers, partial_saves_per_round)
-    moved = (3 * workers + 3 + workers * partial_saves_per_round) * weight_bytes
-    return Sync(count=rounds, hops=2 * trips, bytes_per_sync=moved)
+def job_sync(rounds: int, workers: int, weight_bytes: int, state_bytes: int, partial_saves_per_round: int) -> Sync:
+    """This project's job: `rounds` rounds of `job_round_trips` round trips each, and every byte of a
+    round counted over one link (as if the storage server and the aggregator shared a node and every
+    worker sat elsewhere): n worker states saved (`state_bytes`: weights, Adam's moments, the
+    schedule) at the round's end and at each mid-round checkpoint, n weights to the aggregator and
+    the average back to n workers, and the average saved once."""
+    saves = 1 + partial_saves_per_round
+    moved = workers * (saves * state_bytes + 2 * weight_bytes) + weight_bytes
+    return Sync(count=rounds, hops=2 * job_round_trips(partial_saves_per_round), bytes_per_sync=moved)
 
 
 def rtt_model(job_wall: float, job: Sync, ddp_wall: float, ddp: Sync, bandwidth_bit_s: float,

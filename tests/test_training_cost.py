@@ -37,10 +37,11 @@ def test_ddp_synchronises_every_step_with_a_ring_all_reduce():
 
 
 def test_the_job_synchronises_once_a_round_through_the_storage():
-    assert job_round_trips(workers=3, partial_saves=0) == 23
-    sync = job_sync(rounds=4, workers=3, weight_bytes=750_000, partial_saves_per_round=1)
-    assert sync.count == 4 and sync.hops == 2 * 26
-    assert sync.bytes_per_sync == (3 * 3 + 3 + 3) * 750_000
+    assert job_round_trips(partial_saves=0) == 10
+    sync = job_sync(rounds=4, workers=3, weight_bytes=750_000, state_bytes=2_250_000, partial_saves_per_round=1)
+    assert sync.count == 4 and sync.hops == 2 * 13
+    # 3 workers: 2 state saves each (the round's end and one mid-round), weights out and back; the average saved once
+    assert sync.bytes_per_sync == 3 * (2 * 2_250_000 + 2 * 750_000) + 750_000
 
 
 def test_sync_seconds_add_latency_and_transfer():
