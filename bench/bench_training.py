@@ -13,7 +13,15 @@
 3. ray job    training/train.py at the seed's defaults, submitted with `ray job submit` to the
               local cluster and timed from submission until the command returns (the model is
               published by then); also with --precision fp32, the baseline's arithmetic
+3b. DDP       Ray Train's own recipe as the job's peer (bench/ddp_recipe.py: TorchTrainer, prepare_model
+              DDP, prepare_data_loader, the job's workers, CPU share, Net, schedule, epochs and precision),
+              submitted the same way right after the default job (--no-ddp leaves it out)
 4. --sweeps   the Ray job over rounds (1, 2, 4, 8) and workers (1, 2, 3, 4) at 2 epochs
+--epochs 2,4,8  also the job at each epoch count beside Net plain at the same epochs in the job's
+              precision (and the DDP recipe at --ddp-epochs): fixed cost and cost per epoch from a
+              line fit, job growth / Net plain growth (bench/results/training_epochs.{json,md,png});
+              with the DDP row, a model of wall time against the RTT between nodes, fitted to the
+              measured walls (bench/results/training_rtt.{json,md,png})
 --profile-job  only one job: when each step of it shows in its log (fixed costs)
 --floor       only the fixed costs beside the anchor: bench/train_floor.py (Ray Train's run with
               workers that train nothing), the job on 300 images, and Net plain
@@ -47,6 +55,8 @@ from training.calibration import calibrate
 from bench.machine import cpu_info
 from bench.seed_net import SeedNet
 from training.model import Net, evaluate, to_input
+from bench import training_cost
+from bench.ddp_recipe import result_path as ddp_result_path
 from training.storage import metadata_path, resolve_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,13 +108,14 @@ def train_baseline(train, test) -> dict:
             "test_accuracy": evaluate(model, *test)["accuracy"]}
 
 
-def net_plain(train, test) -> dict:
-    return in_fresh_process(train_net_plain, train, test)
+def net_plain(train, test, epochs: int = 2, precision: str | None = None) -> dict:
+    return in_fresh_process(train_net_plain, train, test, epochs, precision)
 
 
-def train_net_plain(train, test, epochs: int = 2, batch_size: int = 100, lr: float = 5e-3, threads: int = 2) -> dict:
-    """This project's Net, one process, the job's optimiser, schedule and loss, best precision,
-    and the job's allocator setting."""
+def train_net_plain(train, test, epochs: int = 2, precision: str | None = None, batch_size: int = 100,
+                    lr: float = 5e-3, threads: int = 2) -> dict:
+    """This project's Net, one process, the job's optimiser, schedule and loss, and the job's
+    allocator setting; in `precision`, else in the one that times faster here."""
     from training.worker import new_progress, train_step
 
     images, labels = train
@@ -115,9 +126,10 @@ def train_net_plain(train, test, epochs: int = 2, batch_size: int = 100, lr: flo
     trial = Net()  # the precision is timed on a throwaway copy, as the job's workers do
     trial_optimizer = torch.optim.Adam(trial.parameters(), lr=lr)
     trial_schedule = torch.optim.lr_scheduler.OneCycleLR(trial_optimizer, max_lr=lr, total_steps=1000)
+    settings = [(precision, threads)] if precision else [("fp32", threads), ("bf16", threads)]
     calibration = calibrate(lambda precision, batch: train_step(trial, trial_optimizer, trial_schedule, images[:batch],
                                                                 labels[:batch], new_progress(), precision),
-                            [("fp32", threads), ("bf16", threads)], batch_size, torch.set_num_threads)
+                            settings, batch_size, torch.set_num_threads)
     precision = calibration["precision"]
     steps = epochs * -(-len(labels) // batch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -131,7 +143,8 @@ def train_net_plain(train, test, epochs: int = 2, batch_size: int = 100, lr: flo
             train_step(model, optimizer, schedule, images[index], labels[index], new_progress(), precision)
     seconds = time.perf_counter() - started  # training only, as for the baseline
     return {"scheme": f"this project's Net, 1 process, {threads} threads, {precision}", "seconds": seconds,
-            "test_accuracy": evaluate(model, *test)["accuracy"], "precision": precision, "calibration": calibration}
+            "test_accuracy": evaluate(model, *test)["accuracy"], "precision": precision, "calibration": calibration,
+            "epochs": epochs}
 
 
 def seed_scheme(train, test) -> dict:
@@ -166,7 +179,7 @@ def submitted(storage: Path, *args: str, script: str = TRAIN_SCRIPT) -> tuple[st
     from ray.job_submission import JobSubmissionClient
 
     submission_id = f"bench-{uuid.uuid4().hex[:12]}"
-    run_id = ["--run-id", submission_id] if script == TRAIN_SCRIPT else []
+    run_id = ["--run-id", submission_id] if script in (TRAIN_SCRIPT, DDP_SCRIPT) else []
     started_at, started = time.time(), time.perf_counter()
     result = ray_job_submit(storage, *run_id, *args, submission_id=submission_id, script=script)
     seconds = time.perf_counter() - started
@@ -199,12 +212,50 @@ def ray_job(storage: Path, *train_args: str) -> dict:
     return {"scheme": f"ray job {' '.join(train_args) or '(defaults)'}, {metadata['precision']}", **times,
             "test_accuracy": metadata["test_accuracy"],
             "workers": metadata["workers"], "rounds": metadata["rounds"], "epochs": metadata["epochs"],
-            "precision": metadata["precision"],
+            "precision": metadata["precision"], "threads": metadata.get("threads"),
             "round_accuracy": [r["test_accuracy"] for r in metadata["round_metrics"]],
+            "aggregate_seconds": [r.get("aggregate_seconds") for r in metadata["round_metrics"]],
             "job_internal_seconds": metadata["train_seconds"]}
 
 
 FLOOR_SCRIPT = "bench/train_floor.py"
+DDP_SCRIPT = "bench/ddp_recipe.py"
+
+
+def job_config(job_args: list[str]):
+    """The job's flags as training/train.py reads them (its defaults filled in)."""
+    from training.train import parse_args
+
+    return parse_args(list(job_args))
+
+
+def ddp_args(job_args: list[str], epochs: int, precision: str, threads: int | None) -> list[str]:
+    """bench/ddp_recipe.py's flags for the job's workers, batch, schedule, seed, data and
+    augmentation, at `epochs`, in the job's precision and threads."""
+    if precision not in ("fp32", "bf16"):
+        raise RuntimeError(f"the job recorded precision {precision!r}; the DDP recipe needs one of fp32, bf16")
+    job = job_config(job_args)
+    args = ["--workers", job.workers, "--epochs", epochs, "--batch-size", job.batch_size, "--lr", job.lr,
+            "--seed", job.seed, "--precision", precision]
+    args += ["--threads", threads] if threads else []
+    args += ["--subset", job.subset] if job.subset else []
+    args += [] if job.augment else ["--no-augment"]
+    return [str(a) for a in args]
+
+
+def ddp_job(storage: Path, job_args: list[str], epochs: int, precision: str, threads: int | None = None) -> dict:
+    """Ray Train's DDP recipe (bench/ddp_recipe.py) with the job's settings, submitted and timed
+    as `submitted` times the job."""
+    run_id, times = submitted(storage, *ddp_args(job_args, epochs, precision, threads), script=DDP_SCRIPT)
+    result = json.loads(ddp_result_path(storage, run_id).read_text())
+    return {"scheme": f"Ray Train DDP recipe, {result['workers']} workers x {result['worker_cpus']:.2f} CPU, "
+                      f"{epochs} epochs, {precision}", **times,
+            "test_accuracy": result["accuracy"], "epochs": epochs, "precision": precision,
+            "workers": result["workers"], "steps": result["steps"], "train_seconds": result["train_seconds"],
+            "gradient_bytes": result["gradient_bytes"], "buffer_bytes": result["buffer_bytes"],
+            "allreduce_ms_median": result.get("allreduce_ms_median")}
+
+
 TINY_JOB = ("--subset", "300", "--promote", "never")  # 100 images per worker: 2 steps each, 2 rounds
 
 
@@ -291,6 +342,7 @@ def write_report(results: dict, out: Path) -> None:
     lines = ["| scheme | test accuracy | wall time (s) | time / baseline | until Ray marked the job done (s) |",
              "|---|---|---|---|---|"]
     for run in [results["baseline"], results["net_plain"], results["seed"], results["job"],
+                *([results["ddp"]] if "ddp" in results else []),
                 *([results["job_no_augment"]] if "job_no_augment" in results else []),
                 *([results["job_fp32"]] if results["job_fp32"] != results["job"] else []),
                 *results.get("sweeps", [])]:
@@ -300,6 +352,9 @@ def write_report(results: dict, out: Path) -> None:
     plain = results["net_plain"]["seconds"]
     lines.append(f"\nDefault job / Net plain: {results['job']['seconds'] / plain:.2f}x "
                  f"(fp32 job: {results['job_fp32']['seconds'] / plain:.2f}x)")
+    if "ddp" in results:
+        lines.append(f"\nDefault job / Ray Train DDP recipe: {results['job']['seconds'] / results['ddp']['seconds']:.2f}x "
+                     "(issue 31's target: <= 1.0x)")
     repeats = results.get("repeats", [])
     if repeats:
         lines.append(f"\n{len(repeats)} pairs, taken in turn (the rows above are pair 1); ratios per pair and their median:\n")
@@ -376,6 +431,190 @@ def plot(results: dict, out: Path) -> None:
         plt.close(fig)
 
 
+# ---------------------------------------------------------------- --epochs: fixed cost and cost per epoch
+
+def epoch_sweep(storage: Path, train, test, job_args: list[str], epochs_list: list[int], ddp_epochs: list[int],
+                results: dict) -> list[dict]:
+    """At each epoch count, in turn: the job, the DDP recipe (at `ddp_epochs`), and Net plain in the
+    precision the job recorded. Runs the default rows already made are reused, not repeated."""
+    runs = []
+    for epochs in epochs_list:
+        job = results["job"] if results["job"]["epochs"] == epochs else ray_job(storage, *job_args, "--epochs", str(epochs))
+        run = {"epochs": epochs, "job": job}
+        if epochs in ddp_epochs:
+            same = results.get("ddp")
+            run["ddp"] = same if same and same["epochs"] == epochs and same["precision"] == job["precision"] else \
+                ddp_job(storage, job_args, epochs, job["precision"], job.get("threads"))
+        plain = results["net_plain"]
+        run["net_plain"] = plain if (plain.get("epochs"), plain["precision"]) == (epochs, job["precision"]) else \
+            net_plain(train, test, epochs, job["precision"])
+        runs.append(run)
+    return runs
+
+
+def sweep_points(runs: list[dict]) -> dict[str, dict[int, float]]:
+    points = {"job": {}, "net_plain": {}, "ddp": {}}
+    for run in runs:
+        for scheme in points:
+            if scheme in run:
+                points[scheme][run["epochs"]] = run[scheme]["seconds"]
+    return {scheme: by_epochs for scheme, by_epochs in points.items() if by_epochs}
+
+
+SCHEME_NAMES = {"job": "the job (ray job submit)", "ddp": "Ray Train DDP recipe (ray job submit)",
+                "net_plain": "Net plain (1 process, training loop only)"}
+
+
+def write_epoch_report(sweep: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training_epochs.json").write_text(json.dumps(sweep, indent=2) + "\n")
+    lines = ["| epochs | job (s) | job accuracy | DDP recipe (s) | DDP accuracy | Net plain (s) | Net plain accuracy "
+             "| precision | job / DDP | job / Net plain |", "|---" * 10 + "|"]
+    for run in sweep["runs"]:
+        job, plain, ddp = run["job"], run["net_plain"], run.get("ddp")
+        ddp_cells = [f"{ddp['seconds']:.1f}", f"{100 * ddp['test_accuracy']:.2f}%",
+                     f"{job['seconds'] / ddp['seconds']:.2f}x"] if ddp else ["", "", ""]
+        lines.append(f"| {run['epochs']} | {job['seconds']:.1f} | {100 * job['test_accuracy']:.2f}% "
+                     f"| {ddp_cells[0]} | {ddp_cells[1]} | {plain['seconds']:.1f} | {100 * plain['test_accuracy']:.2f}% "
+                     f"| {job['precision']} | {ddp_cells[2]} | {job['seconds'] / plain['seconds']:.2f}x |")
+    costs = sweep["costs"]
+    lines += ["", "Line fits of wall time against epochs (intercept: the fixed cost; slope: the cost of one more epoch):", "",
+              "| scheme | fixed cost (s) | per epoch (s) |", "|---|---|---|"]
+    lines += [f"| {SCHEME_NAMES.get(scheme, scheme)} | {fit['intercept']:.1f} | {fit['slope']:.1f} |"
+              for scheme, fit in costs["fits"].items()]
+    growth = costs.get("growth_ratio")
+    if growth:
+        lines.append(f"\nJob growth / Net plain growth, {growth['from_epochs']} -> {growth['to_epochs']} epochs: "
+                     f"{growth['job_seconds']:.1f} s / {growth['plain_seconds']:.1f} s = **{growth['ratio']:.2f}x** "
+                     f"(issue 31's target: <= 1.15x from 2 to 8 epochs)")
+    lines.append("\nNet plain's time is its training loop (as the anchor's everywhere in this benchmark); the job's "
+                 "and the DDP recipe's are from `ray job submit` until it returns.")
+    lines.append(f"\nMachine: {sweep['machine']}")
+    (out / "training_epochs.md").write_text("\n".join(lines) + "\n")
+    plot_epochs(sweep, out / "training_epochs.png")
+
+
+def plot_epochs(sweep: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, fits = sweep_points(sweep["runs"]), sweep["costs"]["fits"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for scheme, style in (("job", "o"), ("ddp", "s"), ("net_plain", "^")):
+        if scheme not in points:
+            continue
+        xs = sorted(points[scheme])
+        dots = ax.plot(xs, [points[scheme][x] for x in xs], style, label=SCHEME_NAMES[scheme])[0]
+        if scheme in fits:
+            fit = fits[scheme]
+            ax.plot([0, xs[-1]], [fit["intercept"], fit["intercept"] + fit["slope"] * xs[-1]], "--",
+                    color=dots.get_color(), label=f"  fit: {fit['intercept']:.0f} s + {fit['slope']:.1f} s/epoch")
+    ax.set(xlabel="epochs", ylabel="wall time (s)", title="Training time against epochs", xlim=(0, None), ylim=(0, None))
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- where federated averaging pays
+
+RTTS_MS = [0, 1, 2, 5, 10, 20, 30, 40, 50]
+
+
+def state_bytes() -> int:
+    """Bytes of `Net`'s weights as a worker sends them (parameters and BatchNorm buffers)."""
+    return sum(t.numel() * t.element_size() for t in Net().state_dict().values())
+
+
+def worker_state_bytes() -> int:
+    """Bytes of a worker's saved state, near enough: the weights and Adam's two moments per parameter."""
+    return state_bytes() + 2 * sum(p.numel() * p.element_size() for p in Net().parameters())
+
+
+def rtt_results(job: dict, ddp: dict, job_args: list[str], bandwidth_bit_s: float) -> dict:
+    """The wall-time-against-RTT model (bench/training_cost.py) from the measured job and DDP rows."""
+    config = job_config(job_args)
+    images = config.subset or 60_000
+    round_steps = job["epochs"] * -(-(images // job["workers"]) // config.batch_size) // job["rounds"]
+    partial_saves = (round_steps - 1) // config.checkpoint_steps if config.checkpoint_steps else 0
+    job_sync = training_cost.job_sync(job["rounds"], job["workers"], state_bytes(), worker_state_bytes(),
+                                      partial_saves)
+    ddp_sync = training_cost.ddp_sync(ddp["steps"], ddp["epochs"], ddp["workers"], ddp["gradient_bytes"],
+                                      ddp["buffer_bytes"])
+    model = training_cost.rtt_model(job["seconds"], job_sync, ddp["seconds"], ddp_sync, bandwidth_bit_s, RTTS_MS)
+    aggregate = [s for s in job.get("aggregate_seconds", []) if s is not None]
+    model["measured"] = {
+        "job_seconds": job["seconds"], "ddp_seconds": ddp["seconds"],
+        "job_rounds": job["rounds"], "ddp_steps": ddp["steps"], "workers": job["workers"],
+        "job_aggregate_seconds_per_round": statistics.mean(aggregate) if aggregate else None,
+        "ddp_allreduce_ms": ddp.get("allreduce_ms_median"),
+        "weight_bytes": state_bytes(), "worker_state_bytes": worker_state_bytes(), "gradient_bytes": ddp["gradient_bytes"], "partial_saves_per_round": partial_saves}
+    return model
+
+
+def write_rtt_report(rtt: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training_rtt.json").write_text(json.dumps(rtt, indent=2) + "\n")
+    measured, crossing = rtt["measured"], rtt["job_faster_from_rtt_ms"]
+    gbit = rtt["bandwidth_bit_s"] / 1e9
+    lines = ["**A model, not a measurement between nodes**: wall(RTT) = the wall measured here (one machine, "
+             "loopback) + synchronisations x (one-way hops x RTT/2 + bytes over the busiest link / bandwidth), "
+             f"at {gbit:g} Gbit/s (bench/training_cost.py states each count).", "",
+             "| | job (federated averaging) | Ray Train DDP recipe |", "|---|---|---|",
+             f"| wall measured here (s) | {measured['job_seconds']:.1f} | {measured['ddp_seconds']:.1f} |",
+             f"| synchronisations | {rtt['job_sync']['count']} rounds | {rtt['ddp_sync']['count']} all-reduces (one per step) |",
+             f"| one-way hops each | {rtt['job_sync']['hops']:g} (every storage operation and call a round trip) "
+             f"| {rtt['ddp_sync']['hops']:g} (ring: 2(n-1), + the buffers' broadcast: ceil(log2 n)) |",
+             f"| bytes each, busiest link | {rtt['job_sync']['bytes_per_sync'] / 1e6:.2f} MB "
+             f"| {rtt['ddp_sync']['bytes_per_sync'] / 1e6:.2f} MB |",
+             f"| measured here per synchronisation | {fmt(measured['job_aggregate_seconds_per_round'], 1000, ' ms aggregation + evaluation')} "
+             f"| {fmt(measured['ddp_allreduce_ms'], 1, ' ms all-reduce')} |", "",
+             "| RTT (ms) | " + " | ".join(f"{r:g}" for r in rtt["rtt_ms"]) + " |", "|---" * (len(rtt["rtt_ms"]) + 1) + "|",
+             "| job (s) | " + " | ".join(f"{s:.1f}" for s in rtt["job_seconds"]) + " |",
+             "| DDP recipe (s) | " + " | ".join(f"{s:.1f}" for s in rtt["ddp_seconds"]) + " |", "",
+             "The job is faster already on one machine." if crossing == 0 else
+             "In this model the job is never faster: its wall grows at least as fast with the RTT as DDP's."
+             if crossing is None else f"The job is faster from an RTT of **{crossing:.1f} ms**.",
+             f"\nMachine: {rtt['machine']}"]
+    (out / "training_rtt.md").write_text("\n".join(lines) + "\n")
+    plot_rtt(rtt, out / "training_rtt.png")
+
+
+def fmt(value, scale: float, unit: str) -> str:
+    return "" if value is None else f"{value * scale:.1f}{unit}"
+
+
+def plot_rtt(rtt: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rtt["rtt_ms"], rtt["job_seconds"], "o-", label=f"this project's job ({rtt['job_sync']['count']} rounds)")
+    ax.plot(rtt["rtt_ms"], rtt["ddp_seconds"], "s-", label=f"Ray Train DDP recipe ({rtt['ddp_sync']['count']} all-reduces)")
+    crossing = rtt["job_faster_from_rtt_ms"]
+    if crossing:
+        ax.axvline(crossing, color="tab:gray", ls=":", label=f"the job pulls ahead at {crossing:.1f} ms")
+    ax.set(xlabel="round-trip time between nodes (ms)", ylabel="wall time (s)", ylim=(0, None),
+           title=f"Model from measured walls, {rtt['bandwidth_bit_s'] / 1e9:g} Gbit/s links")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def epoch_list(text: str) -> list[int]:
+    """'2,4,8' -> [2, 4, 8]: distinct positive epoch counts, in order."""
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epoch counts like 2,4,8, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive epoch counts like 2,4,8, got {text!r}")
+    return values
+
+
 def machine() -> str:
     """The CPU model and the flags that decide training speed, with the core count and torch."""
     model, flags = cpu_info()
@@ -402,7 +641,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default bench/results)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="pairs to take in turn; ratios are reported as medians over them (default 1)")
+    parser.add_argument("--ddp", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"Ray Train's DDP recipe ({DDP_SCRIPT}) beside the default job (default on)")
+    parser.add_argument("--epochs", type=epoch_list, default=None, metavar="E1,E2,...",
+                        help="also the job and Net plain at each epoch count (e.g. 2,4,8): fixed cost and cost per "
+                             "epoch; writes training_epochs.{json,md,png}")
+    parser.add_argument("--ddp-epochs", type=epoch_list, default=None, metavar="E1,E2,...",
+                        help="epoch counts of the sweep at which the DDP recipe runs too (default: the default job's)")
+    parser.add_argument("--rtt-bandwidth", type=float, default=1.0, metavar="GBIT",
+                        help="link bandwidth of the RTT model, Gbit/s (default 1)")
     args = parser.parse_args(argv)
+    job_args = args.job_args.split()
+    job_config(job_args)  # bad job flags fail here, before anything runs
     storage = resolve_storage(args.storage or args.out / "storage")
     fetch_mnist(storage, args.data_source)
     train, test = load_mnist(storage, train=True), load_mnist(storage, train=False)
@@ -413,7 +663,7 @@ def main(argv=None) -> int:
     started_ray = local.up()
     if args.profile_job:
         try:
-            profile = profile_job(storage, *args.job_args.split())
+            profile = profile_job(storage, *job_args)
         finally:
             if started_ray:
                 local.down()
@@ -432,16 +682,24 @@ def main(argv=None) -> int:
     try:
         results = {"machine": machine()}
         if args.repeats > 1:
-            results["repeats"] = [run_pair(storage, train, test, args.job_args.split()) for _ in range(args.repeats)]
+            results["repeats"] = [run_pair(storage, train, test, job_args) for _ in range(args.repeats)]
             results.update(results["repeats"][0])
         else:
             results["baseline"] = baseline(train, test)
             results["net_plain"] = net_plain(train, test)
-            results["job"] = ray_job(storage, *args.job_args.split())
+            results["job"] = ray_job(storage, *job_args)
         results["seed"] = seed_scheme(train, test)
         # Where --precision auto already chose fp32, the fp32 job is the same job: it is not run twice.
         results["job_fp32"] = results["job"] if results["job"]["precision"] == "fp32" else \
-            ray_job(storage, *args.job_args.split(), "--precision", "fp32")
+            ray_job(storage, *job_args, "--precision", "fp32")
+        if args.ddp:
+            results["ddp"] = ddp_job(storage, job_args, results["job"]["epochs"], results["job"]["precision"],
+                                     results["job"].get("threads"))
+        if args.epochs:
+            ddp_epochs = args.ddp_epochs or ([results["job"]["epochs"]] if args.ddp else [])
+            runs = epoch_sweep(storage, train, test, job_args, args.epochs, ddp_epochs, results)
+            results["epoch_sweep"] = {"machine": results["machine"], "runs": runs,
+                                      "costs": training_cost.epoch_costs(sweep_points(runs))}
         if args.sweeps:
             results["sweeps"] = sweeps(storage)
     finally:
@@ -449,6 +707,13 @@ def main(argv=None) -> int:
             local.down()
     write_report(results, args.out)
     print((args.out / "training.md").read_text())
+    if "epoch_sweep" in results:
+        write_epoch_report(results["epoch_sweep"], args.out)
+        print((args.out / "training_epochs.md").read_text())
+    if "ddp" in results:
+        rtt = rtt_results(results["job"], results["ddp"], job_args, 1e9 * args.rtt_bandwidth)
+        write_rtt_report({"machine": results["machine"], **rtt}, args.out)
+        print((args.out / "training_rtt.md").read_text())
     for key in ("job", "job_fp32")[:1 if results["job_fp32"] == results["job"] else 2]:
         job = results[key]
         print(f"{job['scheme']}: job / baseline wall time {job['seconds'] / results['baseline']['seconds']:.2f}x, "
