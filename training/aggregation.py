@@ -19,7 +19,8 @@ import torch
 from training.allocator import keep_freed_memory
 from training.data import load_mnist
 from training.model import Net, evaluate
-from training.storage import atomic_torch_save, atomic_write_bytes, checkpoint_round_path, global_path, init_path
+from training.storage import (atomic_torch_save, atomic_write_bytes, checkpoint_dir, checkpoint_round_path, global_path,
+                              init_path)
 from training.strategies import StrategyError, WorkerResult, make_strategy, screen_results, weighted_mean
 
 
@@ -162,7 +163,7 @@ class Aggregator:
 
         self.last = (saved["round"], saved["state_dict"], saved["server_state"])
         return {"metrics": saved["metrics"], "weights": ray.put(saved["state_dict"]),
-                "checkpoint": str(global_path(self.storage, self.run_id, saved["round"]).parent)}
+                "checkpoint": str(checkpoint_dir(self.storage, self.run_id, saved["round"]))}
 
     def start_of(self, round_index: int) -> tuple[dict, dict]:
         if self.last and self.last[0] == round_index - 1:

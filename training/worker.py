@@ -76,8 +76,9 @@ def train_func(config: dict) -> None:
         partial_path(storage, run_id, round_index, rank).unlink(missing_ok=True)
 
         # Average: the aggregator answers once every worker's weights have reached it.
-        result = {"rank": rank, "round": round_index, "num_samples": len(labels), "state_dict": state.model.state_dict(),
-                  **injected_fault(config.get("inject_fault"), rank, state.model.state_dict()), **state.round_metrics()}
+        weights = state.model.state_dict()
+        result = {"rank": rank, "round": round_index, "num_samples": len(labels), "state_dict": weights,
+                  **injected_fault(config.get("inject_fault"), rank, weights), **state.round_metrics()}
         reply = ray.get(config["aggregator"].submit.remote(round_index, result))
         state.next_round(ray.get(reply["weights"]))
 
