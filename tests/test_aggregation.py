@@ -7,7 +7,8 @@ import pytest
 import ray
 import torch
 
-from training.aggregation import AggregationError, Aggregator, FedAvg, aggregate_round, check_results
+from training.aggregation import (PROGRESS_IMAGES, AggregationError, Aggregator, FedAvg, aggregate_round, check_results,
+                                  progress_sample)
 from training.data import load_mnist, write_shards
 from training.model import Net
 from training.storage import checkpoint_round_path, global_path, init_path
@@ -113,7 +114,7 @@ def aggregator(mnist_storage, monkeypatch):
     run_id = f"unit-agg-{uuid.uuid4().hex[:8]}"
     manifest = write_shards(mnist_storage, run_id, num_shards=2, seed=0, subset=200)
     torch.save(random_state(9), init_path(mnist_storage, run_id))  # the weights round 0 started from
-    return lambda: Aggregator(str(mnist_storage), run_id, manifest, threads=1), mnist_storage, run_id, manifest
+    return lambda: Aggregator(str(mnist_storage), run_id, manifest, rounds=2, threads=1), mnist_storage, run_id, manifest
 
 
 def submit_all(actor, round_index: int, results: list[dict]) -> list:
@@ -143,6 +144,18 @@ def test_every_worker_waits_for_the_last_result_and_gets_the_one_saved_average(a
     fresh = make()
     next_round = submit_all(fresh, 1, [worker_result(r, counts[r], round_index=1) for r in (0, 1)])[0]
     assert next_round["metrics"]["round"] == 1 and global_path(storage, run_id, 1).exists()
+    # Round 0 was scored on the progress sample, the last round (the published model) on every test image
+    assert (replies[0]["metrics"]["test_images"], next_round["metrics"]["test_images"]) == (PROGRESS_IMAGES, 10_000)
+
+
+def test_the_progress_sample_is_fixed_and_fair(mnist_storage):
+    images, labels = load_mnist(mnist_storage, train=False)
+    sample, sample_labels = progress_sample((images, labels))
+    again, _ = progress_sample((images, labels))
+    assert len(sample_labels) == PROGRESS_IMAGES and torch.equal(sample, again)
+    counts = torch.bincount(sample_labels, minlength=10).float() / PROGRESS_IMAGES
+    assert torch.allclose(counts, torch.bincount(labels, minlength=10).float() / len(labels), atol=0.02)
+    assert progress_sample((images[:100], labels[:100]))[1].equal(labels[:100])  # fewer images: all of them
 
 
 def test_a_failed_round_fails_every_worker_and_saves_nothing(aggregator):

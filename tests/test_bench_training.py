@@ -4,7 +4,6 @@ import json
 import pytest
 
 from bench import bench_training, train_floor
-from training.versions import read_latest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # The one-process references on 300 images (3 steps per epoch, 1 per seed worker) evaluated on 1,000
@@ -13,9 +12,11 @@ SMOKE = ("--baseline-subset", "300", "--test-subset", "1000")
 
 
 def test_training_benchmark_runs_and_writes_its_report(ray_head, mnist_storage, tmp_path):
-    # --epochs 1,2: the default job is the sweep's 1-epoch job, and the DDP recipe beside it its DDP run
+    """The default run, for real: both baselines, the job, the seed scheme, Ray Train's DDP recipe
+    beside the job, and the RTT model from the two. (The epoch sweep's own bookkeeping is tested
+    below without Ray: its runs are these same `ray_job` and `ddp_job` calls.)"""
     code = bench_training.main(["--storage", str(mnist_storage), "--out", str(tmp_path), *SMOKE,
-                                "--job-args", "--subset 600 --epochs 1 --rounds 2", "--epochs", "1,2"])
+                                "--job-args", "--subset 600 --epochs 1 --rounds 2"])
     assert code == 0
     results = json.loads((tmp_path / "training.json").read_text())
     assert {"baseline", "net_plain", "seed", "job", "job_fp32", "machine"} <= results.keys()
@@ -34,25 +35,83 @@ def test_training_benchmark_runs_and_writes_its_report(ray_head, mnist_storage, 
     assert ddp["steps"] == 2 and 0 < ddp["test_accuracy"] <= 1 and ddp["allreduce_ms_median"] > 0
     assert 0 < ddp["job_end_seconds"] <= ddp["seconds"]
     assert "Default job / Ray Train DDP recipe" in report
-    # the epoch sweep: the job and Net plain at 1 and 2 epochs, in the job's precision; DDP at 1
-    sweep = json.loads((tmp_path / "training_epochs.json").read_text())
-    assert [run["epochs"] for run in sweep["runs"]] == [1, 2]
-    one, two = sweep["runs"]
-    assert one["job"] == results["job"] and one["ddp"] == ddp and "ddp" not in two
-    assert two["job"]["epochs"] == 2 and two["job"]["rounds"] == 2
-    assert [run["net_plain"]["epochs"] for run in sweep["runs"]] == [1, 2]
-    assert all(run["net_plain"]["precision"] == run["job"]["precision"] for run in sweep["runs"])
-    assert {"job", "net_plain"} <= sweep["costs"]["fits"].keys() and "growth_ratio" in sweep["costs"]
-    assert "Job growth / Net plain growth" in (tmp_path / "training_epochs.md").read_text()
+    assert not (tmp_path / "training_epochs.json").exists()  # no --epochs, no sweep
     # the RTT model, from the measured job and DDP rows
     rtt = json.loads((tmp_path / "training_rtt.json").read_text())
     assert rtt["measured"]["job_seconds"] == results["job"]["seconds"] and rtt["ddp_sync"]["count"] == 2
     assert len(rtt["job_seconds"]) == len(rtt["ddp_seconds"]) == len(rtt["rtt_ms"])
-    assert all((tmp_path / name).stat().st_size > 0 for name in ("training_epochs.png", "training_rtt.png"))
+    assert (tmp_path / "training_rtt.png").stat().st_size > 0
 
 
-def test_floor_benchmark_times_ray_train_without_training_beside_the_anchor(ray_head, mnist_storage, tmp_path):
-    serving_before = read_latest(mnist_storage)
+class Measured:
+    """The benchmark's measured rows, made up and recorded: the orchestration around them under
+    test, without a cluster. Times grow by epoch so that the line fits have something to fit."""
+
+    def __init__(self, precision: str):
+        self.precision, self.calls = precision, []
+
+    def job(self, storage, *train_args):
+        epochs = bench_training.job_config(list(train_args)).epochs
+        self.calls.append(("job", epochs))
+        return {"scheme": "job", "seconds": 30.0 + 10 * epochs, "job_end_seconds": 29.0 + 10 * epochs,
+                "test_accuracy": 0.95, "workers": 3, "rounds": 2, "epochs": epochs, "precision": self.precision,
+                "threads": 1, "round_accuracy": [0.9, 0.95], "aggregate_seconds": [1.0, 1.0],
+                "job_internal_seconds": 20.0 + 10 * epochs}
+
+    def ddp(self, storage, job_args, epochs, precision, threads=None):
+        self.calls.append(("ddp", epochs, precision))
+        return {"scheme": "ddp", "seconds": 28.0 + 11 * epochs, "job_end_seconds": 27.0 + 11 * epochs,
+                "test_accuracy": 0.95, "epochs": epochs, "precision": precision, "workers": 3, "steps": 2 * epochs,
+                "train_seconds": 11.0 * epochs, "gradient_bytes": 4_800_000, "buffer_bytes": 0,
+                "allreduce_ms_median": 2.0}
+
+    def net_plain(self, train, test, epochs=2, precision=None):
+        self.calls.append(("net_plain", epochs, precision))
+        return {"scheme": "Net plain", "seconds": 8.0 * epochs, "test_accuracy": 0.96, "epochs": epochs,
+                "precision": precision or self.precision, "calibration": {"screen_ms": {}}}
+
+    def reference(self, train, test):
+        return {"scheme": "reference", "seconds": 20.0, "test_accuracy": 0.9}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_epoch_sweep_runs_each_point_once_in_the_jobs_precision(mnist_storage, tmp_path, monkeypatch, precision):
+    measured = Measured(precision)
+    for name, fake in (("ray_job", measured.job), ("ddp_job", measured.ddp), ("net_plain", measured.net_plain),
+                       ("baseline", measured.reference), ("seed_scheme", measured.reference)):
+        monkeypatch.setattr(bench_training, name, fake)
+    monkeypatch.setattr(bench_training.local, "up", lambda: False)  # the cluster, not needed here
+    code = bench_training.main(["--storage", str(mnist_storage), "--out", str(tmp_path), *SMOKE,
+                                "--job-args", "--subset 600 --epochs 1 --rounds 2", "--epochs", "1,2,4"])
+    assert code == 0
+    # The default job (1 epoch) is the sweep's first point, not run again; DDP beside it only (the
+    # default --ddp-epochs); Net plain at every other epoch count, in the job's precision (its
+    # default row, 2 epochs in the precision it chose, is reused where that is the job's).
+    fp32_job = [("job", 1)] if precision == "bf16" else []
+    plain = [("net_plain", 2, None), ("net_plain", 1, precision), ("net_plain", 4, precision)]
+    assert sorted(measured.calls, key=str) == sorted([("job", 1), *fp32_job, ("ddp", 1, precision), ("job", 2),
+                                                      ("job", 4), *plain], key=str)
+    sweep = json.loads((tmp_path / "training_epochs.json").read_text())
+    assert [run["epochs"] for run in sweep["runs"]] == [1, 2, 4]
+    assert [run["job"]["seconds"] for run in sweep["runs"]] == [40.0, 50.0, 70.0]
+    assert "ddp" in sweep["runs"][0] and not any("ddp" in run for run in sweep["runs"][1:])
+    fits = sweep["costs"]["fits"]
+    assert fits["job"]["slope"] == pytest.approx(10) and fits["job"]["intercept"] == pytest.approx(30)
+    assert fits["net_plain"]["slope"] == pytest.approx(8) and "ddp" not in fits  # one DDP point: no line
+    growth = sweep["costs"]["growth_ratio"]
+    assert (growth["from_epochs"], growth["to_epochs"], growth["ratio"]) == (1, 4, pytest.approx(30 / 24))
+    report = (tmp_path / "training_epochs.md").read_text()
+    assert "Job growth / Net plain growth, 1 -> 4 epochs" in report and "| 4 | 70.0 |" in report
+    assert (tmp_path / "training_epochs.png").stat().st_size > 0
+
+
+def test_floor_benchmark_times_ray_train_without_training_beside_the_anchor(ray_head, mnist_storage, tmp_path,
+                                                                          monkeypatch):
+    """The floor script under Ray Train and the Net plain anchor, for real; the job on 300 images
+    is the same `ray_job` call the default run makes (above), recorded here."""
+    tiny = []
+    monkeypatch.setattr(bench_training, "ray_job", lambda storage, *args: tiny.append(args) or
+                        Measured("fp32").job(storage, *args))
     code = bench_training.main(["--floor", "--storage", str(mnist_storage), "--out", str(tmp_path),
                                 *SMOKE])
     assert code == 0
@@ -61,9 +120,11 @@ def test_floor_benchmark_times_ray_train_without_training_beside_the_anchor(ray_
     # before its `ray job submit` returned.
     assert any((mnist_storage / train_floor.FLOOR_DIR).iterdir())
     assert 0 < run["floor"]["job_end_seconds"] <= run["floor"]["seconds"]
-    # The real job on 300 images: 3 workers, 2 rounds, published, and not served (--promote never).
-    assert run["job_tiny"]["workers"] == 3 and run["job_tiny"]["rounds"] == 2
-    assert read_latest(mnist_storage) == serving_before
+    # The job on 300 images, never served: its flags as train.py reads them
+    [args] = tiny
+    config = bench_training.job_config(list(args))
+    assert (config.subset, config.workers, config.rounds, config.promote) == (300, 3, 2, "never")
+    assert 0 < run["net_plain"]["seconds"] and 0 < run["net_plain"]["test_accuracy"] <= 1
     ratios = bench_training.floor_ratios(run)
     assert ratios["Ray floor / Net plain"] == run["floor"]["seconds"] / run["net_plain"]["seconds"]
     assert "| **median** |" in (tmp_path / "training_floor.md").read_text()

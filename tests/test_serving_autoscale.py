@@ -21,8 +21,9 @@ SCALED = ("MnistApi", "MnistModel")
 # is 10 s), averaged over 2 s, and a scale-down after 3 s instead of the config's minute.
 FAST = {"metrics_interval_s": 0.5, "look_back_period_s": 2, "upscale_delay_s": 1, "downscale_delay_s": 3}
 HEAVY_CLIENTS = 16  # twice MnistApi's target of 8 requests in flight per replica
-TRICKLE = (1, 0)  # clients per 1-s window, in turn, while replicas stop: requests keep flowing, and
-# the model's average (under 0.5 batches in flight) lets it shrink too
+TRICKLE = (1, 0, 0)  # clients per 1-s window, in turn, while replicas stop: requests keep flowing, and
+# the model's average stays well under its 0.5 batches in flight, so it shrinks too (one window in two
+# kept it near 0.5 on a slow CPU: seen stuck at two replicas for 30 s and more)
 
 
 def deployments(config: dict) -> dict[str, dict]:

@@ -1,17 +1,14 @@
 """Integration: `ray job submit` training/train.py to a real local Ray cluster on 127.0.0.1."""
 import json
-import uuid
 
 import pytest
 import torch
 
 from ray_cluster import local
-from tests.helpers import submit_training, wait_for_job
 from training.augment import DEFAULT as DEFAULT_AUGMENTATION
 from training.data import load_mnist
 from training.model import Net, evaluate
 from training.storage import models_dir
-from training.versions import read_latest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -89,36 +86,3 @@ def test_workers_trained_on_their_own_shards_from_the_same_start(trained):
     assert [r["rank"] for r in records] == [0, 1, 2]
     assert not torch.equal(records[0]["state_dict"]["fc2.weight"], records[1]["state_dict"]["fc2.weight"])
 
-
-def test_two_runs_at_once_keep_to_their_own_files(ray_head, mnist_source, tmp_path):
-    """Two jobs submitted together on one storage root: both finish, each run's folder holds only
-    its own files, and each published model is exactly its own run's final average."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from training.storage import global_path
-    from training.data import fetch_mnist
-
-    storage = tmp_path / "storage"
-    fetch_mnist(storage, mnist_source)
-    client = JobSubmissionClient(local.DASHBOARD_URL)
-    runs = {}
-    for seed in (1, 2):
-        run_id = f"twin{seed}-{uuid.uuid4().hex[:6]}"
-        runs[run_id] = submit_training(client, storage, "--run-id", run_id, "--subset", "1200", "--workers", "2",
-                                       "--epochs", "1", "--rounds", "2", "--seed", str(seed))
-    for job in runs.values():
-        assert wait_for_job(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
-    first, second = (client.get_job_info(job) for job in runs.values())
-    assert first.start_time < second.end_time and second.start_time < first.end_time  # they really overlapped
-
-    for run_id in runs:
-        folder = storage / "runs" / run_id
-        assert json.loads((folder / "shards" / "manifest.json").read_text())["run_id"] == run_id
-        saved = [torch.load(path, weights_only=True) for path in (folder / "rounds").rglob("*.pt")]
-        assert len(saved) == 2 * 2  # two rounds of two workers' states, nothing else
-        saved += [torch.load(global_path(storage, run_id, r), weights_only=True) for r in (0, 1)]  # the averages
-        assert {record["run_id"] for record in saved} == {run_id}
-        published = torch.load(models_dir(storage) / run_id / "model.pt", weights_only=True)
-        final = torch.load(global_path(storage, run_id, 1), weights_only=True)["state_dict"]
-        assert all(torch.equal(published[key], final[key]) for key in final)
-    assert read_latest(storage) in runs

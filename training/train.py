@@ -11,8 +11,9 @@ aborts the Ray Train run the way Ctrl-C does.
 
 Rounds and epochs: each worker makes --epochs passes over its own shard in all. Those
 passes are cut into --rounds rounds of (nearly) equal numbers of steps; after every round
-the aggregator averages the workers' weights (FedAvg), evaluates the average on the test
-set, and every worker continues from it. --rounds 1 averages once, at the very end;
+the aggregator averages the workers' weights (FedAvg), evaluates the average (the last
+round's on the whole test set, earlier ones' on a fixed sample of 2,000 test images), and every
+worker continues from it. --rounds 1 averages once, at the very end;
 --rounds 2*epochs averages every half epoch.
 """
 import argparse
@@ -214,7 +215,7 @@ def run(args) -> int:
     # Train's start-up needs the cores (docs/TRAINING.md has the timings).
     manifest = write_shards(storage, run_id, args.workers, args.seed, args.subset, args.partition)
     atomic_torch_save(init_path(storage, run_id), initial_weights(args.seed))
-    aggregator = start_aggregator(storage, run_id, manifest, args.strategy)  # lives as long as this run
+    aggregator = start_aggregator(storage, run_id, manifest, args.rounds, args.strategy)  # lives as long as this run
     print(f"run {run_id}: {args.workers} workers x {worker_cpus:.2f} CPU and up to {threads} torch thread(s), "
           f"{args.epochs} epochs in {args.rounds} rounds, precision {args.precision}, strategy {args.strategy}, "
           f"partition {args.partition}", flush=True)
@@ -393,11 +394,12 @@ def reachable(address: str, timeout: float = 3.0) -> bool:
 
 
 def print_table(round_metrics: list[dict]) -> None:
-    print(f"{'round':>5}  {'test acc':>8}  {'test loss':>9}  {'worker train loss':<30}  {'seconds':>7}")
+    print(f"{'round':>5}  {'test acc':>8}  {'test loss':>9}  {'on images':>9}  {'worker train loss':<30}  {'seconds':>7}")
     for r in round_metrics:
         losses = " ".join(f"{w['train_loss']:.3f}" for w in r["workers"])
         seconds = max(w["seconds"] for w in r["workers"]) + r["aggregate_seconds"]
-        print(f"{r['round']:>5}  {r['test_accuracy']:>8.4f}  {r['test_loss']:>9.4f}  {losses:<30}  {seconds:>7.1f}")
+        print(f"{r['round']:>5}  {r['test_accuracy']:>8.4f}  {r['test_loss']:>9.4f}  {r.get('test_images', ''):>9}  "
+              f"{losses:<30}  {seconds:>7.1f}")
 
 
 def exit_without_teardown(code: int) -> None:
