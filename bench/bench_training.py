@@ -25,6 +25,9 @@
 --profile-job  only one job: when each step of it shows in its log (fixed costs)
 --floor       only the fixed costs beside the anchor: bench/train_floor.py (Ray Train's run with
               workers that train nothing), the job on 300 images, and Net plain
+--peers       only the default job and Ray Train's DDP recipe, in turn, --repeats pairs: job / DDP per
+              pair and their median (bench/results/training_peers.{json,md}); the alternation spreads
+              a shared machine's drift over both
 --repeats N   N pairs in turn (baseline, Net plain, the default job, the job --no-augment), reported as
               medians of the per-pair ratios; the seed scheme and the fp32 job run once
 
@@ -274,6 +277,30 @@ def floor_ratios(floor_run: dict) -> dict:
     return {"Ray floor / Net plain": floor_run["floor"]["seconds"] / plain,
             "job on 300 images / Net plain": floor_run["job_tiny"]["seconds"] / plain,
             "least job / Net plain (1 + job on 300 images / Net plain)": 1 + floor_run["job_tiny"]["seconds"] / plain}
+
+
+def peer_pair(storage: Path, job_args: list[str]) -> dict:
+    """The default job, then Ray Train's DDP recipe in the precision and threads the job recorded."""
+    job = ray_job(storage, *job_args)
+    return {"job": job, "ddp": ddp_job(storage, job_args, job["epochs"], job["precision"], job.get("threads"))}
+
+
+def write_peers_report(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training_peers.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| pair | job (s) | job accuracy | job's aggregator, per round (s) | DDP recipe (s) | DDP accuracy "
+             "| job / DDP |", "|---" * 7 + "|"]
+    for i, pair in enumerate(results["pairs"], 1):
+        job, ddp = pair["job"], pair["ddp"]
+        rounds = " ".join(f"{s:.2f}" for s in job["aggregate_seconds"])
+        lines.append(f"| {i} | {job['seconds']:.1f} | {100 * job['test_accuracy']:.2f}% | {rounds} | {ddp['seconds']:.1f} "
+                     f"| {100 * ddp['test_accuracy']:.2f}% | {job['seconds'] / ddp['seconds']:.2f}x |")
+    ratios = [pair["job"]["seconds"] / pair["ddp"]["seconds"] for pair in results["pairs"]]
+    lines.append(f"| **median** | | | | | | **{statistics.median(ratios):.2f}x** |")
+    lines.append("\nEach pair in turn: the default job, then the DDP recipe in the precision and threads it recorded "
+                 "(issue 31's target: job / DDP <= 1.0x).")
+    lines.append(f"\nMachine: {results['machine']}")
+    (out / "training_peers.md").write_text("\n".join(lines) + "\n")
 
 
 def write_floor_report(results: dict, out: Path) -> None:
@@ -638,6 +665,9 @@ def main(argv=None) -> int:
     parser.add_argument("--floor", action="store_true",
                         help=f"only the fixed costs: {FLOOR_SCRIPT} (Ray Train, no training), the job on 300 images and "
                              "Net plain, --repeats sets in turn (writes training_floor.{json,md})")
+    parser.add_argument("--peers", action="store_true",
+                        help="only the default job and the DDP recipe, in turn, --repeats pairs "
+                             "(writes training_peers.{json,md})")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default bench/results)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="pairs to take in turn; ratios are reported as medians over them (default 1)")
@@ -669,6 +699,15 @@ def main(argv=None) -> int:
                 local.down()
         print(json.dumps(profile["marks"], indent=1), profile["status"])
         (args.out / "job_profile.json").write_text(json.dumps(profile, indent=1) + "\n")
+        return 0
+    if args.peers:
+        try:
+            peers = {"machine": machine(), "pairs": [peer_pair(storage, job_args) for _ in range(args.repeats)]}
+        finally:
+            if started_ray:
+                local.down()
+        write_peers_report(peers, args.out)
+        print((args.out / "training_peers.md").read_text())
         return 0
     if args.floor:
         try:

@@ -128,3 +128,19 @@ def test_floor_benchmark_times_ray_train_without_training_beside_the_anchor(ray_
     ratios = bench_training.floor_ratios(run)
     assert ratios["Ray floor / Net plain"] == run["floor"]["seconds"] / run["net_plain"]["seconds"]
     assert "| **median** |" in (tmp_path / "training_floor.md").read_text()
+
+
+def test_the_peers_mode_alternates_the_job_and_the_ddp_recipe_in_the_jobs_precision(mnist_storage, tmp_path,
+                                                                                   monkeypatch):
+    measured = Measured("bf16")
+    monkeypatch.setattr(bench_training, "ray_job", measured.job)
+    monkeypatch.setattr(bench_training, "ddp_job", measured.ddp)
+    monkeypatch.setattr(bench_training.local, "up", lambda: False)
+    code = bench_training.main(["--peers", "--repeats", "2", "--storage", str(mnist_storage), "--out", str(tmp_path),
+                                "--job-args", "--subset 600 --epochs 1 --rounds 2"])
+    assert code == 0
+    assert measured.calls == [("job", 1), ("ddp", 1, "bf16")] * 2  # in turn, DDP in the job's recorded precision
+    pairs = json.loads((tmp_path / "training_peers.json").read_text())["pairs"]
+    assert len(pairs) == 2 and all(pair["ddp"]["epochs"] == pair["job"]["epochs"] for pair in pairs)
+    report = (tmp_path / "training_peers.md").read_text()
+    assert f"**{40 / 39:.2f}x**" in report and "| 1 | 40.0 |" in report
