@@ -519,8 +519,9 @@ def kubectl() -> str:
 
 @functools.cache
 def kustomize(relative: str) -> list[dict]:
+    """`kubectl kustomize` of k8s/<relative> (or of an absolute path)."""
     out = subprocess.run([kubectl(), "kustomize", str(ROOT / "k8s" / relative)], capture_output=True, text=True)
-    assert out.returncode == 0, f"kubectl kustomize k8s/{relative}: {out.stderr}"
+    assert out.returncode == 0, f"kubectl kustomize {relative}: {out.stderr}"
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
@@ -702,9 +703,7 @@ def test_the_documented_overlay_patches_apply_and_validate(tmp_path, field, crd_
     patch = doc_patches()[field]
     overlay = os.path.relpath(ROOT / "k8s" / "overlays" / "filestore", tmp_path)  # kustomize wants it relative
     (tmp_path / "kustomization.yaml").write_text(f"resources:\n  - {overlay}\n{patch}")
-    out = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    objects = [o for o in yaml.safe_load_all(out.stdout) if o]
+    objects = kustomize(str(tmp_path))
     assert_valid(objects, crd_validators)
     service = one(objects, "RayService")
     if field == "replicas":
