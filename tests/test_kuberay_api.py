@@ -465,7 +465,7 @@ def test_cli_serve_creates_then_updates_and_waits_for_the_operator_to_see_the_up
     assert "observedGeneration 1 < generation 2" in out and "UpgradeInProgress=True" in out
 
 
-def test_cli_status_and_down(api, cli, capsys):
+def test_cli_status_reports_the_token_without_it_and_down(api, cli, capsys):
     api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
     api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs",
             {"kind": "RayJob", "metadata": {"name": "mnist-train"}, "spec": {"clusterSelector": {"ray.io/cluster": "mnist"}}})
@@ -473,7 +473,20 @@ def test_cli_status_and_down(api, cli, capsys):
     assert cli("status") == 0
     out = capsys.readouterr().out
     assert "RayCluster mnist/mnist: state=ready" in out and "RayService mnist/mnist-serve: not created" in out
-    assert "RayJob mnist/mnist-train: jobDeploymentStatus=New" in out
+    assert "RayJob mnist/mnist-train: jobDeploymentStatus=New" in out and "token authentication: off (spec.authOptions)" in out
+    api.get(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", "mnist")["spec"]["authOptions"] = {"mode": "token"}
+    assert cli("status") == 0
+    assert "token authentication: on, but Secret mnist/mnist does not exist yet" in capsys.readouterr().out
+    api.put(f"/api/v1/namespaces/{NAMESPACE}/secrets",
+            {"kind": "Secret", "metadata": {"name": "mnist"}, "data": {"auth_token": "c2VjcmV0LXRva2Vu"}})
+    assert cli("status") == 0
+    out = capsys.readouterr().out
+    assert ("token authentication: on; clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"$(kubectl -n mnist "
+            "get secret mnist -o jsonpath='{.data.auth_token}' | base64 -d)\"") in out
+    assert "c2VjcmV0LXRva2Vu" not in out and "secret-token" not in out
+    api.forbidden.add("secrets")
+    assert cli("status") == 0
+    assert "token authentication: on; Secret mnist/mnist holds the token (you may not read" in capsys.readouterr().out
     assert cli("down") == 0
     out = capsys.readouterr().out
     assert "RayService mnist/mnist-serve: not found" in out and "RayCluster mnist/mnist: deleted" in out
@@ -696,24 +709,6 @@ def test_render_refuses_a_volume_without_the_nfs_server(api, cli, capsys):
     assert cli("render", "--part", "cluster", "--part", "job", "--nfs-server", "10.4.0.9") == 0
     assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)][-2:] == ["RayCluster", "RayJob"]
     assert api.requests == []
-
-
-def test_status_reports_token_authentication_without_the_token(api, cli, capsys):
-    body = raycluster()
-    body["spec"]["authOptions"] = {"mode": "token"}
-    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", body)
-    assert cli("status") == 0
-    assert "token authentication: on, but Secret mnist/mnist does not exist yet" in capsys.readouterr().out
-    api.put(f"/api/v1/namespaces/{NAMESPACE}/secrets",
-            {"kind": "Secret", "metadata": {"name": "mnist"}, "data": {"auth_token": "c2VjcmV0LXRva2Vu"}})
-    assert cli("status") == 0
-    out = capsys.readouterr().out
-    assert ("token authentication: on; clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"$(kubectl -n mnist "
-            "get secret mnist -o jsonpath='{.data.auth_token}' | base64 -d)\"") in out
-    assert "c2VjcmV0LXRva2Vu" not in out and "secret-token" not in out
-    api.forbidden.add("secrets")
-    assert cli("status") == 0
-    assert "token authentication: on; Secret mnist/mnist holds the token (you may not read" in capsys.readouterr().out
 
 
 def test_a_wait_outlasts_an_api_server_outage(api, fast_retries):
