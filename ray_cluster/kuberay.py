@@ -128,10 +128,8 @@ def rayjob_progress(obj: dict) -> Progress:
     if deployment == "ValidationFailed":
         failed = f"the operator refused the RayJob and will not retry: {detail or summary}; fix the spec, " \
                  "delete the RayJob and create it again"
-    elif job in ("FAILED", "STOPPED"):  # the terminal JobStatus values (IsJobTerminal) other than SUCCEEDED
-        failed = summary
-    elif deployment in JOB_DEPLOYMENT_TERMINAL and not ready:
-        failed = summary
+    elif job in ("FAILED", "STOPPED") or (deployment in JOB_DEPLOYMENT_TERMINAL and not ready):
+        failed = summary  # FAILED, STOPPED: the terminal JobStatus values (IsJobTerminal) but SUCCEEDED
     elif deployment in JOB_DEPLOYMENT_STOPPED:
         failed = f"the RayJob {JOB_DEPLOYMENT_STOPPED[deployment]}: {summary}"
     return Progress(ready, failed, summary)
@@ -290,13 +288,12 @@ class KubeRay:
         what = (f"{kind} " + (f"{namespace}/" if namespaced else "") + name) if name else f"{plural} in namespace {namespace}"
         path = f"/{prefix}" + (f"/namespaces/{namespace}" if namespaced else "") + f"/{plural}"
         path += f"/{name}" if name and method != "POST" else ""
-        headers = {"Accept": "application/json", "Content-Type": content_type}
         attempts = 1 + (RETRIES if retry else 0)
         for attempt in range(attempts):
             try:
                 response = self.api_client.call_api(*self.api_client.param_serialize(
-                    method, path, query_params=list(query.items()), header_params=dict(headers), body=body,
-                    auth_settings=["BearerToken"]), _request_timeout=REQUEST_TIMEOUT)
+                    method, path, query_params=list(query.items()), body=body, auth_settings=["BearerToken"],
+                    header_params={"Accept": "application/json", "Content-Type": content_type}), _request_timeout=REQUEST_TIMEOUT)
                 response.read()
                 if not 200 <= response.status < 300:
                     raise ApiException(http_resp=response)

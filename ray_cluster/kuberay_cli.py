@@ -112,8 +112,10 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _progress(kind: str, name: str):
-    return lambda summary: _say(f"  {kind} {name}: {summary}")
+def _wait(cluster: kuberay.KubeRay, args, action: str, kind: str, name: str) -> None:
+    """Wait for the operator to report it ready, printing each new status."""
+    cluster.wait_ready(kind, name, timeout=_timeout(args, action), poll=POLL,
+                       on_change=lambda summary: _say(f"  {kind} {name}: {summary}"))
 
 
 def _label(obj: dict) -> str:
@@ -144,8 +146,7 @@ def up(args, o: manifests.Options) -> int:
         o = dataclasses.replace(o, nfs_server=service["spec"]["clusterIP"])
     _apply(cluster, manifests.render(o, ["volume", "network", "env", "cluster"]))
     _say(f"Waiting up to {_timeout(args, 'up'):g} s for the RayCluster (pulling the image takes minutes)...")
-    cluster.wait_ready("RayCluster", o.name, timeout=_timeout(args, "up"), poll=POLL,
-                       on_change=_progress("RayCluster", o.name))
+    _wait(cluster, args, "up", "RayCluster", o.name)
     head = f"{o.name}-head-svc"  # named by KubeRay
     _say(f"\nRayCluster {o.name} is ready. The dashboard and job API stay inside the cluster; in another terminal:\n"
          f"  kubectl -n {o.namespace} port-forward svc/{head} 8265:8265\n"
@@ -191,8 +192,7 @@ def train(args, o: manifests.Options) -> int:
          f"  logs: kubectl -n {o.namespace} logs -f job/{o.rayjob_name}")
     if args.no_wait:
         return 0
-    cluster.wait_ready("RayJob", o.rayjob_name, timeout=_timeout(args, "train"), poll=POLL,
-                       on_change=_progress("RayJob", o.rayjob_name))
+    _wait(cluster, args, "train", "RayJob", o.rayjob_name)
     _say(f"\nTraining succeeded; the model is published under {manifests.MOUNT_PATH}/models/mnist. "
          "Serve it with `python -m ray_cluster kuberay serve`.")
     return 0
@@ -202,13 +202,11 @@ def serve(args, o: manifests.Options) -> int:
     _require_registry(o)
     (body,) = manifests.render(o, ["service"])
     cluster = _connect(args, o)
-    name = o.service_name
     _apply(cluster, [body])  # on a running RayService, KubeRay upgrades it without downtime
     if args.no_wait:
         return 0
-    timeout = _timeout(args, "serve")
-    deadline = time.monotonic() + timeout
-    cluster.wait_ready("RayService", name, timeout=timeout, poll=POLL, on_change=_progress("RayService", name))
+    deadline = time.monotonic() + _timeout(args, "serve")
+    _wait(cluster, args, "serve", "RayService", o.service_name)
     address = _external_address(cluster, o, deadline)
     _say(f"\nServing at http://{address}:{manifests.SERVE_PORT}/ (Gradio sketchpad at /ui/). "
          "Only this port is exposed.")

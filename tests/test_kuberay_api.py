@@ -60,15 +60,6 @@ class StandIn:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
     def client(self, host: str | None = None) -> KubeRay:
         configuration = client.Configuration(host=host or self.url)
         configuration.retries = 0  # only the client's own retries: requests counted exactly
@@ -198,8 +189,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def api():
-    with StandIn() as standin:
-        yield standin
+    standin = StandIn()
+    standin.thread.start()
+    yield standin
+    standin.server.shutdown()
+    standin.server.server_close()
 
 
 def raycluster(name="mnist", pods=3, cpus="2") -> dict:
@@ -259,23 +253,6 @@ def test_create_get_list_apply_delete(api, kind, collection):
     assert api.get(collection, "x") is None
 
 
-# ---------------------------------------------------------------- the client: waiting
-
-def test_raycluster_ready_needs_both_conditions(api):
-    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
-    api.script("rayclusters", "mnist",
-               {},
-               {"state": "", "conditions": [condition("HeadPodReady", "False", "HeadPodNotFound")]},
-               {"conditions": [condition("HeadPodReady", "True"), condition("RayClusterProvisioned", "False")]},
-               CLUSTER_READY)
-    seen = []
-    ready = api.client().wait_ready("RayCluster", "mnist", timeout=10, poll=0.01, on_change=seen.append)
-    assert ready["status"] == CLUSTER_READY
-    assert api.reads[("rayclusters", "mnist")] == 4
-    assert "HeadPodReady=False (HeadPodNotFound)" in seen[1]
-    assert "RayClusterProvisioned=False" in seen[2] and "HeadPodReady=True" in seen[3]
-
-
 # ---------------------------------------------------------------- the client: errors
 
 @pytest.mark.parametrize("call", ["create", "apply", "get", "list", "delete"])
@@ -290,15 +267,20 @@ def test_missing_crds_say_how_to_install_the_operator(api, call):
     assert "Ray operator add-on" in message
 
 
-@pytest.mark.parametrize("forbidden, call, error, words", [
-    ((), lambda c: c.create(raycluster()) and c.create(raycluster()), kuberay.AlreadyExists,
+@pytest.mark.parametrize("standin, call, error, words", [
+    ({}, lambda c: c.create(raycluster()) and c.create(raycluster()), kuberay.AlreadyExists,
      ["RayCluster mnist/mnist already exists; `python -m ray_cluster kuberay down` deletes it"]),
-    ((), lambda c: c.get("RayService", "gone"), kuberay.NotFound,
+    ({}, lambda c: c.get("RayService", "gone"), kuberay.NotFound,
      ['RayService mnist/gone not found (rayservices "gone" not found)']),
-    (("rayjobs",), lambda c: c.create({"kind": "RayJob", "metadata": {"name": "t"}}), kuberay.Forbidden,
-     ['User "dev" cannot create resource "rayjobs"', "RBAC on rayjobs.ray.io"])])
-def test_api_errors_say_what_happened(api, forbidden, call, error, words):
-    api.forbidden.update(forbidden)
+    ({"forbidden": {"rayjobs"}}, lambda c: c.create({"kind": "RayJob", "metadata": {"name": "t"}}), kuberay.Forbidden,
+     ['User "dev" cannot create resource "rayjobs"', "RBAC on rayjobs.ray.io"]),
+    ({"failures": [401]}, lambda c: c.get("RayCluster", "x"), kuberay.Forbidden,
+     ["the API server rejected the credentials (injected 401); refresh them"]),
+    ({"failures": [422]}, lambda c: c.get("RayCluster", "x"), kuberay.KubeRayError,  # the server's message kept
+     ["RayCluster mnist/x was rejected as invalid: injected 422"])])
+def test_api_errors_say_what_happened(api, standin, call, error, words):
+    for name, value in standin.items():
+        setattr(api, name, value)
     with pytest.raises(error) as raised:
         call(api.client())
     assert all(w in str(raised.value) for w in words), str(raised.value)
@@ -310,13 +292,6 @@ def test_an_unreachable_api_server(api, fast_retries):
         port = probe.getsockname()[1]
     with pytest.raises(kuberay.Unreachable, match=f"cannot reach the Kubernetes API at http://127.0.0.1:{port}"):
         api.client(f"http://127.0.0.1:{port}").get("RayCluster", "mnist")
-
-
-def test_other_errors_keep_the_servers_message():
-    error = client.exceptions.ApiException(status=422, reason="Unprocessable Entity")
-    error.body = json.dumps(status_body(422, "Invalid", 'RayCluster.ray.io "x" is invalid: spec.headGroupSpec: Required value'))
-    translated = kuberay.translate(error, "RayCluster mnist/x", "rayclusters")
-    assert str(translated) == 'RayCluster mnist/x was rejected as invalid: RayCluster.ray.io "x" is invalid: spec.headGroupSpec: Required value'
 
 
 # ---------------------------------------------------------------- the CLI
@@ -490,7 +465,7 @@ def test_cli_serve_creates_then_updates_and_waits_for_the_operator_to_see_the_up
     assert "observedGeneration 1 < generation 2" in out and "UpgradeInProgress=True" in out
 
 
-def test_cli_status_and_down(api, cli, capsys):
+def test_cli_status_reports_the_token_without_it_and_down(api, cli, capsys):
     api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", raycluster())
     api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs",
             {"kind": "RayJob", "metadata": {"name": "mnist-train"}, "spec": {"clusterSelector": {"ray.io/cluster": "mnist"}}})
@@ -498,7 +473,20 @@ def test_cli_status_and_down(api, cli, capsys):
     assert cli("status") == 0
     out = capsys.readouterr().out
     assert "RayCluster mnist/mnist: state=ready" in out and "RayService mnist/mnist-serve: not created" in out
-    assert "RayJob mnist/mnist-train: jobDeploymentStatus=New" in out
+    assert "RayJob mnist/mnist-train: jobDeploymentStatus=New" in out and "token authentication: off (spec.authOptions)" in out
+    api.get(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", "mnist")["spec"]["authOptions"] = {"mode": "token"}
+    assert cli("status") == 0
+    assert "token authentication: on, but Secret mnist/mnist does not exist yet" in capsys.readouterr().out
+    api.put(f"/api/v1/namespaces/{NAMESPACE}/secrets",
+            {"kind": "Secret", "metadata": {"name": "mnist"}, "data": {"auth_token": "c2VjcmV0LXRva2Vu"}})
+    assert cli("status") == 0
+    out = capsys.readouterr().out
+    assert ("token authentication: on; clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"$(kubectl -n mnist "
+            "get secret mnist -o jsonpath='{.data.auth_token}' | base64 -d)\"") in out
+    assert "c2VjcmV0LXRva2Vu" not in out and "secret-token" not in out
+    api.forbidden.add("secrets")
+    assert cli("status") == 0
+    assert "token authentication: on; Secret mnist/mnist holds the token (you may not read" in capsys.readouterr().out
     assert cli("down") == 0
     out = capsys.readouterr().out
     assert "RayService mnist/mnist-serve: not found" in out and "RayCluster mnist/mnist: deleted" in out
@@ -595,8 +583,13 @@ def status_cases():
                {"ReplicaFailure": "FailedCreateHeadPod: pods are forbidden", "RayClusterSuspended": "suspended"}.get(kind, f"{kind}=True"))
     for state, outcome in CLUSTER_STATES.items():
         yield cluster, {"status": {"state": state}}, outcome, "suspended" if state == "suspended" else f"state={state}"
-    # where the operator writes conditions, they decide
+    # where the operator writes conditions, they decide, and ready needs both
     yield cluster, {"status": {"state": "ready", "conditions": [condition("HeadPodReady", "False")]}}, "wait", "HeadPodReady=False"
+    yield cluster, {"status": {}}, "wait", "state=-"
+    yield (cluster, {"status": {"state": "", "conditions": [condition("HeadPodReady", "False", "HeadPodNotFound")]}},
+           "wait", "HeadPodReady=False (HeadPodNotFound)")
+    yield (cluster, {"status": {"conditions": [condition("HeadPodReady", "True"), condition("RayClusterProvisioned", "False")]}},
+           "wait", "HeadPodReady=True (Reason), RayClusterProvisioned=False")
     for progress, conditions in ((cluster, [condition("HeadPodReady", "True"), condition("RayClusterProvisioned", "True")]),
                                  (service, [condition("Ready", "True", "NonZeroServeEndpoints")])):
         for observed, outcome in ((1, "wait"), (2, "ready")):  # ready only for the current generation
@@ -716,24 +709,6 @@ def test_render_refuses_a_volume_without_the_nfs_server(api, cli, capsys):
     assert cli("render", "--part", "cluster", "--part", "job", "--nfs-server", "10.4.0.9") == 0
     assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)][-2:] == ["RayCluster", "RayJob"]
     assert api.requests == []
-
-
-def test_status_reports_token_authentication_without_the_token(api, cli, capsys):
-    body = raycluster()
-    body["spec"]["authOptions"] = {"mode": "token"}
-    api.put(f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters", body)
-    assert cli("status") == 0
-    assert "token authentication: on, but Secret mnist/mnist does not exist yet" in capsys.readouterr().out
-    api.put(f"/api/v1/namespaces/{NAMESPACE}/secrets",
-            {"kind": "Secret", "metadata": {"name": "mnist"}, "data": {"auth_token": "c2VjcmV0LXRva2Vu"}})
-    assert cli("status") == 0
-    out = capsys.readouterr().out
-    assert ("token authentication: on; clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"$(kubectl -n mnist "
-            "get secret mnist -o jsonpath='{.data.auth_token}' | base64 -d)\"") in out
-    assert "c2VjcmV0LXRva2Vu" not in out and "secret-token" not in out
-    api.forbidden.add("secrets")
-    assert cli("status") == 0
-    assert "token authentication: on; Secret mnist/mnist holds the token (you may not read" in capsys.readouterr().out
 
 
 def test_a_wait_outlasts_an_api_server_outage(api, fast_retries):
