@@ -698,6 +698,7 @@ def main(argv=None) -> int:
             if started_ray:
                 local.down()
         print(json.dumps(profile["marks"], indent=1), profile["status"])
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "job_profile.json").write_text(json.dumps(profile, indent=1) + "\n")
         return 0
     if args.peers:
