@@ -303,6 +303,15 @@ def write_peers_report(results: dict, out: Path) -> None:
     (out / "training_peers.md").write_text("\n".join(lines) + "\n")
 
 
+def write_peers_rtt(peers: dict, job_args: list[str], bandwidth_bit_s: float, out: Path) -> None:
+    """The RTT model from the pair whose job / DDP ratio is the (upper) median."""
+    pairs = sorted(peers["pairs"], key=lambda pair: pair["job"]["seconds"] / pair["ddp"]["seconds"])
+    pair = pairs[len(pairs) // 2]
+    rtt = rtt_results(pair["job"], pair["ddp"], job_args, bandwidth_bit_s)
+    write_rtt_report({"machine": peers["machine"], **rtt}, out)
+    print((out / "training_rtt.md").read_text())
+
+
 def write_floor_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "training_floor.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -709,6 +718,7 @@ def main(argv=None) -> int:
                 local.down()
         write_peers_report(peers, args.out)
         print((args.out / "training_peers.md").read_text())
+        write_peers_rtt(peers, job_args, 1e9 * args.rtt_bandwidth, args.out)
         return 0
     if args.floor:
         try:

@@ -144,3 +144,5 @@ def test_the_peers_mode_alternates_the_job_and_the_ddp_recipe_in_the_jobs_precis
     assert len(pairs) == 2 and all(pair["ddp"]["epochs"] == pair["job"]["epochs"] for pair in pairs)
     report = (tmp_path / "training_peers.md").read_text()
     assert f"**{40 / 39:.2f}x**" in report and "| 1 | 40.0 |" in report
+    rtt = json.loads((tmp_path / "training_rtt.json").read_text())  # the model, from the median pair's rows
+    assert rtt["measured"] == {**rtt["measured"], "job_seconds": 40.0, "ddp_seconds": 39.0}
