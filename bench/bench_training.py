@@ -259,6 +259,12 @@ def ddp_job(storage: Path, job_args: list[str], epochs: int, precision: str, thr
             "allreduce_ms_median": result.get("allreduce_ms_median")}
 
 
+def ddp_beside(storage: Path, job_args: list[str], job: dict, epochs: int | None = None) -> dict:
+    """The DDP recipe as the peer of `job` (a ray_job row): its settings, at `epochs` (default the
+    job's), in the precision and threads the job recorded."""
+    return ddp_job(storage, job_args, epochs or job["epochs"], job["precision"], job.get("threads"))
+
+
 TINY_JOB = ("--subset", "300", "--promote", "never")  # 100 images per worker: 2 steps each, 2 rounds
 
 
@@ -282,7 +288,7 @@ def floor_ratios(floor_run: dict) -> dict:
 def peer_pair(storage: Path, job_args: list[str]) -> dict:
     """The default job, then Ray Train's DDP recipe in the precision and threads the job recorded."""
     job = ray_job(storage, *job_args)
-    return {"job": job, "ddp": ddp_job(storage, job_args, job["epochs"], job["precision"], job.get("threads"))}
+    return {"job": job, "ddp": ddp_beside(storage, job_args, job)}
 
 
 def write_peers_report(results: dict, out: Path) -> None:
@@ -480,7 +486,7 @@ def epoch_sweep(storage: Path, train, test, job_args: list[str], epochs_list: li
         if epochs in ddp_epochs:
             same = results.get("ddp")
             run["ddp"] = same if same and same["epochs"] == epochs and same["precision"] == job["precision"] else \
-                ddp_job(storage, job_args, epochs, job["precision"], job.get("threads"))
+                ddp_beside(storage, job_args, job, epochs)
         plain = results["net_plain"]
         run["net_plain"] = plain if (plain.get("epochs"), plain["precision"]) == (epochs, job["precision"]) else \
             net_plain(train, test, epochs, job["precision"])
@@ -743,8 +749,7 @@ def main(argv=None) -> int:
         results["job_fp32"] = results["job"] if results["job"]["precision"] == "fp32" else \
             ray_job(storage, *job_args, "--precision", "fp32")
         if args.ddp:
-            results["ddp"] = ddp_job(storage, job_args, results["job"]["epochs"], results["job"]["precision"],
-                                     results["job"].get("threads"))
+            results["ddp"] = ddp_beside(storage, job_args, results["job"])
         if args.epochs:
             ddp_epochs = args.ddp_epochs or ([results["job"]["epochs"]] if args.ddp else [])
             runs = epoch_sweep(storage, train, test, job_args, args.epochs, ddp_epochs, results)

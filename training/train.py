@@ -12,7 +12,7 @@ aborts the Ray Train run the way Ctrl-C does.
 Rounds and epochs: each worker makes --epochs passes over its own shard in all. Those
 passes are cut into --rounds rounds of (nearly) equal numbers of steps; after every round
 the aggregator averages the workers' weights (FedAvg), evaluates the average (the last
-round's on the whole test set, earlier ones' on a fixed sample of 2,000 test images), and every
+round's on the whole test set, earlier ones' on a fixed sample of it), and every
 worker continues from it. --rounds 1 averages once, at the very end;
 --rounds 2*epochs averages every half epoch.
 """
