@@ -127,7 +127,9 @@ def test_floor_benchmark_times_ray_train_without_training_beside_the_anchor(ray_
     assert 0 < run["net_plain"]["seconds"] and 0 < run["net_plain"]["test_accuracy"] <= 1
     ratios = bench_training.floor_ratios(run)
     assert ratios["Ray floor / Net plain"] == run["floor"]["seconds"] / run["net_plain"]["seconds"]
-    assert "| **median** |" in (tmp_path / "training_floor.md").read_text()
+    assert bench_training.own_share(run) == run["job_tiny"]["seconds"] - run["floor"]["seconds"]
+    report = (tmp_path / "training_floor.md").read_text()
+    assert "| **median** |" in report and f"| {bench_training.own_share(run):.1f} |" in report
 
 
 def test_the_peers_mode_alternates_the_job_and_the_ddp_recipe_in_the_jobs_precision(mnist_storage, tmp_path,
