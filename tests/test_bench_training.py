@@ -14,16 +14,18 @@ SMOKE = ("--baseline-subset", "300", "--test-subset", "1000")
 def test_training_benchmark_runs_and_writes_its_report(ray_head, mnist_storage, tmp_path):
     """The default run, for real: both baselines, the job, the seed scheme, Ray Train's DDP recipe
     beside the job, and the RTT model from the two. (The epoch sweep's own bookkeeping is tested
-    below without Ray: its runs are these same `ray_job` and `ddp_job` calls.)"""
+    below without Ray: its runs are these same `ray_job` and `ddp_job` calls.) The job trains in
+    fp32, so that it is also the fp32 row on every CPU: where `auto` chooses bf16, the extra fp32 job
+    the benchmark then runs is the same `ray_job` call, and the sweep's test below checks it is made."""
     code = bench_training.main(["--storage", str(mnist_storage), "--out", str(tmp_path), *SMOKE,
-                                "--job-args", "--subset 600 --epochs 1 --rounds 2"])
+                                "--job-args", "--subset 600 --epochs 1 --rounds 2 --precision fp32"])
     assert code == 0
     results = json.loads((tmp_path / "training.json").read_text())
     assert {"baseline", "net_plain", "seed", "job", "job_fp32", "machine"} <= results.keys()
     assert results["net_plain"]["precision"] in ("fp32", "bf16") and results["net_plain"]["calibration"]["screen_ms"]
     assert "flags" in results["machine"] and "cores" in results["machine"]
     assert results["job"]["rounds"] == 2 and len(results["job"]["round_accuracy"]) == 2
-    assert results["job_fp32"]["precision"] == "fp32"  # the default job itself where auto chose fp32
+    assert results["job_fp32"] == results["job"] and results["job"]["precision"] == "fp32"  # not run twice
     assert all(0 < results[k]["test_accuracy"] <= 1 for k in ("baseline", "net_plain", "seed", "job", "job_fp32"))
     assert all(0 < results[k]["job_end_seconds"] <= results[k]["seconds"] for k in ("job", "job_fp32"))
     report = (tmp_path / "training.md").read_text()
