@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from serving import oip
 from serving.budget import CpuMeter, OverBudget, decode_within_budget
-from serving.limits import LimitsMiddleware
+from serving.limits import RETRY_AFTER_S, LimitsMiddleware
 from serving.model_store import NoModel
 from serving.preprocess import BadImage, from_pixels
 from serving.schemas import (MAX_TENSOR_IMAGES, MODEL_NAME, Error, Health, InferenceRequest, InferenceResponse,
@@ -30,7 +30,6 @@ from serving.schemas import (MAX_TENSOR_IMAGES, MODEL_NAME, Error, Health, Infer
 
 log = logging.getLogger("ray.serve")
 V2_INLINE_BYTES = 64 * 1024  # larger tensor bodies are parsed in a worker thread, off the event loop
-RETRY_AFTER_S = 1  # what a 503 (overloaded, no model yet) tells clients to wait before trying again
 ERRORS = {400: {"model": Error}, 413: {"model": Error}, 415: {"model": Error},
           422: {"model": Error}, 503: {"model": Error}}
 

@@ -31,7 +31,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from serving.api import RETRY_AFTER_S, ApiError, create_api
+from serving.api import ApiError, create_api
+from serving.limits import RETRY_AFTER_S
 from serving.model_store import ModelStore, NoModel, follow_latest, storage_root
 from serving.schemas import Limits
 
@@ -39,12 +40,13 @@ log = logging.getLogger("ray.serve")
 RETRIES = 1  # a batch whose model replica died is sent again to another, once: inference is idempotent,
              # but a batch that killed two replicas may be what kills them (docs/RELIABILITY.md)
 RETRY_AFTER = {"retry-after": str(RETRY_AFTER_S)}
+MAX_BATCH_SIZE = 32  # requests per model call: @serve.batch's start value, then the user_config's
 
 
 class ModelConfig(BaseModel):
     """The model's user_config: `serve deploy` applies a change live, without a restart."""
     model_config = ConfigDict(extra="forbid")
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1)
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="0: batch what queued while the last batch ran")
     poll_interval_s: float = Field(1.0, gt=0, description="how often `latest` is checked")
 
@@ -86,7 +88,7 @@ class ModelServer:
         self.infer.set_max_batch_size(self.config.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.0)
     async def infer(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
         """Probabilities and version per request; NoModel (for the whole batch) when nothing is loaded."""
         probs, version = self.store.predict(np.concatenate(requests))
@@ -154,7 +156,7 @@ class MnistApi:
         """Runs on the replica after __init__ (a FastAPI app built in the driver would be pickled)."""
         return create_api(self, self.limits)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.0)
     async def infer(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
         """One call to the model for the requests that arrived together: the Ray hop, which
         costs more than the model, is paid once per batch instead of once per request."""

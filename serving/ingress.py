@@ -16,13 +16,14 @@ body arrives) passes through without a retry.
 Only the proxy carries it: replicas behind HAProxy read the same variable for their own HTTP
 server, where a retry would only repeat the request in the same replica.
 
-Kept free of this project's other modules: the proxy imports it at its start, and an import error
-there would take the whole HTTP ingress down.
+It imports nothing of this project but serving.limits (starlette alone): the proxy imports it at
+its start, and an import error there would take the whole HTTP ingress down.
 """
 import asyncio
-import json
 import logging
 import re
+
+from serving.limits import RETRY_AFTER_S, json_response
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 # POSTs that are pure functions of their body (the API's inference routes), under any route prefix.
@@ -30,7 +31,6 @@ PURE_POSTS = re.compile(r"/(predict|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 ATTEMPTS = 2            # the first try and one more: a replica lost by chance is rare twice in a row
 BACKOFF_S = (0.1,)      # before the second try: the router learns of the death meanwhile
 MAX_REPLAY_BYTES = 4 * 1024 * 1024 + 65536  # the API's 4 MiB limit and a form's overhead; larger passes through
-RETRY_AFTER_S = 1
 log = logging.getLogger("ray.serve")
 
 
@@ -128,12 +128,9 @@ class RetryLostIngressReplica:
 
 
 async def _unavailable(send) -> None:
-    body = json.dumps({"error": "the service lost the replica that held this request; "
-                                f"try again in {RETRY_AFTER_S} s"}).encode()
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(RETRY_AFTER_S).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    for message in json_response(503, f"the service lost the replica that held this request; "
+                                      f"try again in {RETRY_AFTER_S} s"):
+        await send(message)
 
 
 def _in_serve_proxy() -> bool:

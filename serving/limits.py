@@ -9,6 +9,10 @@ import json
 
 from starlette.exceptions import HTTPException
 
+# What every 503 (overloaded, no model yet, a lost replica, over time) tells clients to wait before
+# trying again; serve_config.yaml's backpressure_config says the same (tests/test_serving_config.py).
+RETRY_AFTER_S = 1
+
 
 class BodyTooLarge(HTTPException):
     """An HTTPException, so FastAPI's body parsing passes it on as a 413 instead of a 400."""
@@ -19,7 +23,7 @@ class BodyTooLarge(HTTPException):
 
 def json_response(status: int, error: str):
     body = json.dumps({"error": error}).encode()
-    retry = [(b"retry-after", b"1")] if status == 503 else []  # a busy replica: try again in a second
+    retry = [(b"retry-after", str(RETRY_AFTER_S).encode())] if status == 503 else []
     return [
         {"type": "http.response.start", "status": status,
          "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *retry]},

@@ -11,6 +11,7 @@ from ray.serve.schema import ServeDeploySchema
 from serving import app as serve_app
 from serving import deploy
 from serving.api import create_api
+from serving.limits import RETRY_AFTER_S
 from serving.schemas import Limits
 
 
@@ -203,4 +204,4 @@ def test_every_deployment_sheds_load_with_a_503_and_retry_after():
     for app in deploy.app_pair(deploy.load_config()):
         for deployment in app["deployments"]:
             assert 0 < deployment["max_queued_requests"] and 0 < deployment["max_ongoing_requests"] <= 256
-            assert deployment["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}
+            assert deployment["backpressure_config"] == {"status_code": 503, "retry_after_s": RETRY_AFTER_S}
