@@ -8,6 +8,12 @@ runs HAProxy from RAY_SERVE_HAPROXY_BINARY_PATH, so the local cluster points tha
 it rewrites the config Ray just wrote (the port stays, the host becomes 127.0.0.1; the socket
 0600), then execs the real binary, MNIST_HAPROXY_BINARY, with the same arguments. Ray sees HAProxy
 itself: the same pid, the same reloads (-sf, -x over the admin socket).
+
+It also adds `option http-buffer-request`. Ray's `retry-on` (RAY_SERVE_HAPROXY_RETRY_ON) can replay a
+request only if HAProxy held all of it when it first sent it (HAProxy drops the L7 retry of a request
+still arriving); without the option HAProxy forwards a body as it arrives, so a replica that died
+holding such a request gave a 502, turned into a plain-text 500 by Ray's errorfile
+(docs/RELIABILITY.md).
 Standard library only: it runs before any virtualenv is known.
 """
 import os
@@ -19,12 +25,22 @@ LOOPBACK = "127.0.0.1"
 # `bind :PORT` and `bind *:PORT` (every interface); `bind 0.0.0.0:PORT`, `bind [::]:PORT` too
 EVERY_INTERFACE = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0|\[::\]|::)?:(\d+)", re.MULTILINE)
 SOCKET_MODE = re.compile(r"^(\s*stats socket\s+\S+\s+mode\s+)\d+", re.MULTILINE)
+DEFAULTS = re.compile(r"^defaults\b.*$", re.MULTILINE)
+BUFFER_REQUEST = "    option http-buffer-request"
 
 
 def loopback(config: str) -> str:
     """The config with every listener on 127.0.0.1 and the admin socket private to the user."""
     config = EVERY_INTERFACE.sub(rf"\g<1>{LOOPBACK}:\g<2>", config)
     return SOCKET_MODE.sub(r"\g<1>600", config)
+
+
+def buffer_requests(config: str) -> str:
+    """The config with `option http-buffer-request` in its defaults: a request reaches a replica
+    whole, so HAProxy can resend it to another if that replica dies before answering."""
+    if BUFFER_REQUEST.strip() in config:
+        return config
+    return DEFAULTS.sub(lambda match: f"{match.group(0)}\n{BUFFER_REQUEST}", config, count=1)
 
 
 def config_path(args: list[str]) -> str:
@@ -39,7 +55,7 @@ def rewrite(path: str) -> None:
     """Rewrite the config in place, through a temporary file and a rename."""
     with open(path) as file:
         text = file.read()
-    fixed = loopback(text)
+    fixed = buffer_requests(loopback(text))
     if fixed != text:
         partial = f"{path}.{os.getpid()}.loopback"
         with open(partial, "w") as file:

