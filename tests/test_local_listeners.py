@@ -1,6 +1,6 @@
 """Nothing the local cluster runs listens beyond loopback: the head, its workers, the Serve
 replicas (their gRPC servers, ray_cluster/replica_loopback.py) and HAProxy, the default ingress
-(its stats and metrics ports, ray_cluster/haproxy_loopback.py), with the API deployed."""
+(its stats and metrics ports, ray_cluster/haproxy_wrapper.py), with the API deployed."""
 import socket
 
 import psutil
