@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from serving import oip
 from serving.budget import CpuMeter, OverBudget, decode_within_budget
-from serving.limits import RETRY_AFTER_S, LimitsMiddleware
+from serving.limits import RETRY_AFTER, LimitsMiddleware
 from serving.model_store import NoModel
 from serving.preprocess import BadImage, from_pixels
 from serving.schemas import (MAX_TENSOR_IMAGES, MODEL_NAME, Error, Health, InferenceRequest, InferenceResponse,
@@ -233,7 +233,7 @@ def add_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(NoModel)
     async def no_model(request: Request, error: NoModel):
-        return error_response(503, str(error), headers={"retry-after": str(RETRY_AFTER_S)})
+        return error_response(503, str(error), headers=RETRY_AFTER)
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):

@@ -32,14 +32,13 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serving.api import ApiError, create_api
-from serving.limits import RETRY_AFTER_S
+from serving.limits import RETRY_AFTER
 from serving.model_store import ModelStore, NoModel, follow_latest, storage_root
 from serving.schemas import Limits
 
 log = logging.getLogger("ray.serve")
 RETRIES = 1  # a batch whose model replica died is sent again to another, once: inference is idempotent,
              # but a batch that killed two replicas may be what kills them (docs/RELIABILITY.md)
-RETRY_AFTER = {"retry-after": str(RETRY_AFTER_S)}
 MAX_BATCH_SIZE = 32  # requests per model call: @serve.batch's start value, then the user_config's
 
 

@@ -128,7 +128,7 @@ class RetryLostIngressReplica:
 
 
 async def _unavailable(send) -> None:
-    for message in json_response(503, f"the service lost the replica that held this request; "
+    for message in json_response(503, "the service lost the replica that held this request; "
                                       f"try again in {RETRY_AFTER_S} s"):
         await send(message)
 

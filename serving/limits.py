@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 # What every 503 (overloaded, no model yet, a lost replica, over time) tells clients to wait before
 # trying again; serve_config.yaml's backpressure_config says the same (tests/test_serving_config.py).
 RETRY_AFTER_S = 1
+RETRY_AFTER = {"retry-after": str(RETRY_AFTER_S)}  # the header, as the API's 503 answers carry it
 
 
 class BodyTooLarge(HTTPException):
@@ -23,7 +24,7 @@ class BodyTooLarge(HTTPException):
 
 def json_response(status: int, error: str):
     body = json.dumps({"error": error}).encode()
-    retry = [(b"retry-after", str(RETRY_AFTER_S).encode())] if status == 503 else []
+    retry = [(name.encode(), value.encode()) for name, value in RETRY_AFTER.items()] if status == 503 else []
     return [
         {"type": "http.response.start", "status": status,
          "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *retry]},

@@ -194,7 +194,8 @@ def test_a_pure_request_is_resent_when_the_proxy_lost_it(path):
 def test_when_every_attempt_is_lost_the_answer_is_a_retryable_503():
     inner = FlakyProxy(fail=2)  # a request that lost a second replica: suspect, never sent a third time
     status, headers, body = call(ingress.RetryLostIngressReplica(inner), "GET", "/healthz")
-    assert status == 503 and headers[b"retry-after"] == str(RETRY_AFTER_S).encode() and "try again" in json.loads(body)["error"]
+    assert status == 503 and headers[b"retry-after"] == str(RETRY_AFTER_S).encode()
+    assert "try again" in json.loads(body)["error"]
     assert len(inner.bodies) == ingress.ATTEMPTS == 2
 
 
