@@ -11,6 +11,9 @@ Ray sees HAProxy itself: the same pid, the same reloads (-sf, -x over the admin 
   replay a request only if HAProxy held all of it when it first sent it; without the option
   HAProxy forwards a body as it arrives, so a request held by a replica that died got a 502 (Ray's
   errorfile makes it a plain-text 500) or a cut connection (docs/RELIABILITY.md).
+- Everywhere: `timeout http-request 10s` (Ray sets none): a client gets 10 s to send its headers
+  and its body (up to the 256 KiB buffer), then a 408. Without it a client that trickles a request
+  held an HAProxy connection for Ray's `timeout client` (an hour), 4,096 of them the whole ingress.
 - With MNIST_HAPROXY_LOOPBACK=1 (the workstation): the stats page (`bind *:8404`) and the
   Prometheus exporter (`bind :9101`) move to 127.0.0.1, and the admin socket from mode 666 to 0600.
   Not in a pod, whose Serve port must be reachable (the NetworkPolicies guard the rest).
@@ -30,7 +33,9 @@ LOOPBACK = "127.0.0.1"
 EVERY_INTERFACE = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0|\[::\]|::)?:(\d+)", re.MULTILINE)
 SOCKET_MODE = re.compile(r"^(\s*stats socket\s+\S+\s+mode\s+)\d+", re.MULTILINE)
 DEFAULTS = re.compile(r"^defaults\b.*$", re.MULTILINE)
-BUFFER_REQUEST = "    option http-buffer-request"
+# each line of Ray's `defaults` to add, by the directive that says it is there already
+ADDED_DEFAULTS = {"option http-buffer-request": "    option http-buffer-request",
+                  "timeout http-request": "    timeout http-request 10s"}  # as the API's request_timeout_s
 
 
 def loopback(config: str) -> str:
@@ -40,11 +45,13 @@ def loopback(config: str) -> str:
 
 
 def buffer_requests(config: str) -> str:
-    """The config with `option http-buffer-request` in its defaults: a request reaches a replica
-    whole, so HAProxy can resend it to another if that replica dies before answering."""
-    if BUFFER_REQUEST.strip() in config:
+    """The config with `option http-buffer-request` and `timeout http-request` in its defaults
+    (each unless already there): a request reaches a replica whole and in time, so HAProxy can
+    resend it if that replica dies before answering, and a slow client never holds a replica."""
+    lines = [line for directive, line in ADDED_DEFAULTS.items() if not re.search(rf"^\s*{directive}\b", config, re.M)]
+    if not lines:
         return config
-    return DEFAULTS.sub(lambda match: f"{match.group(0)}\n{BUFFER_REQUEST}", config, count=1)
+    return DEFAULTS.sub(lambda match: "\n".join([match.group(0), *lines]), config, count=1)
 
 
 def fixed(config: str, on_loopback: bool) -> str:

