@@ -116,16 +116,29 @@ def run_load(url: str, bodies: list[bytes], stop, clients: int = 4) -> tuple[lis
 
 def kill_under_load(url: str, bodies: list[bytes], victim_pid: int) -> dict:
     """KILL_LOAD against `url`; SIGKILL `victim_pid` once KILL_AFTER_ANSWERS have come back, and
-    load for LOAD_AFTER_KILL_S more (at most time_limit_s in all); every answer counted."""
-    deadline = [time.monotonic() + KILL_LOAD["time_limit_s"]]
-    threads, answers = run_load(url, bodies, lambda: time.monotonic() > deadline[0], KILL_LOAD["clients"])
-    wait_for(lambda: answers.answered() >= KILL_AFTER_ANSWERS or answers.errors, KILL_LOAD["time_limit_s"],
-             f"{KILL_AFTER_ANSWERS} answers before the kill", interval=0.05)
-    os.kill(victim_pid, signal.SIGKILL)
-    deadline[0] = min(deadline[0], time.monotonic() + LOAD_AFTER_KILL_S)
-    for thread in threads:
-        thread.join(120)
-    return answers.summary()
+    load for LOAD_AFTER_KILL_S more (at most time_limit_s in all); every answer counted. Behind
+    HAProxy, its access lines other than 200 come with the summary: their termination state says
+    which side ended a failed request, and after how many retries."""
+    try:
+        haproxy_log = HAProxyLog()
+    except OSError:  # its syslog port is taken: count the answers all the same
+        haproxy_log = None
+    try:
+        deadline = [time.monotonic() + KILL_LOAD["time_limit_s"]]
+        threads, answers = run_load(url, bodies, lambda: time.monotonic() > deadline[0], KILL_LOAD["clients"])
+        wait_for(lambda: answers.answered() >= KILL_AFTER_ANSWERS or answers.errors, KILL_LOAD["time_limit_s"],
+                 f"{KILL_AFTER_ANSWERS} answers before the kill", interval=0.05)
+        os.kill(victim_pid, signal.SIGKILL)
+        deadline[0] = min(deadline[0], time.monotonic() + LOAD_AFTER_KILL_S)
+        for thread in threads:
+            thread.join(120)
+    finally:
+        if haproxy_log:
+            haproxy_log.close()
+    summary = answers.summary()
+    if haproxy_log:
+        summary["haproxy_not_200"] = [line for line in haproxy_log.unusual() if " http_frontend " in line and '"' in line][:5]
+    return summary
 
 
 def lossless(summary: dict) -> bool:
@@ -319,8 +332,8 @@ def test_killing_a_replica_of_the_default_layout_under_load_answers_no_error(ray
                                                                              tmp_path):
     """The default layout (MnistService: API and model in one replica) behind the default ingress,
     HAProxy: SIGKILL one of two replicas under load; HAProxy resends what it held to the other.
-    Every answer is a 200; a connection may be cut (1 in 381 in one run: a request whose answer
-    had begun), where the split layout's MnistApi kill lost none (docs/SERVING.md, "Layout")."""
+    Every answer is a 200; a connection may be cut (an answer that had begun: 1 in ~4,100 requests
+    over 12 kills in a loop, docs/RELIABILITY.md "Seen under load")."""
     from tests.helpers import publish
     publish(tmp_path, "v1", served_models["v1"], served_models["accuracy"])
     app = make_app(f"mnist-colocated-{os.getpid()}", tmp_path, with_ui=False, model_replicas=2, split=False)
@@ -416,7 +429,6 @@ def test_manual_ingress_kill(haproxy, retry, served_models, test_digits, tmp_pat
         monkeypatch.setattr(local, "PROXY_RETRY_ENV", {})
         monkeypatch.setattr(local, "HAPROXY_RETRY_ENV", {})
     assert not local.is_up(), "run it alone: it starts and stops its own cluster"
-    haproxy_log = HAProxyLog() if haproxy else None  # its access log, for the termination states
     local.up(haproxy=haproxy)
     try:
         publish(tmp_path, "v1", served_models["v1"], served_models["accuracy"])
@@ -427,13 +439,8 @@ def test_manual_ingress_kill(haproxy, retry, served_models, test_digits, tmp_pat
         victim = running_replicas(app.name)["MnistApi"][0]
         summary = kill_under_load(f"{app.url}/predict", batch_bodies(test_digits), victim["pid"])
         print(f"\nFIGURE ingress={'haproxy' if haproxy else 'proxy'} retry={retry}: {json.dumps(summary)}")
-        if haproxy_log:
-            time.sleep(1)
-            print("HAProxy log lines other than 200:", *haproxy_log.unusual(), sep="\n  ")
     finally:
         local.down()
-        if haproxy_log:
-            haproxy_log.close()
 
 
 class HAProxyLog:
