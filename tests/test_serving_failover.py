@@ -137,7 +137,8 @@ def kill_under_load(url: str, bodies: list[bytes], victim_pid: int) -> dict:
             haproxy_log.close()
     summary = answers.summary()
     if haproxy_log:
-        summary["haproxy_not_200"] = [line for line in haproxy_log.unusual() if " http_frontend " in line and '"' in line][:5]
+        access = [line for line in haproxy_log.unusual() if " http_frontend " in line and '"' in line]
+        summary["haproxy_not_200"] = access[:5]
     return summary
 
 
