@@ -96,7 +96,7 @@ class StreamLifetimeMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        streaming, ended, cut = False, False, False
+        streaming, ended, cut, started = False, False, False, asyncio.Event()
 
         async def watched_send(message):
             nonlocal streaming, ended
@@ -108,11 +108,16 @@ class StreamLifetimeMiddleware:
             elif message["type"] == "http.response.body":
                 ended = not message.get("more_body", False)
             await send(message)
+            started.set()
 
         task = asyncio.ensure_future(self.app(scope, receive, watched_send))
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.max_lifetime_s)
-            if task in done or not streaming or ended:  # ended: only background tasks left to run
+            await asyncio.wait({task}, timeout=self.max_lifetime_s)
+            if not task.done() and not started.is_set():  # a slow start (a loaded replica) escapes nothing:
+                start = asyncio.ensure_future(started.wait())  # a stream that begins past the bound ends at once
+                await asyncio.wait({task, start}, return_when=asyncio.FIRST_COMPLETED)
+                start.cancel()
+            if task.done() or not streaming or ended:  # ended: only background tasks left to run
                 return await task
             cut = True
             task.cancel()

@@ -26,6 +26,11 @@ def build_app(cleaned: list):
                 cleaned.append("forever")
         return StreamingResponse(beats(), media_type="text/event-stream")
 
+    @app.get("/late-forever")
+    async def late_forever():  # begins only after the bound, as on a loaded replica
+        await asyncio.sleep(2 * BOUND_S)
+        return await forever()
+
     @app.get("/short-stream")
     async def short_stream():
         async def two():
@@ -59,6 +64,13 @@ def test_a_stream_that_never_ends_is_ended_at_the_bound_and_its_generator_cancel
     assert response.content.startswith(b"event: heartbeat\ndata: {}\n\n")
     assert response.content.endswith(FAREWELL)
     assert cleaned == ["forever"]
+
+
+def test_a_stream_that_begins_after_the_bound_is_ended_as_soon_as_it_begins():
+    cleaned = []
+    response = get(build_app(cleaned), "/late-forever")
+    assert response.content.startswith(b"event: heartbeat\ndata: {}\n\n") or response.content == FAREWELL
+    assert response.content.endswith(FAREWELL) and cleaned == ["forever"]
 
 
 def test_a_stream_that_ends_by_itself_is_untouched():
