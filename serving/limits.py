@@ -115,8 +115,10 @@ class StreamLifetimeMiddleware:
             await asyncio.wait({task}, timeout=self.max_lifetime_s)
             if not task.done() and not started.is_set():  # a slow start (a loaded replica) escapes nothing:
                 start = asyncio.ensure_future(started.wait())  # a stream that begins past the bound ends at once
-                await asyncio.wait({task, start}, return_when=asyncio.FIRST_COMPLETED)
-                start.cancel()
+                try:
+                    await asyncio.wait({task, start}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    start.cancel()
             if task.done() or not streaming or ended:  # ended: only background tasks left to run
                 return await task
             cut = True
