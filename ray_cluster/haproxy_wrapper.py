@@ -44,7 +44,7 @@ def loopback(config: str) -> str:
     return SOCKET_MODE.sub(r"\g<1>600", config)
 
 
-def buffer_requests(config: str) -> str:
+def add_defaults(config: str) -> str:
     """The config with `option http-buffer-request` and `timeout http-request` in its defaults
     (each unless already there): a request reaches a replica whole and in time, so HAProxy can
     resend it if that replica dies before answering, and a slow client never holds a replica."""
@@ -52,10 +52,6 @@ def buffer_requests(config: str) -> str:
     if not lines:
         return config
     return DEFAULTS.sub(lambda match: "\n".join([match.group(0), *lines]), config, count=1)
-
-
-def fixed(config: str, on_loopback: bool) -> str:
-    return buffer_requests(loopback(config) if on_loopback else config)
 
 
 def config_path(args: list[str]) -> str:
@@ -70,7 +66,7 @@ def rewrite(path: str, on_loopback: bool) -> None:
     """Rewrite the config in place, through a temporary file and a rename."""
     with open(path) as file:
         text = file.read()
-    new = fixed(text, on_loopback)
+    new = add_defaults(loopback(text) if on_loopback else text)
     if new != text:
         partial = f"{path}.{os.getpid()}.wrapped"
         with open(partial, "w") as file:

@@ -77,12 +77,6 @@ PROXY_RETRY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.ingress
 HAPROXY_RETRY_ENV = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
                      "RAY_SERVE_HAPROXY_RETRIES": "1",
                      "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 * 1024)}
-# What every Ray pod on KubeRay runs with (k8s/base/ray.env, checked equal by a test): HAProxy,
-# both retry settings, and the wrapper from the image (k8s/Dockerfile's WORKDIR). The image
-# pip-installs the project, so its proxy imports serving.ingress.
-IMAGE_HAPROXY_WRAPPER = "/home/ray/mnist/ray_cluster/haproxy_wrapper.py"
-CLUSTER_INGRESS_ENV = {**HAPROXY_ENV, **HAPROXY_RETRY_ENV, **PROXY_RETRY_ENV,
-                       "RAY_SERVE_HAPROXY_BINARY_PATH": IMAGE_HAPROXY_WRAPPER}
 
 
 class ClusterError(RuntimeError):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from ray_cluster import jobs, serve_fit
+from ray_cluster import jobs, local, serve_fit
 from training import defaults
 from training.storage import RUN_ID_RULE, STORAGE_ENV, is_run_id
 
@@ -31,6 +31,11 @@ SERVE_CONFIG = ROOT / "serving" / "serve_config.yaml"
 MOUNT_PATH = "/mnt/shared"     # the storage root in every pod ($MNIST_STORAGE, --storage)
 STORAGE_ARGS = ("storage", "storage_root", "storage_path")  # Serve app args that name the root
 APP_DIR = "/home/ray/mnist"    # WORKDIR of k8s/Dockerfile: the project inside the image
+# What every Ray pod runs with (k8s/base/ray.env, checked equal by a test): the local cluster's
+# HAProxy and both retry settings, and HAProxy through the image's wrapper. The image pip-installs
+# the project, so its proxy imports serving.ingress.
+CLUSTER_INGRESS_ENV = {**local.HAPROXY_ENV, **local.HAPROXY_RETRY_ENV, **local.PROXY_RETRY_ENV,
+                       "RAY_SERVE_HAPROXY_BINARY_PATH": f"{APP_DIR}/ray_cluster/haproxy_wrapper.py"}
 PYTHON_TAG = "py311"
 SERVE_PORT = 8000
 NAME_LIMITS = {"RayCluster": 53, "RayJob": 47, "RayService": 47}  # KubeRay's limits

