@@ -59,7 +59,12 @@ NO_PREEMPTION_WATCHER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # Ray runs HAProxy through ray_cluster/haproxy_wrapper.py, here and on KubeRay: it adds
 # `option http-buffer-request` (without it a request held by a dying replica is not resent), and on
 # a workstation puts the stats (8404) and metrics (9101) ports Ray binds on every interface on 127.0.0.1.
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# A replica being stopped stays reachable for a drain window, then refuses new connections (HAProxy
+# resends those elsewhere). Ray's 30 s window is for cloud balancers that target replicas; ours is
+# HAProxy on the same node, which drops a stopping replica within a second (0.1 s coalescing and a
+# reload), so 5 s covers it, and a redeploy or scale-down no longer holds old replicas for 30 s.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 # An ingress replica (MnistApi) that dies mid-request must not fail what it held: every route a
 # client retries (GETs, /predict, /v2/.../infer) is a pure function of its input, so the ingress
