@@ -1,6 +1,6 @@
 """Fault injection on a real local Ray cluster: a Train worker is SIGKILLed in the middle of a
-round, and a job is stopped mid-run. Work resumes from the last round's checkpoint plus each
-worker's mid-round checkpoint; nothing is half-published."""
+round, a job is stopped mid-run, and another's driver is killed. Work resumes from the last
+round's checkpoint plus each worker's mid-round checkpoint; nothing is half-published."""
 import json
 import os
 import signal
@@ -12,7 +12,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors, list_placement_groups
 
 from ray_cluster import local
-from tests.helpers import submit_training, wait_for, wait_for_job, wait_while_job_runs
+from tests.helpers import job_report, submit_training, wait_for, wait_for_job, wait_while_job_runs
 from training.storage import global_path, metadata_path, model_path, models_dir, partial_path
 from training.versions import read_latest
 
@@ -69,40 +69,59 @@ def test_the_metadatas_command_reproduces_the_run_bit_for_bit_through_a_worker_k
     assert not list((storage / "runs" / hurt).rglob("*.partial.pt"))  # cleaned up at each round's end
 
 
-def test_stopped_job_publishes_nothing_and_latest_stays(client, mnist_storage):
+@pytest.fixture(scope="module")
+def two_faults(client, mnist_storage) -> dict:
+    """Two jobs submitted together, so that their start-ups overlap: one is stopped (`ray job
+    stop`) and the other's driver SIGKILLed, each once its round 0's average exists, so both land
+    mid-training (a round takes about half a second, so both jobs are watched at once).
+    {name: (job, run id, final status)}, and `latest` from before."""
     before = read_latest(mnist_storage)
-    run_id = f"stop-{uuid.uuid4().hex[:6]}"
-    job = submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)
-    wait_while_job_runs(client, job, lambda: global_path(mnist_storage, run_id, 0).exists(), 300,
-                        "round 0's averaged model")
-    client.stop_job(job)
-    assert wait_for_job(client, job, timeout=120) == JobStatus.STOPPED
+    run_ids = {name: f"{name}-{uuid.uuid4().hex[:6]}" for name in ("stop", "crash")}
+    jobs = {name: submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)
+            for name, run_id in run_ids.items()}
+    pending = set(jobs)
+
+    def fault_each_job_once_in_training() -> bool:
+        for name in [n for n in pending if global_path(mnist_storage, run_ids[n], 0).exists()]:
+            if name == "stop":
+                client.stop_job(jobs[name])
+            else:
+                driver = wait_for(lambda: client.get_job_info(jobs[name]).driver_info, 30, "the driver's pid")
+                os.kill(int(driver.pid), signal.SIGKILL)
+            pending.remove(name)
+        ended = [n for n in pending if client.get_job_status(jobs[n]).is_terminal()]
+        assert not ended, "\n".join(f"{n} ended before its round 0 average: {job_report(client, jobs[n])}" for n in ended)
+        return not pending
+
+    wait_for(fault_each_job_once_in_training, 300, "each job's round 0 average", interval=0.1)
+    # Both end here: each test's clean-up stops any job still running, which would be the other's.
+    return {"before": before, **{name: (jobs[name], run_ids[name], wait_for_job(client, jobs[name], timeout=120))
+                                 for name in jobs}}
+
+
+def test_stopped_job_publishes_nothing_and_latest_stays(client, mnist_storage, two_faults):
+    job, run_id, status = two_faults["stop"]
+    assert status == JobStatus.STOPPED
     # Aborted as for Ctrl-C, so no new worker group starts while the job ends, and the CPUs are
     # free again: a placement group left behind would hold them for good.
     assert "SIGTERM: aborting the Ray Train run" in client.get_job_logs(job)
     wait_for(lambda: not placement_groups_held(client, job), 30, "the stopped job's placement groups to go")
-    assert read_latest(mnist_storage) == before
+    assert read_latest(mnist_storage) == two_faults["before"]
     assert not (models_dir(mnist_storage) / run_id).exists()
     assert not [p for p in models_dir(mnist_storage).glob(f".{run_id}*")]  # no half-published staging dir
 
 
-def test_killed_driver_publishes_nothing_and_its_run_id_is_refused_after(client, mnist_storage):
+def test_killed_driver_publishes_nothing_and_its_run_id_is_refused_after(client, mnist_storage, two_faults):
     """A crash of the driver (SIGKILL) mid-run: the job fails, nothing is published, `latest`
     stays, and submitting the same --run-id again is refused with a clear message."""
-    before = read_latest(mnist_storage)
-    run_id = f"crash-{uuid.uuid4().hex[:6]}"
-    job = submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)
-    wait_while_job_runs(client, job, lambda: global_path(mnist_storage, run_id, 0).exists(), 300,
-                        "round 0's averaged model")
-    driver = wait_for(lambda: client.get_job_info(job).driver_info, 30, "the driver's pid")
-    os.kill(int(driver.pid), signal.SIGKILL)
-    assert wait_for_job(client, job, timeout=120) == JobStatus.FAILED
+    job, run_id, status = two_faults["crash"]
+    assert status == JobStatus.FAILED
     wait_for(lambda: not placement_groups_held(client, job), 30, "the killed job's placement groups to go")
-    assert read_latest(mnist_storage) == before
+    assert read_latest(mnist_storage) == two_faults["before"]
     assert not (models_dir(mnist_storage) / run_id).exists()
     assert not [p for p in models_dir(mnist_storage).glob(f".{run_id}*")]
 
     again = submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)  # the run id is taken
     assert wait_for_job(client, again, timeout=120) == JobStatus.FAILED
     assert f"run {run_id} already exists" in client.get_job_logs(again)
-    assert read_latest(mnist_storage) == before
+    assert read_latest(mnist_storage) == two_faults["before"]
