@@ -19,6 +19,9 @@ from training.storage import global_path, models_dir, worker_path
 from training.versions import read_latest
 
 DASHBOARD_PORT = 8275
+# The GCS declares a node dead after this many missed health checks in a row. Ray's defaults (5
+# checks, 3 s apart) spent ~15 s of the test's 45 s waiting for it; what is under test is the resume.
+NODE_DEATH_NOTICED_IN_3_S = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -28,7 +31,8 @@ def cluster():
     saved = address_file.read_text() if address_file.exists() else None
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": DASHBOARD_PORT,
-        "dashboard_agent_listen_port": DASHBOARD_PORT + 1})  # the default agent port is the local head's
+        "dashboard_agent_listen_port": DASHBOARD_PORT + 1,  # the default agent port is the local head's
+        "_system_config": NODE_DEATH_NOTICED_IN_3_S})
     workers = [cluster.add_node(num_cpus=cpus) for cpus in (1, 2)]  # uneven nodes, as on a mixed cluster
     try:
         yield cluster, workers
