@@ -5,8 +5,6 @@ in-process for the contract tests. Plain helpers: tests/helpers.py."""
 import hashlib
 import inspect
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -18,11 +16,11 @@ from ray_cluster import local
 from serving import deploy
 from serving.plain import create_plain_app
 from serving.schemas import Limits
-from tests.helpers import (RECIPE, LocalApi, ServeApp, make_app, publish, ray_job_submit, served_in_a_thread,
-                           stop_unfinished_jobs, train_test_models, wait_on_every_replica)
+from tests.helpers import (RECIPE, LocalApi, ServeApp, make_app, publish, ray_job_submit,
+                           served_in_a_thread, stop_unfinished_jobs, train_net, wait_on_every_replica)
 from training import model as model_module
 from training.data import fetch_mnist, load_mnist
-from training.model import initial_weights
+from training.model import Net, evaluate, initial_weights
 from training.versions import promote_version, publish_version, read_latest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,40 +81,36 @@ def _cache_key() -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
-def _model_cache() -> Path:
-    return ARTIFACTS / "test-model" / f"{_cache_key()}.pt"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def test_model_training(request):
-    """Starts training the test model when the session starts, if a test will use it and no cache
-    holds it: in a process at the lowest CPU priority, so it takes the cycles that the training
-    jobs leave idle (about a third of the 2 cores, measured), not theirs. Stopped at the end."""
-    if _model_cache().is_file() or not any("served_models" in item.fixturenames for item in request.session.items):
-        yield None
-        return
-    storage = request.getfixturevalue("mnist_storage")
-    code = "import sys; from tests.helpers import train_test_models as t; t(*sys.argv[1:3], float(sys.argv[3]))"
-    process = subprocess.Popen([sys.executable, "-c", code, str(storage), str(_model_cache()), str(MIN_ACCURACY)],
-                               cwd=ROOT, preexec_fn=lambda: os.nice(19))
-    yield process
-    process.kill()
-    process.wait()
-
-
 @pytest.fixture(scope="session")
-def served_models(mnist_storage, test_model_training) -> dict:
+def served_models(mnist_storage) -> dict:
     """Two versions of a trained Net (v2 = v1 fine-tuned a little) and v1's test accuracy.
 
-    Trained once (20-40 s on one core), from the session's start (`test_model_training`), and
-    cached under artifacts/ by a key of the model source and the recipe.
+    Trained once (20-40 s on one core) and cached under artifacts/ by a key of the model source
+    and the recipe.
     """
-    if test_model_training is not None:
-        test_model_training.wait()
+    cache = ARTIFACTS / "test-model" / f"{_cache_key()}.pt"
+    if cache.is_file():
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:  # a broken cache is retrained
+            pass
+    images, labels = load_mnist(mnist_storage, train=True)
+    test_images, test_labels = load_mnist(mnist_storage, train=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replicas start meanwhile: spinning OpenMP threads would crawl
     try:
-        return torch.load(_model_cache(), weights_only=True)
-    except Exception:  # none, or a broken one: trained here
-        return train_test_models(str(mnist_storage), str(_model_cache()), MIN_ACCURACY)
+        v1 = train_net(images, labels, RECIPE["steps"], RECIPE["seed"])
+        v2 = train_net(images, labels, RECIPE["finetune_steps"], RECIPE["seed"] + 1, start=v1, max_lr=5e-4)
+        net = Net()
+        net.load_state_dict(v1)
+        accuracy = evaluate(net, test_images, test_labels)["accuracy"]
+    finally:
+        torch.set_num_threads(threads)
+    assert accuracy >= MIN_ACCURACY, f"the test model reached only {accuracy:.4f}"
+    models = {"v1": v1, "v2": v2, "accuracy": accuracy}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(models, cache)
+    return models
 
 
 # ---------------------------------------------------------------- one real training job

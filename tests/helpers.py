@@ -191,31 +191,6 @@ def train_net(images: torch.Tensor, labels: torch.Tensor, steps: int, seed: int,
     return net.state_dict()
 
 
-def train_test_models(storage: str, cache: str, min_accuracy: float) -> dict:
-    """The test model (see `served_models` in tests/conftest.py), trained on one thread and saved
-    to `cache` (written whole, then renamed)."""
-    from training.data import load_mnist
-    from training.model import evaluate
-
-    images, labels = load_mnist(Path(storage), train=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # other work runs meanwhile: spinning OpenMP threads would crawl
-    try:
-        v1 = train_net(images, labels, RECIPE["steps"], RECIPE["seed"])
-        v2 = train_net(images, labels, RECIPE["finetune_steps"], RECIPE["seed"] + 1, start=v1, max_lr=5e-4)
-        net = Net()
-        net.load_state_dict(v1)
-        accuracy = evaluate(net, *load_mnist(Path(storage), train=False))["accuracy"]
-    finally:
-        torch.set_num_threads(threads)
-    assert accuracy >= min_accuracy, f"the test model reached only {accuracy:.4f}"
-    models = {"v1": v1, "v2": v2, "accuracy": accuracy}
-    Path(cache).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(models, f"{cache}.partial")
-    Path(f"{cache}.partial").replace(cache)
-    return models
-
-
 def publish_model(storage: Path, version: str, state_dict: dict, metadata: dict) -> Path:
     """Publish <version>/ and point `latest` at it (a training run decides by its policy instead:
     training.versions.publish_run)."""
