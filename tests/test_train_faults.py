@@ -72,22 +72,23 @@ def test_the_metadatas_command_reproduces_the_run_bit_for_bit_through_a_worker_k
 @pytest.fixture(scope="module")
 def two_faults(client, mnist_storage) -> dict:
     """Two jobs submitted together, so that their start-ups overlap: one is stopped (`ray job
-    stop`) and the other's driver SIGKILLed, each once its round 0's average exists, so both land
-    mid-training (a round takes about half a second, so both jobs are watched at once).
-    {name: (job, run id, final status)}, and `latest` from before."""
+    stop`), the other's driver SIGKILLed, each as soon as its round 0 average exists (a round takes
+    about half a second, so both are watched at once). {name: (job, run id, final status)}, and
+    `latest` from before."""
+    def kill_driver(job: str) -> None:
+        driver = wait_for(lambda: client.get_job_info(job).driver_info, 30, "the driver's pid")
+        os.kill(int(driver.pid), signal.SIGKILL)
+
+    faults = {"stop": client.stop_job, "crash": kill_driver}
     before = read_latest(mnist_storage)
-    run_ids = {name: f"{name}-{uuid.uuid4().hex[:6]}" for name in ("stop", "crash")}
+    run_ids = {name: f"{name}-{uuid.uuid4().hex[:6]}" for name in faults}
     jobs = {name: submit_training(client, mnist_storage, "--run-id", run_id, *STOP_ARGS)
             for name, run_id in run_ids.items()}
     pending = set(jobs)
 
     def fault_each_job_once_in_training() -> bool:
         for name in [n for n in pending if global_path(mnist_storage, run_ids[n], 0).exists()]:
-            if name == "stop":
-                client.stop_job(jobs[name])
-            else:
-                driver = wait_for(lambda: client.get_job_info(jobs[name]).driver_info, 30, "the driver's pid")
-                os.kill(int(driver.pid), signal.SIGKILL)
+            faults[name](jobs[name])
             pending.remove(name)
         ended = [n for n in pending if client.get_job_status(jobs[n]).is_terminal()]
         assert not ended, "\n".join(f"{n} ended before its round 0 average: {job_report(client, jobs[n])}" for n in ended)
